@@ -1,0 +1,286 @@
+//! The `tollgate` command line (CLI.md): argument parsing and the
+//! subcommands that exist so far. Output for people is aligned text; with
+//! `--json` exactly one JSON document goes to stdout. Exit status: 0 done,
+//! 1 the thing asked for failed, 2 wrong usage (clap's own).
+
+use crate::config::units::format_size;
+use crate::config::{Config, CustomerId, DEFAULT_CONFIG_PATH, LoadError, ResellerId};
+use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+/// Tollgate: admission, licences, space and bandwidth for a backup server.
+#[derive(Debug, Parser)]
+#[command(name = "tollgate", version, about, long_about = None)]
+pub struct Cli {
+    /// The configuration file.
+    #[arg(long, global = true, env = "TOLLGATE_CONFIG", default_value = DEFAULT_CONFIG_PATH)]
+    pub config: PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Validate the configuration like `nginx -t`: print every error with
+    /// file:line:column, or the space and MCAL snapshots.
+    CheckConfig {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read a secret from stdin (or a no-echo prompt on a terminal) and print
+    /// its argon2id PHC hash, for `enroll_key` or `web_access.password`.
+    HashSecret,
+}
+
+/// Runs the parsed command line.
+pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::CheckConfig { json } => check_config(&cli.config, json),
+        Command::HashSecret => hash_secret(),
+    }
+}
+
+fn check_config(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> {
+    let mut out = std::io::stdout().lock();
+    match Config::load(path) {
+        Ok(cfg) => {
+            let report = Report::new(&cfg);
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                write!(out, "{}", report.human(&cfg))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(LoadError::Invalid(errors)) => {
+            if json {
+                let doc = serde_json::json!({
+                    "ok": false,
+                    "file": path,
+                    "errors": errors.iter().map(|e| serde_json::json!({
+                        "rule": e.rule.name(),
+                        "file": e.file,
+                        "line": e.line,
+                        "column": e.column,
+                        "key": e.key,
+                        "message": e.message,
+                    })).collect::<Vec<_>>(),
+                });
+                serde_json::to_writer_pretty(&mut out, &doc)?;
+                writeln!(out)?;
+            } else {
+                let mut err = std::io::stderr().lock();
+                for e in &errors {
+                    writeln!(err, "{e}")?;
+                }
+                writeln!(
+                    err,
+                    "{}: {} problem{} found; the configuration is refused",
+                    path.display(),
+                    errors.len(),
+                    if errors.len() == 1 { "" } else { "s" }
+                )?;
+            }
+            Ok(ExitCode::FAILURE)
+        }
+        Err(e @ LoadError::Read { .. }) => Err(e).context("checking the configuration"),
+    }
+}
+
+/// The snapshots `check-config` prints. The config alone knows no usage or
+/// debits, so those figures are 0 here; `tollgate status` shows live ones.
+#[derive(Serialize)]
+struct Report {
+    ok: bool,
+    file: PathBuf,
+    timezone: String,
+    server: NodeReport,
+    default_customer: NodeReport,
+    resellers: Vec<ResellerReport>,
+}
+
+#[derive(Serialize)]
+struct NodeReport {
+    name: String,
+    space: SpaceSnapshot,
+    mcal: Option<McalSnapshot>,
+}
+
+#[derive(Serialize)]
+struct ResellerReport {
+    #[serde(flatten)]
+    node: NodeReport,
+    customers: Vec<NodeReport>,
+}
+
+impl Report {
+    fn new(cfg: &Config) -> Report {
+        let none = Debits::default();
+        let pool = cfg.server.mcal.map(|m| space::pool_snapshot(&m, none));
+        let pool_left = pool.map_or(0, |p| p.available);
+        let node = |name: String, n: Node, mcal: Option<McalSnapshot>| NodeReport {
+            name,
+            space: space::space_snapshot(cfg, n, Usage::default()),
+            mcal,
+        };
+        let customer = |c: CustomerId, ceiling: u64| {
+            let cust = cfg.customer(c);
+            let m = pool.map(|_| space::allotment_snapshot(cust.mcal_limit, none, ceiling));
+            node(cust.name.clone(), Node::Customer(c), m)
+        };
+        let resellers = cfg
+            .resellers
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let rm = pool.map(|_| space::allotment_snapshot(r.mcal_limit, none, pool_left));
+                let ceiling = rm.map_or(0, |m| m.available);
+                ResellerReport {
+                    node: node(r.name.clone(), Node::Reseller(ResellerId(i as u32)), rm),
+                    customers: r.customers.iter().map(|&c| customer(c, ceiling)).collect(),
+                }
+            })
+            .collect();
+        Report {
+            ok: true,
+            file: cfg.path.clone(),
+            timezone: cfg
+                .server
+                .timezone
+                .iana_name()
+                .unwrap_or("system")
+                .to_string(),
+            server: node("server".into(), Node::Server, pool),
+            default_customer: customer(CustomerId::DEFAULT, pool_left),
+            resellers,
+        }
+    }
+
+    fn human(&self, cfg: &Config) -> String {
+        let mut rows: Vec<[String; 3]> = Vec::new();
+        let children = |n: &Node| match n {
+            Node::Server => "resellers + Default Customer",
+            Node::Reseller(_) => "customers",
+            Node::Customer(_) => "clients",
+        };
+        let space = |s: &SpaceSnapshot, n: Node| match s.allotted {
+            Some(a) => format!(
+                "{} allotted / {} allotted to {} / {} free",
+                format_size(a),
+                format_size(s.allotted_to_children),
+                children(&n),
+                format_size(s.free.unwrap_or(0))
+            ),
+            None => format!(
+                "unlimited / {} allotted to {}",
+                format_size(s.allotted_to_children),
+                children(&n)
+            ),
+        };
+        let mcal = |m: &Option<McalSnapshot>| match m {
+            None => "not enforced".to_string(),
+            Some(m) => format!(
+                "{} / {} debited / {} this month / {} available",
+                m.allotted.map_or("auto".to_string(), |a| a.to_string()),
+                m.debited,
+                m.debited_this_month,
+                m.available
+            ),
+        };
+        rows.push([
+            "server".into(),
+            space(&self.server.space, Node::Server),
+            mcal(&self.server.mcal),
+        ]);
+        rows.push([
+            "Default Customer".into(),
+            space(
+                &self.default_customer.space,
+                Node::Customer(CustomerId::DEFAULT),
+            ),
+            mcal(&self.default_customer.mcal),
+        ]);
+        for (i, r) in self.resellers.iter().enumerate() {
+            rows.push([
+                format!("reseller {}", r.node.name),
+                space(&r.node.space, Node::Reseller(ResellerId(i as u32))),
+                mcal(&r.node.mcal),
+            ]);
+            let rs = &cfg.resellers[i];
+            for (c, &cid) in r.customers.iter().zip(&rs.customers) {
+                rows.push([
+                    format!("  customer {}", c.name),
+                    space(&c.space, Node::Customer(cid)),
+                    mcal(&c.mcal),
+                ]);
+            }
+        }
+        let w0 = rows.iter().map(|r| r[0].chars().count()).max().unwrap_or(0);
+        let mut s = format!(
+            "{}: configuration OK ({} reseller{}, {} customer{}, {} declared client{}; zone {})\n\nSpace\n",
+            self.file.display(),
+            cfg.resellers.len(),
+            plural(cfg.resellers.len()),
+            cfg.customers.len() - 1,
+            plural(cfg.customers.len() - 1),
+            cfg.clients.len(),
+            plural(cfg.clients.len()),
+            self.timezone,
+        );
+        for r in &rows {
+            s += &format!("  {:<w0$}  {}\n", r[0], r[1]);
+        }
+        s += "\nMCALs (allotted / debited / this month / available; the config alone knows no debits)\n";
+        for r in &rows {
+            s += &format!("  {:<w0$}  {}\n", r[0], r[2]);
+        }
+        s
+    }
+}
+
+fn plural(n: usize) -> &'static str {
+    if n == 1 { "" } else { "s" }
+}
+
+fn hash_secret() -> anyhow::Result<ExitCode> {
+    let secret = if std::io::stdin().is_terminal() {
+        let a = rpassword::prompt_password("Secret: ").context("reading the secret")?;
+        let b = rpassword::prompt_password("Again: ").context("reading the secret")?;
+        if a != b {
+            bail!("the two entries differ; nothing was hashed");
+        }
+        a
+    } else {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading the secret from stdin")?;
+        // One trailing newline is the shell's, not the secret's.
+        let trimmed = s.strip_suffix('\n').unwrap_or(&s);
+        trimmed.strip_suffix('\r').unwrap_or(trimmed).to_string()
+    };
+    if secret.is_empty() {
+        bail!("the secret is empty; nothing was hashed");
+    }
+    println!("{}", hash(&secret)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The argon2id PHC string of `secret`, with argon2's default parameters
+/// and a fresh random salt.
+pub fn hash(secret: &str) -> anyhow::Result<String> {
+    use argon2::{Argon2, PasswordHasher};
+    Argon2::default()
+        .hash_password(secret.as_bytes())
+        .map(|h| h.to_string())
+        .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
+}

@@ -1,0 +1,1326 @@
+//! Every validation rule of CONFIG.md, applied to the raw document. All
+//! problems are collected, each with its rule, location, key path and a
+//! sentence saying what would be right; a [`Config`] is built only when
+//! there are none.
+
+use super::raw::{
+    self, LimitValue, RateValue, RawAggregate, RawConfig, RawCustomer, RawThrottle, SizeValue,
+};
+use super::units;
+use super::*;
+use std::collections::hash_map::Entry;
+use std::ops::Range;
+use toml::Spanned;
+
+/// The rule a [`ConfigError`] breaks; each has a fixture in
+/// `tests/fixtures/config/invalid/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Rule {
+    /// The file is not TOML, or a value has the wrong TOML type.
+    Syntax,
+    /// A key that the format does not have.
+    UnknownKey,
+    /// A required field is missing.
+    Required,
+    /// A name that refers to nothing.
+    Reference,
+    /// A name or id used twice.
+    Duplicate,
+    /// "Default Customer" used for a `[[customer]]`.
+    ReservedName,
+    /// A key that is not allowed where it stands.
+    NotAllowed,
+    /// A client id or schedule name of the wrong shape.
+    Identifier,
+    /// A size that does not parse.
+    Size,
+    /// A rate that does not parse, lacks a unit, or is 0.
+    Rate,
+    /// A duration that does not parse or is 0.
+    Duration,
+    /// An hours value that does not parse.
+    Hours,
+    /// A number outside its allowed range.
+    Range,
+    /// A `backup_location` that is not absolute.
+    AbsolutePath,
+    /// Children allotted more space than their parent has.
+    SpaceOverAllocated,
+    /// A space missing under a parent that has one.
+    SpaceMissing,
+    /// More declared clients than `max_clients`.
+    ClientLimit,
+    /// A plaintext value where a PHC hash belongs.
+    PlaintextSecret,
+    /// An `mcal_limit` that is neither "auto" nor an integer ≥ 0.
+    McalLimit,
+    /// A report frequency other than daily, weekly or monthly.
+    Frequency,
+    /// A malformed e-mail address.
+    Email,
+    /// An unknown IANA time zone.
+    Timezone,
+    /// A socket address that does not parse.
+    Address,
+    /// A `state` URL of an unknown kind.
+    StateUrl,
+    /// Inconsistent TLS settings.
+    Tls,
+    /// A client kind other than desktop, laptop or server.
+    Kind,
+    /// An SMTP URL of the wrong form.
+    Smtp,
+    /// A throttle that is neither "inherit" nor a complete table.
+    Throttle,
+}
+
+impl Rule {
+    /// Every rule, for tests that prove each has a fixture.
+    pub const ALL: [Rule; 28] = [
+        Rule::Syntax,
+        Rule::UnknownKey,
+        Rule::Required,
+        Rule::Reference,
+        Rule::Duplicate,
+        Rule::ReservedName,
+        Rule::NotAllowed,
+        Rule::Identifier,
+        Rule::Size,
+        Rule::Rate,
+        Rule::Duration,
+        Rule::Hours,
+        Rule::Range,
+        Rule::AbsolutePath,
+        Rule::SpaceOverAllocated,
+        Rule::SpaceMissing,
+        Rule::ClientLimit,
+        Rule::PlaintextSecret,
+        Rule::McalLimit,
+        Rule::Frequency,
+        Rule::Email,
+        Rule::Timezone,
+        Rule::Address,
+        Rule::StateUrl,
+        Rule::Tls,
+        Rule::Kind,
+        Rule::Smtp,
+        Rule::Throttle,
+    ];
+
+    /// A stable kebab-case name, used in `--json` output and fixtures.
+    pub fn name(self) -> &'static str {
+        match self {
+            Rule::Syntax => "syntax",
+            Rule::UnknownKey => "unknown-key",
+            Rule::Required => "required",
+            Rule::Reference => "reference",
+            Rule::Duplicate => "duplicate",
+            Rule::ReservedName => "reserved-name",
+            Rule::NotAllowed => "not-allowed",
+            Rule::Identifier => "identifier",
+            Rule::Size => "size",
+            Rule::Rate => "rate",
+            Rule::Duration => "duration",
+            Rule::Hours => "hours",
+            Rule::Range => "range",
+            Rule::AbsolutePath => "absolute-path",
+            Rule::SpaceOverAllocated => "space-over-allocated",
+            Rule::SpaceMissing => "space-missing",
+            Rule::ClientLimit => "client-limit",
+            Rule::PlaintextSecret => "plaintext-secret",
+            Rule::McalLimit => "mcal-limit",
+            Rule::Frequency => "frequency",
+            Rule::Email => "email",
+            Rule::Timezone => "timezone",
+            Rule::Address => "address",
+            Rule::StateUrl => "state-url",
+            Rule::Tls => "tls",
+            Rule::Kind => "kind",
+            Rule::Smtp => "smtp",
+            Rule::Throttle => "throttle",
+        }
+    }
+}
+
+/// One problem in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// Which rule it breaks.
+    pub rule: Rule,
+    /// The file.
+    pub file: PathBuf,
+    /// 1-based line.
+    pub line: usize,
+    /// 1-based column, in characters.
+    pub column: usize,
+    /// Dotted key path, e.g. `customer[Contoso].space`.
+    pub key: String,
+    /// What is wrong and what would be right. Never contains a secret.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.key,
+            self.message
+        )
+    }
+}
+
+struct V<'a> {
+    src: &'a str,
+    file: &'a Path,
+    dir: PathBuf,
+    errors: Vec<ConfigError>,
+}
+
+type Sp<T> = Option<Spanned<T>>;
+
+impl V<'_> {
+    fn err(
+        &mut self,
+        rule: Rule,
+        span: Range<usize>,
+        key: impl Into<String>,
+        msg: impl Into<String>,
+    ) {
+        let (line, column) = line_col(self.src, span.start);
+        self.errors.push(ConfigError {
+            rule,
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.into(),
+            message: msg.into(),
+        });
+    }
+
+    fn string(&mut self, v: &Sp<String>) -> Option<String> {
+        v.as_ref().map(|s| s.get_ref().clone())
+    }
+
+    fn bool(&mut self, v: &Sp<bool>, default: bool) -> bool {
+        v.as_ref().map_or(default, |b| *b.get_ref())
+    }
+
+    fn required<'v, T>(
+        &mut self,
+        v: &'v Sp<T>,
+        parent: Range<usize>,
+        key: &str,
+        what: &str,
+    ) -> Option<&'v Spanned<T>> {
+        if v.is_none() {
+            self.err(Rule::Required, parent, key, format!("{what} is required"));
+        }
+        v.as_ref()
+    }
+
+    fn size(&mut self, v: &Sp<SizeValue>, key: &str) -> Option<u64> {
+        let v = v.as_ref()?;
+        match v.get_ref() {
+            SizeValue::Int(n) if *n >= 0 => Some(*n as u64),
+            SizeValue::Int(n) => {
+                self.err(
+                    Rule::Size,
+                    v.span(),
+                    key,
+                    format!("{n} is negative; a size is ≥ 0 bytes"),
+                );
+                None
+            }
+            SizeValue::Text(s) => match units::parse_size(s) {
+                Ok(b) => Some(b),
+                Err(e) => {
+                    self.err(Rule::Size, v.span(), key, e);
+                    None
+                }
+            },
+        }
+    }
+
+    fn rate(&mut self, v: &RateValue, span: Range<usize>, key: &str) -> Option<u64> {
+        let parsed = match v {
+            RateValue::Number(n) => Err(units::bare_rate_message(n)),
+            RateValue::Text(s) => units::parse_rate(s),
+        };
+        match parsed {
+            Ok(0) => {
+                self.err(
+                    Rule::Rate,
+                    span,
+                    key,
+                    "a rate must be greater than 0; to lift the limit write enabled = false",
+                );
+                None
+            }
+            Ok(r) => Some(r),
+            Err(e) => {
+                self.err(Rule::Rate, span, key, e);
+                None
+            }
+        }
+    }
+
+    fn duration(&mut self, v: &Sp<String>, key: &str, default: Duration) -> Duration {
+        let Some(v) = v else { return default };
+        match units::parse_duration(v.get_ref()) {
+            Ok(d) if d.is_zero() => {
+                self.err(Rule::Duration, v.span(), key, "must be longer than 0");
+                default
+            }
+            Ok(d) => d,
+            Err(e) => {
+                self.err(Rule::Duration, v.span(), key, e);
+                default
+            }
+        }
+    }
+
+    fn hours(&mut self, v: Option<&str>, span: Range<usize>, key: &str) -> Hours {
+        match v.map(units::parse_hours) {
+            None => Hours::Always,
+            Some(Ok(h)) => h,
+            Some(Err(e)) => {
+                self.err(Rule::Hours, span, key, e);
+                Hours::Always
+            }
+        }
+    }
+
+    fn count(
+        &mut self,
+        v: &Sp<i64>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+    ) -> Option<i64> {
+        let v = v.as_ref()?;
+        let n = *v.get_ref();
+        if !range.contains(&n) {
+            self.err(
+                Rule::Range,
+                v.span(),
+                key,
+                format!(
+                    "{n} is out of range; use a whole number from {} to {}",
+                    range.start(),
+                    range.end()
+                ),
+            );
+            return None;
+        }
+        Some(n)
+    }
+
+    fn email(&mut self, v: &Spanned<String>, key: &str) -> Option<String> {
+        let s = v.get_ref();
+        if is_valid_email(s) {
+            Some(s.clone())
+        } else {
+            self.err(
+                Rule::Email,
+                v.span(),
+                key,
+                format!("{s:?} is not an e-mail address; write e.g. \"it@example.com\""),
+            );
+            None
+        }
+    }
+
+    fn phc(&mut self, v: &Spanned<String>, key: &str) -> Option<PhcHash> {
+        let s = v.get_ref();
+        match argon2::PasswordHash::new(s) {
+            Ok(h) if h.algorithm.as_str().starts_with("argon2") && h.hash.is_some() => {
+                Some(PhcHash::new(s.clone()))
+            }
+            // The value is never echoed: it may be a plaintext secret.
+            _ => {
+                self.err(
+                    Rule::PlaintextSecret,
+                    v.span(),
+                    key,
+                    "must be an argon2 PHC hash string, not the secret itself; run `tollgate hash-secret` and paste what it prints",
+                );
+                None
+            }
+        }
+    }
+
+    /// Resolves a path relative to the config file's directory.
+    fn path(&self, s: &str) -> PathBuf {
+        normalize(&self.dir.join(s))
+    }
+
+    fn throttle(&mut self, v: &Sp<RawThrottle>, key: &str) -> ThrottleSetting {
+        let Some(v) = v else {
+            return ThrottleSetting::Inherit;
+        };
+        let span = v.span();
+        match v.get_ref() {
+            RawThrottle::Word(w) if w == "inherit" => ThrottleSetting::Inherit,
+            RawThrottle::Word(w) => {
+                self.err(
+                    Rule::Throttle,
+                    span,
+                    key,
+                    format!("{w:?} is not a throttle; write \"inherit\" or a table such as {{ enabled = true, rate = \"20 MiB/s\" }}"),
+                );
+                ThrottleSetting::Inherit
+            }
+            RawThrottle::Table(t) => {
+                let enabled = t.enabled.unwrap_or(true);
+                let rate = t
+                    .rate
+                    .as_ref()
+                    .and_then(|r| self.rate(r, span.clone(), &format!("{key}.rate")));
+                if enabled && t.rate.is_none() {
+                    self.err(
+                        Rule::Throttle,
+                        span.clone(),
+                        format!("{key}.rate"),
+                        "an enabled throttle needs a rate, e.g. rate = \"20 MiB/s\"; or write enabled = false",
+                    );
+                }
+                let hours = self.hours(t.hours.as_deref(), span, &format!("{key}.hours"));
+                ThrottleSetting::Explicit(Throttle {
+                    enabled,
+                    rate,
+                    hours,
+                    weekends_unthrottled: t.weekends_unthrottled.unwrap_or(false),
+                })
+            }
+        }
+    }
+
+    fn aggregate(&mut self, v: &Sp<RawAggregate>, key: &str) -> Option<Aggregate> {
+        let v = v.as_ref()?;
+        let a = v.get_ref();
+        let rate = match self.required(
+            &a.rate,
+            v.span(),
+            &format!("{key}.rate"),
+            "an aggregate's rate",
+        ) {
+            Some(r) => self.rate(r.get_ref(), r.span(), &format!("{key}.rate")),
+            None => None,
+        };
+        let hours = match &a.hours {
+            Some(h) => self.hours(Some(h.get_ref()), h.span(), &format!("{key}.hours")),
+            None => Hours::Always,
+        };
+        Some(Aggregate {
+            rate: rate?,
+            hours,
+            weekends_unthrottled: self.bool(&a.weekends_unthrottled, false),
+        })
+    }
+
+    fn mcal_limit(&mut self, v: &Sp<LimitValue>, key: &str) -> McalLimit {
+        let Some(v) = v else { return McalLimit::Auto };
+        match v.get_ref() {
+            LimitValue::Int(n) if *n >= 0 => McalLimit::Fixed(*n as u64),
+            LimitValue::Text(s) if s == "auto" => McalLimit::Auto,
+            other => {
+                let shown = match other {
+                    LimitValue::Int(n) => n.to_string(),
+                    LimitValue::Text(s) => format!("{s:?}"),
+                };
+                self.err(
+                    Rule::McalLimit,
+                    v.span(),
+                    key,
+                    format!("{shown} is not an MCAL limit; write \"auto\" or a whole number ≥ 0"),
+                );
+                McalLimit::Auto
+            }
+        }
+    }
+}
+
+/// 1-based line and column (in characters) of byte offset `at`.
+fn line_col(src: &str, at: usize) -> (usize, usize) {
+    let at = at.min(src.len());
+    let before = &src[..at];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    (line, src[line_start..at].chars().count() + 1)
+}
+
+/// Folds `.` and `..` without touching the file system.
+fn normalize(p: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in p.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                if !out.pop() {
+                    out.push("..");
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
+}
+
+/// A pragmatic check of `local@domain` (RFC 5321 shape, no comments or quotes).
+pub(crate) fn is_valid_email(s: &str) -> bool {
+    let Some((local, domain)) = s.rsplit_once('@') else {
+        return false;
+    };
+    let local_ok = (1..=64).contains(&local.len())
+        && !local.starts_with('.')
+        && !local.ends_with('.')
+        && !local.contains("..")
+        && local
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+/=?^_`{|}~.-".contains(&b));
+    let domain_ok = (1..=253).contains(&domain.len())
+        && domain.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    local_ok && domain_ok
+}
+
+/// A display label for the n-th table of an array, by name when it has one.
+fn label(kind: &str, name: Option<&Spanned<String>>, index: usize) -> String {
+    match name {
+        Some(n) => format!("{kind}[{}]", n.get_ref()),
+        None => format!("{kind}[#{}]", index + 1),
+    }
+}
+
+pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError>> {
+    let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    let mut v = V {
+        src,
+        file,
+        dir,
+        errors: Vec::new(),
+    };
+    let (doc, unknown) = match raw::parse(src) {
+        Ok(x) => x,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            v.err(
+                Rule::Syntax,
+                span,
+                "(document)",
+                e.message().trim().to_string(),
+            );
+            return Err(v.errors);
+        }
+    };
+    for path in unknown {
+        let span = raw::span_of(src, &path).unwrap_or(0..0);
+        let key = path
+            .iter()
+            .map(|s| match s {
+                raw::Seg::Key(k) => k.clone(),
+                raw::Seg::Index(i) => format!("#{}", i + 1),
+            })
+            .collect::<Vec<_>>()
+            .join(".");
+        let last = key.rsplit('.').next().unwrap_or_default().to_string();
+        v.err(
+            Rule::UnknownKey,
+            span,
+            key,
+            format!("unknown key `{last}`; check its spelling against docs/configuration.md (a typo must not silently do nothing)"),
+        );
+    }
+    let config = build(&mut v, &doc);
+    if v.errors.is_empty() {
+        Ok(config.expect("a config is built whenever no error was recorded"))
+    } else {
+        v.errors.sort_by_key(|e| (e.line, e.column));
+        Err(v.errors)
+    }
+}
+
+fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
+    let server = server(v, doc);
+    let mut resellers = Vec::new();
+    let mut reseller_by_name: HashMap<String, ResellerId> = HashMap::new();
+    for (i, r) in doc.reseller.iter().enumerate() {
+        let key = label("reseller", r.get_ref().name.as_ref(), i);
+        let raw = r.get_ref();
+        let name = v
+            .required(
+                &raw.name,
+                r.span(),
+                &format!("{key}.name"),
+                "a reseller's name",
+            )
+            .map(|n| n.get_ref().clone());
+        if let (Some(n), Some(sp)) = (&name, &raw.name) {
+            if reseller_by_name.contains_key(n) {
+                v.err(
+                    Rule::Duplicate,
+                    sp.span(),
+                    format!("{key}.name"),
+                    format!("reseller {n:?} is defined twice; names must be unique"),
+                );
+            } else {
+                reseller_by_name.insert(n.clone(), ResellerId(resellers.len() as u32));
+            }
+        }
+        let email = raw
+            .email
+            .as_ref()
+            .and_then(|e| v.email(e, &format!("{key}.email")));
+        let email_reports = v.bool(&raw.email_reports, false);
+        if email_reports && raw.email.is_none() {
+            v.err(
+                Rule::Required,
+                r.span(),
+                format!("{key}.email"),
+                "email is required when email_reports = true",
+            );
+        }
+        resellers.push(Reseller {
+            name: name.unwrap_or_default(),
+            email,
+            space: v.size(&raw.space, &format!("{key}.space")),
+            activated: v.bool(&raw.activated, true),
+            email_reports,
+            mcal_limit: v.mcal_limit(&raw.mcal_limit, &format!("{key}.mcal_limit")),
+            throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
+            aggregate: v.aggregate(&raw.aggregate, &format!("{key}.aggregate")),
+            customers: Vec::new(),
+        });
+    }
+
+    let default_raw = doc.default_customer.as_ref();
+    let empty = RawCustomer::default();
+    let (dc, dc_span) = match default_raw {
+        Some(d) => (d.get_ref(), d.span()),
+        None => (&empty, 0..0),
+    };
+    for (field, present) in [
+        ("name", dc.name.as_ref().map(|s| s.span())),
+        ("reseller", dc.reseller.as_ref().map(|s| s.span())),
+    ] {
+        if let Some(span) = present {
+            v.err(
+                Rule::NotAllowed,
+                span,
+                format!("default_customer.{field}"),
+                format!(
+                    "the Default Customer's {field} is fixed; declare a [[customer]] to use another"
+                ),
+            );
+        }
+    }
+    let mut customers = vec![customer(
+        v,
+        dc,
+        dc_span.clone(),
+        "default_customer",
+        None,
+        &server,
+    )];
+    let mut customer_by_name: HashMap<String, CustomerId> = HashMap::new();
+    customer_by_name.insert(DEFAULT_CUSTOMER_NAME.to_lowercase(), CustomerId::DEFAULT);
+    for (i, c) in doc.customer.iter().enumerate() {
+        let raw = c.get_ref();
+        let key = label("customer", raw.name.as_ref(), i);
+        let id = CustomerId(customers.len() as u32);
+        let name = v
+            .required(
+                &raw.name,
+                c.span(),
+                &format!("{key}.name"),
+                "a customer's name",
+            )
+            .cloned();
+        if let Some(n) = &name {
+            let lower = n.get_ref().to_lowercase();
+            if lower == DEFAULT_CUSTOMER_NAME.to_lowercase() {
+                v.err(Rule::ReservedName, n.span(), format!("{key}.name"), "\"Default Customer\" is reserved for the built-in customer; configure it under [default_customer]");
+            } else if let Entry::Vacant(slot) = customer_by_name.entry(lower) {
+                slot.insert(id);
+            } else {
+                v.err(
+                    Rule::Duplicate,
+                    n.span(),
+                    format!("{key}.name"),
+                    format!(
+                        "customer {:?} is defined twice (names compare case-insensitively)",
+                        n.get_ref()
+                    ),
+                );
+            }
+        }
+        let reseller = match v.required(
+            &raw.reseller,
+            c.span(),
+            &format!("{key}.reseller"),
+            "a customer's reseller",
+        ) {
+            Some(r) => match reseller_by_name.get(r.get_ref()) {
+                Some(&rid) => Some(rid),
+                None => {
+                    v.err(
+                        Rule::Reference,
+                        r.span(),
+                        format!("{key}.reseller"),
+                        format!("no [[reseller]] is named {:?}", r.get_ref()),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        if let Some(rid) = reseller {
+            resellers[rid.0 as usize].customers.push(id);
+        }
+        v.required(
+            &raw.email,
+            c.span(),
+            &format!("{key}.email"),
+            "a customer's email",
+        );
+        let mut cust = customer(v, raw, c.span(), &key, reseller, &server);
+        cust.name = name.map(|n| n.into_inner()).unwrap_or_default();
+        customers.push(cust);
+    }
+
+    let mut clients = Vec::new();
+    let mut client_by_id: HashMap<String, DeclaredClientId> = HashMap::new();
+    for (i, c) in doc.client.iter().enumerate() {
+        let raw = c.get_ref();
+        let key = label("client", raw.id.as_ref(), i);
+        let did = DeclaredClientId(clients.len() as u32);
+        let id = v
+            .required(&raw.id, c.span(), &format!("{key}.id"), "a client's id")
+            .cloned();
+        if let Some(idv) = &id {
+            let s = idv.get_ref();
+            if !is_valid_identifier(s) {
+                v.err(Rule::Identifier, idv.span(), format!("{key}.id"), format!("{s:?} is not a client id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
+            } else if client_by_id.contains_key(s) {
+                v.err(
+                    Rule::Duplicate,
+                    idv.span(),
+                    format!("{key}.id"),
+                    format!("client {s:?} is declared twice"),
+                );
+            } else {
+                client_by_id.insert(s.clone(), did);
+            }
+        }
+        let customer = match v.required(
+            &raw.customer,
+            c.span(),
+            &format!("{key}.customer"),
+            "a client's customer",
+        ) {
+            Some(n) => match customer_by_name.get(&n.get_ref().to_lowercase()) {
+                Some(&cid) => Some(cid),
+                None => {
+                    v.err(
+                        Rule::Reference,
+                        n.span(),
+                        format!("{key}.customer"),
+                        format!("no customer is named {:?}", n.get_ref()),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        let kind = match &raw.kind {
+            None => Kind::Desktop,
+            Some(k) => Kind::parse(k.get_ref()).unwrap_or_else(|| {
+                v.err(
+                    Rule::Kind,
+                    k.span(),
+                    format!("{key}.kind"),
+                    format!(
+                        "{:?} is not a kind; use desktop, laptop or server",
+                        k.get_ref()
+                    ),
+                );
+                Kind::Desktop
+            }),
+        };
+        let mut schedules = BTreeMap::new();
+        if let Some(s) = &raw.schedules {
+            for (name, sched) in s.get_ref() {
+                let skey = format!("{key}.schedules.{name}");
+                if !is_valid_identifier(name) {
+                    v.err(Rule::Identifier, sched.span(), skey.clone(), format!("{name:?} is not a schedule name: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
+                }
+                let t = v.throttle(&sched.get_ref().throttle, &format!("{skey}.throttle"));
+                schedules.insert(name.clone(), t);
+            }
+        }
+        if let Some(cid) = customer {
+            customers[cid.0 as usize].clients.push(did);
+        }
+        clients.push(ClientDecl {
+            id: id.map(|i| i.into_inner()).unwrap_or_default(),
+            customer: customer.unwrap_or(CustomerId::DEFAULT),
+            kind,
+            space: v.size(&raw.space, &format!("{key}.space")),
+            throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
+            schedules,
+        });
+    }
+
+    let server = server?;
+    let config = Config {
+        path: v.file.to_path_buf(),
+        server,
+        resellers,
+        customers,
+        clients,
+        reseller_by_name,
+        customer_by_name,
+        client_by_id,
+    };
+    check_nesting(v, doc, &config);
+    Some(config)
+}
+
+fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
+    let default = raw::RawServer::default();
+    let (s, span) = match &doc.server {
+        Some(s) => (s.get_ref(), s.span()),
+        None => (&default, 0..0),
+    };
+    let mut listen = Vec::new();
+    match &s.listen {
+        None => listen.push(
+            DEFAULT_LISTEN
+                .parse()
+                .expect("the default listen address parses"),
+        ),
+        Some(l) if l.get_ref().is_empty() => {
+            v.err(
+                Rule::Address,
+                l.span(),
+                "server.listen",
+                "needs at least one address, e.g. [\"0.0.0.0:7443\"]",
+            );
+        }
+        Some(l) => {
+            for a in l.get_ref() {
+                match a.get_ref().parse::<SocketAddr>() {
+                    Ok(addr) => listen.push(addr),
+                    Err(_) => v.err(Rule::Address, a.span(), "server.listen", format!("{:?} is not an address; write IP:PORT, e.g. \"0.0.0.0:7443\" or \"[::]:7443\"", a.get_ref())),
+                }
+            }
+        }
+    }
+    let metrics_listen =
+        s.metrics_listen
+            .as_ref()
+            .and_then(|a| match a.get_ref().parse::<SocketAddr>() {
+                Ok(addr) => Some(addr),
+                Err(_) => {
+                    v.err(
+                        Rule::Address,
+                        a.span(),
+                        "server.metrics_listen",
+                        format!(
+                            "{:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:9464\"",
+                            a.get_ref()
+                        ),
+                    );
+                    None
+                }
+            });
+    let state = match &s.state {
+        None => Some(StateUrl::Sqlite(PathBuf::from(
+            DEFAULT_STATE.trim_start_matches("sqlite://"),
+        ))),
+        Some(u) => {
+            let url = u.get_ref();
+            if let Some(p) = url
+                .strip_prefix("sqlite://")
+                .or_else(|| url.strip_prefix("sqlite:"))
+            {
+                let p = p.split('?').next().unwrap_or_default();
+                if p.is_empty() || p == ":memory:" {
+                    v.err(
+                        Rule::StateUrl,
+                        u.span(),
+                        "server.state",
+                        "the state must be a file, e.g. \"sqlite:///var/lib/tollgate/state.db\"",
+                    );
+                    None
+                } else {
+                    Some(StateUrl::Sqlite(v.path(p)))
+                }
+            } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+                Some(StateUrl::Postgres(url.clone()))
+            } else {
+                v.err(
+                    Rule::StateUrl,
+                    u.span(),
+                    "server.state",
+                    "use \"sqlite:///path/to/state.db\" or \"postgres://user@host/db\"",
+                );
+                None
+            }
+        }
+    };
+    let state_dir = match (&s.state_dir, &state) {
+        (Some(d), _) => v.path(d.get_ref()),
+        (None, Some(StateUrl::Sqlite(p))) => p.parent().map(Path::to_path_buf).unwrap_or_default(),
+        (None, _) => PathBuf::from("/var/lib/tollgate"),
+    };
+    let timezone = match &s.timezone {
+        None => jiff::tz::TimeZone::system(),
+        Some(z) => match jiff::tz::TimeZone::get(z.get_ref()) {
+            Ok(tz) => tz,
+            Err(_) => {
+                v.err(Rule::Timezone, z.span(), "server.timezone", format!("{:?} is not a known IANA time zone; write e.g. \"Europe/Berlin\" or \"UTC\"", z.get_ref()));
+                jiff::tz::TimeZone::UTC
+            }
+        },
+    };
+    let total_space = v.size(&s.total_space, "server.total_space");
+    let max_connections = v
+        .count(&s.max_connections, "server.max_connections", 1..=1_000_000)
+        .map_or(DEFAULT_MAX_CONNECTIONS, |n| n as u32);
+    let hello_timeout = v.duration(
+        &s.hello_timeout,
+        "server.hello_timeout",
+        DEFAULT_HELLO_TIMEOUT,
+    );
+    let idle_timeout = v.duration(&s.idle_timeout, "server.idle_timeout", DEFAULT_IDLE_TIMEOUT);
+    let shutdown_grace = v.duration(
+        &s.shutdown_grace,
+        "server.shutdown_grace",
+        DEFAULT_SHUTDOWN_GRACE,
+    );
+    let max_frame = match (&s.max_frame, v.size(&s.max_frame, "server.max_frame")) {
+        (Some(sp), Some(n)) if !(MIN_MAX_FRAME as u64..=MAX_MAX_FRAME as u64).contains(&n) => {
+            v.err(
+                Rule::Range,
+                sp.span(),
+                "server.max_frame",
+                format!(
+                    "{} is out of range; use 4 KiB to 16 MiB",
+                    units::format_size(n)
+                ),
+            );
+            DEFAULT_MAX_FRAME
+        }
+        (_, Some(n)) => n as u32,
+        (_, None) => DEFAULT_MAX_FRAME,
+    };
+
+    let mut tls = Tls::default();
+    if let Some(t) = &s.tls {
+        let r = t.get_ref();
+        tls.cert = r.cert.as_ref().map(|p| v.path(p.get_ref()));
+        tls.key = r.key.as_ref().map(|p| v.path(p.get_ref()));
+        tls.client_ca = r.client_ca.as_ref().map(|p| v.path(p.get_ref()));
+        tls.require_client_cert = v.bool(&r.require_client_cert, false);
+        if tls.cert.is_some() != tls.key.is_some() {
+            v.err(
+                Rule::Tls,
+                t.span(),
+                "server.tls",
+                "set both cert and key, or neither (then a self-signed pair is made in state_dir)",
+            );
+        }
+        if tls.require_client_cert && tls.client_ca.is_none() {
+            v.err(
+                Rule::Tls,
+                t.span(),
+                "server.tls.require_client_cert",
+                "requiring client certificates needs client_ca to verify them",
+            );
+        }
+    }
+
+    let mcal = s.mcal.as_ref().map(|m| {
+        let r = m.get_ref();
+        let pool = match v.required(&r.pool, m.span(), "server.mcal.pool", "the MCAL pool") {
+            Some(_) => v
+                .count(&r.pool, "server.mcal.pool", 0..=i64::MAX)
+                .unwrap_or(0) as u64,
+            None => 0,
+        };
+        let mut cost = Costs::default();
+        if let Some(c) = &r.cost {
+            let c = c.get_ref();
+            for (field, slot, key) in [
+                (&c.desktop, &mut cost.desktop, "server.mcal.cost.desktop"),
+                (&c.laptop, &mut cost.laptop, "server.mcal.cost.laptop"),
+                (&c.server, &mut cost.server, "server.mcal.cost.server"),
+            ] {
+                if let Some(n) = v.count(field, key, 0..=1_000_000) {
+                    *slot = n as u32;
+                }
+            }
+        }
+        Mcal { pool, cost }
+    });
+
+    let email = s.email.as_ref().map(|e| {
+        let r = e.get_ref();
+        let from = v
+            .required(&r.from, e.span(), "server.email.from", "the sender address")
+            .and_then(|f| v.email(f, "server.email.from"))
+            .unwrap_or_default();
+        let admin = r.admin.as_ref().and_then(|a| v.email(a, "server.email.admin"));
+        let smtp = r.smtp.as_ref().and_then(|u| {
+            let url = u.get_ref();
+            let ok = (url.starts_with("smtp://") || url.starts_with("smtps://"))
+                && url.split_once("://").is_some_and(|(_, rest)| !rest.is_empty());
+            if ok {
+                Some(SmtpUrl(url.clone()))
+            } else {
+                v.err(Rule::Smtp, u.span(), "server.email.smtp", "use smtp://host:port, smtp://host:port?tls=starttls or smtps://host:port (user:password@ before the host for AUTH)");
+                None
+            }
+        });
+        let spool = r.spool.as_ref().map(|p| v.path(p.get_ref()));
+        Email { from, admin, smtp, spool }
+    });
+
+    let _ = span;
+    Some(Server {
+        listen,
+        state_dir,
+        state: state?,
+        timezone,
+        total_space,
+        max_connections,
+        hello_timeout,
+        idle_timeout,
+        shutdown_grace,
+        max_frame,
+        metrics_listen,
+        tls,
+        mcal,
+        throttle: v.throttle(&s.throttle, "server.throttle"),
+        aggregate: v.aggregate(&s.aggregate, "server.aggregate"),
+        email,
+    })
+}
+
+fn customer(
+    v: &mut V<'_>,
+    raw: &RawCustomer,
+    span: Range<usize>,
+    key: &str,
+    reseller: Option<ResellerId>,
+    server: &Option<Server>,
+) -> Customer {
+    let email = raw
+        .email
+        .as_ref()
+        .and_then(|e| v.email(e, &format!("{key}.email")));
+    let email_reports = v.bool(&raw.email_reports, false);
+    if reseller.is_none() && email_reports && raw.email.is_none() {
+        v.err(
+            Rule::Required,
+            span.clone(),
+            format!("{key}.email"),
+            "email is required when email_reports = true",
+        );
+    }
+    let is_default = key == "default_customer";
+    let backup_location = match &raw.backup_location {
+        Some(b) => {
+            let s = b.get_ref();
+            // Bare relative paths are ambiguous (relative to what?); explicit
+            // ./ and ../ resolve against the config file's directory.
+            if !(s.starts_with('/') || s.starts_with("./") || s.starts_with("../")) {
+                v.err(Rule::AbsolutePath, b.span(), format!("{key}.backup_location"), format!("{s:?} must be absolute (\"/srv/backup/...\"), or start with ./ or ../ to be relative to this file's directory"));
+            }
+            v.path(s)
+        }
+        None if is_default => server
+            .as_ref()
+            .map(|s| s.state_dir.join("default"))
+            .unwrap_or_default(),
+        None => {
+            v.err(
+                Rule::Required,
+                span.clone(),
+                format!("{key}.backup_location"),
+                "a customer's backup_location is required (an absolute directory)",
+            );
+            PathBuf::new()
+        }
+    };
+    let web_access = raw.web_access.as_ref().and_then(|w| {
+        let r = w.get_ref();
+        let username = v
+            .required(
+                &r.username,
+                w.span(),
+                &format!("{key}.web_access.username"),
+                "web_access.username",
+            )
+            .map(|u| u.get_ref().clone());
+        let password = v
+            .required(
+                &r.password,
+                w.span(),
+                &format!("{key}.web_access.password"),
+                "web_access.password (a hash from `tollgate hash-secret`)",
+            )
+            .and_then(|p| v.phc(p, &format!("{key}.web_access.password")));
+        Some(WebAccess {
+            username: username?,
+            password: password?,
+        })
+    });
+    let consolidated_report = raw.consolidated_report.as_ref().and_then(|c| {
+        let r = c.get_ref();
+        let rkey = format!("{key}.consolidated_report");
+        let recipients: Vec<String> = match v.required(
+            &r.recipients,
+            c.span(),
+            &format!("{rkey}.recipients"),
+            "the report's recipients",
+        ) {
+            Some(list) if list.get_ref().is_empty() => {
+                v.err(
+                    Rule::Required,
+                    list.span(),
+                    format!("{rkey}.recipients"),
+                    "needs at least one address",
+                );
+                Vec::new()
+            }
+            Some(list) => list
+                .get_ref()
+                .iter()
+                .filter_map(|a| v.email(a, &format!("{rkey}.recipients")))
+                .collect(),
+            None => Vec::new(),
+        };
+        let frequency = v
+            .required(
+                &r.frequency,
+                c.span(),
+                &format!("{rkey}.frequency"),
+                "the report's frequency",
+            )
+            .and_then(|f| match f.get_ref().as_str() {
+                "daily" => Some(Frequency::Daily),
+                "weekly" => Some(Frequency::Weekly),
+                "monthly" => Some(Frequency::Monthly),
+                other => {
+                    v.err(
+                        Rule::Frequency,
+                        f.span(),
+                        format!("{rkey}.frequency"),
+                        format!("{other:?} is not a frequency; use daily, weekly or monthly"),
+                    );
+                    None
+                }
+            });
+        Some(ConsolidatedReport {
+            recipients,
+            frequency: frequency?,
+        })
+    });
+    Customer {
+        name: DEFAULT_CUSTOMER_NAME.to_string(),
+        reseller,
+        email,
+        records: Records {
+            address: v.string(&raw.address),
+            city: v.string(&raw.city),
+            phone: v.string(&raw.phone),
+            fax: v.string(&raw.fax),
+            notes: v.string(&raw.notes),
+        },
+        backup_location,
+        space: v.size(&raw.space, &format!("{key}.space")),
+        auto_add_clients: v.bool(&raw.auto_add_clients, false),
+        enroll_key: raw
+            .enroll_key
+            .as_ref()
+            .and_then(|k| v.phc(k, &format!("{key}.enroll_key"))),
+        email_reports,
+        web_access,
+        mcal_limit: v.mcal_limit(&raw.mcal_limit, &format!("{key}.mcal_limit")),
+        activated: v.bool(&raw.activated, true),
+        max_clients: v
+            .count(
+                &raw.max_clients,
+                &format!("{key}.max_clients"),
+                0..=u32::MAX as i64,
+            )
+            .map(|n| n as u32),
+        throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
+        aggregate: v.aggregate(&raw.aggregate, &format!("{key}.aggregate")),
+        consolidated_report,
+        clients: Vec::new(),
+    }
+}
+
+/// CONFIG.md "Space allotments nest", plus declared clients against
+/// `max_clients`.
+fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
+    use crate::policy::space::allotted_to_children;
+    use units::format_size as fs;
+    let server_span = doc
+        .server
+        .as_ref()
+        .and_then(|s| s.get_ref().total_space.as_ref().map(|t| t.span()))
+        .unwrap_or(0..0);
+    if let Some(total) = cfg.server.total_space {
+        let dc_span = doc
+            .default_customer
+            .as_ref()
+            .map_or(server_span.clone(), |d| d.span());
+        if cfg.customers[0].space.is_none() {
+            v.err(Rule::SpaceMissing, dc_span, "default_customer.space", "required because server.total_space is set; write e.g. space = \"0 B\" to give it none");
+        }
+        for (i, r) in cfg.resellers.iter().enumerate() {
+            if r.space.is_none() {
+                v.err(
+                    Rule::SpaceMissing,
+                    doc.reseller[i].span(),
+                    format!("reseller[{}].space", r.name),
+                    "required because server.total_space is set",
+                );
+            }
+        }
+        let sum = allotted_to_children(cfg, crate::policy::space::Node::Server);
+        if sum > total {
+            v.err(
+                Rule::SpaceOverAllocated,
+                server_span,
+                "server.total_space",
+                format!("the resellers and the Default Customer are allotted {} together, more than the server's total_space of {}", fs(sum), fs(total)),
+            );
+        }
+    }
+    for (i, r) in cfg.resellers.iter().enumerate() {
+        let rid = ResellerId(i as u32);
+        let Some(space) = r.space else { continue };
+        for &cid in &r.customers {
+            if cfg.customer(cid).space.is_none() {
+                let idx = cid.0 as usize - 1;
+                v.err(
+                    Rule::SpaceMissing,
+                    doc.customer[idx].span(),
+                    format!("customer[{}].space", cfg.customer(cid).name),
+                    format!("required because reseller {:?} has a space", r.name),
+                );
+            }
+        }
+        let sum = allotted_to_children(cfg, crate::policy::space::Node::Reseller(rid));
+        if sum > space {
+            let span = doc.reseller[i]
+                .get_ref()
+                .space
+                .as_ref()
+                .map_or(doc.reseller[i].span(), |s| s.span());
+            v.err(
+                Rule::SpaceOverAllocated,
+                span,
+                format!("reseller[{}].space", r.name),
+                format!(
+                    "its customers are allotted {} together, more than reseller {:?}'s space of {}",
+                    fs(sum),
+                    r.name,
+                    fs(space)
+                ),
+            );
+        }
+    }
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let cid = CustomerId(i as u32);
+        let raw = if i == 0 {
+            doc.default_customer.as_ref()
+        } else {
+            doc.customer.get(i - 1)
+        };
+        let key = if i == 0 {
+            "default_customer".to_string()
+        } else {
+            format!("customer[{}]", c.name)
+        };
+        if let Some(space) = c.space {
+            let sum = allotted_to_children(cfg, crate::policy::space::Node::Customer(cid));
+            if sum > space {
+                let span = raw
+                    .and_then(|r| r.get_ref().space.as_ref().map(|s| s.span()))
+                    .unwrap_or(0..0);
+                v.err(
+                    Rule::SpaceOverAllocated,
+                    span,
+                    format!("{key}.space"),
+                    format!("its declared clients are allotted {} together, more than customer {:?}'s space of {}", fs(sum), c.name, fs(space)),
+                );
+            }
+        }
+        if let Some(max) = c.max_clients
+            && c.clients.len() > max as usize
+        {
+            let span = raw
+                .and_then(|r| r.get_ref().max_clients.as_ref().map(|s| s.span()))
+                .unwrap_or(0..0);
+            v.err(
+                Rule::ClientLimit,
+                span,
+                format!("{key}.max_clients"),
+                format!(
+                    "{} clients are declared for customer {:?}, more than its max_clients of {max}",
+                    c.clients.len(),
+                    c.name
+                ),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn emails() {
+        for ok in ["it@contoso.example", "a.b+c@x.y", "noc@localhost"] {
+            assert!(is_valid_email(ok), "{ok}");
+        }
+        for bad in [
+            "", "x", "@x.y", "a@", "a b@x.y", "a@x..y", "a@-x.y", ".a@x.y", "a@x_y.z",
+        ] {
+            assert!(!is_valid_email(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn line_and_column() {
+        let src = "a = 1\nbé = 2\n";
+        assert_eq!(line_col(src, 0), (1, 1));
+        assert_eq!(line_col(src, 6), (2, 1));
+        assert_eq!(line_col(src, src.find('=').unwrap()), (1, 3));
+        assert_eq!(line_col(src, src.rfind('=').unwrap()), (2, 4));
+    }
+
+    #[test]
+    fn normalizes_paths() {
+        assert_eq!(
+            normalize(Path::new("/a/config/../var/./x")),
+            PathBuf::from("/a/var/x")
+        );
+    }
+}

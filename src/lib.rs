@@ -1,0 +1,17 @@
+//! Tollgate guards a multi-tenant backup server: it decides which backup
+//! clients may connect, how fast they may upload, and how much they may
+//! store, for a hierarchy of server, resellers, customers and clients.
+//!
+//! Modules, one concern each:
+//! - [`config`]: the TOML file of CONFIG.md, parsed and validated into a
+//!   typed model, with every error located.
+//! - [`policy`]: pure decisions (admission, throttle resolution, aggregate
+//!   caps, space and MCAL arithmetic); no I/O.
+//! - [`cli`]: the `tollgate` subcommands built on the above.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod cli;
+pub mod config;
+pub mod policy;
