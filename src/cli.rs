@@ -190,7 +190,10 @@ impl Report {
             None => "not enforced".to_string(),
             Some(m) => format!(
                 "{} / {} debited / {} this month / {} available",
-                m.allotted.map_or("auto".to_string(), |a| a.to_string()),
+                m.allotted
+                    .map_or("auto (draws on the pool)".to_string(), |a| format!(
+                        "{a} allotted"
+                    )),
                 m.debited,
                 m.debited_this_month,
                 m.available

@@ -48,37 +48,133 @@ fn segments(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
     out
 }
 
-/// Finds the span of the key (or array element) at `path` in `src`.
-pub fn span_of(src: &str, path: &[Seg]) -> Option<std::ops::Range<usize>> {
+/// Finds the span of the key at `path` in `src`, and a readable key path
+/// that names array elements by their `name` or `id` (`customer[Contoso].x`).
+pub fn locate(src: &str, path: &[Seg]) -> Option<(std::ops::Range<usize>, String)> {
     use toml::de::{DeTable, DeValue};
     let root = DeTable::parse(src).ok()?;
-    let mut table = root.get_ref();
     let mut value: Option<&Spanned<DeValue<'_>>> = None;
     let mut span = None;
+    let mut label = String::new();
     for seg in path {
         match seg {
             Seg::Key(k) => {
                 let t = match value {
-                    None => table,
+                    None => root.get_ref(),
                     Some(v) => v.get_ref().as_table()?,
                 };
                 let (key, v) = t.iter().find(|(key, _)| key.get_ref() == k)?;
                 span = Some(key.span());
                 value = Some(v);
+                if !label.is_empty() {
+                    label.push('.');
+                }
+                label.push_str(k);
             }
             Seg::Index(i) => {
                 let v = value?.get_ref().as_array()?.get(*i)?;
+                let name = v.get_ref().as_table().and_then(|t| {
+                    t.iter()
+                        .find(|(k, _)| matches!(k.get_ref().as_ref(), "name" | "id"))
+                        .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string))
+                });
+                match name {
+                    Some(n) => label.push_str(&format!("[{n}]")),
+                    None => label.push_str(&format!("[#{}]", i + 1)),
+                }
                 span = Some(v.span());
                 value = Some(v);
             }
         }
-        if let Some(v) = value
-            && let Some(t) = v.get_ref().as_table()
-        {
-            table = t;
-        }
     }
-    span
+    Some((span?, label))
+}
+
+/// Every key the format has, for "did you mean" hints.
+pub const KNOWN_KEYS: &[&str] = &[
+    "server",
+    "default_customer",
+    "reseller",
+    "customer",
+    "client",
+    "listen",
+    "state_dir",
+    "state",
+    "timezone",
+    "total_space",
+    "max_connections",
+    "hello_timeout",
+    "idle_timeout",
+    "shutdown_grace",
+    "max_frame",
+    "metrics_listen",
+    "tls",
+    "cert",
+    "key",
+    "client_ca",
+    "require_client_cert",
+    "mcal",
+    "pool",
+    "cost",
+    "desktop",
+    "laptop",
+    "throttle",
+    "aggregate",
+    "email",
+    "from",
+    "admin",
+    "smtp",
+    "spool",
+    "enabled",
+    "rate",
+    "hours",
+    "weekends_unthrottled",
+    "name",
+    "space",
+    "activated",
+    "email_reports",
+    "mcal_limit",
+    "address",
+    "city",
+    "phone",
+    "fax",
+    "notes",
+    "backup_location",
+    "auto_add_clients",
+    "enroll_key",
+    "web_access",
+    "username",
+    "password",
+    "max_clients",
+    "consolidated_report",
+    "recipients",
+    "frequency",
+    "id",
+    "kind",
+    "schedules",
+];
+
+/// The known key closest to `unknown`, if it is a plausible typo.
+pub fn suggest(unknown: &str) -> Option<&'static str> {
+    fn distance(a: &str, b: &str) -> usize {
+        let b: Vec<char> = b.chars().collect();
+        let mut prev: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut cur = vec![i + 1];
+            for (j, cb) in b.iter().enumerate() {
+                let sub = prev[j] + usize::from(ca != *cb);
+                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
+            }
+            prev = cur;
+        }
+        prev[b.len()]
+    }
+    KNOWN_KEYS
+        .iter()
+        .map(|k| (distance(unknown, k), *k))
+        .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
+        .min()
+        .map(|(_, k)| k)
 }
 
 /// The top level of the file.
@@ -160,10 +256,10 @@ pub enum RawThrottle {
 /// The table form of a throttle.
 #[derive(Debug, Default, Deserialize)]
 pub struct RawThrottleTable {
-    pub enabled: Option<bool>,
-    pub rate: Option<RateValue>,
-    pub hours: Option<String>,
-    pub weekends_unthrottled: Option<bool>,
+    pub enabled: Option<Spanned<bool>>,
+    pub rate: Option<Spanned<RateValue>>,
+    pub hours: Option<Spanned<String>>,
+    pub weekends_unthrottled: Option<Spanned<bool>>,
 }
 
 impl<'de> Deserialize<'de> for RawThrottle {
@@ -347,7 +443,7 @@ mod tests {
         let src = "[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n\n[[customer]]\nname = \"a\"\nthrottle = { enabled = true, rte = \"1 MB/s\" }\ncolour = \"red\"\n";
         let (raw, mut unknown) = parse(src).unwrap();
         assert_eq!(raw.customer.len(), 1);
-        unknown.sort_by_key(|p| span_of(src, p).map(|s| s.start));
+        unknown.sort_by_key(|p| locate(src, p).map(|(s, _)| s.start));
         let k = |s: &str| Seg::Key(s.into());
         assert_eq!(
             unknown,
@@ -357,9 +453,23 @@ mod tests {
                 vec![k("customer"), Seg::Index(0), k("colour")],
             ]
         );
-        let span = span_of(src, &unknown[1]).unwrap();
-        assert_eq!(&src[span], "rte");
-        let span = span_of(src, &unknown[2]).unwrap();
-        assert_eq!(&src[span], "colour");
+        let (span, label) = locate(src, &unknown[1]).unwrap();
+        assert_eq!(
+            (&src[span], label.as_str()),
+            ("rte", "customer[a].throttle.rte")
+        );
+        let (span, label) = locate(src, &unknown[2]).unwrap();
+        assert_eq!(
+            (&src[span], label.as_str()),
+            ("colour", "customer[a].colour")
+        );
+    }
+
+    #[test]
+    fn suggestions() {
+        assert_eq!(suggest("lisen"), Some("listen"));
+        assert_eq!(suggest("email_report"), Some("email_reports"));
+        assert_eq!(suggest("rte"), Some("rate"));
+        assert_eq!(suggest("colour"), None);
     }
 }

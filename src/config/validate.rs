@@ -206,7 +206,7 @@ impl V<'_> {
     }
 
     fn bool(&mut self, v: &Sp<bool>, default: bool) -> bool {
-        v.as_ref().map_or(default, |b| *b.get_ref())
+        v_bool(v, default)
     }
 
     fn required<'v, T>(
@@ -374,25 +374,29 @@ impl V<'_> {
                 ThrottleSetting::Inherit
             }
             RawThrottle::Table(t) => {
-                let enabled = t.enabled.unwrap_or(true);
+                let enabled = v_bool(&t.enabled, true);
+                let rate_key = format!("{key}.rate");
                 let rate = t
                     .rate
                     .as_ref()
-                    .and_then(|r| self.rate(r, span.clone(), &format!("{key}.rate")));
+                    .and_then(|r| self.rate(r.get_ref(), r.span(), &rate_key));
                 if enabled && t.rate.is_none() {
                     self.err(
                         Rule::Throttle,
-                        span.clone(),
-                        format!("{key}.rate"),
+                        span,
+                        rate_key,
                         "an enabled throttle needs a rate, e.g. rate = \"20 MiB/s\"; or write enabled = false",
                     );
                 }
-                let hours = self.hours(t.hours.as_deref(), span, &format!("{key}.hours"));
+                let hours = match &t.hours {
+                    Some(h) => self.hours(Some(h.get_ref()), h.span(), &format!("{key}.hours")),
+                    None => Hours::Always,
+                };
                 ThrottleSetting::Explicit(Throttle {
                     enabled,
                     rate,
                     hours,
-                    weekends_unthrottled: t.weekends_unthrottled.unwrap_or(false),
+                    weekends_unthrottled: v_bool(&t.weekends_unthrottled, false),
                 })
             }
         }
@@ -441,6 +445,10 @@ impl V<'_> {
             }
         }
     }
+}
+
+fn v_bool(v: &Sp<bool>, default: bool) -> bool {
+    v.as_ref().map_or(default, |b| *b.get_ref())
 }
 
 /// 1-based line and column (in characters) of byte offset `at`.
@@ -523,21 +531,20 @@ pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError
         }
     };
     for path in unknown {
-        let span = raw::span_of(src, &path).unwrap_or(0..0);
-        let key = path
-            .iter()
-            .map(|s| match s {
-                raw::Seg::Key(k) => k.clone(),
-                raw::Seg::Index(i) => format!("#{}", i + 1),
-            })
-            .collect::<Vec<_>>()
-            .join(".");
-        let last = key.rsplit('.').next().unwrap_or_default().to_string();
+        let last = match path.last() {
+            Some(raw::Seg::Key(k)) => k.clone(),
+            _ => String::new(),
+        };
+        let (span, key) = raw::locate(src, &path).unwrap_or((0..0, last.clone()));
+        let hint = match raw::suggest(&last) {
+            Some(k) => format!("did you mean `{k}`?"),
+            None => "see docs/configuration.md for the keys this table takes".to_string(),
+        };
         v.err(
             Rule::UnknownKey,
             span,
             key,
-            format!("unknown key `{last}`; check its spelling against docs/configuration.md (a typo must not silently do nothing)"),
+            format!("unknown key `{last}` ({hint}); a misspelt key must not silently do nothing"),
         );
     }
     let config = build(&mut v, &doc);

@@ -1,0 +1,137 @@
+//! The `tollgate` binary as an administrator runs it: `check-config` on the
+//! bundled example and on a broken file, `hash-secret`, and usage errors.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+
+fn tollgate(args: &[&str], stdin: Option<&str>) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("TOLLGATE_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the tollgate binary runs");
+    let mut input = child.stdin.take().unwrap();
+    if let Some(s) = stdin {
+        input.write_all(s.as_bytes()).unwrap();
+    }
+    drop(input);
+    child.wait_with_output().unwrap()
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn check_config_prints_snapshots_for_the_example() {
+    let out = tollgate(&["check-config", "--config", "config/tollgate.example.toml"], None);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    for want in [
+        "configuration OK",
+        "reseller northwind",
+        "5 TiB allotted / 500 GiB allotted to customers / 4.5 TiB free",
+        "20 TiB allotted / 6 TiB allotted to resellers + Default Customer / 14 TiB free",
+        "customer Contoso",
+        "500 GiB allotted / 200 GiB allotted to clients / 300 GiB free",
+        "1000 allotted / 0 debited / 0 this month / 1000 available",
+        "25 allotted / 0 debited / 0 this month / 25 available",
+    ] {
+        assert!(stdout.contains(want), "missing {want:?} in:\n{stdout}");
+    }
+}
+
+#[test]
+fn check_config_json_is_one_document() {
+    let out = tollgate(&["check-config", "--json", "--config", "config/tollgate.example.toml"], None);
+    assert_eq!(out.status.code(), Some(0));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
+    assert_eq!(doc["ok"], true);
+    let r = &doc["resellers"][0];
+    assert_eq!(r["name"], "northwind");
+    assert_eq!(r["space"]["allotted"], 5u64 << 40);
+    assert_eq!(r["space"]["allotted_to_children"], 500u64 << 30);
+    assert_eq!(r["space"]["free"], (5u64 << 40) - (500u64 << 30));
+    assert_eq!(r["customers"][0]["mcal"]["allotted"], 25);
+    assert_eq!(doc["server"]["mcal"]["available"], 1000);
+}
+
+#[test]
+fn three_mistakes_give_three_located_errors() {
+    let file = "tests/fixtures/config/three-mistakes.toml";
+    let out = tollgate(&["check-config", "--config", file], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    let located: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&format!("{file}:"))).collect();
+    let errors: Vec<&&str> = located.iter().filter(|l| !l.contains("problems found")).collect();
+    assert_eq!(errors.len(), 3, "{stderr}");
+    for (line, key) in [
+        (5, "server.throttle.rate"),
+        (9, "reseller[northwind].space"),
+        (11, "reseller[northwind].email_report"),
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(&format!("{file}:{line}:")) && e.contains(key)),
+            "no error for {key} on line {line}:\n{stderr}"
+        );
+    }
+    assert!(stderr.contains("3 problems found"), "{stderr}");
+
+    let out = tollgate(&["check-config", "--json", "--config", file], None);
+    assert_eq!(out.status.code(), Some(1));
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["errors"].as_array().unwrap().len(), 3);
+    assert_eq!(doc["errors"][0]["rule"], "rate");
+}
+
+#[test]
+fn config_path_comes_from_the_environment() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/quickstart.toml");
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .arg("check-config")
+        .env("TOLLGATE_CONFIG", &path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(text(&out.stdout).contains("quickstart.toml: configuration OK"));
+}
+
+#[test]
+fn a_missing_file_is_a_clear_failure() {
+    let out = tollgate(&["check-config", "--config", "/nonexistent/tollgate.toml"], None);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("cannot read /nonexistent/tollgate.toml"), "{stderr}");
+}
+
+#[test]
+fn hash_secret_reads_stdin_and_prints_a_verifiable_phc_string() {
+    let out = tollgate(&["hash-secret"], Some("correct horse\n"));
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let phc = text(&out.stdout);
+    let phc = phc.trim();
+    assert!(phc.starts_with("$argon2id$"), "{phc}");
+    use argon2::{Argon2, PasswordVerifier};
+    let v = Argon2::default();
+    assert!(v.verify_password(b"correct horse", phc).is_ok(), "the trailing newline is not part of the secret");
+    assert!(v.verify_password(b"correct horse\n", phc).is_err());
+
+    let again = tollgate(&["hash-secret"], Some("correct horse\n"));
+    assert_ne!(text(&again.stdout).trim(), phc, "each hash has its own salt");
+
+    let empty = tollgate(&["hash-secret"], Some(""));
+    assert_eq!(empty.status.code(), Some(1));
+    assert!(text(&empty.stderr).contains("empty"));
+}
+
+#[test]
+fn wrong_usage_exits_2() {
+    assert_eq!(tollgate(&["check-config", "--bogus"], None).status.code(), Some(2));
+    assert_eq!(tollgate(&["no-such-command"], None).status.code(), Some(2));
+}
