@@ -29,7 +29,10 @@ fn text(b: &[u8]) -> String {
 
 #[test]
 fn check_config_prints_snapshots_for_the_example() {
-    let out = tollgate(&["check-config", "--config", "config/tollgate.example.toml"], None);
+    let out = tollgate(
+        &["check-config", "--config", "config/tollgate.example.toml"],
+        None,
+    );
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     for want in [
@@ -48,7 +51,15 @@ fn check_config_prints_snapshots_for_the_example() {
 
 #[test]
 fn check_config_json_is_one_document() {
-    let out = tollgate(&["check-config", "--json", "--config", "config/tollgate.example.toml"], None);
+    let out = tollgate(
+        &[
+            "check-config",
+            "--json",
+            "--config",
+            "config/tollgate.example.toml",
+        ],
+        None,
+    );
     assert_eq!(out.status.code(), Some(0));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     assert_eq!(doc["ok"], true);
@@ -67,8 +78,14 @@ fn three_mistakes_give_three_located_errors() {
     let out = tollgate(&["check-config", "--config", file], None);
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    let located: Vec<&str> = stderr.lines().filter(|l| l.starts_with(&format!("{file}:"))).collect();
-    let errors: Vec<&&str> = located.iter().filter(|l| !l.contains("problems found")).collect();
+    let located: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with(&format!("{file}:")))
+        .collect();
+    let errors: Vec<&&str> = located
+        .iter()
+        .filter(|l| !l.contains("problems found"))
+        .collect();
     assert_eq!(errors.len(), 3, "{stderr}");
     for (line, key) in [
         (5, "server.throttle.rate"),
@@ -76,7 +93,9 @@ fn three_mistakes_give_three_located_errors() {
         (11, "reseller[northwind].email_report"),
     ] {
         assert!(
-            errors.iter().any(|e| e.starts_with(&format!("{file}:{line}:")) && e.contains(key)),
+            errors
+                .iter()
+                .any(|e| e.starts_with(&format!("{file}:{line}:")) && e.contains(key)),
             "no error for {key} on line {line}:\n{stderr}"
         );
     }
@@ -104,10 +123,16 @@ fn config_path_comes_from_the_environment() {
 
 #[test]
 fn a_missing_file_is_a_clear_failure() {
-    let out = tollgate(&["check-config", "--config", "/nonexistent/tollgate.toml"], None);
+    let out = tollgate(
+        &["check-config", "--config", "/nonexistent/tollgate.toml"],
+        None,
+    );
     assert_eq!(out.status.code(), Some(1));
     let stderr = text(&out.stderr);
-    assert!(stderr.contains("cannot read /nonexistent/tollgate.toml"), "{stderr}");
+    assert!(
+        stderr.contains("cannot read /nonexistent/tollgate.toml"),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -119,11 +144,18 @@ fn hash_secret_reads_stdin_and_prints_a_verifiable_phc_string() {
     assert!(phc.starts_with("$argon2id$"), "{phc}");
     use argon2::{Argon2, PasswordVerifier};
     let v = Argon2::default();
-    assert!(v.verify_password(b"correct horse", phc).is_ok(), "the trailing newline is not part of the secret");
+    assert!(
+        v.verify_password(b"correct horse", phc).is_ok(),
+        "the trailing newline is not part of the secret"
+    );
     assert!(v.verify_password(b"correct horse\n", phc).is_err());
 
     let again = tollgate(&["hash-secret"], Some("correct horse\n"));
-    assert_ne!(text(&again.stdout).trim(), phc, "each hash has its own salt");
+    assert_ne!(
+        text(&again.stdout).trim(),
+        phc,
+        "each hash has its own salt"
+    );
 
     let empty = tollgate(&["hash-secret"], Some(""));
     assert_eq!(empty.status.code(), Some(1));
@@ -132,6 +164,9 @@ fn hash_secret_reads_stdin_and_prints_a_verifiable_phc_string() {
 
 #[test]
 fn wrong_usage_exits_2() {
-    assert_eq!(tollgate(&["check-config", "--bogus"], None).status.code(), Some(2));
+    assert_eq!(
+        tollgate(&["check-config", "--bogus"], None).status.code(),
+        Some(2)
+    );
     assert_eq!(tollgate(&["no-such-command"], None).status.code(), Some(2));
 }

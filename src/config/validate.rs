@@ -187,7 +187,7 @@ impl V<'_> {
         &mut self,
         rule: Rule,
         span: Range<usize>,
-        key: impl Into<String>,
+        key: impl fmt::Display,
         msg: impl Into<String>,
     ) {
         let (line, column) = line_col(self.src, span.start);
@@ -196,7 +196,7 @@ impl V<'_> {
             file: self.file.to_path_buf(),
             line,
             column,
-            key: key.into(),
+            key: key.to_string(),
             message: msg.into(),
         });
     }
@@ -213,7 +213,7 @@ impl V<'_> {
         &mut self,
         v: &'v Sp<T>,
         parent: Range<usize>,
-        key: &str,
+        key: impl fmt::Display + Copy,
         what: &str,
     ) -> Option<&'v Spanned<T>> {
         if v.is_none() {
@@ -222,7 +222,7 @@ impl V<'_> {
         v.as_ref()
     }
 
-    fn size(&mut self, v: &Sp<SizeValue>, key: &str) -> Option<u64> {
+    fn size(&mut self, v: &Sp<SizeValue>, key: impl fmt::Display + Copy) -> Option<u64> {
         let v = v.as_ref()?;
         match v.get_ref() {
             SizeValue::Int(n) if *n >= 0 => Some(*n as u64),
@@ -245,7 +245,12 @@ impl V<'_> {
         }
     }
 
-    fn rate(&mut self, v: &RateValue, span: Range<usize>, key: &str) -> Option<u64> {
+    fn rate(
+        &mut self,
+        v: &RateValue,
+        span: Range<usize>,
+        key: impl fmt::Display + Copy,
+    ) -> Option<u64> {
         let parsed = match v {
             RateValue::Number(n) => Err(units::bare_rate_message(n)),
             RateValue::Text(s) => units::parse_rate(s),
@@ -268,7 +273,12 @@ impl V<'_> {
         }
     }
 
-    fn duration(&mut self, v: &Sp<String>, key: &str, default: Duration) -> Duration {
+    fn duration(
+        &mut self,
+        v: &Sp<String>,
+        key: impl fmt::Display + Copy,
+        default: Duration,
+    ) -> Duration {
         let Some(v) = v else { return default };
         match units::parse_duration(v.get_ref()) {
             Ok(d) if d.is_zero() => {
@@ -283,7 +293,12 @@ impl V<'_> {
         }
     }
 
-    fn hours(&mut self, v: Option<&str>, span: Range<usize>, key: &str) -> Hours {
+    fn hours(
+        &mut self,
+        v: Option<&str>,
+        span: Range<usize>,
+        key: impl fmt::Display + Copy,
+    ) -> Hours {
         match v.map(units::parse_hours) {
             None => Hours::Always,
             Some(Ok(h)) => h,
@@ -297,7 +312,7 @@ impl V<'_> {
     fn count(
         &mut self,
         v: &Sp<i64>,
-        key: &str,
+        key: impl fmt::Display + Copy,
         range: std::ops::RangeInclusive<i64>,
     ) -> Option<i64> {
         let v = v.as_ref()?;
@@ -318,7 +333,7 @@ impl V<'_> {
         Some(n)
     }
 
-    fn email(&mut self, v: &Spanned<String>, key: &str) -> Option<String> {
+    fn email(&mut self, v: &Spanned<String>, key: impl fmt::Display + Copy) -> Option<String> {
         let s = v.get_ref();
         if is_valid_email(s) {
             Some(s.clone())
@@ -333,7 +348,7 @@ impl V<'_> {
         }
     }
 
-    fn phc(&mut self, v: &Spanned<String>, key: &str) -> Option<PhcHash> {
+    fn phc(&mut self, v: &Spanned<String>, key: impl fmt::Display + Copy) -> Option<PhcHash> {
         let s = v.get_ref();
         match argon2::PasswordHash::new(s) {
             Ok(h) if h.algorithm.as_str().starts_with("argon2") && h.hash.is_some() => {
@@ -357,7 +372,7 @@ impl V<'_> {
         normalize(&self.dir.join(s))
     }
 
-    fn throttle(&mut self, v: &Sp<RawThrottle>, key: &str) -> ThrottleSetting {
+    fn throttle(&mut self, v: &Sp<RawThrottle>, key: impl fmt::Display + Copy) -> ThrottleSetting {
         let Some(v) = v else {
             return ThrottleSetting::Inherit;
         };
@@ -375,11 +390,11 @@ impl V<'_> {
             }
             RawThrottle::Table(t) => {
                 let enabled = v_bool(&t.enabled, true);
-                let rate_key = format!("{key}.rate");
+                let rate_key = K(&key, "rate");
                 let rate = t
                     .rate
                     .as_ref()
-                    .and_then(|r| self.rate(r.get_ref(), r.span(), &rate_key));
+                    .and_then(|r| self.rate(r.get_ref(), r.span(), rate_key));
                 if enabled && t.rate.is_none() {
                     self.err(
                         Rule::Throttle,
@@ -389,7 +404,7 @@ impl V<'_> {
                     );
                 }
                 let hours = match &t.hours {
-                    Some(h) => self.hours(Some(h.get_ref()), h.span(), &format!("{key}.hours")),
+                    Some(h) => self.hours(Some(h.get_ref()), h.span(), K(&key, "hours")),
                     None => Hours::Always,
                 };
                 ThrottleSetting::Explicit(Throttle {
@@ -402,20 +417,19 @@ impl V<'_> {
         }
     }
 
-    fn aggregate(&mut self, v: &Sp<RawAggregate>, key: &str) -> Option<Aggregate> {
+    fn aggregate(
+        &mut self,
+        v: &Sp<RawAggregate>,
+        key: impl fmt::Display + Copy,
+    ) -> Option<Aggregate> {
         let v = v.as_ref()?;
         let a = v.get_ref();
-        let rate = match self.required(
-            &a.rate,
-            v.span(),
-            &format!("{key}.rate"),
-            "an aggregate's rate",
-        ) {
-            Some(r) => self.rate(r.get_ref(), r.span(), &format!("{key}.rate")),
+        let rate = match self.required(&a.rate, v.span(), K(&key, "rate"), "an aggregate's rate") {
+            Some(r) => self.rate(r.get_ref(), r.span(), K(&key, "rate")),
             None => None,
         };
         let hours = match &a.hours {
-            Some(h) => self.hours(Some(h.get_ref()), h.span(), &format!("{key}.hours")),
+            Some(h) => self.hours(Some(h.get_ref()), h.span(), K(&key, "hours")),
             None => Hours::Always,
         };
         Some(Aggregate {
@@ -425,7 +439,7 @@ impl V<'_> {
         })
     }
 
-    fn mcal_limit(&mut self, v: &Sp<LimitValue>, key: &str) -> McalLimit {
+    fn mcal_limit(&mut self, v: &Sp<LimitValue>, key: impl fmt::Display + Copy) -> McalLimit {
         let Some(v) = v else { return McalLimit::Auto };
         match v.get_ref() {
             LimitValue::Int(n) if *n >= 0 => McalLimit::Fixed(*n as u64),
@@ -449,6 +463,16 @@ impl V<'_> {
 
 fn v_bool(v: &Sp<bool>, default: bool) -> bool {
     v.as_ref().map_or(default, |b| *b.get_ref())
+}
+
+/// A key path built only when an error needs it: `parent.field`.
+#[derive(Clone, Copy)]
+struct K<D>(D, &'static str);
+
+impl<D: fmt::Display> fmt::Display for K<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{}", self.0, self.1)
+    }
 }
 
 /// 1-based line and column (in characters) of byte offset `at`.
@@ -564,19 +588,14 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let key = label("reseller", r.get_ref().name.as_ref(), i);
         let raw = r.get_ref();
         let name = v
-            .required(
-                &raw.name,
-                r.span(),
-                &format!("{key}.name"),
-                "a reseller's name",
-            )
+            .required(&raw.name, r.span(), K(&key, "name"), "a reseller's name")
             .map(|n| n.get_ref().clone());
         if let (Some(n), Some(sp)) = (&name, &raw.name) {
             if reseller_by_name.contains_key(n) {
                 v.err(
                     Rule::Duplicate,
                     sp.span(),
-                    format!("{key}.name"),
+                    K(&key, "name"),
                     format!("reseller {n:?} is defined twice; names must be unique"),
                 );
             } else {
@@ -586,25 +605,25 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let email = raw
             .email
             .as_ref()
-            .and_then(|e| v.email(e, &format!("{key}.email")));
+            .and_then(|e| v.email(e, K(&key, "email")));
         let email_reports = v.bool(&raw.email_reports, false);
         if email_reports && raw.email.is_none() {
             v.err(
                 Rule::Required,
                 r.span(),
-                format!("{key}.email"),
+                K(&key, "email"),
                 "email is required when email_reports = true",
             );
         }
         resellers.push(Reseller {
             name: name.unwrap_or_default(),
             email,
-            space: v.size(&raw.space, &format!("{key}.space")),
+            space: v.size(&raw.space, K(&key, "space")),
             activated: v.bool(&raw.activated, true),
             email_reports,
-            mcal_limit: v.mcal_limit(&raw.mcal_limit, &format!("{key}.mcal_limit")),
-            throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
-            aggregate: v.aggregate(&raw.aggregate, &format!("{key}.aggregate")),
+            mcal_limit: v.mcal_limit(&raw.mcal_limit, K(&key, "mcal_limit")),
+            throttle: v.throttle(&raw.throttle, K(&key, "throttle")),
+            aggregate: v.aggregate(&raw.aggregate, K(&key, "aggregate")),
             customers: Vec::new(),
         });
     }
@@ -645,24 +664,19 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let key = label("customer", raw.name.as_ref(), i);
         let id = CustomerId(customers.len() as u32);
         let name = v
-            .required(
-                &raw.name,
-                c.span(),
-                &format!("{key}.name"),
-                "a customer's name",
-            )
+            .required(&raw.name, c.span(), K(&key, "name"), "a customer's name")
             .cloned();
         if let Some(n) = &name {
             let lower = n.get_ref().to_lowercase();
             if lower == DEFAULT_CUSTOMER_NAME.to_lowercase() {
-                v.err(Rule::ReservedName, n.span(), format!("{key}.name"), "\"Default Customer\" is reserved for the built-in customer; configure it under [default_customer]");
+                v.err(Rule::ReservedName, n.span(), K(&key, "name"), "\"Default Customer\" is reserved for the built-in customer; configure it under [default_customer]");
             } else if let Entry::Vacant(slot) = customer_by_name.entry(lower) {
                 slot.insert(id);
             } else {
                 v.err(
                     Rule::Duplicate,
                     n.span(),
-                    format!("{key}.name"),
+                    K(&key, "name"),
                     format!(
                         "customer {:?} is defined twice (names compare case-insensitively)",
                         n.get_ref()
@@ -673,7 +687,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let reseller = match v.required(
             &raw.reseller,
             c.span(),
-            &format!("{key}.reseller"),
+            K(&key, "reseller"),
             "a customer's reseller",
         ) {
             Some(r) => match reseller_by_name.get(r.get_ref()) {
@@ -682,7 +696,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
                     v.err(
                         Rule::Reference,
                         r.span(),
-                        format!("{key}.reseller"),
+                        K(&key, "reseller"),
                         format!("no [[reseller]] is named {:?}", r.get_ref()),
                     );
                     None
@@ -693,12 +707,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         if let Some(rid) = reseller {
             resellers[rid.0 as usize].customers.push(id);
         }
-        v.required(
-            &raw.email,
-            c.span(),
-            &format!("{key}.email"),
-            "a customer's email",
-        );
+        v.required(&raw.email, c.span(), K(&key, "email"), "a customer's email");
         let mut cust = customer(v, raw, c.span(), &key, reseller, &server);
         cust.name = name.map(|n| n.into_inner()).unwrap_or_default();
         customers.push(cust);
@@ -711,17 +720,17 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let key = label("client", raw.id.as_ref(), i);
         let did = DeclaredClientId(clients.len() as u32);
         let id = v
-            .required(&raw.id, c.span(), &format!("{key}.id"), "a client's id")
+            .required(&raw.id, c.span(), K(&key, "id"), "a client's id")
             .cloned();
         if let Some(idv) = &id {
             let s = idv.get_ref();
             if !is_valid_identifier(s) {
-                v.err(Rule::Identifier, idv.span(), format!("{key}.id"), format!("{s:?} is not a client id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
+                v.err(Rule::Identifier, idv.span(), K(&key, "id"), format!("{s:?} is not a client id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
             } else if client_by_id.contains_key(s) {
                 v.err(
                     Rule::Duplicate,
                     idv.span(),
-                    format!("{key}.id"),
+                    K(&key, "id"),
                     format!("client {s:?} is declared twice"),
                 );
             } else {
@@ -731,7 +740,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         let customer = match v.required(
             &raw.customer,
             c.span(),
-            &format!("{key}.customer"),
+            K(&key, "customer"),
             "a client's customer",
         ) {
             Some(n) => match customer_by_name.get(&n.get_ref().to_lowercase()) {
@@ -740,7 +749,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
                     v.err(
                         Rule::Reference,
                         n.span(),
-                        format!("{key}.customer"),
+                        K(&key, "customer"),
                         format!("no customer is named {:?}", n.get_ref()),
                     );
                     None
@@ -754,7 +763,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
                 v.err(
                     Rule::Kind,
                     k.span(),
-                    format!("{key}.kind"),
+                    K(&key, "kind"),
                     format!(
                         "{:?} is not a kind; use desktop, laptop or server",
                         k.get_ref()
@@ -770,7 +779,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
                 if !is_valid_identifier(name) {
                     v.err(Rule::Identifier, sched.span(), skey.clone(), format!("{name:?} is not a schedule name: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
                 }
-                let t = v.throttle(&sched.get_ref().throttle, &format!("{skey}.throttle"));
+                let t = v.throttle(&sched.get_ref().throttle, K(&skey, "throttle"));
                 schedules.insert(name.clone(), t);
             }
         }
@@ -781,8 +790,8 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             id: id.map(|i| i.into_inner()).unwrap_or_default(),
             customer: customer.unwrap_or(CustomerId::DEFAULT),
             kind,
-            space: v.size(&raw.space, &format!("{key}.space")),
-            throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
+            space: v.size(&raw.space, K(&key, "space")),
+            throttle: v.throttle(&raw.throttle, K(&key, "throttle")),
             schedules,
         });
     }
@@ -1035,13 +1044,13 @@ fn customer(
     let email = raw
         .email
         .as_ref()
-        .and_then(|e| v.email(e, &format!("{key}.email")));
+        .and_then(|e| v.email(e, K(&key, "email")));
     let email_reports = v.bool(&raw.email_reports, false);
     if reseller.is_none() && email_reports && raw.email.is_none() {
         v.err(
             Rule::Required,
             span.clone(),
-            format!("{key}.email"),
+            K(&key, "email"),
             "email is required when email_reports = true",
         );
     }
@@ -1052,7 +1061,7 @@ fn customer(
             // Bare relative paths are ambiguous (relative to what?); explicit
             // ./ and ../ resolve against the config file's directory.
             if !(s.starts_with('/') || s.starts_with("./") || s.starts_with("../")) {
-                v.err(Rule::AbsolutePath, b.span(), format!("{key}.backup_location"), format!("{s:?} must be absolute (\"/srv/backup/...\"), or start with ./ or ../ to be relative to this file's directory"));
+                v.err(Rule::AbsolutePath, b.span(), K(&key, "backup_location"), format!("{s:?} must be absolute (\"/srv/backup/...\"), or start with ./ or ../ to be relative to this file's directory"));
             }
             v.path(s)
         }
@@ -1064,7 +1073,7 @@ fn customer(
             v.err(
                 Rule::Required,
                 span.clone(),
-                format!("{key}.backup_location"),
+                K(&key, "backup_location"),
                 "a customer's backup_location is required (an absolute directory)",
             );
             PathBuf::new()
@@ -1076,7 +1085,7 @@ fn customer(
             .required(
                 &r.username,
                 w.span(),
-                &format!("{key}.web_access.username"),
+                K(&key, "web_access.username"),
                 "web_access.username",
             )
             .map(|u| u.get_ref().clone());
@@ -1084,10 +1093,10 @@ fn customer(
             .required(
                 &r.password,
                 w.span(),
-                &format!("{key}.web_access.password"),
+                K(&key, "web_access.password"),
                 "web_access.password (a hash from `tollgate hash-secret`)",
             )
-            .and_then(|p| v.phc(p, &format!("{key}.web_access.password")));
+            .and_then(|p| v.phc(p, K(&key, "web_access.password")));
         Some(WebAccess {
             username: username?,
             password: password?,
@@ -1095,18 +1104,18 @@ fn customer(
     });
     let consolidated_report = raw.consolidated_report.as_ref().and_then(|c| {
         let r = c.get_ref();
-        let rkey = format!("{key}.consolidated_report");
+        let rkey = K(&key, "consolidated_report");
         let recipients: Vec<String> = match v.required(
             &r.recipients,
             c.span(),
-            &format!("{rkey}.recipients"),
+            K(&rkey, "recipients"),
             "the report's recipients",
         ) {
             Some(list) if list.get_ref().is_empty() => {
                 v.err(
                     Rule::Required,
                     list.span(),
-                    format!("{rkey}.recipients"),
+                    K(&rkey, "recipients"),
                     "needs at least one address",
                 );
                 Vec::new()
@@ -1114,7 +1123,7 @@ fn customer(
             Some(list) => list
                 .get_ref()
                 .iter()
-                .filter_map(|a| v.email(a, &format!("{rkey}.recipients")))
+                .filter_map(|a| v.email(a, K(&rkey, "recipients")))
                 .collect(),
             None => Vec::new(),
         };
@@ -1122,7 +1131,7 @@ fn customer(
             .required(
                 &r.frequency,
                 c.span(),
-                &format!("{rkey}.frequency"),
+                K(&rkey, "frequency"),
                 "the report's frequency",
             )
             .and_then(|f| match f.get_ref().as_str() {
@@ -1133,7 +1142,7 @@ fn customer(
                     v.err(
                         Rule::Frequency,
                         f.span(),
-                        format!("{rkey}.frequency"),
+                        K(&rkey, "frequency"),
                         format!("{other:?} is not a frequency; use daily, weekly or monthly"),
                     );
                     None
@@ -1156,25 +1165,25 @@ fn customer(
             notes: v.string(&raw.notes),
         },
         backup_location,
-        space: v.size(&raw.space, &format!("{key}.space")),
+        space: v.size(&raw.space, K(&key, "space")),
         auto_add_clients: v.bool(&raw.auto_add_clients, false),
         enroll_key: raw
             .enroll_key
             .as_ref()
-            .and_then(|k| v.phc(k, &format!("{key}.enroll_key"))),
+            .and_then(|k| v.phc(k, K(&key, "enroll_key"))),
         email_reports,
         web_access,
-        mcal_limit: v.mcal_limit(&raw.mcal_limit, &format!("{key}.mcal_limit")),
+        mcal_limit: v.mcal_limit(&raw.mcal_limit, K(&key, "mcal_limit")),
         activated: v.bool(&raw.activated, true),
         max_clients: v
             .count(
                 &raw.max_clients,
-                &format!("{key}.max_clients"),
+                K(&key, "max_clients"),
                 0..=u32::MAX as i64,
             )
             .map(|n| n as u32),
-        throttle: v.throttle(&raw.throttle, &format!("{key}.throttle")),
-        aggregate: v.aggregate(&raw.aggregate, &format!("{key}.aggregate")),
+        throttle: v.throttle(&raw.throttle, K(&key, "throttle")),
+        aggregate: v.aggregate(&raw.aggregate, K(&key, "aggregate")),
         consolidated_report,
         clients: Vec::new(),
     }
@@ -1273,7 +1282,7 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
                 v.err(
                     Rule::SpaceOverAllocated,
                     span,
-                    format!("{key}.space"),
+                    K(&key, "space"),
                     format!("its declared clients are allotted {} together, more than customer {:?}'s space of {}", fs(sum), c.name, fs(space)),
                 );
             }
@@ -1287,7 +1296,7 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
             v.err(
                 Rule::ClientLimit,
                 span,
-                format!("{key}.max_clients"),
+                K(&key, "max_clients"),
                 format!(
                     "{} clients are declared for customer {:?}, more than its max_clients of {max}",
                     c.clients.len(),
