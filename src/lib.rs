@@ -7,6 +7,9 @@
 //!   typed model, with every error located.
 //! - [`policy`]: pure decisions (admission, throttle resolution, aggregate
 //!   caps, space and MCAL arithmetic); no I/O.
+//! - [`state`]: what tollgate remembers (clients, file index, usage,
+//!   reservations, MCAL debits, sessions, refusals) on SQLite via sqlx.
+//! - [`storage`]: files on disk and the crash-safe commit.
 //! - [`cli`]: the `tollgate` subcommands built on the above.
 
 #![forbid(unsafe_code)]
@@ -15,3 +18,5 @@
 pub mod cli;
 pub mod config;
 pub mod policy;
+pub mod state;
+pub mod storage;

@@ -4,7 +4,8 @@
 //! outcome (registration, MCAL debit) in the same transaction, so the
 //! decision and the write cannot be raced.
 
-use super::space::{Month, Usage, space_left};
+pub use super::space::LevelUsage;
+use super::space::{Month, space_left};
 use super::throttle::{self, RateDecision};
 use crate::config::{
     Config, CustomerId, DeclaredClientId, Kind, McalLimit, ResellerId, is_valid_identifier,
@@ -169,19 +170,6 @@ pub struct ClientRecord {
     pub secret_sha256: Option<[u8; 32]>,
 }
 
-/// Usage plus reservations at every level above a client.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct LevelUsage {
-    /// The client itself.
-    pub client: Usage,
-    /// Its customer.
-    pub customer: Usage,
-    /// Its reseller (zero for the Default Customer).
-    pub reseller: Usage,
-    /// The whole server.
-    pub server: Usage,
-}
-
 /// MCAL debits relevant to one admission.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct McalState {
@@ -299,6 +287,24 @@ pub fn check_syntax(h: &Hello) -> Result<(Intent, Option<Kind>), Rejection> {
     Ok((intent, kind))
 }
 
+/// PROTOCOL.md Admission step 2. Shutdown is reported before a full
+/// house: a client told `busy` would retry at once.
+pub fn check_capacity(connections_full: bool, shutting_down: bool) -> Result<(), Rejection> {
+    if shutting_down {
+        return reject(
+            RejectCode::ShuttingDown,
+            "the server is shutting down; try again shortly",
+        );
+    }
+    if connections_full {
+        return reject(
+            RejectCode::Busy,
+            "the server has no free connection slots; try again later",
+        );
+    }
+    Ok(())
+}
+
 /// The SHA-256 of a secret, as stored by `state`.
 pub fn secret_digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
@@ -320,7 +326,9 @@ pub fn target_customer(
     if let Some(d) = cfg.declared_client(&h.client_id) {
         return Ok(cfg.client(d).customer);
     }
-    if let Some(r) = record.filter(|r| r.secret_sha256.is_some()) {
+    // A record without a secret is a client removed without --purge: its
+    // files stay under its customer, so it can only come back there.
+    if let Some(r) = record {
         return Ok(r.customer);
     }
     match &h.customer {
@@ -426,45 +434,15 @@ pub fn admit(
         && !snap.mcal.client_debited_this_month
     {
         let cost = mcal.cost.of(kind);
-        let m = &snap.mcal;
-        let over = |limit: McalLimit, total: u64| matches!(limit, McalLimit::Fixed(n) if total + cost as u64 > n);
-        let short = if over(cust.mcal_limit, m.customer_total) {
-            Some(format!(
-                "customer {:?} has used its MCAL allotment",
-                cust.name
-            ))
-        } else if reseller.is_some_and(|r| over(cfg.reseller(r).mcal_limit, m.reseller_total)) {
-            Some(format!(
-                "the reseller of customer {:?} has used its MCAL allotment",
-                cust.name
-            ))
-        } else if m.global_total + cost as u64 > mcal.pool {
-            Some("the server's MCAL pool is used up".to_string())
-        } else {
-            None
-        };
-        if let Some(why) = short {
-            return reject(
-                RejectCode::McalExhausted,
-                format!(
-                    "{why}: this month's licence for a {} ({cost} MCAL) does not fit; restores still work",
-                    kind.as_str()
-                ),
-            );
+        if let Some(why) = mcal_shortfall(cfg, customer, kind, &snap.mcal) {
+            return reject(RejectCode::McalExhausted, why);
         }
         if cost > 0 {
             mcal_debit = Some((Month::of(at, &cfg.server.timezone), cost));
         }
     }
     // Step 6: space, backups only.
-    let u = &snap.usage;
-    let levels = [
-        (declared.and_then(|d| cfg.client(d).space), u.client),
-        (cust.space, u.customer),
-        (reseller.and_then(|r| cfg.reseller(r).space), u.reseller),
-        (cfg.server.total_space, u.server),
-    ];
-    let left = space_left(&levels);
+    let left = space_left(&super::space::levels(cfg, customer, declared, &snap.usage));
     if intent == Intent::Backup && left == Some(0) {
         return reject(
             RejectCode::QuotaExceeded,
@@ -482,6 +460,46 @@ pub fn admit(
         rate: throttle::resolve(cfg, customer, declared, &h.schedule, at),
         space_left: left,
     })
+}
+
+/// Whether `cust` has no free client slot with `registered` clients.
+pub fn client_limit_reached(cust: &crate::config::Customer, registered: u32) -> bool {
+    cust.max_clients.is_some_and(|max| registered >= max)
+}
+
+/// Why one more monthly debit for a client of `kind` under `customer` does
+/// not fit (customer allotment, reseller allotment, global pool, in that
+/// order), or `None` when it fits or MCALs are not enforced.
+pub fn mcal_shortfall(
+    cfg: &Config,
+    customer: CustomerId,
+    kind: Kind,
+    m: &McalState,
+) -> Option<String> {
+    let mcal = cfg.server.mcal?;
+    let cost = mcal.cost.of(kind) as u64;
+    let cust = cfg.customer(customer);
+    let over =
+        |limit: McalLimit, total: u64| matches!(limit, McalLimit::Fixed(n) if total + cost > n);
+    let why = if over(cust.mcal_limit, m.customer_total) {
+        format!("customer {:?} has used its MCAL allotment", cust.name)
+    } else if cust
+        .reseller
+        .is_some_and(|r| over(cfg.reseller(r).mcal_limit, m.reseller_total))
+    {
+        format!(
+            "the reseller of customer {:?} has used its MCAL allotment",
+            cust.name
+        )
+    } else if m.global_total + cost > mcal.pool {
+        "the server's MCAL pool is used up".to_string()
+    } else {
+        return None;
+    };
+    Some(format!(
+        "{why}: a month's licence for a {} ({cost} MCAL) does not fit; restores still work",
+        kind.as_str()
+    ))
 }
 
 fn check_enroll_key(cust: &crate::config::Customer, h: &Hello) -> Result<(), Rejection> {

@@ -69,6 +69,39 @@ impl Usage {
     }
 }
 
+/// Usage plus reservations at every level above a client.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LevelUsage {
+    /// The client itself.
+    pub client: Usage,
+    /// Its customer.
+    pub customer: Usage,
+    /// Its reseller (zero for the Default Customer).
+    pub reseller: Usage,
+    /// The whole server.
+    pub server: Usage,
+}
+
+/// The (limit, usage) pairs that bound a client of `customer`: its own
+/// space when declared with one, then customer, reseller and server.
+pub fn levels(
+    cfg: &Config,
+    customer: CustomerId,
+    declared: Option<crate::config::DeclaredClientId>,
+    u: &LevelUsage,
+) -> [(Option<u64>, Usage); 4] {
+    let cust = cfg.customer(customer);
+    [
+        (declared.and_then(|d| cfg.client(d).space), u.client),
+        (cust.space, u.customer),
+        (
+            cust.reseller.and_then(|r| cfg.reseller(r).space),
+            u.reseller,
+        ),
+        (cfg.server.total_space, u.server),
+    ]
+}
+
 /// Bytes left under one limit; `None` = unlimited.
 pub fn left(limit: Option<u64>, usage: Usage) -> Option<u64> {
     limit.map(|l| l.saturating_sub(usage.taken()))

@@ -1,0 +1,139 @@
+//! What tollgate remembers beyond the config file: registered clients and
+//! their secrets, the file index and usage, in-flight reservations, MCAL
+//! debits, sessions and refusals. SQLite through sqlx is the embedded
+//! backend; every SQL statement lives in this module (and `ops`, `views`),
+//! so a PostgreSQL backend can be added behind the same methods.
+//!
+//! Each operation that checks and writes is one `BEGIN IMMEDIATE`
+//! transaction that reads a snapshot, asks `policy` for the decision and
+//! applies it: concurrent sessions are serialized by SQLite's write lock,
+//! so "100 first backups for 10 MCALs" admits exactly 10.
+
+mod ops;
+mod views;
+
+pub use ops::{
+    AdmitOutcome, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed, SessionEnd,
+    SessionStart,
+};
+pub use views::{ClientRow, FileEntry, StatusData};
+
+use crate::config::{Config, CustomerId, StateUrl};
+use base64::Engine;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// How long a statement waits for another writer before failing.
+pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Connections in the pool. SQLite has one writer at a time; a few readers
+/// beside it keep `status` and LIST from queueing behind uploads.
+pub const POOL_SIZE: u32 = 8;
+/// Bytes of randomness in an issued secret (PROTOCOL.md WELCOME `secret`).
+pub const SECRET_BYTES: usize = 32;
+
+/// A state-store failure. Its text is for logs and administrators; the
+/// daemon answers peers with a generic `internal` instead.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The configured backend does not exist yet.
+    #[error("{0}")]
+    Unsupported(String),
+    /// The database failed.
+    #[error("state database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// A migration failed.
+    #[error("state database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A file operation around the database failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being attempted.
+        context: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The database holds something the config cannot place.
+    #[error("{0}")]
+    Inconsistent(String),
+}
+
+/// The state store.
+#[derive(Clone, Debug)]
+pub struct State {
+    pool: SqlitePool,
+    path: PathBuf,
+}
+
+impl State {
+    /// Opens the store the config names, creating and migrating it.
+    pub async fn open(cfg: &Config) -> Result<State, StateError> {
+        match &cfg.server.state {
+            StateUrl::Sqlite(path) => State::open_sqlite(path).await,
+            StateUrl::Postgres(_) => Err(StateError::Unsupported(
+                "server.state: PostgreSQL is not supported yet; use an embedded SQLite file such as \"sqlite:///var/lib/tollgate/state.db\"".into(),
+            )),
+        }
+    }
+
+    /// Opens (creating if needed) the SQLite file at `path`.
+    pub async fn open_sqlite(path: &Path) -> Result<State, StateError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StateError::Io {
+                context: format!("creating {}", dir.display()),
+                source: e,
+            })?;
+        }
+        // WAL lets readers run beside the writer; synchronous=FULL makes every
+        // commit durable before it returns, which STORED relies on.
+        let opts = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(BUSY_TIMEOUT)
+            .foreign_keys(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(POOL_SIZE)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations").run(&pool).await?;
+        Ok(State {
+            pool,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Closes the pool, waiting for connections to finish.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// A fresh secret: 32 random bytes, base64url without padding.
+pub fn new_secret() -> Result<String, StateError> {
+    let mut bytes = [0u8; SECRET_BYTES];
+    getrandom::fill(&mut bytes).map_err(|e| StateError::Io {
+        context: "drawing random bytes for a secret".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes))
+}
+
+/// The name stored for a customer: its config name.
+fn customer_key(cfg: &Config, c: CustomerId) -> &str {
+    &cfg.customer(c).name
+}
+
+/// Unix seconds of an instant.
+fn secs(t: jiff::Timestamp) -> i64 {
+    t.as_second()
+}

@@ -1,0 +1,1062 @@
+//! The atomic operations: each checks and writes in one `BEGIN IMMEDIATE`
+//! transaction, with the decision taken by `policy`.
+//!
+//! Crash-safe commits (docs/state.md): the storage layer writes and fsyncs a
+//! temporary file, then [`State::begin_commit`] durably records a pending
+//! commit, then the file is renamed into place and its directory fsynced,
+//! then [`State::commit_file`] updates the index and usage and deletes the
+//! pending record in one transaction. [`State::reconcile`] resolves whatever
+//! a crash left: a pending record whose temporary file still exists was not
+//! renamed (the old file stands; drop the temporary), one whose temporary is
+//! gone was renamed (apply the index update). Reservations never survive a
+//! restart.
+
+use super::{State, StateError, customer_key, new_secret, secs};
+use crate::config::{Config, CustomerId, Kind};
+use crate::policy::admission::{
+    self, Admitted, ClientRecord, Hello, McalState, Registration, RejectCode, Rejection, Snapshot,
+};
+use crate::policy::space::{self, LevelUsage, Month, Usage};
+use jiff::Timestamp;
+use sqlx::{Row, Sqlite, Transaction};
+use std::path::{Path, PathBuf};
+
+type Tx = Transaction<'static, Sqlite>;
+
+/// What admission decided, with the secret when one was issued.
+#[derive(Debug)]
+pub enum AdmitOutcome {
+    /// WELCOME.
+    Admitted {
+        /// The decision.
+        admitted: Admitted,
+        /// The issued secret (plaintext, shown to the client once).
+        secret: Option<String>,
+    },
+    /// REJECT; recorded as a refusal.
+    Rejected(Rejection),
+}
+
+/// A reservation that does not fit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaExceeded {
+    /// Bytes that were still free at the tightest level.
+    pub left: u64,
+}
+
+/// A commit about to rename its temporary file into place.
+#[derive(Debug, Clone)]
+pub struct PendingCommit {
+    /// Client id.
+    pub client: String,
+    /// The client's path (PROTOCOL.md `path`).
+    pub path: String,
+    /// The fsynced temporary file.
+    pub temp_path: PathBuf,
+    /// Where it is renamed to.
+    pub final_path: PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+    /// When it was stored.
+    pub modified: Timestamp,
+    /// The reservation it consumes.
+    pub reservation: Option<i64>,
+}
+
+/// What `reconcile` did at startup.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Pending commits whose rename never happened (old file kept).
+    pub rolled_back: u64,
+    /// Pending commits whose rename happened (index updated).
+    pub rolled_forward: u64,
+    /// Stale reservations dropped.
+    pub reservations_dropped: u64,
+}
+
+/// Why a move was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MoveRefused {
+    /// No such client.
+    #[error("no client {0:?} is registered")]
+    UnknownClient(String),
+    /// No such customer.
+    #[error("no customer is named {0:?}")]
+    UnknownCustomer(String),
+    /// Declared clients move by editing the config.
+    #[error("client {0:?} is declared in the config; change its `customer` there instead")]
+    Declared(String),
+    /// Already there.
+    #[error("client {0:?} already belongs to customer {1:?}")]
+    SameCustomer(String, String),
+    /// Uploads are in flight.
+    #[error("client {0:?} has uploads in flight; try again when its session ends")]
+    Busy(String),
+    /// The target lacks space.
+    #[error(
+        "customer {customer:?} lacks space: the client stores {needed} bytes, {left} are free there"
+    )]
+    Space {
+        /// Target customer.
+        customer: String,
+        /// Bytes the client stores.
+        needed: u64,
+        /// Bytes free at the tightest level of the target.
+        left: u64,
+    },
+    /// The target has no client slot.
+    #[error("customer {0:?} has no free client slot (max_clients reached)")]
+    Slots(String),
+    /// The target has no MCAL room for the next monthly debit.
+    #[error("{0}")]
+    Mcal(String),
+    /// Moving the data directory failed; nothing was changed.
+    #[error("moving the client's files failed: {0}")]
+    Data(String),
+}
+
+/// What `remove_client` freed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removed {
+    /// The client's customer.
+    pub customer: String,
+    /// Bytes whose usage was released (0 without purge).
+    pub freed_bytes: u64,
+    /// MCALs of the current month refunded.
+    pub freed_mcal: u64,
+}
+
+#[derive(sqlx::FromRow)]
+struct ClientDb {
+    customer: String,
+    kind: String,
+    secret_sha256: Option<Vec<u8>>,
+    declared: bool,
+    used: i64,
+}
+
+async fn immediate(state: &State) -> Result<Tx, StateError> {
+    Ok(state.pool.begin_with("BEGIN IMMEDIATE").await?)
+}
+
+async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError> {
+    Ok(sqlx::query_as::<_, ClientDb>(
+        "SELECT customer, kind, secret_sha256, declared, used FROM clients WHERE id = ?",
+    )
+    .bind(id)
+    .fetch_optional(&mut **tx)
+    .await?)
+}
+
+fn record(cfg: &Config, row: &ClientDb) -> Option<ClientRecord> {
+    Some(ClientRecord {
+        customer: cfg.customer_by_name(&row.customer)?,
+        kind: Kind::parse(&row.kind).unwrap_or_default(),
+        secret_sha256: row
+            .secret_sha256
+            .as_deref()
+            .and_then(|s| <[u8; 32]>::try_from(s).ok()),
+    })
+}
+
+fn u(used: i64, reserved: i64) -> Usage {
+    Usage {
+        used: used.max(0) as u64,
+        reserved: reserved.max(0) as u64,
+    }
+}
+
+/// Usage and reservations at every level above `client` of `customer`.
+async fn level_usage(
+    tx: &mut Tx,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+) -> Result<LevelUsage, StateError> {
+    let name = customer_key(cfg, customer);
+    let row = sqlx::query(
+        "SELECT
+           COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
+           COALESCE((SELECT SUM(size) FROM reservations WHERE client = ?1), 0),
+           COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
+           COALESCE((SELECT SUM(size) FROM reservations WHERE customer = ?2), 0),
+           COALESCE((SELECT SUM(used) FROM customer_usage), 0),
+           COALESCE((SELECT SUM(size) FROM reservations), 0)",
+    )
+    .bind(client)
+    .bind(name)
+    .fetch_one(&mut **tx)
+    .await?;
+    let reseller = match cfg.customer(customer).reseller {
+        None => Usage::default(),
+        Some(r) => {
+            let names: Vec<&str> = cfg
+                .reseller(r)
+                .customers
+                .iter()
+                .map(|&c| customer_key(cfg, c))
+                .collect();
+            let marks = vec!["?"; names.len()].join(",");
+            let sql = format!(
+                "SELECT COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({marks})), 0),
+                        COALESCE((SELECT SUM(size) FROM reservations WHERE customer IN ({marks})), 0)"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for _ in 0..2 {
+                for n in &names {
+                    q = q.bind(*n);
+                }
+            }
+            let r = q.fetch_one(&mut **tx).await?;
+            u(r.get(0), r.get(1))
+        }
+    };
+    Ok(LevelUsage {
+        client: u(row.get(0), row.get(1)),
+        customer: u(row.get(2), row.get(3)),
+        reseller,
+        server: u(row.get(4), row.get(5)),
+    })
+}
+
+/// Debits that bear on one more debit for `client` under `customer`.
+async fn mcal_state(
+    tx: &mut Tx,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+    month: Month,
+) -> Result<McalState, StateError> {
+    let reseller = cfg
+        .customer(customer)
+        .reseller
+        .map(|r| cfg.reseller(r).name.as_str());
+    let row = sqlx::query(
+        "SELECT
+           EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?2),
+           COALESCE((SELECT SUM(cost) FROM mcal_debits WHERE customer = ?3), 0),
+           COALESCE((SELECT SUM(cost) FROM mcal_debits WHERE reseller = ?4), 0),
+           COALESCE((SELECT SUM(cost) FROM mcal_debits), 0)",
+    )
+    .bind(client)
+    .bind(month.to_string())
+    .bind(customer_key(cfg, customer))
+    .bind(reseller)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(McalState {
+        client_debited_this_month: row.get::<bool, _>(0),
+        customer_total: row.get::<i64, _>(1).max(0) as u64,
+        reseller_total: row.get::<i64, _>(2).max(0) as u64,
+        global_total: row.get::<i64, _>(3).max(0) as u64,
+    })
+}
+
+/// Clients holding a slot of `customer`: registered ones and declared ones.
+async fn slot_count(tx: &mut Tx, cfg: &Config, customer: CustomerId) -> Result<u32, StateError> {
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1)",
+    )
+    .bind(customer_key(cfg, customer))
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(n as u32)
+}
+
+async fn insert_debit(
+    tx: &mut Tx,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+    month: Month,
+    cost: u32,
+    at: Timestamp,
+) -> Result<(), StateError> {
+    let reseller = cfg
+        .customer(customer)
+        .reseller
+        .map(|r| cfg.reseller(r).name.clone());
+    sqlx::query("INSERT INTO mcal_debits (client, month, cost, customer, reseller, debited_at) VALUES (?, ?, ?, ?, ?, ?)")
+        .bind(client)
+        .bind(month.to_string())
+        .bind(cost as i64)
+        .bind(customer_key(cfg, customer))
+        .bind(reseller)
+        .bind(secs(at))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn upsert_registration(
+    tx: &mut Tx,
+    cfg: &Config,
+    id: &str,
+    customer: CustomerId,
+    kind: Kind,
+    secret: &str,
+    declared: bool,
+    hostname: Option<&str>,
+    at: Timestamp,
+) -> Result<(), StateError> {
+    let name = customer_key(cfg, customer);
+    sqlx::query(
+        "INSERT INTO clients (id, customer, kind, secret_sha256, declared, hostname, registered_at, last_seen)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
+         ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, kind = excluded.kind,
+           secret_sha256 = excluded.secret_sha256, declared = excluded.declared,
+           hostname = COALESCE(excluded.hostname, clients.hostname),
+           registered_at = excluded.registered_at, last_seen = excluded.last_seen",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(kind.as_str())
+    .bind(admission::secret_digest(secret).to_vec())
+    .bind(declared)
+    .bind(hostname)
+    .bind(secs(at))
+    .execute(&mut **tx)
+    .await?;
+    sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+        .bind(name)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+impl State {
+    /// PROTOCOL.md "Admission": decides and applies registration and the
+    /// MCAL debit in one transaction; a refusal registers nothing and is
+    /// recorded.
+    pub async fn admit(
+        &self,
+        cfg: &Config,
+        hello: &Hello,
+        peer: Option<&str>,
+        at: Timestamp,
+        connections_full: bool,
+        shutting_down: bool,
+    ) -> Result<AdmitOutcome, StateError> {
+        // Steps 1 and 2 need no database, so they take no write lock.
+        if let Err(r) = admission::check_syntax(hello)
+            .and_then(|_| admission::check_capacity(connections_full, shutting_down))
+        {
+            self.record_refusal(
+                at,
+                &hello.client_id,
+                hello.customer.as_deref(),
+                r.code,
+                peer,
+            )
+            .await?;
+            return Ok(AdmitOutcome::Rejected(r));
+        }
+        let secret = new_secret()?;
+        let mut tx = immediate(self).await?;
+        let row = client_db(&mut tx, &hello.client_id).await?;
+        let rec = match &row {
+            Some(r) => match record(cfg, r) {
+                Some(rec) => Some(rec),
+                None => {
+                    drop(tx);
+                    let r = Rejection {
+                        code: RejectCode::UnknownCustomer,
+                        message: "this client's customer no longer exists; ask the administrator to move it".into(),
+                    };
+                    self.record_refusal(
+                        at,
+                        &hello.client_id,
+                        hello.customer.as_deref(),
+                        r.code,
+                        peer,
+                    )
+                    .await?;
+                    return Ok(AdmitOutcome::Rejected(r));
+                }
+            },
+            None => None,
+        };
+        let decision = match admission::target_customer(cfg, hello, rec.as_ref()) {
+            Err(r) => Err(r),
+            Ok(customer) => {
+                let month = Month::of(at, &cfg.server.timezone);
+                let snap = Snapshot {
+                    client: rec.clone(),
+                    customer_clients: slot_count(&mut tx, cfg, customer).await?,
+                    mcal: mcal_state(&mut tx, cfg, &hello.client_id, customer, month).await?,
+                    usage: level_usage(&mut tx, cfg, &hello.client_id, customer).await?,
+                    connections_full,
+                    shutting_down,
+                };
+                admission::admit(cfg, hello, &snap, at)
+            }
+        };
+        let adm = match decision {
+            Ok(a) => a,
+            Err(r) => {
+                tx.rollback().await?;
+                let customer = admission::target_customer(cfg, hello, rec.as_ref())
+                    .ok()
+                    .map(|c| cfg.customer(c).name.clone())
+                    .or_else(|| hello.customer.clone());
+                self.record_refusal(at, &hello.client_id, customer.as_deref(), r.code, peer)
+                    .await?;
+                return Ok(AdmitOutcome::Rejected(r));
+            }
+        };
+        let issued = match adm.registration {
+            Registration::Existing => {
+                sqlx::query("UPDATE clients SET last_seen = ?, hostname = COALESCE(?, hostname) WHERE id = ?")
+                    .bind(secs(at))
+                    .bind(hello.hostname.as_deref())
+                    .bind(&hello.client_id)
+                    .execute(&mut *tx)
+                    .await?;
+                None
+            }
+            Registration::Declared | Registration::AutoAdded => {
+                let declared = adm.registration == Registration::Declared;
+                upsert_registration(
+                    &mut tx,
+                    cfg,
+                    &hello.client_id,
+                    adm.customer,
+                    adm.kind,
+                    &secret,
+                    declared,
+                    hello.hostname.as_deref(),
+                    at,
+                )
+                .await?;
+                Some(secret)
+            }
+        };
+        if let Some((month, cost)) = adm.mcal_debit {
+            insert_debit(
+                &mut tx,
+                cfg,
+                &hello.client_id,
+                adm.customer,
+                month,
+                cost,
+                at,
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(AdmitOutcome::Admitted {
+            admitted: adm,
+            secret: issued,
+        })
+    }
+
+    /// Registers `id` under `customer` if a client slot is free, returning
+    /// the issued secret.
+    pub async fn register_client(
+        &self,
+        cfg: &Config,
+        id: &str,
+        customer: CustomerId,
+        kind: Kind,
+        hostname: Option<&str>,
+        at: Timestamp,
+    ) -> Result<Result<String, Rejection>, StateError> {
+        let secret = new_secret()?;
+        let mut tx = immediate(self).await?;
+        if let Some(row) = client_db(&mut tx, id).await?
+            && row.secret_sha256.is_some()
+        {
+            return Ok(Err(Rejection {
+                code: RejectCode::BadRequest,
+                message: format!("client {id:?} is already registered"),
+            }));
+        }
+        let cust = cfg.customer(customer);
+        if admission::client_limit_reached(cust, slot_count(&mut tx, cfg, customer).await?) {
+            return Ok(Err(Rejection {
+                code: RejectCode::ClientLimit,
+                message: format!("customer {:?} has reached its limit of clients", cust.name),
+            }));
+        }
+        let declared = cfg.declared_client(id).is_some();
+        upsert_registration(
+            &mut tx, cfg, id, customer, kind, &secret, declared, hostname, at,
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(secret))
+    }
+
+    /// Debits this month's MCALs for `client` unless already debited;
+    /// returns the cost debited (0 when it already was, or costs nothing).
+    pub async fn debit_mcal_for_month(
+        &self,
+        cfg: &Config,
+        client: &str,
+        at: Timestamp,
+    ) -> Result<Result<u32, Rejection>, StateError> {
+        let mut tx = immediate(self).await?;
+        let row = client_db(&mut tx, client).await?;
+        let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
+            return Err(StateError::Inconsistent(format!(
+                "client {client:?} is not registered under a known customer"
+            )));
+        };
+        let month = Month::of(at, &cfg.server.timezone);
+        let m = mcal_state(&mut tx, cfg, client, rec.customer, month).await?;
+        let cost = cfg.mcal_cost(rec.kind);
+        if m.client_debited_this_month || cost == 0 {
+            return Ok(Ok(0));
+        }
+        if let Some(why) = admission::mcal_shortfall(cfg, rec.customer, rec.kind, &m) {
+            return Ok(Err(Rejection {
+                code: RejectCode::McalExhausted,
+                message: why,
+            }));
+        }
+        insert_debit(&mut tx, cfg, client, rec.customer, month, cost, at).await?;
+        tx.commit().await?;
+        Ok(Ok(cost))
+    }
+
+    /// Reserves `size` bytes for an upload by `client` at every level
+    /// (PROTOCOL.md Upload); returns the reservation id.
+    pub async fn reserve_space(
+        &self,
+        cfg: &Config,
+        client: &str,
+        size: u64,
+        at: Timestamp,
+    ) -> Result<Result<i64, QuotaExceeded>, StateError> {
+        let mut tx = immediate(self).await?;
+        let row = client_db(&mut tx, client).await?;
+        let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
+            return Err(StateError::Inconsistent(format!(
+                "client {client:?} is not registered under a known customer"
+            )));
+        };
+        let usage = level_usage(&mut tx, cfg, client, rec.customer).await?;
+        let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
+        if !space::fits(&levels, size) {
+            return Ok(Err(QuotaExceeded {
+                left: space::space_left(&levels).unwrap_or(0),
+            }));
+        }
+        let id: i64 = sqlx::query_scalar("INSERT INTO reservations (client, customer, size, created_at) VALUES (?, ?, ?, ?) RETURNING id")
+            .bind(client)
+            .bind(customer_key(cfg, rec.customer))
+            .bind(size as i64)
+            .bind(secs(at))
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Ok(id))
+    }
+
+    /// Releases a reservation whose upload failed or was abandoned.
+    pub async fn release_reservation(&self, id: i64) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM reservations WHERE id = ?")
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Durably records a commit before its rename; returns its id.
+    pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
+        Ok(sqlx::query_scalar(
+            "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(&p.client)
+        .bind(&p.path)
+        .bind(p.temp_path.to_string_lossy().as_ref())
+        .bind(p.final_path.to_string_lossy().as_ref())
+        .bind(p.size as i64)
+        .bind(&p.sha256)
+        .bind(secs(p.modified))
+        .bind(p.reservation)
+        .bind(secs(p.modified))
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Drops a pending commit whose rename did not happen, with its reservation.
+    pub async fn abort_commit(&self, pending: i64) -> Result<(), StateError> {
+        let mut tx = immediate(self).await?;
+        sqlx::query("DELETE FROM reservations WHERE id = (SELECT reservation FROM pending_commits WHERE id = ?)")
+            .bind(pending)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("DELETE FROM pending_commits WHERE id = ?")
+            .bind(pending)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// After the rename: updates the index and usage (replace semantics:
+    /// usage changes by the size difference), consumes the reservation and
+    /// deletes the pending record, atomically. Returns the usage change.
+    pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
+        let mut tx = immediate(self).await?;
+        let delta = apply_pending(&mut tx, pending, None).await?;
+        tx.commit().await?;
+        Ok(delta)
+    }
+
+    /// Removes `path` of `client` from the index; returns the bytes freed,
+    /// or `None` when it is not there.
+    pub async fn delete_file(&self, client: &str, path: &str) -> Result<Option<u64>, StateError> {
+        let mut tx = immediate(self).await?;
+        let size: Option<i64> =
+            sqlx::query_scalar("DELETE FROM files WHERE client = ? AND path = ? RETURNING size")
+                .bind(client)
+                .bind(path)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some(size) = size else { return Ok(None) };
+        add_usage(&mut tx, client, -size).await?;
+        tx.commit().await?;
+        Ok(Some(size as u64))
+    }
+
+    /// Resolves pending commits left by a crash and drops stale
+    /// reservations. Run at startup, before serving.
+    pub async fn reconcile(&self) -> Result<ReconcileReport, StateError> {
+        let mut report = ReconcileReport::default();
+        let pending: Vec<(i64, String, String, i64)> = sqlx::query_as(
+            "SELECT id, temp_path, final_path, size FROM pending_commits ORDER BY id",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for (id, temp, fin, size) in pending {
+            let temp = Path::new(&temp);
+            let mut tx = immediate(self).await?;
+            if temp.exists() {
+                // Not renamed: the old file (if any) still stands.
+                std::fs::remove_file(temp).map_err(|e| StateError::Io {
+                    context: format!("removing {}", temp.display()),
+                    source: e,
+                })?;
+                sqlx::query("DELETE FROM pending_commits WHERE id = ?")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+                report.rolled_back += 1;
+            } else {
+                match std::fs::metadata(&fin) {
+                    Ok(m) if m.len() as i64 == size => {
+                        apply_pending(&mut tx, id, None).await?;
+                        report.rolled_forward += 1;
+                    }
+                    Ok(m) => {
+                        // The file in place is not the one recorded (changed
+                        // by hand): index what is there.
+                        let sha = crate::storage::sha256_file(Path::new(&fin)).map_err(|e| {
+                            StateError::Io {
+                                context: format!("hashing {fin}"),
+                                source: e,
+                            }
+                        })?;
+                        apply_pending(&mut tx, id, Some((m.len() as i64, sha))).await?;
+                        report.rolled_forward += 1;
+                    }
+                    Err(_) => {
+                        sqlx::query("DELETE FROM pending_commits WHERE id = ?")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                        report.rolled_back += 1;
+                    }
+                }
+            }
+            tx.commit().await?;
+        }
+        report.reservations_dropped = sqlx::query("DELETE FROM reservations")
+            .execute(&self.pool)
+            .await?
+            .rows_affected();
+        Ok(report)
+    }
+
+    /// Moves a registered (not declared) client to customer `to`: checks
+    /// the target's space, client slots and MCAL room for the next monthly
+    /// debit, then runs `move_data` (which moves the files) and moves the
+    /// usage, all while holding the write lock. Debits already made stay.
+    pub async fn move_client(
+        &self,
+        cfg: &Config,
+        id: &str,
+        to: &str,
+        at: Timestamp,
+        move_data: impl FnOnce(CustomerId, CustomerId) -> std::io::Result<()>,
+    ) -> Result<Result<(), MoveRefused>, StateError> {
+        let Some(target) = cfg.customer_by_name(to) else {
+            return Ok(Err(MoveRefused::UnknownCustomer(to.into())));
+        };
+        if cfg.declared_client(id).is_some() {
+            return Ok(Err(MoveRefused::Declared(id.into())));
+        }
+        let mut tx = immediate(self).await?;
+        let Some(row) = client_db(&mut tx, id).await? else {
+            return Ok(Err(MoveRefused::UnknownClient(id.into())));
+        };
+        let Some(rec) = record(cfg, &row) else {
+            return Err(StateError::Inconsistent(format!(
+                "client {id:?} belongs to customer {:?}, which the config lacks",
+                row.customer
+            )));
+        };
+        let tname = cfg.customer(target).name.clone();
+        if rec.customer == target {
+            return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
+        }
+        let in_flight: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM reservations WHERE client = ?")
+                .bind(id)
+                .fetch_one(&mut *tx)
+                .await?;
+        if in_flight > 0 {
+            return Ok(Err(MoveRefused::Busy(id.into())));
+        }
+        let needed = row.used.max(0) as u64;
+        let mut usage = level_usage(&mut tx, cfg, "", target).await?;
+        // The server level is unchanged by a move; so is a shared reseller.
+        usage.server = Usage::default();
+        if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
+            usage.reseller = Usage::default();
+        }
+        let levels = space::levels(cfg, target, None, &usage);
+        if !space::fits(&levels, needed) {
+            let left = space::space_left(&levels).unwrap_or(0);
+            return Ok(Err(MoveRefused::Space {
+                customer: tname,
+                needed,
+                left,
+            }));
+        }
+        if admission::client_limit_reached(
+            cfg.customer(target),
+            slot_count(&mut tx, cfg, target).await?,
+        ) {
+            return Ok(Err(MoveRefused::Slots(tname)));
+        }
+        let mut m = mcal_state(
+            &mut tx,
+            cfg,
+            id,
+            target,
+            Month::of(at, &cfg.server.timezone),
+        )
+        .await?;
+        m.client_debited_this_month = false;
+        if let Some(why) = admission::mcal_shortfall(cfg, target, rec.kind, &m) {
+            return Ok(Err(MoveRefused::Mcal(format!(
+                "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
+            ))));
+        }
+        if let Err(e) = move_data(rec.customer, target) {
+            return Ok(Err(MoveRefused::Data(e.to_string())));
+        }
+        add_usage(&mut tx, id, -(needed as i64)).await?;
+        sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
+            .bind(&tname)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+            .bind(&tname)
+            .execute(&mut *tx)
+            .await?;
+        add_usage(&mut tx, id, needed as i64).await?;
+        tx.commit().await?;
+        Ok(Ok(()))
+    }
+
+    /// Unregisters `id` and refunds its current month's MCAL debit. Without
+    /// `purge` its files and usage stay (it may re-register under the same
+    /// customer and find them); with `purge`, `purge_data` deletes the files
+    /// and the usage is released. A declared client keeps its config entry
+    /// and must enroll again. Returns `None` when there is no such client.
+    pub async fn remove_client(
+        &self,
+        cfg: &Config,
+        id: &str,
+        purge: bool,
+        at: Timestamp,
+        purge_data: impl FnOnce(&str) -> std::io::Result<()>,
+    ) -> Result<Option<Removed>, StateError> {
+        let mut tx = immediate(self).await?;
+        let Some(row) = client_db(&mut tx, id).await? else {
+            return Ok(None);
+        };
+        let month = Month::of(at, &cfg.server.timezone).to_string();
+        let freed_mcal: Option<i64> = sqlx::query_scalar(
+            "DELETE FROM mcal_debits WHERE client = ? AND month = ? RETURNING cost",
+        )
+        .bind(id)
+        .bind(&month)
+        .fetch_optional(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM reservations WHERE client = ?")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        let mut freed_bytes = 0;
+        if purge {
+            purge_data(&row.customer).map_err(|e| StateError::Io {
+                context: format!("deleting the files of client {id:?}"),
+                source: e,
+            })?;
+            freed_bytes = row.used.max(0) as u64;
+            add_usage(&mut tx, id, -row.used).await?;
+            sqlx::query("DELETE FROM files WHERE client = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        }
+        if purge && !row.declared {
+            sqlx::query("DELETE FROM clients WHERE id = ?")
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+        } else {
+            sqlx::query(
+                "UPDATE clients SET secret_sha256 = NULL, registered_at = NULL WHERE id = ?",
+            )
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Some(Removed {
+            customer: row.customer,
+            freed_bytes,
+            freed_mcal: freed_mcal.unwrap_or(0).max(0) as u64,
+        }))
+    }
+
+    /// Upserts the clients declared in the config (a declared client keeps
+    /// its secret across reloads; its customer and kind follow the config).
+    /// Returns the ids whose customer changed, whose files must move.
+    pub async fn sync_declared(
+        &self,
+        cfg: &Config,
+    ) -> Result<Vec<(String, String, String)>, StateError> {
+        let mut tx = immediate(self).await?;
+        let mut moved = Vec::new();
+        for c in &cfg.clients {
+            let name = customer_key(cfg, c.customer);
+            if let Some(row) = client_db(&mut tx, &c.id).await?
+                && !row.customer.eq_ignore_ascii_case(name)
+            {
+                add_usage(&mut tx, &c.id, -row.used).await?;
+                moved.push((c.id.clone(), row.customer.clone(), name.to_string()));
+                sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
+                    .bind(name)
+                    .bind(&c.id)
+                    .execute(&mut *tx)
+                    .await?;
+                sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
+                add_usage(&mut tx, &c.id, row.used).await?;
+            }
+            sqlx::query(
+                "INSERT INTO clients (id, customer, kind, declared) VALUES (?1, ?2, ?3, 1)
+                 ON CONFLICT (id) DO UPDATE SET customer = ?2, kind = ?3, declared = 1",
+            )
+            .bind(&c.id)
+            .bind(name)
+            .bind(c.kind.as_str())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+                .bind(name)
+                .execute(&mut *tx)
+                .await?;
+        }
+        // No longer declared: never connected and holding nothing = forgotten;
+        // otherwise they stay as ordinary registered clients.
+        let rows: Vec<(String, Option<Vec<u8>>, i64)> =
+            sqlx::query_as("SELECT id, secret_sha256, used FROM clients WHERE declared = 1")
+                .fetch_all(&mut *tx)
+                .await?;
+        for (id, secret, used) in rows {
+            if cfg.declared_client(&id).is_some() {
+                continue;
+            }
+            if secret.is_none() && used == 0 {
+                sqlx::query("DELETE FROM clients WHERE id = ?")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                sqlx::query("UPDATE clients SET declared = 0 WHERE id = ?")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+        }
+        tx.commit().await?;
+        Ok(moved)
+    }
+
+    /// Records a refused HELLO (PROTOCOL.md: every refusal is recorded).
+    pub async fn record_refusal(
+        &self,
+        at: Timestamp,
+        client: &str,
+        customer: Option<&str>,
+        code: RejectCode,
+        peer: Option<&str>,
+    ) -> Result<(), StateError> {
+        sqlx::query(
+            "INSERT INTO refusals (at, client, customer, code, peer) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(secs(at))
+        .bind(client)
+        .bind(customer)
+        .bind(code.as_str())
+        .bind(peer)
+        .execute(&self.pool)
+        .await?;
+        Ok(())
+    }
+
+    /// Records the start of an admitted session.
+    pub async fn start_session(&self, s: &SessionStart<'_>) -> Result<(), StateError> {
+        sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
+            .bind(s.id)
+            .bind(s.client)
+            .bind(s.customer)
+            .bind(s.schedule)
+            .bind(s.intent)
+            .bind(s.peer)
+            .bind(secs(s.at))
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// Records the end of a session with its totals and result code.
+    pub async fn end_session(&self, id: &str, e: &SessionEnd<'_>) -> Result<(), StateError> {
+        sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ? WHERE id = ?")
+            .bind(secs(e.at))
+            .bind(e.bytes_in as i64)
+            .bind(e.bytes_out as i64)
+            .bind(e.files_ok as i64)
+            .bind(e.files_failed as i64)
+            .bind(e.result)
+            .bind(id)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+}
+
+/// A session row at its start.
+#[derive(Debug, Clone)]
+pub struct SessionStart<'a> {
+    /// Session id.
+    pub id: &'a str,
+    /// Client id.
+    pub client: &'a str,
+    /// Customer name.
+    pub customer: &'a str,
+    /// Schedule name.
+    pub schedule: &'a str,
+    /// "backup" or "restore".
+    pub intent: &'a str,
+    /// Peer address.
+    pub peer: Option<&'a str>,
+    /// Start time.
+    pub at: Timestamp,
+}
+
+/// A session's totals at its end.
+#[derive(Debug, Clone)]
+pub struct SessionEnd<'a> {
+    /// End time.
+    pub at: Timestamp,
+    /// Bytes received.
+    pub bytes_in: u64,
+    /// Bytes sent.
+    pub bytes_out: u64,
+    /// Files stored.
+    pub files_ok: u64,
+    /// Uploads that failed.
+    pub files_failed: u64,
+    /// "ok" or the code that ended it.
+    pub result: &'a str,
+}
+
+/// Adds `delta` bytes to a client's usage and its customer's.
+async fn add_usage(tx: &mut Tx, client: &str, delta: i64) -> Result<(), StateError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    sqlx::query("UPDATE clients SET used = used + ? WHERE id = ?")
+        .bind(delta)
+        .bind(client)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("UPDATE customer_usage SET used = used + ? WHERE customer = (SELECT customer FROM clients WHERE id = ?)")
+        .bind(delta)
+        .bind(client)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// The index half of a commit; `actual` overrides the recorded size and
+/// digest when reconcile found a different file in place.
+async fn apply_pending(
+    tx: &mut Tx,
+    pending: i64,
+    actual: Option<(i64, String)>,
+) -> Result<i64, StateError> {
+    let (client, path, size, sha, modified, reservation): (String, String, i64, String, i64, Option<i64>) =
+        sqlx::query_as("SELECT client, path, size, sha256, modified, reservation FROM pending_commits WHERE id = ?")
+            .bind(pending)
+            .fetch_optional(&mut **tx)
+            .await?
+            .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
+    let (size, sha) = actual.unwrap_or((size, sha));
+    let old: Option<i64> =
+        sqlx::query_scalar("SELECT size FROM files WHERE client = ? AND path = ?")
+            .bind(&client)
+            .bind(&path)
+            .fetch_optional(&mut **tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO files (client, path, size, sha256, modified) VALUES (?, ?, ?, ?, ?)
+         ON CONFLICT (client, path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256, modified = excluded.modified",
+    )
+    .bind(&client)
+    .bind(&path)
+    .bind(size)
+    .bind(&sha)
+    .bind(modified)
+    .execute(&mut **tx)
+    .await?;
+    let delta = size - old.unwrap_or(0);
+    add_usage(tx, &client, delta).await?;
+    if let Some(r) = reservation {
+        sqlx::query("DELETE FROM reservations WHERE id = ?")
+            .bind(r)
+            .execute(&mut **tx)
+            .await?;
+    }
+    sqlx::query("DELETE FROM pending_commits WHERE id = ?")
+        .bind(pending)
+        .execute(&mut **tx)
+        .await?;
+    Ok(delta)
+}

@@ -1,0 +1,178 @@
+//! Read-only queries: the file index for LIST, and the figures behind
+//! `tollgate status` and `tollgate clients list`.
+
+use super::{State, StateError, secs};
+use crate::config::Config;
+use crate::policy::space::{Debits, Month, Usage};
+use jiff::Timestamp;
+use serde::Serialize;
+use std::collections::HashMap;
+
+/// One indexed file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct FileEntry {
+    /// The client's path.
+    pub path: String,
+    /// Bytes.
+    pub size: i64,
+    /// SHA-256, lowercase hex.
+    pub sha256: String,
+    /// When it was stored (Unix seconds).
+    pub modified: i64,
+}
+
+/// A client as `clients list` and `status` show it.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct ClientRow {
+    /// Client id.
+    pub id: String,
+    /// Its customer's name.
+    pub customer: String,
+    /// desktop, laptop or server.
+    pub kind: String,
+    /// Declared in the config.
+    pub declared: bool,
+    /// Holds a secret (false: declared and never connected, or removed).
+    pub registered: bool,
+    /// Last hostname it reported.
+    pub hostname: Option<String>,
+    /// Last admission (Unix seconds).
+    pub last_seen: Option<i64>,
+    /// Bytes committed.
+    pub used: i64,
+    /// Bytes reserved by uploads in flight.
+    pub reserved: i64,
+    /// MCALs debited this month.
+    pub mcal_this_month: i64,
+    /// End of its last successful backup session (Unix seconds).
+    pub last_backup: Option<i64>,
+    /// Refusals in the last 24 hours.
+    pub refusals_24h: i64,
+}
+
+/// Everything `status` needs from the database.
+#[derive(Debug, Clone, Default)]
+pub struct StatusData {
+    /// Every client, by customer then id.
+    pub clients: Vec<ClientRow>,
+    /// Usage per customer (lowercased name).
+    pub customers: HashMap<String, Usage>,
+    /// MCAL debits per customer (lowercased name).
+    pub customer_debits: HashMap<String, Debits>,
+    /// MCAL debits per reseller.
+    pub reseller_debits: HashMap<String, Debits>,
+    /// All debits.
+    pub global_debits: Debits,
+    /// Refusals in the last 24 hours per customer (lowercased name).
+    pub customer_refusals: HashMap<String, u64>,
+}
+
+impl State {
+    /// Up to `limit` files of `client` whose path starts with `prefix`,
+    /// after `after` in path order (for LISTING pages).
+    pub async fn list_files(
+        &self,
+        client: &str,
+        prefix: &str,
+        after: Option<&str>,
+        limit: u32,
+    ) -> Result<Vec<FileEntry>, StateError> {
+        Ok(sqlx::query_as::<_, FileEntry>(
+            "SELECT path, size, sha256, modified FROM files
+             WHERE client = ?1 AND substr(path, 1, length(?2)) = ?2 AND (?3 IS NULL OR path > ?3)
+             ORDER BY path LIMIT ?4",
+        )
+        .bind(client)
+        .bind(prefix)
+        .bind(after)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// One file of `client`, if indexed.
+    pub async fn file(&self, client: &str, path: &str) -> Result<Option<FileEntry>, StateError> {
+        Ok(sqlx::query_as::<_, FileEntry>(
+            "SELECT path, size, sha256, modified FROM files WHERE client = ? AND path = ?",
+        )
+        .bind(client)
+        .bind(path)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    /// Every client with its figures.
+    pub async fn clients(&self, cfg: &Config, at: Timestamp) -> Result<Vec<ClientRow>, StateError> {
+        let month = Month::of(at, &cfg.server.timezone).to_string();
+        Ok(sqlx::query_as::<_, ClientRow>(
+            "SELECT c.id, c.customer, c.kind, c.declared, c.secret_sha256 IS NOT NULL AS registered,
+                    c.hostname, c.last_seen, c.used,
+                    COALESCE((SELECT SUM(size) FROM reservations r WHERE r.client = c.id), 0) AS reserved,
+                    COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = ?1), 0) AS mcal_this_month,
+                    (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
+                    (SELECT COUNT(*) FROM refusals f WHERE f.client = c.id AND f.at >= ?2) AS refusals_24h
+             FROM clients c ORDER BY c.customer COLLATE NOCASE, c.id",
+        )
+        .bind(month)
+        .bind(secs(at) - 86_400)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// The figures `status` shows.
+    pub async fn status_data(&self, cfg: &Config, at: Timestamp) -> Result<StatusData, StateError> {
+        let month = Month::of(at, &cfg.server.timezone).to_string();
+        let mut d = StatusData {
+            clients: self.clients(cfg, at).await?,
+            ..StatusData::default()
+        };
+        let usage: Vec<(String, i64, i64)> = sqlx::query_as(
+            "SELECT u.customer, u.used, COALESCE((SELECT SUM(size) FROM reservations r WHERE r.customer = u.customer), 0)
+             FROM customer_usage u",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        for (c, used, reserved) in usage {
+            d.customers.insert(
+                c.to_lowercase(),
+                Usage {
+                    used: used.max(0) as u64,
+                    reserved: reserved.max(0) as u64,
+                },
+            );
+        }
+        let debits: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT customer, reseller, SUM(cost), SUM(CASE WHEN month = ? THEN cost ELSE 0 END)
+             FROM mcal_debits GROUP BY customer, reseller",
+        )
+        .bind(&month)
+        .fetch_all(&self.pool)
+        .await?;
+        for (customer, reseller, total, this_month) in debits {
+            let add = |e: &mut Debits| {
+                e.total += total.max(0) as u64;
+                e.this_month += this_month.max(0) as u64;
+            };
+            add(d
+                .customer_debits
+                .entry(customer.to_lowercase())
+                .or_default());
+            if let Some(r) = reseller {
+                add(d.reseller_debits.entry(r).or_default());
+            }
+            add(&mut d.global_debits);
+        }
+        let refusals: Vec<(Option<String>, i64)> = sqlx::query_as(
+            "SELECT customer, COUNT(*) FROM refusals WHERE at >= ? GROUP BY customer",
+        )
+        .bind(secs(at) - 86_400)
+        .fetch_all(&self.pool)
+        .await?;
+        for (c, n) in refusals {
+            *d.customer_refusals
+                .entry(c.unwrap_or_default().to_lowercase())
+                .or_default() += n as u64;
+        }
+        Ok(d)
+    }
+}

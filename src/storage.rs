@@ -1,0 +1,380 @@
+//! Files on disk (PROTOCOL.md "Storage layout"): a client's files live at
+//! `<customer backup_location>/<client_id>/<path>`; uploads are written to
+//! `<backup_location>/.tollgate-tmp/`, which no client id can name (ids may
+//! not start with '.') and LIST never shows (LIST reads the index).
+//!
+//! A commit is write, fsync, record pending, rename, fsync the directory,
+//! update the index (docs/state.md): a crash at any point leaves the old
+//! file or the new one, never a partial one, and `State::reconcile` plus
+//! [`sweep_temp`] put index and disk back in agreement at startup.
+
+use crate::config::{Config, CustomerId};
+use crate::state::{PendingCommit, State, StateError};
+use sha2::{Digest, Sha256};
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Directory under each backup location that holds uploads in progress.
+pub const TEMP_DIR: &str = ".tollgate-tmp";
+/// Longest path a client may use, in bytes (PROTOCOL.md Upload).
+pub const MAX_PATH: usize = 1024;
+/// Longest path component, in bytes.
+pub const MAX_COMPONENT: usize = 255;
+
+/// Why a client path is refused (ERROR `bad_path`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadPath {
+    /// Empty or longer than 1024 bytes.
+    #[error("a path must be 1 to 1024 bytes long")]
+    Length,
+    /// Starts with '/'.
+    #[error("a path must be relative (no leading '/')")]
+    Absolute,
+    /// Contains NUL or a backslash.
+    #[error("a path must not contain NUL or '\\'")]
+    Character,
+    /// An empty, "." or ".." component.
+    #[error("a path must not have empty, '.' or '..' components")]
+    Component,
+    /// A component longer than 255 bytes.
+    #[error("each path component must be at most 255 bytes")]
+    ComponentLength,
+}
+
+/// Checks a client path against PROTOCOL.md's rules.
+pub fn validate_path(p: &str) -> Result<(), BadPath> {
+    if p.is_empty() || p.len() > MAX_PATH {
+        return Err(BadPath::Length);
+    }
+    if p.starts_with('/') {
+        return Err(BadPath::Absolute);
+    }
+    if p.contains('\0') || p.contains('\\') {
+        return Err(BadPath::Character);
+    }
+    for c in p.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(BadPath::Component);
+        }
+        if c.len() > MAX_COMPONENT {
+            return Err(BadPath::ComponentLength);
+        }
+    }
+    Ok(())
+}
+
+/// Where a client's files live.
+pub fn client_dir(cfg: &Config, customer: CustomerId, client: &str) -> PathBuf {
+    cfg.customer(customer).backup_location.join(client)
+}
+
+/// Where uploads under `customer` are written before their commit.
+pub fn temp_dir(cfg: &Config, customer: CustomerId) -> PathBuf {
+    cfg.customer(customer).backup_location.join(TEMP_DIR)
+}
+
+/// The steps of a commit, reported to a hook so crash tests can stop the
+/// process between any two of them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    /// The bytes are written to the temporary file.
+    Written,
+    /// The temporary file is fsynced.
+    Synced,
+    /// It is renamed into place and the directory fsynced.
+    Renamed,
+    /// The index and usage are updated.
+    Indexed,
+}
+
+/// An upload being written to its temporary file, hashed as it goes.
+pub struct TempFile {
+    path: PathBuf,
+    file: File,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl TempFile {
+    /// Creates a fresh temporary file in `dir` (created if missing).
+    pub fn create(dir: &Path) -> io::Result<TempFile> {
+        fs::create_dir_all(dir)?;
+        let mut rnd = [0u8; 12];
+        getrandom::fill(&mut rnd).map_err(|e| io::Error::other(e.to_string()))?;
+        let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
+        let path = dir.join(format!("{name}.part"));
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&path)?;
+        Ok(TempFile {
+            path,
+            file,
+            hasher: Sha256::new(),
+            size: 0,
+        })
+    }
+
+    /// Appends bytes.
+    pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.file.write_all(buf)?;
+        self.hasher.update(buf);
+        self.size += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Fsyncs the file; returns it with its size and digest.
+    pub fn sync(self) -> io::Result<SyncedTemp> {
+        self.file.sync_all()?;
+        Ok(SyncedTemp {
+            path: self.path,
+            size: self.size,
+            sha256: hex(&self.hasher.finalize()),
+        })
+    }
+
+    /// Removes the temporary file (an upload that failed).
+    pub fn discard(self) {
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// A temporary file that is written and fsynced.
+#[derive(Debug)]
+pub struct SyncedTemp {
+    /// Its path.
+    pub path: PathBuf,
+    /// Its size.
+    pub size: u64,
+    /// Its SHA-256, lowercase hex.
+    pub sha256: String,
+}
+
+/// Why a commit failed; the upload's reservation is released and nothing
+/// of it is visible.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// Disk full or another I/O failure (ERROR `storage_error`).
+    #[error("storage: {0}")]
+    Io(#[from] io::Error),
+    /// The state store failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Commits `temp` as `path` of `client`: pending record, rename, directory
+/// fsync, index update. Returns the usage change. `hook` sees each step.
+#[allow(clippy::too_many_arguments)]
+pub async fn commit(
+    state: &State,
+    cfg: &Config,
+    customer: CustomerId,
+    client: &str,
+    path: &str,
+    temp: SyncedTemp,
+    reservation: Option<i64>,
+    at: jiff::Timestamp,
+    hook: &mut (dyn FnMut(Step) + Send),
+) -> Result<i64, CommitError> {
+    let dir = client_dir(cfg, customer, client);
+    let final_path = dir.join(path);
+    let pending = PendingCommit {
+        client: client.to_string(),
+        path: path.to_string(),
+        temp_path: temp.path.clone(),
+        final_path: final_path.clone(),
+        size: temp.size,
+        sha256: temp.sha256.clone(),
+        modified: at,
+        reservation,
+    };
+    let id = state.begin_commit(&pending).await?;
+    let (tp, fp) = (temp.path.clone(), final_path.clone());
+    let renamed = tokio::task::spawn_blocking(move || rename_durably(&tp, &fp, &dir))
+        .await
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    if let Err(e) = renamed {
+        let _ = fs::remove_file(&temp.path);
+        state.abort_commit(id).await?;
+        return Err(e.into());
+    }
+    hook(Step::Renamed);
+    let delta = state.commit_file(id).await?;
+    hook(Step::Indexed);
+    Ok(delta)
+}
+
+/// Renames `from` to `to`, creating `to`'s directories under `root`, and
+/// fsyncs every directory whose entries changed.
+fn rename_durably(from: &Path, to: &Path, root: &Path) -> io::Result<()> {
+    let parent = to
+        .parent()
+        .ok_or_else(|| io::Error::other("a stored file has no parent directory"))?;
+    fs::create_dir_all(parent)?;
+    fs::rename(from, to)?;
+    let mut dir = parent;
+    loop {
+        File::open(dir)?.sync_all()?;
+        if dir == root {
+            break;
+        }
+        match dir.parent() {
+            Some(p) if p.starts_with(root) => dir = p,
+            _ => break,
+        }
+    }
+    if let Some(tdir) = from.parent() {
+        File::open(tdir)?.sync_all()?;
+    }
+    Ok(())
+}
+
+/// Removes leftover temporary files under every backup location; returns
+/// how many. Run at startup after `State::reconcile`.
+pub fn sweep_temp(cfg: &Config) -> io::Result<u64> {
+    let mut n = 0;
+    let mut seen = std::collections::HashSet::new();
+    for (i, _) in cfg.customers.iter().enumerate() {
+        let dir = temp_dir(cfg, CustomerId(i as u32));
+        if !seen.insert(dir.clone()) {
+            continue;
+        }
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for e in entries {
+            let e = e?;
+            if e.file_type()?.is_file() {
+                fs::remove_file(e.path())?;
+                n += 1;
+            }
+        }
+    }
+    Ok(n)
+}
+
+/// The SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut h = Sha256::new();
+    let mut buf = vec![0u8; 1 << 16];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        h.update(&buf[..n]);
+    }
+    Ok(hex(&h.finalize()))
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Moves a client's directory between backup locations: a rename on one
+/// filesystem, else copy, verify, then delete (CONFIG.md "Moving a client").
+pub fn move_dir(from: &Path, to: &Path) -> io::Result<()> {
+    if !from.exists() {
+        return Ok(());
+    }
+    if to.exists() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!("{} already exists", to.display()),
+        ));
+    }
+    if let Some(p) = to.parent() {
+        fs::create_dir_all(p)?;
+    }
+    match fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(18) => {
+            // EXDEV: another filesystem.
+            copy_tree(from, to)?;
+            verify_tree(from, to)?;
+            fs::remove_dir_all(from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
+    fs::create_dir_all(to)?;
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &dest)?;
+        } else {
+            fs::copy(e.path(), &dest)?;
+            File::open(&dest)?.sync_all()?;
+        }
+    }
+    File::open(to)?.sync_all()
+}
+
+fn verify_tree(from: &Path, to: &Path) -> io::Result<()> {
+    for e in fs::read_dir(from)? {
+        let e = e?;
+        let dest = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            verify_tree(&e.path(), &dest)?;
+        } else if sha256_file(&e.path())? != sha256_file(&dest)? {
+            return Err(io::Error::other(format!(
+                "copy of {} does not match",
+                e.path().display()
+            )));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        for ok in [
+            "a",
+            "docs/a.txt",
+            "a/b/c",
+            "x.y",
+            "..a",
+            "a..",
+            &"n".repeat(255),
+            "ü/é",
+        ] {
+            assert_eq!(validate_path(ok), Ok(()), "{ok}");
+        }
+        let long = format!("{}/{}", "a".repeat(600), "b".repeat(600));
+        let cases: &[(&str, BadPath)] = &[
+            ("", BadPath::Length),
+            (&long, BadPath::Length),
+            ("/etc/passwd", BadPath::Absolute),
+            ("a\0b", BadPath::Character),
+            ("a\\b", BadPath::Character),
+            ("a//b", BadPath::Component),
+            ("a/", BadPath::Component),
+            ("./a", BadPath::Component),
+            ("a/../../etc", BadPath::Component),
+            ("..", BadPath::Component),
+        ];
+        for (p, want) in cases {
+            assert_eq!(validate_path(p).as_ref(), Err(want), "{p:?}");
+        }
+        assert_eq!(
+            validate_path(&"n".repeat(256)),
+            Err(BadPath::ComponentLength)
+        );
+    }
+}

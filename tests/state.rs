@@ -1,0 +1,673 @@
+//! The state store against a real SQLite file, with many concurrent tasks
+//! and pooled connections: licences, client slots and space never go over.
+
+use std::path::Path;
+use std::sync::Arc;
+use tempfile::TempDir;
+use tollgate::config::{Config, CustomerId, Kind};
+use tollgate::policy::admission::{Hello, Registration, RejectCode};
+use tollgate::state::{AdmitOutcome, MoveRefused, PendingCommit, State};
+
+const MIB: u64 = 1 << 20;
+
+fn config(dir: &Path, body: &str) -> Config {
+    let src = format!(
+        "[server]\ntimezone = \"Europe/Berlin\"\nstate = \"sqlite://{}/state.db\"\n{body}",
+        dir.display()
+    );
+    Config::from_str(&src, &dir.join("tollgate.toml")).unwrap_or_else(|e| panic!("{e:#?}"))
+}
+
+async fn open(dir: &Path, cfg: &Config) -> State {
+    let st = State::open(cfg).await.unwrap();
+    st.sync_declared(cfg).await.unwrap();
+    let _ = dir;
+    st
+}
+
+fn hello(id: &str, customer: Option<&str>) -> Hello {
+    Hello {
+        protocol: 1,
+        client_id: id.into(),
+        customer: customer.map(str::to_string),
+        schedule: "nightly".into(),
+        ..Hello::default()
+    }
+}
+
+fn at(s: &str) -> jiff::Timestamp {
+    s.parse().unwrap()
+}
+
+/// Commits a file of `size` bytes to the index as the daemon would (the
+/// disk side is not needed for usage accounting).
+async fn commit(st: &State, cfg: &Config, client: &str, path: &str, size: u64) {
+    let r = st
+        .reserve_space(cfg, client, size, at("2026-11-25T12:00:00Z"))
+        .await
+        .unwrap()
+        .expect("room");
+    let id = st
+        .begin_commit(&PendingCommit {
+            client: client.into(),
+            path: path.into(),
+            temp_path: "/nonexistent/tmp".into(),
+            final_path: "/nonexistent/final".into(),
+            size,
+            sha256: "0".repeat(64),
+            modified: at("2026-11-25T12:00:00Z"),
+            reservation: Some(r),
+        })
+        .await
+        .unwrap();
+    st.commit_file(id).await.unwrap();
+}
+
+async fn count(st: &State, sql: &str) -> i64 {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
+        .await
+        .unwrap();
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
+    let dir = TempDir::new().unwrap();
+    let cfg = Arc::new(config(
+        dir.path(),
+        "[server.mcal]\npool = 1000\n[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nauto_add_clients = true\nmcal_limit = 10\n",
+    ));
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        tasks.push(tokio::spawn(async move {
+            st.admit(
+                &cfg,
+                &hello(&format!("PC{i:03}"), Some("C")),
+                Some("127.0.0.1:1"),
+                t,
+                false,
+                false,
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut admitted = 0;
+    let mut refused = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            AdmitOutcome::Admitted {
+                admitted: a,
+                secret,
+            } => {
+                assert_eq!(a.registration, Registration::AutoAdded);
+                assert!(secret.is_some());
+                admitted += 1;
+            }
+            AdmitOutcome::Rejected(r) => {
+                assert_eq!(r.code, RejectCode::McalExhausted, "{}", r.message);
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((admitted, refused), (10, 90));
+    assert_eq!(count(&st, "SELECT SUM(cost) FROM mcal_debits").await, 10);
+    // Refused first HELLOs registered nothing, and each was recorded.
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 10);
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM refusals WHERE code = 'mcal_exhausted'"
+        )
+        .await,
+        90
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hundred_registrations_for_ten_slots_register_exactly_ten() {
+    let dir = TempDir::new().unwrap();
+    let cfg = Arc::new(config(
+        dir.path(),
+        "[default_customer]\nauto_add_clients = true\nmax_clients = 15\n",
+    ));
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    for i in 0..5 {
+        st.register_client(
+            &cfg,
+            &format!("OLD{i}"),
+            CustomerId::DEFAULT,
+            Kind::Desktop,
+            None,
+            t,
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        tasks.push(tokio::spawn(async move {
+            st.register_client(
+                &cfg,
+                &format!("NEW{i:03}"),
+                CustomerId::DEFAULT,
+                Kind::Laptop,
+                Some("h"),
+                t,
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(secret) => {
+                assert_eq!(secret.len(), 43, "32 bytes, base64url without padding");
+                ok += 1;
+            }
+            Err(r) => assert_eq!(r.code, RejectCode::ClientLimit),
+        }
+    }
+    assert_eq!(ok, 10);
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 15);
+
+    // The same race through admission.
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        tasks.push(tokio::spawn(async move {
+            st.admit(
+                &cfg,
+                &hello(&format!("LATE{i}"), None),
+                None,
+                t,
+                false,
+                false,
+            )
+            .await
+            .unwrap()
+        }));
+    }
+    for t in tasks {
+        match t.await.unwrap() {
+            AdmitOutcome::Rejected(r) => assert_eq!(r.code, RejectCode::ClientLimit),
+            other => panic!("admitted past max_clients: {other:?}"),
+        }
+    }
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 15);
+}
+
+/// 50 racing reservations by clients of `racers` against the last 1 MiB;
+/// `caps` are (customers, bytes) that their reservations must not exceed.
+async fn race_last_mib(
+    body: &str,
+    fill: &[(&str, &str, u64)],
+    racers: &[&str],
+    caps: &[(&[&str], u64)],
+) {
+    let dir = TempDir::new().unwrap();
+    let cfg = Arc::new(config(dir.path(), body));
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    for (client, customer, bytes) in fill {
+        let cid = cfg.customer_by_name(customer).unwrap();
+        st.register_client(&cfg, client, cid, Kind::Desktop, None, t)
+            .await
+            .unwrap()
+            .unwrap();
+        commit(&st, &cfg, client, "filler", *bytes).await;
+    }
+    for (i, c) in racers.iter().enumerate() {
+        let cid = cfg.customer_by_name(c).unwrap();
+        st.register_client(&cfg, &format!("R{i}"), cid, Kind::Desktop, None, t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let mut tasks = Vec::new();
+    for i in 0..50u64 {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        // 40 KiB to 89 KiB each: together far more than 1 MiB.
+        let size = (40 + i) * 1024;
+        let client = format!("R{}", i as usize % racers.len());
+        tasks.push(tokio::spawn(async move {
+            (
+                size,
+                st.reserve_space(&cfg, &client, size, t).await.unwrap(),
+            )
+        }));
+    }
+    let (mut granted, mut refused) = (0u64, 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            (size, Ok(_)) => granted += size,
+            (_, Err(q)) => {
+                assert!(q.left < 89 * 1024, "refused with {} bytes left", q.left);
+                refused += 1;
+            }
+        }
+    }
+    assert!(granted <= MIB, "{granted} bytes reserved against 1 MiB");
+    assert!(
+        granted > MIB - 2 * 89 * 1024,
+        "only {granted} granted: refusals were not needed"
+    );
+    assert!(refused > 0);
+    assert_eq!(
+        count(&st, "SELECT SUM(size) FROM reservations").await as u64,
+        granted
+    );
+    for (customers, cap) in caps {
+        let list = customers
+            .iter()
+            .map(|c| format!("'{c}'"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let held = count(
+            &st,
+            &format!("SELECT COALESCE(SUM(size), 0) FROM reservations WHERE customer IN ({list})"),
+        )
+        .await as u64;
+        assert!(held <= *cap, "{customers:?} hold {held} bytes, over {cap}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_reservations_never_overrun_the_customer() {
+    race_last_mib(
+        "[[reseller]]\nname = \"r\"\nspace = \"1 GiB\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nspace = \"10 MiB\"\n",
+        &[("F", "C", 9 * MIB)],
+        &["C", "C", "C"],
+        &[(&["C"], MIB)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_reservations_never_overrun_the_reseller() {
+    // Each customer has room; together they have 1 MiB left under the reseller.
+    race_last_mib(
+        "[[reseller]]\nname = \"r\"\nspace = \"10 MiB\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\nspace = \"6 MiB\"\n[[customer]]\nname = \"B\"\nreseller = \"r\"\nemail = \"b@x.example\"\nbackup_location = \"/srv/b\"\nspace = \"4 MiB\"\n",
+        &[("F1", "A", 5 * MIB), ("F2", "B", 4 * MIB)],
+        &["A", "A", "A"],
+        &[(&["A", "B"], MIB)],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn fifty_reservations_never_overrun_the_server() {
+    // 1 MiB left on the server, half under each of its two children.
+    race_last_mib(
+        "total_space = \"10 MiB\"\n[default_customer]\nspace = \"5 MiB\"\n[[reseller]]\nname = \"r\"\nspace = \"5 MiB\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\nspace = \"5 MiB\"\n",
+        &[("F1", "Default Customer", 4 * MIB + MIB / 2), ("F2", "A", 4 * MIB + MIB / 2)],
+        &["Default Customer", "A"],
+        &[(&["Default Customer"], MIB / 2), (&["A"], MIB / 2), (&["Default Customer", "A"], MIB)],
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_month_change_lets_each_client_be_debited_once_more() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(
+        dir.path(),
+        "[server.mcal]\npool = 100\n[default_customer]\nauto_add_clients = true\n",
+    );
+    let st = open(dir.path(), &cfg).await;
+    let mut h = hello("LAPTOP", None);
+    h.kind = Some("server".into());
+    let debit = |o: AdmitOutcome| match o {
+        AdmitOutcome::Admitted { admitted, secret } => {
+            (admitted.mcal_debit.map(|(m, c)| (m.to_string(), c)), secret)
+        }
+        AdmitOutcome::Rejected(r) => panic!("{r:?}"),
+    };
+    // 22:30 UTC on 30 November is 23:30 in Berlin: still November.
+    let (d, secret) = debit(
+        st.admit(&cfg, &h, None, at("2026-11-30T22:30:00Z"), false, false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(d, Some(("2026-11".into(), 2)));
+    h.secret = secret;
+    let (d, _) = debit(
+        st.admit(&cfg, &h, None, at("2026-11-30T22:50:00Z"), false, false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(d, None, "one debit per month");
+    // 23:00 UTC is midnight in Berlin: December.
+    let (d, _) = debit(
+        st.admit(&cfg, &h, None, at("2026-11-30T23:00:00Z"), false, false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(d, Some(("2026-12".into(), 2)));
+    let (d, _) = debit(
+        st.admit(&cfg, &h, None, at("2026-12-15T12:00:00Z"), false, false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(d, None);
+    assert_eq!(count(&st, "SELECT SUM(cost) FROM mcal_debits").await, 4);
+    // debit_mcal_for_month agrees.
+    assert_eq!(
+        st.debit_mcal_for_month(&cfg, "LAPTOP", at("2026-12-20T12:00:00Z"))
+            .await
+            .unwrap(),
+        Ok(0)
+    );
+    assert_eq!(
+        st.debit_mcal_for_month(&cfg, "LAPTOP", at("2027-01-01T12:00:00Z"))
+            .await
+            .unwrap(),
+        Ok(2)
+    );
+    // A restore needs no licence, so the pool running dry does not stop it.
+}
+
+#[tokio::test]
+async fn wrong_and_missing_secrets_are_refused_and_recorded() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let AdmitOutcome::Admitted {
+        secret: Some(secret),
+        ..
+    } = st
+        .admit(
+            &cfg,
+            &hello("PC", None),
+            Some("10.0.0.1:5"),
+            t,
+            false,
+            false,
+        )
+        .await
+        .unwrap()
+    else {
+        panic!("first HELLO registers");
+    };
+    let mut h = hello("PC", None);
+    for (s, want) in [
+        (None, Some(RejectCode::AuthFailed)),
+        (Some("nope".to_string()), Some(RejectCode::AuthFailed)),
+        (Some(secret.clone()), None),
+    ] {
+        h.secret = s;
+        match st
+            .admit(&cfg, &h, Some("10.0.0.1:5"), t, false, false)
+            .await
+            .unwrap()
+        {
+            AdmitOutcome::Admitted { admitted, secret } => {
+                assert_eq!(want, None);
+                assert_eq!(
+                    (admitted.registration, secret),
+                    (Registration::Existing, None)
+                );
+            }
+            AdmitOutcome::Rejected(r) => assert_eq!(Some(r.code), want),
+        }
+    }
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM refusals WHERE code = 'auth_failed' AND peer = '10.0.0.1:5'"
+        )
+        .await,
+        2
+    );
+    // The stored value is a digest, never the secret.
+    assert_eq!(
+        count(
+            &st,
+            &format!("SELECT COUNT(*) FROM clients WHERE CAST(secret_sha256 AS TEXT) = '{secret}'")
+        )
+        .await,
+        0
+    );
+}
+
+const MOVE_CFG: &str = "[server.mcal]\npool = 100\n[default_customer]\nauto_add_clients = true\n
+[[reseller]]\nname = \"r\"\nspace = \"100 MiB\"\n
+[[customer]]\nname = \"Big\"\nreseller = \"r\"\nemail = \"b@x.example\"\nbackup_location = \"BIG\"\nspace = \"50 MiB\"\nmax_clients = 5\n
+[[customer]]\nname = \"Tiny\"\nreseller = \"r\"\nemail = \"t@x.example\"\nbackup_location = \"TINY\"\nspace = \"1 MiB\"\n
+[[customer]]\nname = \"Full\"\nreseller = \"r\"\nemail = \"f@x.example\"\nbackup_location = \"FULL\"\nspace = \"10 MiB\"\nmax_clients = 0\n
+[[customer]]\nname = \"Broke\"\nreseller = \"r\"\nemail = \"k@x.example\"\nbackup_location = \"BROKE\"\nspace = \"10 MiB\"\nmcal_limit = 1\n
+[[client]]\nid = \"DECL\"\ncustomer = \"Big\"\n";
+
+fn move_cfg(dir: &Path) -> Config {
+    let body = MOVE_CFG
+        .replace("\"BIG\"", &format!("\"{}/big\"", dir.display()))
+        .replace("\"TINY\"", &format!("\"{}/tiny\"", dir.display()))
+        .replace("\"FULL\"", &format!("\"{}/full\"", dir.display()))
+        .replace("\"BROKE\"", &format!("\"{}/broke\"", dir.display()));
+    config(dir, &body)
+}
+
+#[tokio::test]
+async fn move_client_moves_usage_and_data_and_refuses_with_reasons() {
+    let dir = TempDir::new().unwrap();
+    let cfg = move_cfg(dir.path());
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    // PC lives under the Default Customer with 2 MiB and this month's debit.
+    let AdmitOutcome::Admitted { .. } = st
+        .admit(&cfg, &hello("PC", None), None, t, false, false)
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    commit(&st, &cfg, "PC", "a", 2 * MIB).await;
+    let src_dir = tollgate::storage::client_dir(&cfg, CustomerId::DEFAULT, "PC");
+    std::fs::create_dir_all(&src_dir).unwrap();
+    std::fs::write(src_dir.join("a"), b"data").unwrap();
+
+    let mv = |to: &'static str| {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        async move {
+            st.move_client(&cfg, "PC", to, t, |from, to| {
+                tollgate::storage::move_dir(
+                    &tollgate::storage::client_dir(&cfg, from, "PC"),
+                    &tollgate::storage::client_dir(&cfg, to, "PC"),
+                )
+            })
+            .await
+            .unwrap()
+        }
+    };
+    assert!(
+        matches!(mv("Tiny").await, Err(MoveRefused::Space { needed, .. }) if needed == 2 * MIB)
+    );
+    assert!(matches!(mv("Full").await, Err(MoveRefused::Slots(_))));
+    // Broke's allotment of 1 cannot take another monthly debit once used.
+    st.register_client(
+        &cfg,
+        "B1",
+        cfg.customer_by_name("Broke").unwrap(),
+        Kind::Desktop,
+        None,
+        t,
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(st.debit_mcal_for_month(&cfg, "B1", t).await.unwrap(), Ok(1));
+    assert!(matches!(mv("Broke").await, Err(MoveRefused::Mcal(_))));
+    assert!(matches!(
+        mv("Nobody").await,
+        Err(MoveRefused::UnknownCustomer(_))
+    ));
+    assert!(matches!(
+        mv("default customer").await,
+        Err(MoveRefused::SameCustomer(..))
+    ));
+    let declared = st
+        .move_client(&cfg, "DECL", "Tiny", t, |_, _| Ok(()))
+        .await
+        .unwrap();
+    assert!(matches!(declared, Err(MoveRefused::Declared(_))));
+    // Nothing moved yet.
+    assert!(src_dir.join("a").exists());
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Default Customer'"
+        )
+        .await,
+        2 * MIB as i64
+    );
+
+    mv("Big").await.expect("Big has room");
+    let big = cfg.customer_by_name("Big").unwrap();
+    assert_eq!(
+        std::fs::read(tollgate::storage::client_dir(&cfg, big, "PC").join("a")).unwrap(),
+        b"data"
+    );
+    assert!(!src_dir.exists());
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Default Customer'"
+        )
+        .await,
+        0
+    );
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Big'"
+        )
+        .await,
+        2 * MIB as i64
+    );
+    // This month's debit stays with the Default Customer; next month's goes to Big.
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM mcal_debits WHERE client = 'PC' AND customer = 'Default Customer'"
+        )
+        .await,
+        1
+    );
+    assert_eq!(st.debit_mcal_for_month(&cfg, "PC", t).await.unwrap(), Ok(0));
+    assert_eq!(
+        st.debit_mcal_for_month(&cfg, "PC", at("2026-12-02T12:00:00Z"))
+            .await
+            .unwrap(),
+        Ok(1)
+    );
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM mcal_debits WHERE client = 'PC' AND customer = 'Big' AND month = '2026-12'").await, 1);
+}
+
+#[tokio::test]
+async fn remove_frees_the_month_and_purge_frees_the_space() {
+    let dir = TempDir::new().unwrap();
+    let cfg = move_cfg(dir.path());
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let big = cfg.customer_by_name("Big").unwrap();
+    for id in ["KEEP", "PURGE"] {
+        st.register_client(&cfg, id, big, Kind::Desktop, None, t)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(st.debit_mcal_for_month(&cfg, id, t).await.unwrap(), Ok(1));
+        commit(&st, &cfg, id, "f", 3 * MIB).await;
+        let d = tollgate::storage::client_dir(&cfg, big, id);
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("f"), b"x").unwrap();
+    }
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Big'"
+        )
+        .await,
+        6 * MIB as i64
+    );
+
+    let kept = st
+        .remove_client(&cfg, "KEEP", false, t, |_| panic!("no purge"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((kept.freed_bytes, kept.freed_mcal), (0, 1));
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Big'"
+        )
+        .await,
+        6 * MIB as i64
+    );
+    assert!(
+        tollgate::storage::client_dir(&cfg, big, "KEEP")
+            .join("f")
+            .exists()
+    );
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM clients WHERE id = 'KEEP' AND secret_sha256 IS NULL"
+        )
+        .await,
+        1
+    );
+
+    let purged = st
+        .remove_client(&cfg, "PURGE", true, t, |_| {
+            std::fs::remove_dir_all(tollgate::storage::client_dir(&cfg, big, "PURGE"))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((purged.freed_bytes, purged.freed_mcal), (3 * MIB, 1));
+    assert_eq!(
+        count(
+            &st,
+            "SELECT used FROM customer_usage WHERE customer = 'Big'"
+        )
+        .await,
+        3 * MIB as i64
+    );
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM clients WHERE id = 'PURGE'").await,
+        0
+    );
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM files WHERE client = 'PURGE'").await,
+        0
+    );
+    assert!(!tollgate::storage::client_dir(&cfg, big, "PURGE").exists());
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM mcal_debits WHERE month = '2026-11' AND customer = 'Big'"
+        )
+        .await,
+        0
+    );
+    assert!(
+        st.remove_client(&cfg, "PURGE", true, t, |_| Ok(()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
