@@ -3,6 +3,8 @@
 //! `--json` exactly one JSON document goes to stdout. Exit status: 0 done,
 //! 1 the thing asked for failed, 2 wrong usage (clap's own).
 
+mod admin;
+
 use crate::config::units::format_size;
 use crate::config::{Config, CustomerId, DEFAULT_CONFIG_PATH, LoadError, ResellerId};
 use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
@@ -38,6 +40,47 @@ pub enum Command {
     /// Read a secret from stdin (or a no-echo prompt on a terminal) and print
     /// its argon2id PHC hash, for `enroll_key` or `web_access.password`.
     HashSecret,
+    /// Show the tree server → resellers → customers → clients with usage
+    /// against space, MCALs, client counts, activation, last backups,
+    /// refusals and the throttle in force now.
+    Status {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, move or remove clients.
+    Clients {
+        /// What to do.
+        #[command(subcommand)]
+        action: ClientsAction,
+    },
+}
+
+/// `tollgate clients …`.
+#[derive(Debug, Subcommand)]
+pub enum ClientsAction {
+    /// One line per client: id, customer, kind, MCAL this month, usage, last seen.
+    List {
+        /// Print one JSON document instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move a client (its usage, files and future licences) to another customer.
+    Move {
+        /// The client id.
+        id: String,
+        /// The customer to move it to.
+        #[arg(long = "to")]
+        to: String,
+    },
+    /// Unregister a client and refund this month's licence.
+    Remove {
+        /// The client id.
+        id: String,
+        /// Also delete its files and free their space.
+        #[arg(long)]
+        purge: bool,
+    },
 }
 
 /// Runs the parsed command line.
@@ -45,6 +88,33 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { json } => check_config(&cli.config, json),
         Command::HashSecret => hash_secret(),
+        Command::Status { json } => admin::status(&load(&cli.config)?, json),
+        Command::Clients { action } => {
+            let cfg = load(&cli.config)?;
+            match action {
+                ClientsAction::List { json } => admin::clients_list(&cfg, json),
+                ClientsAction::Move { id, to } => admin::clients_move(&cfg, &id, &to),
+                ClientsAction::Remove { id, purge } => admin::clients_remove(&cfg, &id, purge),
+            }
+        }
+    }
+}
+
+/// Loads the config for a command that needs a valid one.
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    match Config::load(path) {
+        Ok(c) => Ok(c),
+        Err(LoadError::Invalid(errors)) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            anyhow::bail!(
+                "{} has {} problem(s); run `tollgate check-config`",
+                path.display(),
+                errors.len()
+            )
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -1,0 +1,512 @@
+//! The admin commands that read and change the state database (CLI.md):
+//! `status` (the "Disk Space & Client Management" tree) and `clients
+//! list|move|remove`. They open the same SQLite file as the running daemon;
+//! SQLite's locking makes that safe, and the daemon sees a move or removal
+//! at that client's next admission.
+
+use crate::config::units::{format_rate, format_size};
+use crate::config::{Config, CustomerId, McalLimit, ResellerId};
+use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
+use crate::policy::throttle;
+use crate::state::{ClientRow, State, StatusData};
+use crate::storage;
+use anyhow::Context;
+use jiff::Timestamp;
+use serde::Serialize;
+use std::io::Write;
+use std::process::ExitCode;
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+async fn open(cfg: &Config) -> anyhow::Result<State> {
+    let st = State::open(cfg)
+        .await
+        .context("opening the state database")?;
+    st.sync_declared(cfg)
+        .await
+        .context("recording the declared clients")?;
+    Ok(st)
+}
+
+fn when(cfg: &Config, secs: Option<i64>) -> String {
+    match secs.and_then(|s| Timestamp::from_second(s).ok()) {
+        None => "never".into(),
+        Some(t) => cfg
+            .server
+            .timezone
+            .to_datetime(t)
+            .strftime("%Y-%m-%d %H:%M")
+            .to_string(),
+    }
+}
+
+/// The status document (`--json`) and the source of the text view.
+#[derive(Serialize)]
+struct Status {
+    at: String,
+    timezone: String,
+    server: NodeStatus,
+    default_customer: CustomerStatus,
+    resellers: Vec<ResellerStatus>,
+    /// Clients whose customer the config no longer has.
+    orphans: Vec<ClientStatus>,
+}
+
+#[derive(Serialize)]
+struct NodeStatus {
+    space: SpaceSnapshot,
+    mcal: Option<McalSnapshot>,
+    refusals_24h: u64,
+}
+
+#[derive(Serialize)]
+struct ResellerStatus {
+    name: String,
+    activated: bool,
+    #[serde(flatten)]
+    node: NodeStatus,
+    customers: Vec<CustomerStatus>,
+}
+
+#[derive(Serialize)]
+struct CustomerStatus {
+    name: String,
+    activated: bool,
+    clients_registered: u64,
+    max_clients: Option<u32>,
+    #[serde(flatten)]
+    node: NodeStatus,
+    clients: Vec<ClientStatus>,
+}
+
+#[derive(Serialize)]
+struct ClientStatus {
+    #[serde(flatten)]
+    row: ClientRow,
+    space: Option<u64>,
+    last_backup_local: String,
+    last_seen_local: String,
+    /// Upload rate in force now per schedule ("*" = any other schedule).
+    throttle_now: Vec<ScheduleRate>,
+}
+
+#[derive(Serialize)]
+struct ScheduleRate {
+    schedule: String,
+    rate: Option<u64>,
+    until: Option<String>,
+}
+
+fn status_doc(cfg: &Config, d: &StatusData, at: Timestamp) -> Status {
+    let key = |c: CustomerId| cfg.customer(c).name.to_lowercase();
+    let cust_usage = |c: CustomerId| d.customers.get(&key(c)).copied().unwrap_or_default();
+    let sum = |cs: &mut dyn Iterator<Item = CustomerId>| {
+        cs.fold(Usage::default(), |a, c| {
+            let u = cust_usage(c);
+            Usage {
+                used: a.used + u.used,
+                reserved: a.reserved + u.reserved,
+            }
+        })
+    };
+    let all = sum(&mut (0..cfg.customers.len()).map(|i| CustomerId(i as u32)));
+    let pool = cfg
+        .server
+        .mcal
+        .map(|m| space::pool_snapshot(&m, d.global_debits));
+    let pool_left = pool.map_or(0, |p| p.available);
+    let mcal = |limit: McalLimit, debits: Debits, ceiling: u64| {
+        pool.map(|_| space::allotment_snapshot(limit, debits, ceiling))
+    };
+    let client_status = |row: &ClientRow| {
+        let customer = cfg.customer_by_name(&row.customer);
+        let declared = cfg.declared_client(&row.id);
+        let mut schedules: Vec<String> = declared
+            .map(|dc| cfg.client(dc).schedules.keys().cloned().collect())
+            .unwrap_or_default();
+        schedules.push("*".into());
+        let throttle_now = match customer {
+            None => Vec::new(),
+            Some(c) => schedules
+                .into_iter()
+                .map(|s| {
+                    let r = throttle::resolve(cfg, c, declared, &s, at);
+                    ScheduleRate {
+                        schedule: s,
+                        rate: r.rate,
+                        until: r.next_change.map(|t| {
+                            cfg.server
+                                .timezone
+                                .to_datetime(t)
+                                .strftime("%Y-%m-%d %H:%M")
+                                .to_string()
+                        }),
+                    }
+                })
+                .collect(),
+        };
+        ClientStatus {
+            row: row.clone(),
+            space: declared.and_then(|dc| cfg.client(dc).space),
+            last_backup_local: when(cfg, row.last_backup),
+            last_seen_local: when(cfg, row.last_seen),
+            throttle_now,
+        }
+    };
+    let customer_status = |c: CustomerId, ceiling: u64| {
+        let cust = cfg.customer(c);
+        let rows: Vec<&ClientRow> = d
+            .clients
+            .iter()
+            .filter(|r| r.customer.to_lowercase() == key(c))
+            .collect();
+        let debits = d.customer_debits.get(&key(c)).copied().unwrap_or_default();
+        CustomerStatus {
+            name: cust.name.clone(),
+            activated: cust.activated,
+            clients_registered: rows.iter().filter(|r| r.registered || r.declared).count() as u64,
+            max_clients: cust.max_clients,
+            node: NodeStatus {
+                space: space::space_snapshot(cfg, Node::Customer(c), cust_usage(c)),
+                mcal: mcal(cust.mcal_limit, debits, ceiling),
+                refusals_24h: d.customer_refusals.get(&key(c)).copied().unwrap_or(0),
+            },
+            clients: rows.into_iter().map(client_status).collect(),
+        }
+    };
+    let resellers = cfg
+        .resellers
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            let debits = d.reseller_debits.get(&r.name).copied().unwrap_or_default();
+            let rm = mcal(r.mcal_limit, debits, pool_left);
+            let ceiling = rm.map_or(0, |m| m.available);
+            ResellerStatus {
+                name: r.name.clone(),
+                activated: r.activated,
+                node: NodeStatus {
+                    space: space::space_snapshot(
+                        cfg,
+                        Node::Reseller(ResellerId(i as u32)),
+                        sum(&mut r.customers.iter().copied()),
+                    ),
+                    mcal: rm,
+                    refusals_24h: r
+                        .customers
+                        .iter()
+                        .map(|&c| d.customer_refusals.get(&key(c)).copied().unwrap_or(0))
+                        .sum(),
+                },
+                customers: r
+                    .customers
+                    .iter()
+                    .map(|&c| customer_status(c, ceiling))
+                    .collect(),
+            }
+        })
+        .collect();
+    Status {
+        at: cfg
+            .server
+            .timezone
+            .to_datetime(at)
+            .strftime("%Y-%m-%d %H:%M")
+            .to_string(),
+        timezone: cfg
+            .server
+            .timezone
+            .iana_name()
+            .unwrap_or("system")
+            .to_string(),
+        server: NodeStatus {
+            space: space::space_snapshot(cfg, Node::Server, all),
+            mcal: pool,
+            refusals_24h: d.customer_refusals.values().sum(),
+        },
+        default_customer: customer_status(CustomerId::DEFAULT, pool_left),
+        resellers,
+        orphans: d
+            .clients
+            .iter()
+            .filter(|r| cfg.customer_by_name(&r.customer).is_none())
+            .map(client_status)
+            .collect(),
+    }
+}
+
+fn of(used: u64, allotted: Option<u64>) -> String {
+    match allotted {
+        Some(a) => format!("{} of {}", format_size(used), format_size(a)),
+        None => format!("{} (no limit)", format_size(used)),
+    }
+}
+
+fn mcal_text(m: &Option<McalSnapshot>) -> String {
+    match m {
+        None => "MCAL not enforced".into(),
+        Some(m) => format!(
+            "MCAL {}: {} debited, {} this month, {} available",
+            m.allotted.map_or("auto".to_string(), |a| a.to_string()),
+            m.debited,
+            m.debited_this_month,
+            m.available
+        ),
+    }
+}
+
+fn render(s: &Status) -> String {
+    let mut out = format!(
+        "Disk space & client management at {} ({})\n\n",
+        s.at, s.timezone
+    );
+    let node = |n: &NodeStatus| {
+        format!(
+            "{} used{}; {}; {} refused in 24 h",
+            of(n.space.used, n.space.allotted),
+            if n.space.reserved > 0 {
+                format!(" (+{} in flight)", format_size(n.space.reserved))
+            } else {
+                String::new()
+            },
+            mcal_text(&n.mcal),
+            n.refusals_24h
+        )
+    };
+    let active = |a: bool| if a { "" } else { " [DEACTIVATED]" };
+    let customer = |out: &mut String, c: &CustomerStatus, indent: &str| {
+        let max = c.max_clients.map_or(String::new(), |m| format!(" of {m}"));
+        *out += &format!(
+            "{indent}customer {}{}: {}; {} client(s){max}\n",
+            c.name,
+            active(c.activated),
+            node(&c.node),
+            c.clients_registered
+        );
+        for cl in &c.clients {
+            let n = cl.throttle_now.len();
+            let rates: Vec<String> = cl
+                .throttle_now
+                .iter()
+                .map(|r| {
+                    let rate = r.rate.map_or("unthrottled".to_string(), format_rate);
+                    let until = r
+                        .until
+                        .as_ref()
+                        .map_or(String::new(), |u| format!(" until {u}"));
+                    let name = match (r.schedule.as_str(), n) {
+                        ("*", 1) => "all schedules",
+                        ("*", _) => "other schedules",
+                        (s, _) => s,
+                    };
+                    format!("{name}: {rate}{until}")
+                })
+                .collect();
+            let stored = match cl.space {
+                Some(_) => of(cl.row.used.max(0) as u64, cl.space),
+                None => format_size(cl.row.used.max(0) as u64),
+            };
+            *out += &format!(
+                "{indent}  {} ({}{}): {} stored; last backup {}; last seen {}; MCAL this month {}; throttle now {}\n",
+                cl.row.id,
+                cl.row.kind,
+                if cl.row.registered {
+                    ""
+                } else if cl.row.declared {
+                    ", not yet connected"
+                } else {
+                    ", removed"
+                },
+                stored,
+                cl.last_backup_local,
+                cl.last_seen_local,
+                cl.row.mcal_this_month,
+                rates.join(", ")
+            );
+        }
+    };
+    out += &format!("server: {}\n", node(&s.server));
+    customer(&mut out, &s.default_customer, "  ");
+    for r in &s.resellers {
+        out += &format!(
+            "  reseller {}{}: {}; {} allotted to customers\n",
+            r.name,
+            active(r.activated),
+            node(&r.node),
+            format_size(r.node.space.allotted_to_children)
+        );
+        for c in &r.customers {
+            customer(&mut out, c, "    ");
+        }
+    }
+    if !s.orphans.is_empty() {
+        out += "clients whose customer is no longer in the config:\n";
+        for o in &s.orphans {
+            out += &format!(
+                "  {} (customer {:?}): {} stored\n",
+                o.row.id,
+                o.row.customer,
+                format_size(o.row.used.max(0) as u64)
+            );
+        }
+    }
+    out
+}
+
+/// `tollgate status [--json]`.
+pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let at = Timestamp::now();
+    let data = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let d = st
+            .status_data(cfg, at)
+            .await
+            .context("reading the state database")?;
+        st.close().await;
+        anyhow::Ok(d)
+    })?;
+    let doc = status_doc(cfg, &data, at);
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &doc)?;
+        writeln!(out)?;
+    } else {
+        write!(out, "{}", render(&doc))?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tollgate clients list [--json]`.
+pub fn clients_list(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
+    let at = Timestamp::now();
+    let rows = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let rows = st
+            .clients(cfg, at)
+            .await
+            .context("reading the state database")?;
+        st.close().await;
+        anyhow::Ok(rows)
+    })?;
+    let mut out = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut out, &serde_json::json!({ "clients": rows }))?;
+        writeln!(out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut table = vec![[
+        "ID".to_string(),
+        "CUSTOMER".into(),
+        "KIND".into(),
+        "MCAL".into(),
+        "USAGE".into(),
+        "LAST SEEN".into(),
+    ]];
+    for r in &rows {
+        table.push([
+            r.id.clone(),
+            r.customer.clone(),
+            r.kind.clone(),
+            r.mcal_this_month.to_string(),
+            format_size(r.used.max(0) as u64),
+            when(cfg, r.last_seen),
+        ]);
+    }
+    let widths: Vec<usize> = (0..6)
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    for r in &table {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `tollgate clients move ID --to CUSTOMER`.
+pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode> {
+    let at = Timestamp::now();
+    let outcome = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let r = st
+            .move_client(cfg, id, to, at, |from, to| {
+                storage::move_dir(
+                    &storage::client_dir(cfg, from, id),
+                    &storage::client_dir(cfg, to, id),
+                )
+            })
+            .await
+            .context("moving the client")?;
+        st.close().await;
+        anyhow::Ok(r)
+    })?;
+    match outcome {
+        Ok(()) => {
+            println!(
+                "moved client {id} to customer {to}: its usage and files moved; this month's licence stays where it was debited"
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(why) => {
+            eprintln!("tollgate: refused: {why}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// `tollgate clients remove ID [--purge]`.
+pub fn clients_remove(cfg: &Config, id: &str, purge: bool) -> anyhow::Result<ExitCode> {
+    let at = Timestamp::now();
+    let removed = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let r = st
+            .remove_client(cfg, id, purge, at, |customer| {
+                let Some(c) = cfg.customer_by_name(customer) else {
+                    return Ok(());
+                };
+                match std::fs::remove_dir_all(storage::client_dir(cfg, c, id)) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await
+            .context("removing the client")?;
+        st.close().await;
+        anyhow::Ok(r)
+    })?;
+    match removed {
+        None => {
+            eprintln!("tollgate: no client {id:?} is registered");
+            Ok(ExitCode::FAILURE)
+        }
+        Some(r) => {
+            let files = if purge {
+                format!(
+                    "its files are deleted ({} freed)",
+                    format_size(r.freed_bytes)
+                )
+            } else {
+                "its files are kept (use --purge to delete them)".to_string()
+            };
+            println!(
+                "removed client {id} of customer {}: {} MCAL of this month refunded; {files}",
+                r.customer, r.freed_mcal
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
