@@ -64,7 +64,11 @@ pub enum StateError {
 #[derive(Clone, Debug)]
 pub struct State {
     pool: SqlitePool,
+    /// Same file, synchronous=NORMAL: for reservations, which never
+    /// outlive the process and so need no fsync per commit.
+    volatile: SqlitePool,
     path: PathBuf,
+    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl State {
@@ -98,12 +102,19 @@ impl State {
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
+        let volatile = SqlitePoolOptions::new()
+            .max_connections(2)
+            .acquire_timeout(BUSY_TIMEOUT)
+            .connect_with(opts.synchronous(SqliteSynchronous::Normal))
+            .await?;
         Ok(State {
             pool,
+            volatile,
             path: path.to_path_buf(),
+            writer: Default::default(),
         })
     }
 
@@ -114,6 +125,7 @@ impl State {
 
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
+        self.volatile.close().await;
         self.pool.close().await;
     }
 }

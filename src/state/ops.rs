@@ -137,8 +137,21 @@ struct ClientDb {
     used: i64,
 }
 
-async fn immediate(state: &State) -> Result<Tx, StateError> {
-    Ok(state.pool.begin_with("BEGIN IMMEDIATE").await?)
+/// Starts a write transaction. Writers of this process queue on an async
+/// mutex first: SQLite's own busy handler sleeps in growing steps, which
+/// collapses throughput when many tasks contend; other processes (the admin
+/// CLI) still meet the database lock and its busy timeout.
+async fn immediate(state: &State) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
+    let lane = state.writer.clone().lock_owned().await;
+    Ok((lane, state.pool.begin_with("BEGIN IMMEDIATE").await?))
+}
+
+/// Like [`immediate`], on the synchronous=NORMAL pool: for reservations only.
+async fn immediate_volatile(
+    state: &State,
+) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
+    let lane = state.writer.clone().lock_owned().await;
+    Ok((lane, state.volatile.begin_with("BEGIN IMMEDIATE").await?))
 }
 
 async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError> {
@@ -355,7 +368,7 @@ impl State {
             return Ok(AdmitOutcome::Rejected(r));
         }
         let secret = new_secret()?;
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let row = client_db(&mut tx, &hello.client_id).await?;
         let rec = match &row {
             Some(r) => match record(cfg, r) {
@@ -465,7 +478,7 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<String, Rejection>, StateError> {
         let secret = new_secret()?;
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         if let Some(row) = client_db(&mut tx, id).await?
             && row.secret_sha256.is_some()
         {
@@ -498,7 +511,7 @@ impl State {
         client: &str,
         at: Timestamp,
     ) -> Result<Result<u32, Rejection>, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let row = client_db(&mut tx, client).await?;
         let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
             return Err(StateError::Inconsistent(format!(
@@ -531,7 +544,7 @@ impl State {
         size: u64,
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate_volatile(self).await?;
         let row = client_db(&mut tx, client).await?;
         let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
             return Err(StateError::Inconsistent(format!(
@@ -586,7 +599,7 @@ impl State {
 
     /// Drops a pending commit whose rename did not happen, with its reservation.
     pub async fn abort_commit(&self, pending: i64) -> Result<(), StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         sqlx::query("DELETE FROM reservations WHERE id = (SELECT reservation FROM pending_commits WHERE id = ?)")
             .bind(pending)
             .execute(&mut *tx)
@@ -603,7 +616,7 @@ impl State {
     /// usage changes by the size difference), consumes the reservation and
     /// deletes the pending record, atomically. Returns the usage change.
     pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let delta = apply_pending(&mut tx, pending, None).await?;
         tx.commit().await?;
         Ok(delta)
@@ -612,7 +625,7 @@ impl State {
     /// Removes `path` of `client` from the index; returns the bytes freed,
     /// or `None` when it is not there.
     pub async fn delete_file(&self, client: &str, path: &str) -> Result<Option<u64>, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let size: Option<i64> =
             sqlx::query_scalar("DELETE FROM files WHERE client = ? AND path = ? RETURNING size")
                 .bind(client)
@@ -636,7 +649,7 @@ impl State {
         .await?;
         for (id, temp, fin, size) in pending {
             let temp = Path::new(&temp);
-            let mut tx = immediate(self).await?;
+            let (_lane, mut tx) = immediate(self).await?;
             if temp.exists() {
                 // Not renamed: the old file (if any) still stands.
                 std::fs::remove_file(temp).map_err(|e| StateError::Io {
@@ -702,7 +715,7 @@ impl State {
         if cfg.declared_client(id).is_some() {
             return Ok(Err(MoveRefused::Declared(id.into())));
         }
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(Err(MoveRefused::UnknownClient(id.into())));
         };
@@ -791,7 +804,7 @@ impl State {
         at: Timestamp,
         purge_data: impl FnOnce(&str) -> std::io::Result<()>,
     ) -> Result<Option<Removed>, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(None);
         };
@@ -848,7 +861,7 @@ impl State {
         &self,
         cfg: &Config,
     ) -> Result<Vec<(String, String, String)>, StateError> {
-        let mut tx = immediate(self).await?;
+        let (_lane, mut tx) = immediate(self).await?;
         let mut moved = Vec::new();
         for c in &cfg.clients {
             let name = customer_key(cfg, c.customer);
