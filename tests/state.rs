@@ -671,3 +671,85 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn postgres_is_refused_with_a_clear_message() {
+    let dir = TempDir::new().unwrap();
+    let src = "[server]\nstate = \"postgres://tollgate:pw@db.example/tollgate\"\n";
+    let cfg = Config::from_str(src, &dir.path().join("t.toml")).unwrap();
+    let err = State::open(&cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("PostgreSQL is not supported yet") && err.contains("sqlite://"),
+        "{err}"
+    );
+    assert!(!err.contains("pw@"), "the password leaked: {err}");
+}
+
+#[tokio::test]
+async fn declared_clients_are_upserted_and_follow_the_config() {
+    let dir = TempDir::new().unwrap();
+    let base = "[default_customer]\n[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\n[[customer]]\nname = \"B\"\nreseller = \"r\"\nemail = \"b@x.example\"\nbackup_location = \"/srv/b\"\n";
+    let cfg = config(
+        dir.path(),
+        &format!(
+            "{base}[[client]]\nid = \"D1\"\ncustomer = \"A\"\nkind = \"server\"\n[[client]]\nid = \"D2\"\ncustomer = \"A\"\n"
+        ),
+    );
+    let st = open(dir.path(), &cfg).await;
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM clients WHERE declared = 1 AND secret_sha256 IS NULL"
+        )
+        .await,
+        2
+    );
+    // D1 connects and stores 1 MiB under A.
+    let t = at("2026-11-25T12:00:00Z");
+    let AdmitOutcome::Admitted {
+        admitted,
+        secret: Some(_),
+    } = st
+        .admit(&cfg, &hello("D1", None), None, t, false, false)
+        .await
+        .unwrap()
+    else {
+        panic!("a declared client's first HELLO issues a secret");
+    };
+    assert_eq!(
+        (admitted.registration, admitted.kind),
+        (Registration::Declared, Kind::Server)
+    );
+    commit(&st, &cfg, "D1", "f", MIB).await;
+    // The config moves D1 to B and drops D2 (never connected).
+    let cfg2 = config(
+        dir.path(),
+        &format!("{base}[[client]]\nid = \"D1\"\ncustomer = \"B\"\nkind = \"server\"\n"),
+    );
+    let moved = st.sync_declared(&cfg2).await.unwrap();
+    assert_eq!(
+        moved,
+        vec![("D1".to_string(), "A".to_string(), "B".to_string())]
+    );
+    assert_eq!(
+        count(&st, "SELECT used FROM customer_usage WHERE customer = 'A'").await,
+        0
+    );
+    assert_eq!(
+        count(&st, "SELECT used FROM customer_usage WHERE customer = 'B'").await,
+        MIB as i64
+    );
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM clients WHERE id = 'D2'").await,
+        0
+    );
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM clients WHERE id = 'D1' AND secret_sha256 IS NOT NULL"
+        )
+        .await,
+        1,
+        "the secret survives a reload"
+    );
+}
