@@ -10,13 +10,21 @@
 //! - [`state`]: what tollgate remembers (clients, file index, usage,
 //!   reservations, MCAL debits, sessions, refusals) on SQLite via sqlx.
 //! - [`storage`]: files on disk and the crash-safe commit.
+//! - [`wire`]: frames, the codec and the JSON bodies of PROTOCOL.md.
+//! - [`tls`]: certificates, the self-signed pair, ALPN, pinning.
+//! - [`server`]: the listener, one task per session, shutdown.
+//! - [`client`]: the reference client.
 //! - [`cli`]: the `tollgate` subcommands built on the above.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod policy;
+pub mod server;
 pub mod state;
 pub mod storage;
+pub mod tls;
+pub mod wire;

@@ -4,6 +4,8 @@
 //! 1 the thing asked for failed, 2 wrong usage (clap's own).
 
 mod admin;
+mod client;
+mod serve;
 
 use crate::config::units::format_size;
 use crate::config::{Config, CustomerId, DEFAULT_CONFIG_PATH, LoadError, ResellerId};
@@ -48,6 +50,14 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the daemon (systemd Type=notify; a plain foreground process elsewhere).
+    Serve,
+    /// The reference backup client.
+    Client {
+        /// What to do.
+        #[command(subcommand)]
+        action: client::ClientAction,
+    },
     /// List, move or remove clients.
     Clients {
         /// What to do.
@@ -88,6 +98,8 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { json } => check_config(&cli.config, json),
         Command::HashSecret => hash_secret(),
+        Command::Serve => serve::serve(load(&cli.config)?),
+        Command::Client { action } => client::run(action),
         Command::Status { json } => admin::status(&load(&cli.config)?, json),
         Command::Clients { action } => {
             let cfg = load(&cli.config)?;

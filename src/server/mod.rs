@@ -1,0 +1,137 @@
+//! The listener (PROTOCOL.md Transport and Session): accept loops, one task
+//! per connection, the connection limit and shutdown.
+//!
+//! A permit of the connection `Semaphore` is taken before `accept()` and
+//! moved into the session task. When none is left the connection is still
+//! accepted, by a small separate pool, and answered REJECT `busy` rather than
+//! left hanging in the backlog. The TLS handshake runs inside the task under
+//! `hello_timeout`, never in the accept loop. Shutdown is a `watch` of
+//! [`Phase`]: `Draining` stops the accept loops and lets uploads in flight
+//! finish; `Forced` (after `shutdown_grace`) ends every session.
+
+mod session;
+
+use crate::config::Config;
+use crate::state::State;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+/// Connections answered REJECT `busy` at once, beyond `max_connections`;
+/// past this they are closed without a word.
+pub const BUSY_RESPONDERS: usize = 64;
+/// Longest pause of an accept loop after an accept error (EMFILE …).
+pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+
+/// Where shutdown stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// Serving.
+    Running,
+    /// No new connections; uploads in flight may finish.
+    Draining,
+    /// The grace period is over: every session ends now.
+    Forced,
+}
+
+/// What every session shares.
+pub struct Context {
+    /// The configuration.
+    pub cfg: Arc<Config>,
+    /// The state store.
+    pub state: State,
+    /// TLS.
+    pub tls: TlsAcceptor,
+    /// One permit per connection.
+    pub limit: Arc<Semaphore>,
+    /// Permits for REJECT `busy` answers.
+    pub busy: Arc<Semaphore>,
+    /// Shutdown phase.
+    pub phase: watch::Receiver<Phase>,
+}
+
+impl Context {
+    /// Builds the context for `cfg`.
+    pub fn new(
+        cfg: Arc<Config>,
+        state: State,
+        tls: Arc<rustls::ServerConfig>,
+        phase: watch::Receiver<Phase>,
+    ) -> Context {
+        Context {
+            limit: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
+            busy: Arc::new(Semaphore::new(BUSY_RESPONDERS)),
+            cfg,
+            state,
+            tls: TlsAcceptor::from(tls),
+            phase,
+        }
+    }
+}
+
+/// Serves `listeners` until the phase leaves `Running`, then waits for the
+/// sessions to end (they follow the phase). Binding is the caller's, so
+/// tests can bind port 0.
+pub async fn run(listeners: Vec<TcpListener>, ctx: Arc<Context>) {
+    let tracker = TaskTracker::new();
+    let mut loops = Vec::new();
+    for l in listeners {
+        loops.push(tokio::spawn(accept_loop(l, ctx.clone(), tracker.clone())));
+    }
+    for l in loops {
+        let _ = l.await;
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, tracker: TaskTracker) {
+    let mut phase = ctx.phase.clone();
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let permit = ctx.limit.clone().try_acquire_owned().ok();
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            _ = phase.wait_for(|p| *p != Phase::Running) => return,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                backoff = Duration::from_millis(5);
+                let _ = tcp.set_nodelay(true);
+                match permit {
+                    Some(p) => {
+                        tracker.spawn(session::run(ctx.clone(), tcp, peer, p));
+                    }
+                    None => match ctx.busy.clone().try_acquire_owned() {
+                        Ok(b) => {
+                            tracker.spawn(busy(ctx.clone(), tcp, peer, b));
+                        }
+                        Err(_) => drop(tcp),
+                    },
+                }
+            }
+            Err(e) => {
+                // EMFILE and friends: wait and retry, never give up serving.
+                warn!(error = %e, "accept failed; retrying in {:?}", backoff);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
+            }
+        }
+    }
+}
+
+/// Answers a connection beyond `max_connections` with REJECT `busy`.
+async fn busy(
+    ctx: Arc<Context>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+) {
+    info!(%peer, code = "busy", "refused: connections full");
+    session::refuse_busy(&ctx, tcp, peer).await;
+}

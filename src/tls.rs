@@ -1,0 +1,280 @@
+//! TLS for the listener (PROTOCOL.md Transport): the configured certificate
+//! and key, or a self-signed pair made once in `state_dir` and reused; ALPN
+//! `tollgate/1`; optional client certificates checked against a CA.
+
+use crate::config::Config;
+use crate::wire::ALPN;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// File names of the self-signed pair under `state_dir/tls/`.
+pub const SELF_SIGNED_CERT: &str = "tls/self-signed.crt";
+/// See [`SELF_SIGNED_CERT`].
+pub const SELF_SIGNED_KEY: &str = "tls/self-signed.key";
+
+/// A TLS setup that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A file holds no usable PEM.
+    #[error("{path}: {what}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// rustls refused the configuration.
+    #[error("TLS: {0}")]
+    Rustls(#[from] rustls::Error),
+    /// Making the self-signed pair failed.
+    #[error("making a self-signed certificate: {0}")]
+    Generate(String),
+}
+
+/// The server's TLS configuration and its certificate's fingerprint.
+pub struct ServerTls {
+    /// For tokio-rustls.
+    pub config: Arc<ServerConfig>,
+    /// `sha256:<hex>` of the end-entity certificate, for `--pin`.
+    pub fingerprint: String,
+    /// Whether the pair was generated here.
+    pub self_signed: bool,
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// `sha256:<hex>` of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    let d = Sha256::digest(der);
+    format!(
+        "sha256:{}",
+        d.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    )
+}
+
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| TlsError::Pem {
+            path: path.into(),
+            what: e.to_string(),
+        })?
+        .collect::<Result<_, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.into(),
+            what: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Pem {
+            path: path.into(),
+            what: "no certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn read_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    PrivateKeyDer::from_pem_file(path).map_err(|e| TlsError::Pem {
+        path: path.into(),
+        what: e.to_string(),
+    })
+}
+
+/// Makes (once) or reuses the self-signed pair in `state_dir`.
+fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
+    let cert = state_dir.join(SELF_SIGNED_CERT);
+    let key = state_dir.join(SELF_SIGNED_KEY);
+    if cert.exists() && key.exists() {
+        return Ok((cert, key));
+    }
+    let io = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| TlsError::Io { path, source }
+    };
+    let dir = cert.parent().expect("the pair lives in a directory");
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let names = vec![
+        "localhost".to_string(),
+        "127.0.0.1".to_string(),
+        "::1".to_string(),
+    ];
+    let pair =
+        rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
+    write_private(&key, pair.signing_key.serialize_pem().as_bytes()).map_err(io(&key))?;
+    std::fs::write(&cert, pair.cert.pem()).map_err(io(&cert))?;
+    Ok((cert, key))
+}
+
+/// Writes a file readable by its owner only.
+pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(data)?;
+    f.sync_all()
+}
+
+/// Builds the server's TLS configuration from the config.
+pub fn server_tls(cfg: &Config) -> Result<ServerTls, TlsError> {
+    let (cert_path, key_path, self_signed) = match (&cfg.server.tls.cert, &cfg.server.tls.key) {
+        (Some(c), Some(k)) => (c.clone(), k.clone(), false),
+        _ => {
+            let (c, k) = self_signed(&cfg.server.state_dir)?;
+            (c, k, true)
+        }
+    };
+    let certs = read_certs(&cert_path)?;
+    let key = read_key(&key_path)?;
+    let fingerprint = fingerprint(&certs[0]);
+    let builder =
+        ServerConfig::builder_with_provider(provider()).with_safe_default_protocol_versions()?;
+    let builder = match &cfg.server.tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots.add(c)?;
+            }
+            let v = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider());
+            let v = if cfg.server.tls.require_client_cert {
+                v
+            } else {
+                v.allow_unauthenticated()
+            };
+            builder.with_client_cert_verifier(
+                v.build().map_err(|e| TlsError::Generate(e.to_string()))?,
+            )
+        }
+    };
+    let mut config = builder.with_single_cert(certs, key)?;
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(ServerTls {
+        config: Arc::new(config),
+        fingerprint,
+        self_signed,
+    })
+}
+
+/// A client verifier that accepts exactly one server certificate, by its
+/// SHA-256 (`--pin`); signatures are still checked.
+#[derive(Debug)]
+pub struct PinVerifier {
+    pin: String,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl PinVerifier {
+    /// Pins `sha256:<hex>`.
+    pub fn new(pin: &str) -> PinVerifier {
+        PinVerifier {
+            pin: pin.to_ascii_lowercase(),
+            provider: provider(),
+        }
+    }
+}
+
+impl rustls::client::danger::ServerCertVerifier for PinVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        if fingerprint(end_entity) == self.pin {
+            Ok(rustls::client::danger::ServerCertVerified::assertion())
+        } else {
+            Err(rustls::Error::General(format!(
+                "the server's certificate is {}, not the pinned {}",
+                fingerprint(end_entity),
+                self.pin
+            )))
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// A client TLS configuration: pinned (`--pin`) or verified against a CA
+/// file (`--ca`). Offers ALPN `tollgate/1`.
+pub fn client_config(
+    pin: Option<&str>,
+    ca: Option<&Path>,
+) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+    let builder = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?;
+    let mut config = match (pin, ca) {
+        (Some(p), _) => builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier::new(p)))
+            .with_no_client_auth(),
+        (None, Some(ca)) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs(ca)? {
+                roots.add(c)?;
+            }
+            builder.with_root_certificates(roots).with_no_client_auth()
+        }
+        (None, None) => {
+            return Err(TlsError::Pem {
+                path: PathBuf::from("--pin/--ca"),
+                what: "give --pin sha256:<hex> (printed by the daemon at start) or --ca FILE"
+                    .into(),
+            });
+        }
+    };
+    config.alpn_protocols = vec![ALPN.to_vec()];
+    Ok(Arc::new(config))
+}
