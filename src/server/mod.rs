@@ -103,6 +103,8 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, tracker: TaskTrac
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
                 let _ = tcp.set_nodelay(true);
+                // A slot may have freed while this loop waited in accept().
+                let permit = permit.or_else(|| ctx.limit.clone().try_acquire_owned().ok());
                 match permit {
                     Some(p) => {
                         tracker.spawn(session::run(ctx.clone(), tcp, peer, p));

@@ -222,6 +222,7 @@ pub(super) async fn run(
         async fn bad(conn: &mut Conn, msg: String) {
             info!(code = "bad_request", reason = %msg, "refused");
             let _ = conn.send(reject_frame(RejectCode::BadRequest, &msg)).await;
+            let _ = conn.close().await;
         }
         if hello.kind != Kind::Hello {
             bad(&mut conn, format!("expected HELLO first, got {:?}", hello.kind)).await;
@@ -244,6 +245,7 @@ pub(super) async fn run(
             Ok(AdmitOutcome::Rejected(r)) => {
                 info!(customer = ?h.customer, code = r.code.as_str(), "refused: {}", r.message);
                 let _ = conn.send(reject_frame(r.code, &r.message)).await;
+                let _ = conn.close().await;
                 return;
             }
             Err(e) => {
@@ -294,6 +296,7 @@ pub(super) async fn run(
         };
         let result = s.serve().await;
         s.abandon_upload().await;
+        let _ = s.conn.close().await;
         let end = SessionEnd {
             at: jiff::Timestamp::now(),
             bytes_in: s.stats.bytes_in,

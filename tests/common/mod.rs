@@ -1,0 +1,226 @@
+//! Starting the real daemon for integration tests: a temp dir, a config
+//! that listens on port 0, and the address and certificate pin it prints.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+use tokio_util::codec::Framed;
+use tollgate::client::Options;
+use tollgate::wire::{Frame, FrameCodec, Kind};
+
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub addr: String,
+    pub pin: String,
+    pub dir: PathBuf,
+    pub config: PathBuf,
+}
+
+/// The config every test starts from; `body` follows `[server]`'s keys.
+pub fn write_config(dir: &Path, server_extra: &str, body: &str) -> PathBuf {
+    let path = dir.join("tollgate.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\n{server_extra}\n{body}"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+impl Daemon {
+    /// Starts `tollgate serve` on the config in `dir` and waits until it listens.
+    pub fn start(dir: &Path) -> Daemon {
+        let config = dir.join("tollgate.toml");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("daemon.log"))
+            .unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["serve", "--config"])
+            .arg(&config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let mut pin = None;
+        let mut addr = None;
+        while addr.is_none() {
+            let Some(Ok(line)) = lines.next() else {
+                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                panic!("the daemon exited before listening:\n{log}");
+            };
+            if let Some(p) = line.strip_prefix("tollgate: certificate ") {
+                pin = Some(p.to_string());
+            }
+            if let Some(a) = line.strip_prefix("tollgate: listening on ") {
+                addr = Some(a.to_string());
+            }
+        }
+        // Keep draining stdout so the daemon never blocks on it.
+        std::thread::spawn(move || for _ in lines {});
+        Daemon {
+            child: Some(child),
+            addr: addr.unwrap(),
+            pin: pin.unwrap(),
+            dir: dir.to_path_buf(),
+            config,
+        }
+    }
+
+    /// Client options for `id`, with its secret file in the temp dir.
+    pub fn opts(&self, id: &str) -> Options {
+        Options {
+            server: self.addr.clone(),
+            id: id.into(),
+            schedule: "nightly".into(),
+            pin: Some(self.pin.clone()),
+            secret_file: self.dir.join("secrets").join(format!("{id}.secret")),
+            ..Options::default()
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(ok.success());
+    }
+
+    /// SIGKILL, and wait for it.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Waits for the daemon to exit by itself; returns its exit code.
+    pub fn wait(&mut self, limit: Duration) -> Option<i32> {
+        let mut c = self.child.take()?;
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Some(s) = c.try_wait().unwrap() {
+                return s.code();
+            }
+            if t0.elapsed() > limit {
+                let _ = c.kill();
+                panic!("the daemon did not exit within {limit:?}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    /// Resident memory of the daemon, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap()
+    }
+
+    /// A raw TLS connection speaking frames, before HELLO.
+    pub async fn raw(&self) -> Framed<TlsStream<TcpStream>, FrameCodec> {
+        Framed::new(self.tls().await, FrameCodec::new(16 << 20))
+    }
+
+    /// A raw TLS stream, for writing bytes that are not frames.
+    pub async fn tls(&self) -> TlsStream<TcpStream> {
+        let cfg = tollgate::tls::client_config(Some(&self.pin), None).unwrap();
+        let tcp = TcpStream::connect(&self.addr).await.unwrap();
+        TlsConnector::from(Arc::clone(&cfg))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+            .unwrap()
+    }
+
+    /// Opens the daemon's database read-only-ish for checks.
+    pub async fn db(&self) -> sqlx::SqlitePool {
+        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.join("state.db").display()))
+            .await
+            .unwrap()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A HELLO frame from JSON text.
+pub fn hello_json(json: &str) -> Frame {
+    Frame {
+        kind: Kind::Hello,
+        payload: bytes::Bytes::from(json.to_string()),
+    }
+}
+
+pub fn frame(kind: Kind, json: serde_json::Value) -> Frame {
+    Frame {
+        kind,
+        payload: bytes::Bytes::from(json.to_string()),
+    }
+}
+
+/// Raw bytes of a frame header with any length and type.
+pub async fn write_raw(s: &mut TlsStream<TcpStream>, len: u32, ty: u8, payload: &[u8]) {
+    let mut b = len.to_be_bytes().to_vec();
+    b.push(ty);
+    b.extend_from_slice(payload);
+    s.write_all(&b).await.unwrap();
+    s.flush().await.unwrap();
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// Writes `size` deterministic pseudo-random bytes to `path`.
+pub fn make_file(path: &Path, size: usize, seed: u64) {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut data = Vec::with_capacity(size);
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    data.truncate(size);
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).unwrap();
+    }
+    std::fs::write(path, data).unwrap();
+}
