@@ -9,7 +9,7 @@ use super::{Context, Phase};
 use crate::config::CustomerId;
 use crate::policy::admission::{Admitted, Intent, RejectCode};
 use crate::state::{AdmitOutcome, SessionEnd, SessionStart, StateError};
-use crate::storage::{self, BadPath, TempFile};
+use crate::storage::{self, BadPath, PipedTemp};
 use crate::wire::{self, CodecError, ErrorBody, ErrorCode, Frame, FrameCodec, Kind};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -331,7 +331,7 @@ struct Stats {
 struct Upload {
     path: String,
     size: u64,
-    temp: TempFile,
+    temp: PipedTemp,
     reservation: i64,
 }
 
@@ -459,7 +459,7 @@ impl Session {
             .reserve_space(cfg, &self.client, put.size, jiff::Timestamp::now())
             .await?;
         let reservation = res.map_err(|q| SessionError::Quota(q.left))?;
-        let temp = match TempFile::create(&storage::temp_dir(cfg, self.customer())) {
+        let temp = match PipedTemp::create(&storage::temp_dir(cfg, self.customer())) {
             Ok(t) => t,
             Err(e) => {
                 let _ = self.ctx.state.release_reservation(reservation).await;
@@ -491,7 +491,7 @@ impl Session {
                 "more than the {size} bytes PUT announced"
             )));
         }
-        if let Err(e) = up.temp.write(&payload) {
+        if let Err(e) = up.temp.write(payload).await {
             self.fail_upload(true).await;
             return Err(SessionError::Storage(e));
         }
@@ -527,17 +527,12 @@ impl Session {
         }
         let state = self.ctx.state.clone();
         let reservation = up.reservation;
-        let synced = match tokio::task::spawn_blocking(move || up.temp.sync()).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let _ = state.release_reservation(reservation).await;
-                self.stats.files_failed += 1;
-                return Err(SessionError::Storage(e));
-            }
+        let synced = match up.temp.sync().await {
+            Ok(s) => s,
             Err(e) => {
                 let _ = state.release_reservation(reservation).await;
                 self.stats.files_failed += 1;
-                return Err(SessionError::Storage(std::io::Error::other(e.to_string())));
+                return Err(SessionError::Storage(e));
             }
         };
         if !synced.sha256.eq_ignore_ascii_case(&end.sha256) {
@@ -741,7 +736,7 @@ impl Session {
     /// Discards the upload in flight, if any: temp file and reservation.
     async fn abandon_upload(&mut self) {
         if let Some(up) = self.upload.take() {
-            up.temp.discard();
+            up.temp.discard().await;
             if let Err(e) = self.ctx.state.release_reservation(up.reservation).await {
                 warn!(error = %e, "releasing a reservation failed");
             }
