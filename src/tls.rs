@@ -278,3 +278,25 @@ pub fn client_config(
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(Arc::new(config))
 }
+
+/// The subject CN and DNS SANs of a certificate (PROTOCOL.md: with mutual
+/// TLS, one of them must equal HELLO's `client_id`). Empty if unparsable.
+pub fn peer_names(der: &[u8]) -> Vec<String> {
+    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
+        return Vec::new();
+    };
+    let mut names: Vec<String> = cert
+        .subject()
+        .iter_common_name()
+        .filter_map(|a| a.as_str().ok())
+        .map(str::to_string)
+        .collect();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::DNSName(d) = n {
+                names.push(d.to_string());
+            }
+        }
+    }
+    names
+}

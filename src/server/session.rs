@@ -202,6 +202,7 @@ pub(super) async fn run(
     async move {
         let deadline = Instant::now() + ctx.cfg.server.hello_timeout;
         let Some(mut conn) = handshake(&ctx, tcp, deadline).await else { return };
+        let cert_names = conn.get_ref().get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::peer_names(c));
         let hello = match timeout_at(deadline, conn.next()).await {
             Err(_) => {
                 info!(code = "timeout", "refused: no HELLO in time");
@@ -238,6 +239,15 @@ pub(super) async fn run(
             }
         };
         tracing::Span::current().record("client", h.client_id.as_str());
+        if let Some(names) = &cert_names
+            && !names.iter().any(|n| n == &h.client_id)
+        {
+            info!(code = "auth_failed", "refused: the client certificate does not name this client id");
+            let _ = conn.send(reject_frame(RejectCode::AuthFailed, "the client certificate does not name this client id")).await;
+            let _ = conn.close().await;
+            let _ = ctx.state.record_refusal(jiff::Timestamp::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
+            return;
+        }
         let draining = *ctx.phase.borrow() != Phase::Running;
         let now = jiff::Timestamp::now();
         let (adm, secret) = match ctx.state.admit(&ctx.cfg, &h, Some(&peer_s), now, false, draining).await {
