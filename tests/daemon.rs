@@ -762,3 +762,44 @@ async fn concurrent_sessions_never_overrun_quota_or_licences() {
     assert_eq!(used, 10 * 100 * 1024);
     assert_eq!(clients, 5, "refused first HELLOs registered nothing");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_client_reports_refusals_and_exits_non_zero() {
+    let (t, d) = start("");
+    let file = t.path().join("x.txt");
+    make_file(&file, 10, 1);
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(["client"])
+            .args(args)
+            .args(["--server", &d.addr, "--pin", &d.pin, "--secret-file"])
+            .arg(t.path().join("cli.secret"))
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "backup",
+        "--id",
+        "CLI-1",
+        "--customer",
+        "Closed",
+        file.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unknown_client"), "{err}");
+    let out = run(&["backup", "--id", "CLI-1", file.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stored 1 of 1 file(s)"));
+    let out = run(&["delete", "--id", "CLI-1", "nope.txt"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
+    let out = run(&["list", "--id", "CLI-1", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["entries"][0]["path"], "x.txt");
+}

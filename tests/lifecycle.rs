@@ -143,7 +143,12 @@ async fn kill_9_during_a_large_upload_then_restart() {
     d.kill9();
     drop(c);
 
+    let first_pin = d.pin.clone();
     let d = Daemon::start(dir.path());
+    assert_eq!(
+        d.pin, first_pin,
+        "the self-signed pair is reused across restarts"
+    );
     let mut s = Session::connect(&d.opts("PC")).await.unwrap();
     let listed: Vec<String> = s
         .list(None)
