@@ -13,6 +13,7 @@
 //! - [`wire`]: frames, the codec and the JSON bodies of PROTOCOL.md.
 //! - [`tls`]: certificates, the self-signed pair, ALPN, pinning.
 //! - [`server`]: the listener, one task per session, shutdown.
+//! - [`throttle`]: per-session token buckets and shared aggregate caps.
 //! - [`client`]: the reference client.
 //! - [`cli`]: the `tollgate` subcommands built on the above.
 
@@ -26,5 +27,6 @@ pub mod policy;
 pub mod server;
 pub mod state;
 pub mod storage;
+pub mod throttle;
 pub mod tls;
 pub mod wire;

@@ -53,6 +53,8 @@ pub struct Context {
     pub busy: Arc<Semaphore>,
     /// Shutdown phase.
     pub phase: watch::Receiver<Phase>,
+    /// Shared aggregate buckets, and the trigger for live rate changes.
+    pub throttles: Arc<crate::throttle::Registry>,
 }
 
 impl Context {
@@ -70,6 +72,7 @@ impl Context {
             state,
             tls: TlsAcceptor::from(tls),
             phase,
+            throttles: Arc::default(),
         }
     }
 }

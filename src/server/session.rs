@@ -10,6 +10,7 @@ use crate::config::CustomerId;
 use crate::policy::admission::{Admitted, Intent, RejectCode};
 use crate::state::{AdmitOutcome, SessionEnd, SessionStart, StateError};
 use crate::storage::{self, BadPath, PipedTemp};
+use crate::throttle::{SessionThrottle, TimeBase};
 use crate::wire::{self, CodecError, ErrorBody, ErrorCode, Frame, FrameCodec, Kind};
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -295,7 +296,19 @@ pub(super) async fn run(
         if conn.send(Frame::json(Kind::Welcome, &welcome)).await.is_err() {
             return;
         }
+        let throttle = (adm.intent == Intent::Backup).then(|| {
+            let (cfg, customer, declared, schedule) = (ctx.cfg.clone(), adm.customer, adm.declared, h.schedule.clone());
+            let resolve: crate::throttle::Resolver = Arc::new(move |at| {
+                (
+                    crate::policy::throttle::resolve(&cfg, customer, declared, &schedule, at),
+                    crate::policy::throttle::caps(&cfg, customer, at),
+                )
+            });
+            SessionThrottle::new(resolve, ctx.throttles.clone(), TimeBase::now())
+        });
+        let started_at = Instant::now();
         let mut s = Session {
+            throttle,
             ctx: ctx.clone(),
             conn,
             client: h.client_id.clone(),
@@ -315,7 +328,21 @@ pub(super) async fn run(
             files_failed: s.stats.files_failed,
             result: &result,
         };
-        info!(result = %result, bytes_in = end.bytes_in, files_ok = end.files_ok, files_failed = end.files_failed, "session ended");
+        let secs = started_at.elapsed().as_secs_f64().max(1e-3);
+        let waits = s.throttle.as_ref().map(|t| t.waits).unwrap_or_default();
+        info!(
+            result = %result,
+            bytes_in = end.bytes_in,
+            files_ok = end.files_ok,
+            files_failed = end.files_failed,
+            average_rate = (end.bytes_in as f64 / secs) as u64,
+            configured_rate = ?s.throttle.as_ref().and_then(|t| t.rate()),
+            wait_session_ms = waits.session.as_millis() as u64,
+            wait_customer_ms = waits.customer.as_millis() as u64,
+            wait_reseller_ms = waits.reseller.as_millis() as u64,
+            wait_server_ms = waits.server.as_millis() as u64,
+            "session ended"
+        );
         if let Err(e) = ctx.state.end_session(&id, &end).await {
             warn!(error = %e, "recording the session end failed");
         }
@@ -346,6 +373,7 @@ struct Upload {
 }
 
 struct Session {
+    throttle: Option<SessionThrottle>,
     ctx: Arc<Context>,
     conn: Conn,
     client: String,
@@ -501,13 +529,17 @@ impl Session {
                 "more than the {size} bytes PUT announced"
             )));
         }
+        let payload_len = payload.len() as u64;
         if let Err(e) = up.temp.write(payload).await {
             self.fail_upload(true).await;
             return Err(SessionError::Storage(e));
         }
-        // Throttling seam (PROTOCOL.md Upload): the next frame is not read
-        // before these bytes are paid for, so TCP backpressure slows the
-        // client. Unthrottled until the throttle module fills this in.
+        // PROTOCOL.md Upload: the next frame is not read before these bytes
+        // are paid for, so TCP backpressure slows the client. This wait is
+        // not idle time: the idle timer only runs while awaiting a frame.
+        if let Some(t) = self.throttle.as_mut() {
+            t.consume(payload_len).await;
+        }
         Ok(Flow::Continue)
     }
 

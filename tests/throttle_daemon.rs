@@ -1,0 +1,63 @@
+//! The one wall-clock throttling test (bounds wide on purpose): a customer
+//! throttled to 2 MiB/s uploads 10 MiB over real TLS to the real daemon.
+
+mod common;
+
+use common::*;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tollgate::client::{Session, Upload};
+
+#[tokio::test(flavor = "multi_thread")]
+async fn two_mib_per_second_holds_end_to_end() {
+    let dir = TempDir::new().unwrap();
+    write_config(
+        dir.path(),
+        "",
+        &format!(
+            "[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"Slow\"\nreseller = \"r\"\nemail = \"s@x.example\"\nbackup_location = \"{}/slow\"\nauto_add_clients = true\nthrottle = {{ enabled = true, rate = \"2 MiB/s\" }}\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("ten.bin");
+    make_file(&file, 10 << 20, 9);
+    let mut o = d.opts("SLOW-PC");
+    o.customer = Some("Slow".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    assert_eq!(
+        s.welcome.rate,
+        Some(2 << 20),
+        "WELCOME shows the rate in force"
+    );
+    let t0 = Instant::now();
+    let r = s
+        .upload(
+            &[Upload {
+                local: file,
+                remote: "ten.bin".into(),
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    let took = t0.elapsed();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    s.bye().await.unwrap();
+    assert!(
+        took >= Duration::from_millis(4800) && took <= Duration::from_millis(5400),
+        "10 MiB at 2 MiB/s took {took:?}"
+    );
+    // Give the daemon a moment to log the session's end.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let log = d.log();
+    let line = log
+        .lines()
+        .rev()
+        .find(|l| l.contains("session ended") && l.contains("SLOW-PC") && l.contains("files_ok=1"))
+        .expect("an end-of-session line");
+    assert!(
+        line.contains("configured_rate=Some(2097152)") && line.contains("wait_session_ms="),
+        "{line}"
+    );
+}
