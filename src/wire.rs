@@ -188,44 +188,8 @@ pub fn parse<T: DeserializeOwned>(payload: &[u8]) -> Result<T, String> {
     })
 }
 
-/// HELLO.
-#[derive(Deserialize)]
-pub struct Hello {
-    /// Protocol version.
-    pub protocol: i64,
-    /// Client id.
-    pub client_id: String,
-    /// Issued secret.
-    pub secret: Option<String>,
-    /// Customer to register under.
-    pub customer: Option<String>,
-    /// Enrollment key.
-    pub enroll_key: Option<String>,
-    /// desktop, laptop or server.
-    pub kind: Option<String>,
-    /// Informational.
-    pub hostname: Option<String>,
-    /// Schedule name.
-    pub schedule: String,
-    /// backup or restore.
-    pub intent: Option<String>,
-}
-
-impl From<Hello> for crate::policy::Hello {
-    fn from(h: Hello) -> Self {
-        crate::policy::Hello {
-            protocol: h.protocol,
-            client_id: h.client_id,
-            secret: h.secret,
-            customer: h.customer,
-            enroll_key: h.enroll_key,
-            kind: h.kind,
-            hostname: h.hostname,
-            schedule: h.schedule,
-            intent: h.intent,
-        }
-    }
-}
+/// HELLO: the fields admission decides on (`policy::Hello`), decoded here.
+pub type Hello = crate::policy::Hello;
 
 /// HELLO as a client writes it.
 #[derive(Serialize, Default)]

@@ -118,9 +118,9 @@ pub enum Intent {
     Restore,
 }
 
-/// The HELLO fields, as decoded from JSON by the wire layer (types already
-/// checked there; values are checked here).
-#[derive(Clone, Default)]
+/// The HELLO fields (PROTOCOL.md HELLO). The wire layer decodes them from
+/// JSON (types checked there, unknown fields ignored); values are checked here.
+#[derive(Clone, Default, serde::Deserialize)]
 pub struct Hello {
     /// Protocol version.
     pub protocol: i64,

@@ -232,7 +232,7 @@ pub(super) async fn run(
             return;
         }
         let h: crate::policy::Hello = match wire::parse::<wire::Hello>(&hello.payload) {
-            Ok(h) => h.into(),
+            Ok(h) => h,
             Err(msg) => {
                 bad(&mut conn, msg).await;
                 let _ = ctx.state.record_refusal(jiff::Timestamp::now(), "", None, RejectCode::BadRequest, Some(&peer_s)).await;

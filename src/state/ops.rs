@@ -357,15 +357,9 @@ impl State {
         if let Err(r) = admission::check_syntax(hello)
             .and_then(|_| admission::check_capacity(connections_full, shutting_down))
         {
-            self.record_refusal(
-                at,
-                &hello.client_id,
-                hello.customer.as_deref(),
-                r.code,
-                peer,
-            )
-            .await?;
-            return Ok(AdmitOutcome::Rejected(r));
+            return self
+                .refused(at, hello, hello.customer.as_deref(), r, peer)
+                .await;
         }
         let secret = new_secret()?;
         let (_lane, mut tx) = immediate(self).await?;
@@ -379,15 +373,9 @@ impl State {
                         code: RejectCode::UnknownCustomer,
                         message: "this client's customer no longer exists; ask the administrator to move it".into(),
                     };
-                    self.record_refusal(
-                        at,
-                        &hello.client_id,
-                        hello.customer.as_deref(),
-                        r.code,
-                        peer,
-                    )
-                    .await?;
-                    return Ok(AdmitOutcome::Rejected(r));
+                    return self
+                        .refused(at, hello, hello.customer.as_deref(), r, peer)
+                        .await;
                 }
             },
             None => None,
@@ -415,9 +403,7 @@ impl State {
                     .ok()
                     .map(|c| cfg.customer(c).name.clone())
                     .or_else(|| hello.customer.clone());
-                self.record_refusal(at, &hello.client_id, customer.as_deref(), r.code, peer)
-                    .await?;
-                return Ok(AdmitOutcome::Rejected(r));
+                return self.refused(at, hello, customer.as_deref(), r, peer).await;
             }
         };
         let issued = match adm.registration {
@@ -464,6 +450,20 @@ impl State {
             admitted: adm,
             secret: issued,
         })
+    }
+
+    /// Records a refused HELLO and returns the refusal.
+    async fn refused(
+        &self,
+        at: Timestamp,
+        hello: &Hello,
+        customer: Option<&str>,
+        r: Rejection,
+        peer: Option<&str>,
+    ) -> Result<AdmitOutcome, StateError> {
+        self.record_refusal(at, &hello.client_id, customer, r.code, peer)
+            .await?;
+        Ok(AdmitOutcome::Rejected(r))
     }
 
     /// Registers `id` under `customer` if a client slot is free, returning
