@@ -337,6 +337,11 @@ impl SessionThrottle {
         self.generation = self.registry.generation();
     }
 
+    /// Re-resolves before the next payment (the client moved).
+    pub fn invalidate(&mut self) {
+        self.generation = u64::MAX;
+    }
+
     /// Pays for `n` bytes just read; returns when the next frame may be read.
     pub async fn consume(&mut self, n: u64) {
         let mut left = n;

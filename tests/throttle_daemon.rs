@@ -61,3 +61,84 @@ async fn two_mib_per_second_holds_end_to_end() {
         "{line}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_moved_client_follows_its_new_customer_and_a_removed_one_is_ended() {
+    let dir = TempDir::new().unwrap();
+    let cust = |name: &str, rate: &str| {
+        format!(
+            "[[customer]]\nname = \"{name}\"\nreseller = \"r\"\nemail = \"x@x.example\"\nbackup_location = \"{}/{name}\"\nauto_add_clients = true\nthrottle = {{ enabled = true, rate = \"{rate}\" }}\n",
+            dir.path().display()
+        )
+    };
+    write_config(
+        dir.path(),
+        "",
+        &format!(
+            "[[reseller]]\nname = \"r\"\n{}{}",
+            cust("Slow", "1 MiB/s"),
+            cust("Fast", "8 MiB/s")
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("four.bin");
+    make_file(&file, 4 << 20, 4);
+    let mut o = d.opts("MOVER");
+    o.customer = Some("Slow".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    assert_eq!(s.welcome.rate, Some(1 << 20));
+    let up = |name: &str| {
+        [Upload {
+            local: file.clone(),
+            remote: name.into(),
+        }]
+    };
+
+    // The administrator moves the idle client; the live session follows.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["clients", "move", "MOVER", "--to", "Fast", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let t0 = Instant::now();
+    assert!(s.upload(&up("after-move.bin"), &|_| {}).await.unwrap()[0].is_ok());
+    let took = t0.elapsed();
+    assert!(
+        took < Duration::from_millis(1500),
+        "4 MiB took {took:?}: still at the old customer's 1 MiB/s"
+    );
+    assert!(
+        dir.path().join("Fast/MOVER/after-move.bin").exists(),
+        "stored under the new customer"
+    );
+
+    // Removal ends the session with BYE client_removed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["clients", "remove", "MOVER", "--config"])
+        .arg(&d.config)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = Instant::now();
+    let err = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        match s.list(None).await {
+            Err(e) => break e,
+            Ok(_) if t0.elapsed() < Duration::from_secs(3) => continue,
+            Ok(_) => panic!("the session outlived its client's removal:\n{}", d.log()),
+        }
+    };
+    assert!(err.to_string().contains("client_removed"), "{err}");
+}

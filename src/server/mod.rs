@@ -12,12 +12,14 @@
 mod session;
 
 use crate::config::Config;
+use crate::state::ClientEvent;
 use crate::state::State;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
@@ -39,6 +41,9 @@ pub enum Phase {
     Forced,
 }
 
+/// Live sessions by client id: (session key, where its events go).
+pub type LiveSessions = HashMap<String, Vec<(u64, mpsc::UnboundedSender<ClientEvent>)>>;
+
 /// What every session shares.
 pub struct Context {
     /// The configuration.
@@ -55,6 +60,8 @@ pub struct Context {
     pub phase: watch::Receiver<Phase>,
     /// Shared aggregate buckets, and the trigger for live rate changes.
     pub throttles: Arc<crate::throttle::Registry>,
+    /// Live sessions per client id, to hand them moves and removals.
+    pub live: std::sync::Mutex<LiveSessions>,
 }
 
 impl Context {
@@ -73,6 +80,40 @@ impl Context {
             tls: TlsAcceptor::from(tls),
             phase,
             throttles: Arc::default(),
+            live: Default::default(),
+        }
+    }
+}
+
+/// How often the daemon looks for moves and removals made by the admin
+/// commands (another process), so live sessions follow within a second.
+pub const EVENT_POLL: Duration = Duration::from_millis(500);
+
+/// Hands moves and removals recorded by `tollgate clients …` to the live
+/// sessions of those clients.
+async fn watch_client_events(ctx: Arc<Context>) {
+    let mut seen = match ctx.state.last_event().await {
+        Ok(s) => s,
+        Err(e) => {
+            warn!(error = %e, "cannot read client events; moves and removals apply at the next admission");
+            return;
+        }
+    };
+    loop {
+        tokio::time::sleep(EVENT_POLL).await;
+        let events = match ctx.state.events_after(seen).await {
+            Ok(e) => e,
+            Err(e) => {
+                warn!(error = %e, "reading client events failed");
+                continue;
+            }
+        };
+        for (seq, client, ev) in events {
+            seen = seq;
+            let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+            for (_, tx) in live.get(&client).into_iter().flatten() {
+                let _ = tx.send(ev.clone());
+            }
         }
     }
 }
@@ -81,6 +122,7 @@ impl Context {
 /// sessions to end (they follow the phase). Binding is the caller's, so
 /// tests can bind port 0.
 pub async fn run(listeners: Vec<TcpListener>, ctx: Arc<Context>) {
+    let watcher = tokio::spawn(watch_client_events(ctx.clone()));
     let tracker = TaskTracker::new();
     let mut loops = Vec::new();
     for l in listeners {
@@ -91,6 +133,7 @@ pub async fn run(listeners: Vec<TcpListener>, ctx: Arc<Context>) {
     }
     tracker.close();
     tracker.wait().await;
+    watcher.abort();
 }
 
 async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, tracker: TaskTracker) {

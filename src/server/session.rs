@@ -8,7 +8,7 @@
 use super::{Context, Phase};
 use crate::config::CustomerId;
 use crate::policy::admission::{Admitted, Intent, RejectCode};
-use crate::state::{AdmitOutcome, SessionEnd, SessionStart, StateError};
+use crate::state::{AdmitOutcome, ClientEvent, SessionEnd, SessionStart, StateError};
 use crate::storage::{self, BadPath, PipedTemp};
 use crate::throttle::{SessionThrottle, TimeBase};
 use crate::wire::{self, CodecError, ErrorBody, ErrorCode, Frame, FrameCodec, Kind};
@@ -16,6 +16,7 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -296,9 +297,12 @@ pub(super) async fn run(
         if conn.send(Frame::json(Kind::Welcome, &welcome)).await.is_err() {
             return;
         }
+        // The customer can change under a live session (`clients move`).
+        let customer_cell = Arc::new(AtomicU32::new(adm.customer.0));
         let throttle = (adm.intent == Intent::Backup).then(|| {
-            let (cfg, customer, declared, schedule) = (ctx.cfg.clone(), adm.customer, adm.declared, h.schedule.clone());
+            let (cfg, cell, declared, schedule) = (ctx.cfg.clone(), customer_cell.clone(), adm.declared, h.schedule.clone());
             let resolve: crate::throttle::Resolver = Arc::new(move |at| {
+                let customer = CustomerId(cell.load(Ordering::SeqCst));
                 (
                     crate::policy::throttle::resolve(&cfg, customer, declared, &schedule, at),
                     crate::policy::throttle::caps(&cfg, customer, at),
@@ -307,7 +311,12 @@ pub(super) async fn run(
             SessionThrottle::new(resolve, ctx.throttles.clone(), TimeBase::now())
         });
         let started_at = Instant::now();
+        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
+        let key = rand_key();
+        ctx.live.lock().unwrap_or_else(|p| p.into_inner()).entry(h.client_id.clone()).or_default().push((key, events_tx));
         let mut s = Session {
+            events,
+            customer_cell,
             throttle,
             ctx: ctx.clone(),
             conn,
@@ -318,6 +327,15 @@ pub(super) async fn run(
             stats: Stats::default(),
         };
         let result = s.serve().await;
+        {
+            let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(v) = live.get_mut(&h.client_id) {
+                v.retain(|(k, _)| *k != key);
+                if v.is_empty() {
+                    live.remove(&h.client_id);
+                }
+            }
+        }
         s.abandon_upload().await;
         let _ = s.conn.close().await;
         let end = SessionEnd {
@@ -351,6 +369,10 @@ pub(super) async fn run(
     .await
 }
 
+fn rand_key() -> u64 {
+    getrandom::u64().unwrap_or_default()
+}
+
 fn session_id() -> String {
     let mut b = [0u8; 12];
     let _ = getrandom::fill(&mut b);
@@ -373,6 +395,8 @@ struct Upload {
 }
 
 struct Session {
+    events: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
+    customer_cell: Arc<AtomicU32>,
     throttle: Option<SessionThrottle>,
     ctx: Arc<Context>,
     conn: Conn,
@@ -403,6 +427,14 @@ impl Session {
             let next = tokio::select! {
                 r = timeout(idle, self.conn.next()) => r,
                 _ = phase.changed() => continue,
+                Some(ev) = self.events.recv() => {
+                    if let Some(reason) = self.client_event(ev) {
+                        self.abandon_upload().await;
+                        let _ = self.conn.send(bye(Some(reason))).await;
+                        return reason.into();
+                    }
+                    continue;
+                }
             };
             let frame = match next {
                 Err(_) => {
@@ -446,6 +478,27 @@ impl Session {
                         return e.code().as_str().into();
                     }
                 }
+            }
+        }
+    }
+
+    /// Applies a move or removal made by an admin command; returns the BYE
+    /// reason when the session must end.
+    fn client_event(&mut self, ev: ClientEvent) -> Option<&'static str> {
+        match ev {
+            ClientEvent::Removed => Some("client_removed"),
+            ClientEvent::Moved(name) => {
+                let Some(c) = self.ctx.cfg.customer_by_name(&name) else {
+                    return Some("client_removed");
+                };
+                info!(customer = %name, "client moved; following it");
+                self.adm.customer = c;
+                self.adm.reseller = self.ctx.cfg.customer(c).reseller;
+                self.customer_cell.store(c.0, Ordering::SeqCst);
+                if let Some(t) = self.throttle.as_mut() {
+                    t.invalidate();
+                }
+                None
             }
         }
     }

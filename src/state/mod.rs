@@ -13,8 +13,8 @@ mod ops;
 mod views;
 
 pub use ops::{
-    AdmitOutcome, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed, SessionEnd,
-    SessionStart,
+    AdmitOutcome, ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed,
+    SessionEnd, SessionStart,
 };
 pub use views::{ClientRow, FileEntry, StatusData};
 

@@ -787,6 +787,7 @@ impl State {
             .execute(&mut *tx)
             .await?;
         add_usage(&mut tx, id, needed as i64).await?;
+        record_event(&mut tx, at, id, "moved", Some(&tname)).await?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -833,6 +834,7 @@ impl State {
                 .execute(&mut *tx)
                 .await?;
         }
+        record_event(&mut tx, at, id, "removed", None).await?;
         if purge && !row.declared {
             sqlx::query("DELETE FROM clients WHERE id = ?")
                 .bind(id)
@@ -1008,6 +1010,67 @@ pub struct SessionEnd<'a> {
     pub files_failed: u64,
     /// "ok" or the code that ended it.
     pub result: &'a str,
+}
+
+/// Records a move or removal for the running daemon.
+async fn record_event(
+    tx: &mut Tx,
+    at: Timestamp,
+    client: &str,
+    kind: &str,
+    customer: Option<&str>,
+) -> Result<(), StateError> {
+    sqlx::query("INSERT INTO client_events (at, client, kind, customer) VALUES (?, ?, ?, ?)")
+        .bind(secs(at))
+        .bind(client)
+        .bind(kind)
+        .bind(customer)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// A move or removal made by an admin command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientEvent {
+    /// The client now belongs to this customer.
+    Moved(String),
+    /// The client was unregistered.
+    Removed,
+}
+
+impl State {
+    /// The newest event's sequence number (0 when there is none).
+    pub async fn last_event(&self) -> Result<i64, StateError> {
+        Ok(
+            sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM client_events")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Events after `seq`, oldest first: (seq, client, event).
+    pub async fn events_after(
+        &self,
+        seq: i64,
+    ) -> Result<Vec<(i64, String, ClientEvent)>, StateError> {
+        let rows: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
+            "SELECT seq, client, kind, customer FROM client_events WHERE seq > ? ORDER BY seq",
+        )
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(seq, client, kind, customer)| {
+                let ev = match (kind.as_str(), customer) {
+                    ("moved", Some(c)) => ClientEvent::Moved(c),
+                    _ => ClientEvent::Removed,
+                };
+                (seq, client, ev)
+            })
+            .collect())
+    }
 }
 
 /// Adds `delta` bytes to a client's usage and its customer's.
