@@ -8,6 +8,7 @@ use crate::server::{self, Context, Phase};
 use crate::state::State;
 use crate::{storage, tls};
 use anyhow::{Context as _, bail};
+use sd_notify::NotifyState;
 use std::io::Write;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -65,6 +66,13 @@ fn prepare_locations(cfg: &Config) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(probe);
     }
     Ok(())
+}
+
+/// Tells systemd about a state change; failures are logged, never fatal.
+fn notify(states: &[NotifyState]) {
+    if let Err(e) = sd_notify::notify(states) {
+        warn!(error = %e, "sd_notify failed");
+    }
 }
 
 /// Runs the daemon until SIGTERM or SIGINT.
@@ -139,18 +147,59 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let ctx = Arc::new(Context::new(cfg.clone(), state.clone(), t.config, phase_rx));
-    let mut server = tokio::spawn(server::run(listeners, ctx));
+    let addrs: Vec<String> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .map(|a| a.to_string())
+        .collect();
+    let mut server = tokio::spawn(server::run(listeners, ctx.clone()));
+
+    // systemd (sd_notify(3)): ready once listening and reconciled; the
+    // watchdog is fed from a task on this runtime, so a stalled runtime stops
+    // feeding it; STATUS= shows the sessions. No-ops outside systemd.
+    notify(&[
+        NotifyState::Ready,
+        NotifyState::Status(&format!("serving on {}; 0 sessions", addrs.join(", "))),
+    ]);
+    if let Some(interval) = sd_notify::watchdog_enabled() {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(interval / 2);
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Watchdog]);
+            }
+        });
+    }
+    let status_ctx = ctx.clone();
+    tokio::spawn(async move {
+        let max = status_ctx.cfg.server.max_connections as usize;
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let sessions = max.saturating_sub(status_ctx.limit.available_permits());
+            notify(&[NotifyState::Status(&format!(
+                "serving on {}; {sessions} sessions",
+                addrs.join(", ")
+            ))]);
+        }
+    });
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM: shutting down"),
-        _ = int.recv() => info!("SIGINT: shutting down"),
-        r = &mut server => {
-            warn!("the listener ended on its own: {r:?}");
-            return Ok(ExitCode::FAILURE);
+    // Live reload is not built yet; SIGHUP must not kill the daemon meanwhile.
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    loop {
+        tokio::select! {
+            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
+            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = hup.recv() => warn!("SIGHUP: live reload is not implemented yet; restart the daemon to apply configuration changes"),
+            r = &mut server => {
+                warn!("the listener ended on its own: {r:?}");
+                return Ok(ExitCode::FAILURE);
+            }
         }
     }
+    notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     let _ = phase_tx.send(Phase::Draining);
     let grace = cfg.server.shutdown_grace;
     if tokio::time::timeout(grace, &mut server).await.is_err() {

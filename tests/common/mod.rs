@@ -39,6 +39,11 @@ pub fn write_config(dir: &Path, server_extra: &str, body: &str) -> PathBuf {
 impl Daemon {
     /// Starts `tollgate serve` on the config in `dir` and waits until it listens.
     pub fn start(dir: &Path) -> Daemon {
+        Daemon::start_with_env(dir, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment variables.
+    pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Daemon {
         let config = dir.join("tollgate.toml");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -49,6 +54,7 @@ impl Daemon {
             .args(["serve", "--config"])
             .arg(&config)
             .env("RUST_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
