@@ -163,6 +163,16 @@ async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError
     .await?)
 }
 
+/// The record of a client that must exist under a customer the config has.
+async fn known_client(tx: &mut Tx, cfg: &Config, client: &str) -> Result<ClientRecord, StateError> {
+    let row = client_db(tx, client).await?;
+    row.as_ref().and_then(|r| record(cfg, r)).ok_or_else(|| {
+        StateError::Inconsistent(format!(
+            "client {client:?} is not registered under a known customer"
+        ))
+    })
+}
+
 fn record(cfg: &Config, row: &ClientDb) -> Option<ClientRecord> {
     Some(ClientRecord {
         customer: cfg.customer_by_name(&row.customer)?,
@@ -512,12 +522,7 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<u32, Rejection>, StateError> {
         let (_lane, mut tx) = immediate(self).await?;
-        let row = client_db(&mut tx, client).await?;
-        let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
-            return Err(StateError::Inconsistent(format!(
-                "client {client:?} is not registered under a known customer"
-            )));
-        };
+        let rec = known_client(&mut tx, cfg, client).await?;
         let month = Month::of(at, &cfg.server.timezone);
         let m = mcal_state(&mut tx, cfg, client, rec.customer, month).await?;
         let cost = cfg.mcal_cost(rec.kind);
@@ -545,12 +550,7 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
         let (_lane, mut tx) = immediate_volatile(self).await?;
-        let row = client_db(&mut tx, client).await?;
-        let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)) else {
-            return Err(StateError::Inconsistent(format!(
-                "client {client:?} is not registered under a known customer"
-            )));
-        };
+        let rec = known_client(&mut tx, cfg, client).await?;
         let usage = level_usage(&mut tx, cfg, client, rec.customer).await?;
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
         if !space::fits(&levels, size) {
