@@ -11,11 +11,12 @@
 //!
 //! Run: `cargo build --release && cargo run --release --example load -- [SESSIONS] [MIB] [STREAMS]`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::{TcpListener, TcpStream};
@@ -159,26 +160,7 @@ async fn main() {
         ),
     )
     .unwrap();
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate");
-    let mut daemon = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(dir.path().join("tollgate.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e} (run `cargo build --release` first)"));
-    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
-    let (mut pin, mut addr) = (String::new(), String::new());
-    while addr.is_empty() {
-        let line = lines.next().expect("the daemon exited").unwrap();
-        if let Some(p) = line.strip_prefix("tollgate: certificate ") {
-            pin = p.into();
-        }
-        if let Some(a) = line.strip_prefix("tollgate: listening on ") {
-            addr = a.into();
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let (mut daemon, addr, pin) = support::start_release_daemon(&dir.path().join("tollgate.toml"));
     let target = Arc::new(Target {
         addr,
         tls: tollgate::tls::client_config(Some(&pin), None).unwrap(),

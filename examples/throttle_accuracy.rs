@@ -9,11 +9,12 @@
 //! Rates are measured from the client: bytes from PUT to STORED.
 //! Run: `cargo build --release && cargo run --release --example throttle_accuracy -- [SESSIONS] [SECONDS]`
 
+#[path = "support/mod.rs"]
+mod support;
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Instant;
 use tokio::net::TcpStream;
@@ -152,27 +153,8 @@ async fn main() {
         );
     }
     std::fs::write(dir.path().join("tollgate.toml"), cfg).unwrap();
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate");
-    let mut daemon = Command::new(bin)
-        .args(["serve", "--config"])
-        .arg(dir.path().join("tollgate.toml"))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("{bin}: {e} (run `cargo build --release` first)"));
+    let (mut daemon, addr, pin) = support::start_release_daemon(&dir.path().join("tollgate.toml"));
     let pid = daemon.id();
-    let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
-    let (mut pin, mut addr) = (String::new(), String::new());
-    while addr.is_empty() {
-        let line = lines.next().expect("the daemon exited").unwrap();
-        if let Some(p) = line.strip_prefix("tollgate: certificate ") {
-            pin = p.into();
-        }
-        if let Some(a) = line.strip_prefix("tollgate: listening on ") {
-            addr = a.into();
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
     let t = Arc::new(Target {
         addr,
         tls: tollgate::tls::client_config(Some(&pin), None).unwrap(),
