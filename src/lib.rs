@@ -13,6 +13,7 @@
 //! - [`wire`]: frames, the codec and the JSON bodies of PROTOCOL.md.
 //! - [`tls`]: certificates, the self-signed pair, ALPN, pinning.
 //! - [`server`]: the listener, one task per session, shutdown.
+//! - [`metrics`]: Prometheus `/metrics` and `/healthz`.
 //! - [`throttle`]: per-session token buckets and shared aggregate caps.
 //! - [`client`]: the reference client.
 //! - [`cli`]: the `tollgate` subcommands built on the above.
@@ -23,6 +24,7 @@
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod metrics;
 pub mod policy;
 pub mod server;
 pub mod state;

@@ -51,7 +51,11 @@ pub enum Command {
         json: bool,
     },
     /// Run the daemon (systemd Type=notify; a plain foreground process elsewhere).
-    Serve,
+    Serve {
+        /// Log line format.
+        #[arg(long, value_enum, default_value_t = serve::LogFormat::Text)]
+        log_format: serve::LogFormat,
+    },
     /// The reference backup client.
     Client {
         /// What to do.
@@ -98,7 +102,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { json } => check_config(&cli.config, json),
         Command::HashSecret => hash_secret(),
-        Command::Serve => serve::serve(load(&cli.config)?),
+        Command::Serve { log_format } => serve::serve(&cli.config, log_format),
         Command::Client { action } => client::run(action),
         Command::Status { json } => admin::status(&load(&cli.config)?, json),
         Command::Clients { action } => {

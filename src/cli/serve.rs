@@ -1,71 +1,51 @@
-//! `tollgate serve`: start-up checks, binding, and shutdown on SIGTERM or
-//! SIGINT. Start-up order: load the config, open and migrate the state,
+//! `tollgate serve`: start-up checks, binding (or systemd's sockets),
+//! metrics, live reload on SIGHUP or a changed file, and shutdown on SIGTERM
+//! or SIGINT. Start-up order: load the config, open and migrate the state,
 //! record declared clients, reconcile interrupted commits, sweep temporary
 //! files, prepare backup locations, load or make the TLS pair, bind, serve.
 
-use crate::config::{Config, CustomerId};
-use crate::server::{self, Context, Phase};
+use crate::config::Config;
+use crate::server::{self, Context, Phase, reload};
 use crate::state::State;
 use crate::{storage, tls};
 use anyhow::{Context as _, bail};
 use sd_notify::NotifyState;
 use std::io::Write;
+use std::path::Path;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{error, info, warn};
+
+/// The log line format (`serve --log-format`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
 
 /// Sets up logging to stderr; `RUST_LOG` overrides the level. Under
 /// systemd (JOURNAL_STREAM set) the journal adds its own timestamps.
-pub fn init_tracing() {
+pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false);
-    let _ = if std::env::var_os("JOURNAL_STREAM").is_some() {
-        builder.without_time().try_init()
-    } else {
-        builder.try_init()
+    let journal = std::env::var_os("JOURNAL_STREAM").is_some();
+    let _ = match (format, journal) {
+        (LogFormat::Json, true) => builder.json().without_time().try_init(),
+        (LogFormat::Json, false) => builder.json().try_init(),
+        (LogFormat::Text, true) => builder.without_time().try_init(),
+        (LogFormat::Text, false) => builder.try_init(),
     };
-}
-
-/// Creates every customer's backup location (mode 0700) and proves it is
-/// writable (CONFIG.md: else the daemon refuses to start).
-fn prepare_locations(cfg: &Config) -> anyhow::Result<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    for (i, c) in cfg.customers.iter().enumerate() {
-        let dir = &c.backup_location;
-        if !dir.exists() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| {
-                    format!(
-                        "customer {:?}: cannot create backup_location {}",
-                        c.name,
-                        dir.display()
-                    )
-                })?;
-        }
-        let tmp = storage::temp_dir(cfg, CustomerId(i as u32));
-        std::fs::create_dir_all(&tmp)
-            .with_context(|| format!("customer {:?}: cannot create {}", c.name, tmp.display()))?;
-        let probe = tmp.join(".write-probe");
-        std::fs::write(&probe, b"").with_context(|| {
-            format!(
-                "customer {:?}: backup_location {} is not writable",
-                c.name,
-                dir.display()
-            )
-        })?;
-        let _ = std::fs::remove_file(probe);
-    }
-    Ok(())
 }
 
 /// Tells systemd about a state change; failures are logged, never fatal.
@@ -75,41 +55,52 @@ fn notify(states: &[NotifyState]) {
     }
 }
 
-/// Runs the daemon until SIGTERM or SIGINT.
-pub fn serve(cfg: Config) -> anyhow::Result<ExitCode> {
-    init_tracing();
-    let cfg = Arc::new(cfg);
+/// Runs the daemon on the config at `path` until SIGTERM or SIGINT.
+pub fn serve(path: &Path, format: LogFormat) -> anyhow::Result<ExitCode> {
+    init_tracing(format);
+    let cfg = Arc::new(super::load(path)?);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(run(cfg))
+    rt.block_on(run(cfg, path))
 }
 
-async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
+/// The sockets systemd handed over (socket activation), if any.
+fn activated_sockets() -> anyhow::Result<Vec<std::net::TcpListener>> {
+    let mut fds = listenfd::ListenFd::from_env();
+    let mut out = Vec::new();
+    for i in 0..fds.len() {
+        if let Some(l) = fds
+            .take_tcp_listener(i)
+            .with_context(|| format!("socket {i} from systemd is not a TCP listener"))?
+        {
+            l.set_nonblocking(true)?;
+            out.push(l);
+        }
+    }
+    Ok(out)
+}
+
+async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
+    // Watch from the start, so a change made while starting is not missed.
+    let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
+    let _watcher = match reload::watch(path, file_tx) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            warn!(error = %e, "cannot watch the config file; reload with SIGHUP");
+            None
+        }
+    };
     let state = State::open(&cfg)
         .await
         .context("opening the state database")?;
-    for (id, from, to) in state
-        .sync_declared(&cfg)
-        .await
-        .context("recording the declared clients")?
-    {
-        let (Some(f), Some(t)) = (cfg.customer_by_name(&from), cfg.customer_by_name(&to)) else {
-            continue;
-        };
-        storage::move_dir(
-            &storage::client_dir(&cfg, f, &id),
-            &storage::client_dir(&cfg, t, &id),
-        )
-        .with_context(|| format!("moving the files of declared client {id} from {from} to {to}"))?;
-        info!(client = %id, %from, %to, "declared client moved by the config");
-    }
+    reload::apply_declared(&state, &cfg).await?;
     let rec = state
         .reconcile()
         .await
         .context("reconciling interrupted commits")?;
-    prepare_locations(&cfg)?;
+    reload::prepare_locations(&cfg)?;
     let swept = storage::sweep_temp(&cfg).context("removing temporary files")?;
     info!(
         rolled_back = rec.rolled_back,
@@ -123,21 +114,45 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     if t.self_signed {
         info!(fingerprint = %t.fingerprint, dir = %cfg.server.state_dir.display(), "using the self-signed certificate; clients pin it with --pin");
     }
+    let activated = activated_sockets()?;
+    let socket_activated = !activated.is_empty();
     let mut listeners = Vec::new();
-    for addr in &cfg.server.listen {
-        listeners.push(
-            TcpListener::bind(addr)
+    if socket_activated {
+        for l in activated {
+            let l = TcpListener::from_std(l)?;
+            let a = l.local_addr()?;
+            info!(addr = %a, "using a socket from systemd; server.listen is ignored");
+            listeners.push((a, l));
+        }
+    } else {
+        for addr in &cfg.server.listen {
+            let l = TcpListener::bind(addr)
                 .await
-                .with_context(|| format!("binding {addr}"))?,
-        );
+                .with_context(|| format!("binding {addr}"))?;
+            listeners.push((*addr, l));
+        }
     }
     if listeners.is_empty() {
         bail!("no listen address");
     }
+    let metrics_listener = match cfg.server.metrics_listen {
+        Some(a) => Some(
+            TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding metrics_listen {a}"))?,
+        ),
+        None => None,
+    };
+    let handle = crate::metrics::install();
     // One machine-readable line each, for people and for tests that bind port 0.
     let mut out = std::io::stdout().lock();
     writeln!(out, "tollgate: certificate {}", t.fingerprint)?;
-    for l in &listeners {
+    if let Some(m) = &metrics_listener {
+        let a = m.local_addr()?;
+        info!(addr = %a, "metrics on http://{a}/metrics");
+        writeln!(out, "tollgate: metrics on {a}")?;
+    }
+    for (_, l) in &listeners {
         let a = l.local_addr()?;
         info!(addr = %a, "listening");
         writeln!(out, "tollgate: listening on {a}")?;
@@ -147,20 +162,40 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
 
     let (phase_tx, phase_rx) = watch::channel(Phase::Running);
     let ctx = Arc::new(Context::new(cfg.clone(), state.clone(), t.config, phase_rx));
-    let addrs: Vec<String> = listeners
-        .iter()
-        .filter_map(|l| l.local_addr().ok())
-        .map(|a| a.to_string())
-        .collect();
+    ctx.listeners
+        .socket_activated
+        .store(socket_activated, Ordering::SeqCst);
     let mut server = tokio::spawn(server::run(listeners, ctx.clone()));
+    if let Some(m) = metrics_listener {
+        tokio::spawn(crate::metrics::serve(m, ctx.clone(), handle));
+    }
 
     // systemd (sd_notify(3)): ready once listening and reconciled; the
     // watchdog is fed from a task on this runtime, so a stalled runtime stops
-    // feeding it; STATUS= shows the sessions. No-ops outside systemd.
-    notify(&[
-        NotifyState::Ready,
-        NotifyState::Status(&format!("serving on {}; 0 sessions", addrs.join(", "))),
-    ]);
+    // feeding it; STATUS= shows the sessions and the last reload.
+    let last_reload = Arc::new(std::sync::Mutex::new(String::from("no reload yet")));
+    let status = {
+        let (ctx, last_reload) = (ctx.clone(), last_reload.clone());
+        move || {
+            let max = ctx.cfg.load().server.max_connections as usize;
+            let sessions = max.saturating_sub(ctx.limit.available_permits());
+            let addrs: Vec<String> = ctx
+                .listeners
+                .local()
+                .iter()
+                .map(|a| a.to_string())
+                .collect();
+            let last = last_reload
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            format!(
+                "serving on {}; {sessions} sessions; {last}",
+                addrs.join(", ")
+            )
+        }
+    };
+    notify(&[NotifyState::Ready, NotifyState::Status(&status())]);
     if let Some(interval) = sd_notify::watchdog_enabled() {
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(interval / 2);
@@ -170,29 +205,69 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
             }
         });
     }
-    let status_ctx = ctx.clone();
-    tokio::spawn(async move {
-        let max = status_ctx.cfg.server.max_connections as usize;
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            let sessions = max.saturating_sub(status_ctx.limit.available_permits());
-            notify(&[NotifyState::Status(&format!(
-                "serving on {}; {sessions} sessions",
-                addrs.join(", ")
-            ))]);
-        }
-    });
+    {
+        let status = status.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                notify(&[NotifyState::Status(&status())]);
+            }
+        });
+    }
+
+    // Reloads: on SIGHUP at once, on changes to the file after they settle.
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    {
+        let reload_tx = reload_tx.clone();
+        tokio::spawn(async move {
+            while file_rx.recv().await.is_some() {
+                if !reload::debounce(&mut file_rx).await {
+                    return;
+                }
+                info!("the config file changed; reloading");
+                let _ = reload_tx.send(());
+            }
+        });
+    }
+    {
+        let (ctx, path, last_reload) = (ctx.clone(), path.to_path_buf(), last_reload.clone());
+        tokio::spawn(async move {
+            while reload_rx.recv().await.is_some() {
+                let mut states = vec![NotifyState::Reloading];
+                if let Ok(m) = NotifyState::monotonic_usec_now() {
+                    states.push(m);
+                }
+                notify(&states);
+                let line = match reload::reload(&ctx, &path).await {
+                    Ok(summary) => {
+                        info!("{summary}");
+                        metrics::counter!(crate::metrics::RELOADS, "result" => "ok").increment(1);
+                        metrics::gauge!(crate::metrics::RELOAD_FAILED).set(0.0);
+                        format!("last reload ok at {}", now_local(&ctx))
+                    }
+                    Err(e) => {
+                        error!(error = %e, "reload refused; the running configuration stays in force");
+                        metrics::counter!(crate::metrics::RELOADS, "result" => "failed")
+                            .increment(1);
+                        metrics::gauge!(crate::metrics::RELOAD_FAILED).set(1.0);
+                        format!("last reload FAILED at {}: {e}", now_local(&ctx))
+                    }
+                };
+                *last_reload.lock().unwrap_or_else(|p| p.into_inner()) = line;
+                notify(&[NotifyState::Ready, NotifyState::Status(&status())]);
+            }
+        });
+    }
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    // Live reload is not built yet; SIGHUP must not kill the daemon meanwhile.
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
             _ = int.recv() => { info!("SIGINT: shutting down"); break; }
-            _ = hup.recv() => warn!("SIGHUP: live reload is not implemented yet; restart the daemon to apply configuration changes"),
+            _ = hup.recv() => { info!("SIGHUP: reloading the configuration"); let _ = reload_tx.send(()); }
             r = &mut server => {
                 warn!("the listener ended on its own: {r:?}");
                 return Ok(ExitCode::FAILURE);
@@ -201,7 +276,7 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     }
     notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     let _ = phase_tx.send(Phase::Draining);
-    let grace = cfg.server.shutdown_grace;
+    let grace = ctx.cfg.load().server.shutdown_grace;
     if tokio::time::timeout(grace, &mut server).await.is_err() {
         info!(?grace, "grace period over; ending the remaining sessions");
         let _ = phase_tx.send(Phase::Forced);
@@ -210,4 +285,13 @@ async fn run(cfg: Arc<Config>) -> anyhow::Result<ExitCode> {
     state.close().await;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Now in the server's zone, to the second, for STATUS=.
+fn now_local(ctx: &Context) -> String {
+    let tz = ctx.cfg.load().server.timezone.clone();
+    jiff::Timestamp::now()
+        .to_zoned_datetime(tz)
+        .strftime("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
 }

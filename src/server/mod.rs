@@ -9,11 +9,13 @@
 //! [`Phase`]: `Draining` stops the accept loops and lets uploads in flight
 //! finish; `Forced` (after `shutdown_grace`) ends every session.
 
+pub mod reload;
 mod session;
 
 use crate::config::Config;
 use crate::state::ClientEvent;
 use crate::state::State;
+use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -21,6 +23,7 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
@@ -41,17 +44,27 @@ pub enum Phase {
     Forced,
 }
 
-/// Live sessions by client id: (session key, where its events go).
-pub type LiveSessions = HashMap<String, Vec<(u64, mpsc::UnboundedSender<ClientEvent>)>>;
+/// What a live session is told from outside.
+#[derive(Clone, Debug)]
+pub enum Notice {
+    /// An admin command moved or removed its client.
+    Client(ClientEvent),
+    /// The configuration was reloaded: look again at customer and limits.
+    Reloaded,
+}
+
+/// Live sessions by client id: (session key, where its notices go).
+pub type LiveSessions = HashMap<String, Vec<(u64, mpsc::UnboundedSender<Notice>)>>;
 
 /// What every session shares.
 pub struct Context {
-    /// The configuration.
-    pub cfg: Arc<Config>,
+    /// The configuration in force; a reload swaps it (sessions keep a
+    /// snapshot and take the new one when told [`Notice::Reloaded`]).
+    pub cfg: ArcSwap<Config>,
     /// The state store.
     pub state: State,
-    /// TLS.
-    pub tls: TlsAcceptor,
+    /// TLS for new handshakes; a reload may swap it.
+    pub tls: ArcSwap<rustls::ServerConfig>,
     /// One permit per connection.
     pub limit: Arc<Semaphore>,
     /// Permits for REJECT `busy` answers.
@@ -62,6 +75,8 @@ pub struct Context {
     pub throttles: Arc<crate::throttle::Registry>,
     /// Live sessions per client id, to hand them moves and removals.
     pub live: std::sync::Mutex<LiveSessions>,
+    /// The accept loops.
+    pub listeners: Listeners,
 }
 
 impl Context {
@@ -75,12 +90,13 @@ impl Context {
         Context {
             limit: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
             busy: Arc::new(Semaphore::new(BUSY_RESPONDERS)),
-            cfg,
+            cfg: ArcSwap::new(cfg),
             state,
-            tls: TlsAcceptor::from(tls),
+            tls: ArcSwap::new(tls),
             phase,
             throttles: Arc::default(),
             live: Default::default(),
+            listeners: Listeners::default(),
         }
     }
 }
@@ -112,31 +128,118 @@ async fn watch_client_events(ctx: Arc<Context>) {
             seen = seq;
             let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
             for (_, tx) in live.get(&client).into_iter().flatten() {
-                let _ = tx.send(ev.clone());
+                let _ = tx.send(Notice::Client(ev.clone()));
             }
         }
     }
 }
 
-/// Serves `listeners` until the phase leaves `Running`, then waits for the
-/// sessions to end (they follow the phase). Binding is the caller's, so
-/// tests can bind port 0.
-pub async fn run(listeners: Vec<TcpListener>, ctx: Arc<Context>) {
+impl Context {
+    /// Tells every live session that the configuration changed.
+    pub fn notify_all(&self, n: Notice) -> usize {
+        let live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        let mut told = 0;
+        for tx in live.values().flatten().map(|(_, tx)| tx) {
+            if tx.send(n.clone()).is_ok() {
+                told += 1;
+            }
+        }
+        told
+    }
+
+    /// A TLS acceptor with the certificate in force now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.tls.load_full())
+    }
+}
+
+/// The accept loops, one per listening socket. A reload adds and stops
+/// loops; sessions run in `sessions` and outlive the loop that accepted them.
+#[derive(Default)]
+pub struct Listeners {
+    loops: std::sync::Mutex<Vec<Loop>>,
+    accepting: TaskTracker,
+    sessions: TaskTracker,
+    /// The sockets came from systemd (`LISTEN_FDS`): `listen` is not ours.
+    pub socket_activated: std::sync::atomic::AtomicBool,
+}
+
+struct Loop {
+    /// The configured address (`listen`), or the bound one when activated.
+    configured: SocketAddr,
+    local: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl Listeners {
+    /// Starts accepting on `listener`, bound for `configured`.
+    pub fn add(&self, ctx: &Arc<Context>, configured: SocketAddr, listener: TcpListener) {
+        let local = listener.local_addr().unwrap_or(configured);
+        let stop = CancellationToken::new();
+        self.accepting.spawn(accept_loop(
+            listener,
+            ctx.clone(),
+            self.sessions.clone(),
+            stop.clone(),
+        ));
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops.push(Loop {
+            configured,
+            local,
+            stop,
+        });
+    }
+
+    /// The configured addresses being served.
+    pub fn configured(&self) -> Vec<SocketAddr> {
+        let loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops.iter().map(|l| l.configured).collect()
+    }
+
+    /// The bound addresses.
+    pub fn local(&self) -> Vec<SocketAddr> {
+        let loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops.iter().map(|l| l.local).collect()
+    }
+
+    /// Stops accepting on `configured`; its sessions go on.
+    pub fn remove(&self, configured: SocketAddr) {
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        loops.retain(|l| {
+            if l.configured == configured {
+                l.stop.cancel();
+                false
+            } else {
+                true
+            }
+        });
+    }
+}
+
+/// Serves `listeners` (each with the configured address it was bound for)
+/// until the phase leaves `Running`, then waits for the sessions to end
+/// (they follow the phase). Binding is the caller's, so tests can bind
+/// port 0 and systemd can hand sockets over.
+pub async fn run(listeners: Vec<(SocketAddr, TcpListener)>, ctx: Arc<Context>) {
     let watcher = tokio::spawn(watch_client_events(ctx.clone()));
-    let tracker = TaskTracker::new();
-    let mut loops = Vec::new();
-    for l in listeners {
-        loops.push(tokio::spawn(accept_loop(l, ctx.clone(), tracker.clone())));
+    for (configured, l) in listeners {
+        ctx.listeners.add(&ctx, configured, l);
     }
-    for l in loops {
-        let _ = l.await;
-    }
-    tracker.close();
-    tracker.wait().await;
+    let mut phase = ctx.phase.clone();
+    let _ = phase.wait_for(|p| *p != Phase::Running).await;
+    ctx.listeners.accepting.close();
+    ctx.listeners.accepting.wait().await;
+    ctx.listeners.sessions.close();
+    ctx.listeners.sessions.wait().await;
     watcher.abort();
 }
 
-async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, tracker: TaskTracker) {
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Context>,
+    tracker: TaskTracker,
+    stop: CancellationToken,
+) {
     let mut phase = ctx.phase.clone();
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -144,10 +247,12 @@ async fn accept_loop(listener: TcpListener, ctx: Arc<Context>, tracker: TaskTrac
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = phase.wait_for(|p| *p != Phase::Running) => return,
+            _ = stop.cancelled() => return,
         };
         match accepted {
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
+                metrics::counter!(crate::metrics::CONNECTIONS).increment(1);
                 let _ = tcp.set_nodelay(true);
                 // A slot may have freed while this loop waited in accept().
                 let permit = permit.or_else(|| ctx.limit.clone().try_acquire_owned().ok());
@@ -181,5 +286,6 @@ async fn busy(
     _permit: tokio::sync::OwnedSemaphorePermit,
 ) {
     info!(%peer, code = "busy", "refused: connections full");
+    crate::metrics::admission("busy");
     session::refuse_busy(&ctx, tcp, peer).await;
 }

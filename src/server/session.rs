@@ -5,18 +5,18 @@
 //! replies come back in the same order. After an ERROR answering an upload,
 //! the rest of that upload's DATA and its END are swallowed silently.
 
-use super::{Context, Phase};
-use crate::config::CustomerId;
+use super::{Context, Notice, Phase};
+use crate::config::{Config, CustomerId, DeclaredClientId};
 use crate::policy::admission::{Admitted, Intent, RejectCode};
 use crate::state::{AdmitOutcome, ClientEvent, SessionEnd, SessionStart, StateError};
 use crate::storage::{self, BadPath, PipedTemp};
 use crate::throttle::{SessionThrottle, TimeBase};
 use crate::wire::{self, CodecError, ErrorBody, ErrorCode, Frame, FrameCodec, Kind};
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout, timeout_at};
@@ -150,8 +150,11 @@ fn codec_error_frame(e: &CodecError) -> Option<Frame> {
 }
 
 async fn handshake(ctx: &Context, tcp: TcpStream, deadline: Instant) -> Option<Conn> {
-    match timeout_at(deadline, ctx.tls.accept(tcp)).await {
-        Ok(Ok(tls)) => Some(Framed::new(tls, FrameCodec::new(ctx.cfg.server.max_frame))),
+    match timeout_at(deadline, ctx.acceptor().accept(tcp)).await {
+        Ok(Ok(tls)) => Some(Framed::new(
+            tls,
+            FrameCodec::new(ctx.cfg.load().server.max_frame),
+        )),
         Ok(Err(e)) => {
             debug!(error = %e, "TLS handshake failed");
             None
@@ -165,7 +168,7 @@ async fn handshake(ctx: &Context, tcp: TcpStream, deadline: Instant) -> Option<C
 
 /// Answers one connection beyond the limit with REJECT `busy`.
 pub(super) async fn refuse_busy(ctx: &Context, tcp: TcpStream, peer: SocketAddr) {
-    let deadline = Instant::now() + ctx.cfg.server.hello_timeout;
+    let deadline = Instant::now() + ctx.cfg.load().server.hello_timeout;
     let Some(mut conn) = handshake(ctx, tcp, deadline).await else {
         return;
     };
@@ -202,12 +205,16 @@ pub(super) async fn run(
 ) {
     let span = info_span!("session", %peer, client = tracing::field::Empty);
     async move {
-        let deadline = Instant::now() + ctx.cfg.server.hello_timeout;
+        // The config in force at the handshake; a reload reaches the
+        // session as a `Notice::Reloaded`.
+        let cfg = ctx.cfg.load_full();
+        let deadline = Instant::now() + cfg.server.hello_timeout;
         let Some(mut conn) = handshake(&ctx, tcp, deadline).await else { return };
         let cert_names = conn.get_ref().get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::peer_names(c));
         let hello = match timeout_at(deadline, conn.next()).await {
             Err(_) => {
                 info!(code = "timeout", "refused: no HELLO in time");
+                crate::metrics::admission("timeout");
                 let _ = conn.send(reject_frame(RejectCode::Timeout, "no HELLO within hello_timeout")).await;
                 let _ = ctx.state.record_refusal(jiff::Timestamp::now(), "", None, RejectCode::Timeout, Some(&peer.to_string())).await;
                 return;
@@ -224,6 +231,7 @@ pub(super) async fn run(
         let peer_s = peer.to_string();
         async fn bad(conn: &mut Conn, msg: String) {
             info!(code = "bad_request", reason = %msg, "refused");
+            crate::metrics::admission("bad_request");
             let _ = conn.send(reject_frame(RejectCode::BadRequest, &msg)).await;
             let _ = conn.close().await;
         }
@@ -245,6 +253,7 @@ pub(super) async fn run(
             && !names.iter().any(|n| n == &h.client_id)
         {
             info!(code = "auth_failed", "refused: the client certificate does not name this client id");
+            crate::metrics::admission("auth_failed");
             let _ = conn.send(reject_frame(RejectCode::AuthFailed, "the client certificate does not name this client id")).await;
             let _ = conn.close().await;
             let _ = ctx.state.record_refusal(jiff::Timestamp::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
@@ -252,10 +261,11 @@ pub(super) async fn run(
         }
         let draining = *ctx.phase.borrow() != Phase::Running;
         let now = jiff::Timestamp::now();
-        let (adm, secret) = match ctx.state.admit(&ctx.cfg, &h, Some(&peer_s), now, false, draining).await {
+        let (adm, secret) = match ctx.state.admit(&cfg, &h, Some(&peer_s), now, false, draining).await {
             Ok(AdmitOutcome::Admitted { admitted, secret }) => (admitted, secret),
             Ok(AdmitOutcome::Rejected(r)) => {
                 info!(customer = ?h.customer, code = r.code.as_str(), "refused: {}", r.message);
+                crate::metrics::admission(r.code.as_str());
                 let _ = conn.send(reject_frame(r.code, &r.message)).await;
                 let _ = conn.close().await;
                 return;
@@ -266,10 +276,10 @@ pub(super) async fn run(
                 return;
             }
         };
-        let cfg = &ctx.cfg;
         let cust = cfg.customer(adm.customer);
         let id = session_id();
         info!(customer = %cust.name, code = "welcome", session = %id, registered = adm.issues_secret(), "admitted");
+        crate::metrics::admission("welcome");
         let welcome = wire::Welcome {
             session: id.clone(),
             client_id: h.client_id.clone(),
@@ -297,15 +307,16 @@ pub(super) async fn run(
         if conn.send(Frame::json(Kind::Welcome, &welcome)).await.is_err() {
             return;
         }
-        // The customer can change under a live session (`clients move`).
-        let customer_cell = Arc::new(AtomicU32::new(adm.customer.0));
+        // The customer and config can change under a live session (`clients
+        // move`, a reload); the resolver reads them together.
+        let view = Arc::new(ArcSwap::from_pointee(View { cfg: cfg.clone(), customer: adm.customer, declared: adm.declared }));
         let throttle = (adm.intent == Intent::Backup).then(|| {
-            let (cfg, cell, declared, schedule) = (ctx.cfg.clone(), customer_cell.clone(), adm.declared, h.schedule.clone());
+            let (cell, schedule) = (view.clone(), h.schedule.clone());
             let resolve: crate::throttle::Resolver = Arc::new(move |at| {
-                let customer = CustomerId(cell.load(Ordering::SeqCst));
+                let v = cell.load();
                 (
-                    crate::policy::throttle::resolve(&cfg, customer, declared, &schedule, at),
-                    crate::policy::throttle::caps(&cfg, customer, at),
+                    crate::policy::throttle::resolve(&v.cfg, v.customer, v.declared, &schedule, at),
+                    crate::policy::throttle::caps(&v.cfg, v.customer, at),
                 )
             });
             SessionThrottle::new(resolve, ctx.throttles.clone(), TimeBase::now())
@@ -316,7 +327,9 @@ pub(super) async fn run(
         ctx.live.lock().unwrap_or_else(|p| p.into_inner()).entry(h.client_id.clone()).or_default().push((key, events_tx));
         let mut s = Session {
             events,
-            customer_cell,
+            pending: None,
+            cfg,
+            view,
             throttle,
             ctx: ctx.clone(),
             conn,
@@ -326,7 +339,10 @@ pub(super) async fn run(
             discarding: false,
             stats: Stats::default(),
         };
+        let active = metrics::gauge!(crate::metrics::ACTIVE_SESSIONS);
+        active.increment(1.0);
         let result = s.serve().await;
+        active.decrement(1.0);
         {
             let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(v) = live.get_mut(&h.client_id) {
@@ -348,6 +364,7 @@ pub(super) async fn run(
         };
         let secs = started_at.elapsed().as_secs_f64().max(1e-3);
         let waits = s.throttle.as_ref().map(|t| t.waits).unwrap_or_default();
+        crate::metrics::throttle_waits(&waits);
         info!(
             result = %result,
             bytes_in = end.bytes_in,
@@ -394,9 +411,20 @@ struct Upload {
     reservation: i64,
 }
 
+/// What a session's throttle resolves against.
+struct View {
+    cfg: Arc<Config>,
+    customer: CustomerId,
+    declared: Option<DeclaredClientId>,
+}
+
 struct Session {
-    events: tokio::sync::mpsc::UnboundedReceiver<ClientEvent>,
-    customer_cell: Arc<AtomicU32>,
+    events: tokio::sync::mpsc::UnboundedReceiver<Notice>,
+    /// A notice that arrived during a throttle wait, handled next.
+    pending: Option<Notice>,
+    /// The session's config snapshot; `adm`'s ids index into it.
+    cfg: Arc<Config>,
+    view: Arc<ArcSwap<View>>,
     throttle: Option<SessionThrottle>,
     ctx: Arc<Context>,
     conn: Conn,
@@ -414,9 +442,16 @@ impl Session {
 
     /// The request loop; returns the session's result code.
     async fn serve(&mut self) -> String {
-        let idle = self.ctx.cfg.server.idle_timeout;
         let mut phase = self.ctx.phase.clone();
         loop {
+            let idle = self.cfg.server.idle_timeout;
+            if let Some(n) = self.pending.take()
+                && let Some(reason) = self.notice(n)
+            {
+                self.abandon_upload().await;
+                let _ = self.conn.send(bye(Some(reason))).await;
+                return reason.into();
+            }
             let current = *phase.borrow_and_update();
             if current == Phase::Forced
                 || (current == Phase::Draining && self.upload.is_none() && !self.discarding)
@@ -427,8 +462,8 @@ impl Session {
             let next = tokio::select! {
                 r = timeout(idle, self.conn.next()) => r,
                 _ = phase.changed() => continue,
-                Some(ev) = self.events.recv() => {
-                    if let Some(reason) = self.client_event(ev) {
+                Some(n) = self.events.recv() => {
+                    if let Some(reason) = self.notice(n) {
                         self.abandon_upload().await;
                         let _ = self.conn.send(bye(Some(reason))).await;
                         return reason.into();
@@ -461,6 +496,9 @@ impl Session {
                 Ok(Flow::Closed) => return "disconnected".into(),
                 Err(e) => {
                     let fatal = e.fatal();
+                    if matches!(e, SessionError::Storage(_)) {
+                        metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
+                    }
                     if matches!(e, SessionError::Storage(_) | SessionError::Internal(_)) {
                         warn!(error = %e, "request failed");
                     } else {
@@ -482,25 +520,44 @@ impl Session {
         }
     }
 
-    /// Applies a move or removal made by an admin command; returns the BYE
-    /// reason when the session must end.
-    fn client_event(&mut self, ev: ClientEvent) -> Option<&'static str> {
-        match ev {
-            ClientEvent::Removed => Some("client_removed"),
-            ClientEvent::Moved(name) => {
-                let Some(c) = self.ctx.cfg.customer_by_name(&name) else {
-                    return Some("client_removed");
-                };
+    /// Applies a move or removal made by an admin command, or a reload;
+    /// returns the BYE reason when the session must end (PROTOCOL.md
+    /// Session 4, CONFIG.md "Activation").
+    fn notice(&mut self, n: Notice) -> Option<&'static str> {
+        let cfg = self.ctx.cfg.load_full();
+        let customer = match n {
+            Notice::Client(ClientEvent::Removed) => return Some("client_removed"),
+            Notice::Client(ClientEvent::Moved(name)) => {
                 info!(customer = %name, "client moved; following it");
-                self.adm.customer = c;
-                self.adm.reseller = self.ctx.cfg.customer(c).reseller;
-                self.customer_cell.store(c.0, Ordering::SeqCst);
-                if let Some(t) = self.throttle.as_mut() {
-                    t.invalidate();
-                }
-                None
+                cfg.customer_by_name(&name)
             }
+            Notice::Reloaded => match cfg.declared_client(&self.client) {
+                Some(d) => Some(cfg.client(d).customer),
+                None => cfg.customer_by_name(&self.cfg.customer(self.adm.customer).name),
+            },
+        };
+        let Some(c) = customer else {
+            info!("the client's customer is gone from the configuration");
+            return Some("customer_deactivated");
+        };
+        let cust = cfg.customer(c);
+        if !cust.activated || cust.reseller.is_some_and(|r| !cfg.reseller(r).activated) {
+            info!(customer = %cust.name, "customer or reseller deactivated; ending the session");
+            return Some("customer_deactivated");
         }
+        self.adm.customer = c;
+        self.adm.reseller = cust.reseller;
+        self.adm.declared = cfg.declared_client(&self.client);
+        self.view.store(Arc::new(View {
+            cfg: cfg.clone(),
+            customer: c,
+            declared: self.adm.declared,
+        }));
+        self.cfg = cfg;
+        if let Some(t) = self.throttle.as_mut() {
+            t.invalidate();
+        }
+        None
     }
 
     async fn handle(&mut self, f: Frame) -> Result<Flow, SessionError> {
@@ -543,7 +600,7 @@ impl Session {
             ));
         }
         storage::validate_path(&put.path)?;
-        let cfg = &self.ctx.cfg;
+        let cfg = &self.cfg;
         let res = self
             .ctx
             .state
@@ -569,6 +626,7 @@ impl Session {
 
     async fn data(&mut self, payload: Bytes) -> Result<Flow, SessionError> {
         self.stats.bytes_in += payload.len() as u64;
+        metrics::counter!(crate::metrics::BYTES_IN).increment(payload.len() as u64);
         if self.discarding {
             return Ok(Flow::Continue);
         }
@@ -590,8 +648,14 @@ impl Session {
         // PROTOCOL.md Upload: the next frame is not read before these bytes
         // are paid for, so TCP backpressure slows the client. This wait is
         // not idle time: the idle timer only runs while awaiting a frame.
+        // A notice (deactivation, removal, reload) must not wait for a slow
+        // payment: it interrupts it and is handled before the next frame. An
+        // interrupted payment is not resumed; the rates are resolved anew.
         if let Some(t) = self.throttle.as_mut() {
-            t.consume(payload_len).await;
+            tokio::select! {
+                _ = t.consume(payload_len) => {}
+                Some(n) = self.events.recv() => self.pending = Some(n),
+            }
         }
         Ok(Flow::Continue)
     }
@@ -646,7 +710,7 @@ impl Session {
         };
         let r = storage::commit(
             &state,
-            &self.ctx.cfg,
+            &self.cfg,
             self.customer(),
             &self.client,
             &up.path,
@@ -675,7 +739,7 @@ impl Session {
     async fn list(&mut self, payload: &[u8]) -> Result<Flow, SessionError> {
         let req: wire::List = wire::parse(payload).map_err(SessionError::BadRequest)?;
         let prefix = req.prefix.unwrap_or_default();
-        let budget = self.ctx.cfg.server.max_frame as usize - LISTING_MARGIN;
+        let budget = self.cfg.server.max_frame as usize - LISTING_MARGIN;
         let mut after: Option<String> = None;
         let mut page: Vec<wire::Entry> = Vec::new();
         let mut used = 0;
@@ -734,8 +798,7 @@ impl Session {
         let Some(entry) = self.ctx.state.file(&self.client, &req.path).await? else {
             return Err(SessionError::NotFound(req.path));
         };
-        let path =
-            storage::client_dir(&self.ctx.cfg, self.customer(), &self.client).join(&req.path);
+        let path = storage::client_dir(&self.cfg, self.customer(), &self.client).join(&req.path);
         let mut file = tokio::fs::File::open(&path)
             .await
             .map_err(SessionError::Storage)?;
@@ -757,7 +820,7 @@ impl Session {
         }
         use sha2::Digest;
         let mut hasher = sha2::Sha256::new();
-        let chunk = self.ctx.cfg.server.max_frame as usize;
+        let chunk = self.cfg.server.max_frame as usize;
         let mut sent = 0u64;
         while sent < len {
             let want = chunk.min((len - sent) as usize);
@@ -771,6 +834,7 @@ impl Session {
             hasher.update(&buf);
             sent += want as u64;
             self.stats.bytes_out += want as u64;
+            metrics::counter!(crate::metrics::BYTES_OUT).increment(want as u64);
             if let Flow::Closed = self
                 .send(Frame {
                     kind: Kind::Data,
@@ -796,8 +860,7 @@ impl Session {
         let Some(freed) = self.ctx.state.delete_file(&self.client, &req.path).await? else {
             return Err(SessionError::NotFound(req.path));
         };
-        let path =
-            storage::client_dir(&self.ctx.cfg, self.customer(), &self.client).join(&req.path);
+        let path = storage::client_dir(&self.cfg, self.customer(), &self.client).join(&req.path);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound
         {

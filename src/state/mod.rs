@@ -123,6 +123,12 @@ impl State {
         &self.path
     }
 
+    /// Proves the database answers (the health check).
+    pub async fn ping(&self) -> Result<(), StateError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
     /// Closes the pool, waiting for connections to finish.
     pub async fn close(&self) {
         self.volatile.close().await;

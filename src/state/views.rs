@@ -121,11 +121,15 @@ impl State {
 
     /// The figures `status` shows.
     pub async fn status_data(&self, cfg: &Config, at: Timestamp) -> Result<StatusData, StateError> {
+        let mut d = self.totals(cfg, at).await?;
+        d.clients = self.clients(cfg, at).await?;
+        Ok(d)
+    }
+
+    /// [`State::status_data`] without the per-client rows (for metrics).
+    pub async fn totals(&self, cfg: &Config, at: Timestamp) -> Result<StatusData, StateError> {
         let month = Month::of(at, &cfg.server.timezone).to_string();
-        let mut d = StatusData {
-            clients: self.clients(cfg, at).await?,
-            ..StatusData::default()
-        };
+        let mut d = StatusData::default();
         let usage: Vec<(String, i64, i64)> = sqlx::query_as(
             "SELECT u.customer, u.used, COALESCE((SELECT SUM(size) FROM reservations r WHERE r.customer = u.customer), 0)
              FROM customer_usage u",

@@ -21,6 +21,8 @@ pub struct Daemon {
     pub pin: String,
     pub dir: PathBuf,
     pub config: PathBuf,
+    /// `/metrics` and `/healthz`, when `metrics_listen` is set.
+    pub metrics: Option<String>,
 }
 
 /// The config every test starts from; `body` follows `[server]`'s keys.
@@ -62,6 +64,7 @@ impl Daemon {
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let mut pin = None;
         let mut addr = None;
+        let mut metrics = None;
         while addr.is_none() {
             let Some(Ok(line)) = lines.next() else {
                 let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
@@ -69,6 +72,9 @@ impl Daemon {
             };
             if let Some(p) = line.strip_prefix("tollgate: certificate ") {
                 pin = Some(p.to_string());
+            }
+            if let Some(a) = line.strip_prefix("tollgate: metrics on ") {
+                metrics = Some(a.to_string());
             }
             if let Some(a) = line.strip_prefix("tollgate: listening on ") {
                 addr = Some(a.to_string());
@@ -82,6 +88,7 @@ impl Daemon {
             pin: pin.unwrap(),
             dir: dir.to_path_buf(),
             config,
+            metrics,
         }
     }
 
@@ -177,7 +184,111 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
+        archive_log(&self.dir);
     }
+}
+
+/// Where every test daemon's log is kept after its temp dir is gone, with
+/// the secrets that test used beside it; `.ci/check-log-secrets` greps the
+/// logs of a whole run for them.
+pub fn log_archive() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("daemon-logs")
+}
+
+fn archive_log(dir: &Path) {
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let out = log_archive();
+    let _ = std::fs::create_dir_all(&out);
+    let name = format!(
+        "{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
+        std::thread::current()
+            .name()
+            .unwrap_or("test")
+            .replace("::", "-")
+    );
+    let _ = std::fs::copy(dir.join("daemon.log"), out.join(format!("{name}.log")));
+    // Secrets issued to clients, and every secret-looking value in the
+    // config (argon2 hashes, passwords in URLs).
+    let mut secrets = Vec::new();
+    for d in [dir.join("secrets"), dir.to_path_buf()] {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            if e.path().extension().is_some_and(|x| x == "secret")
+                && let Ok(s) = std::fs::read_to_string(e.path())
+            {
+                secrets.push(s.trim().to_string());
+            }
+        }
+    }
+    if let Ok(cfg) = std::fs::read_to_string(dir.join("tollgate.toml")) {
+        for w in cfg.split(['"', '\'', ' ', '\n']) {
+            if w.starts_with("$argon2") {
+                secrets.push(w.to_string());
+            }
+        }
+    }
+    secrets.extend(TEST_SECRETS.iter().map(|s| s.to_string()));
+    secrets.retain(|s| s.len() >= 8);
+    let _ = std::fs::write(out.join(format!("{name}.secrets")), secrets.join("\n"));
+}
+
+/// Plain secrets the tests type in (wrong secrets, enroll keys, passwords).
+pub const TEST_SECRETS: &[&str] = &["not-the-secret", "correct horse", "tg-enroll-key-0451"];
+
+/// `GET path` over plain HTTP/1.1; returns (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let (head, body) = raw.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).unwrap().parse().unwrap();
+    // Bodies may come chunked.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        let mut out = String::new();
+        let mut rest = body;
+        while let Some((len, tail)) = rest.split_once("\r\n") {
+            let n = usize::from_str_radix(len.trim(), 16).unwrap();
+            if n == 0 {
+                break;
+            }
+            out.push_str(&tail[..n]);
+            rest = &tail[n + 2..];
+        }
+        out
+    } else {
+        body.to_string()
+    };
+    (status, body)
+}
+
+/// Replaces the config the way `mv new.toml tollgate.toml` does.
+pub fn replace_config(dir: &Path, text: &str) {
+    let tmp = dir.join("tollgate.toml.new");
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, dir.join("tollgate.toml")).unwrap();
+}
+
+/// Polls `f` every 20 ms until it is true or `limit` passes.
+pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
 }
 
 /// A HELLO frame from JSON text.

@@ -1,0 +1,198 @@
+//! Prometheus metrics and the health check, served on `metrics_listen`
+//! (CONFIG.md `[server]`). Counters are recorded where things happen, via
+//! the `metrics` facade; the gauges that come from state (space, MCAL pool)
+//! are read at scrape time. Labels are bounded: result codes, throttle
+//! levels, reload results and reseller names — never a client.
+
+use crate::config::Config;
+use crate::policy::space::{self, Node, Usage};
+use crate::server::Context;
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::{Arc, OnceLock};
+use tokio::net::TcpListener;
+use tracing::warn;
+
+/// TCP connections accepted.
+pub const CONNECTIONS: &str = "tollgate_connections_total";
+/// Admission decisions, by `code` (`welcome` or a REJECT code).
+pub const ADMISSIONS: &str = "tollgate_admissions_total";
+/// Sessions past WELCOME and not yet ended.
+pub const ACTIVE_SESSIONS: &str = "tollgate_active_sessions";
+/// Upload payload bytes received.
+pub const BYTES_IN: &str = "tollgate_bytes_received_total";
+/// Restore payload bytes sent.
+pub const BYTES_OUT: &str = "tollgate_bytes_sent_total";
+/// Seconds backups waited on throttles, by `level`.
+pub const THROTTLE_WAIT: &str = "tollgate_throttle_wait_seconds_total";
+/// Failed reads, writes, syncs and renames of stored files.
+pub const STORAGE_ERRORS: &str = "tollgate_storage_errors_total";
+/// Config reloads, by `result` (`ok`, `failed`).
+pub const RELOADS: &str = "tollgate_reloads_total";
+/// 1 while the file on disk was refused at the last reload attempt.
+pub const RELOAD_FAILED: &str = "tollgate_reload_failed";
+/// MCALs left in the global pool (absent when MCALs are not enforced).
+pub const MCAL_POOL_AVAILABLE: &str = "tollgate_mcal_pool_available";
+/// Bytes committed, by `reseller` ("" = customers directly under the server).
+pub const SPACE_USED: &str = "tollgate_space_used_bytes";
+/// Bytes allotted, by `reseller`; absent when unlimited.
+pub const SPACE_ALLOTTED: &str = "tollgate_space_allotted_bytes";
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the process-wide recorder (once; later calls are no-ops).
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let h = PrometheusBuilder::new()
+                .install_recorder()
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+            describe();
+            zero();
+            h
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge};
+    describe_counter!(CONNECTIONS, "TCP connections accepted");
+    describe_counter!(ADMISSIONS, "Admission decisions by result code");
+    describe_gauge!(ACTIVE_SESSIONS, "Sessions admitted and not yet ended");
+    describe_counter!(BYTES_IN, "Upload payload bytes received");
+    describe_counter!(BYTES_OUT, "Restore payload bytes sent");
+    describe_counter!(THROTTLE_WAIT, "Seconds backups waited on throttles");
+    describe_counter!(STORAGE_ERRORS, "Storage I/O failures");
+    describe_counter!(RELOADS, "Configuration reloads by result");
+    describe_gauge!(RELOAD_FAILED, "1 if the last reload attempt was refused");
+    describe_gauge!(MCAL_POOL_AVAILABLE, "MCALs left in the global pool");
+    describe_gauge!(SPACE_USED, "Bytes committed per reseller");
+    describe_gauge!(SPACE_ALLOTTED, "Bytes allotted per reseller");
+}
+
+/// Makes the series exist from the start, so a fresh daemon's scrape
+/// shows zeros rather than nothing.
+fn zero() {
+    for m in [CONNECTIONS, BYTES_IN, BYTES_OUT, STORAGE_ERRORS] {
+        metrics::counter!(m).increment(0);
+    }
+    metrics::counter!(ADMISSIONS, "code" => "welcome").increment(0);
+    for r in ["ok", "failed"] {
+        metrics::counter!(RELOADS, "result" => r).increment(0);
+    }
+    metrics::gauge!(RELOAD_FAILED).set(0.0);
+    metrics::gauge!(ACTIVE_SESSIONS).set(0.0);
+    throttle_waits(&crate::throttle::Waits::default());
+}
+
+/// Counts one admission decision.
+pub fn admission(code: &'static str) {
+    metrics::counter!(ADMISSIONS, "code" => code).increment(1);
+}
+
+/// Counts the throttle waits of a finished session.
+pub fn throttle_waits(w: &crate::throttle::Waits) {
+    for (i, (level, d)) in [
+        ("session", w.session),
+        ("customer", w.customer),
+        ("reseller", w.reseller),
+        ("server", w.server),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        add_seconds(i, level, d);
+    }
+}
+
+/// `metrics` counters are integral: whole seconds are counted and the
+/// sub-second rest is carried per level, so nothing is lost over many
+/// sessions.
+fn add_seconds(i: usize, level: &'static str, d: std::time::Duration) {
+    use std::sync::Mutex;
+    static REST: Mutex<[u128; 4]> = Mutex::new([0; 4]);
+    let mut rest = REST.lock().unwrap_or_else(|p| p.into_inner());
+    rest[i] += d.as_micros();
+    let whole = rest[i] / 1_000_000;
+    rest[i] %= 1_000_000;
+    // Touch the series so every level shows up, even at 0.
+    metrics::counter!(THROTTLE_WAIT, "level" => level).increment(whole as u64);
+}
+
+/// Sets the gauges that come from state and config.
+async fn refresh(ctx: &Context) {
+    let cfg: Arc<Config> = ctx.cfg.load_full();
+    let d = match ctx.state.totals(&cfg, jiff::Timestamp::now()).await {
+        Ok(d) => d,
+        Err(e) => {
+            warn!(error = %e, "metrics: reading usage failed");
+            return;
+        }
+    };
+    if let Some(m) = &cfg.server.mcal {
+        let p = space::pool_snapshot(m, d.global_debits);
+        metrics::gauge!(MCAL_POOL_AVAILABLE).set(p.available as f64);
+    }
+    let mut used: Vec<u64> = vec![0; cfg.resellers.len() + 1];
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let u = d
+            .customers
+            .get(&c.name.to_lowercase())
+            .copied()
+            .unwrap_or(Usage::default());
+        let slot = cfg.customers[i].reseller.map_or(0, |r| r.0 as usize + 1);
+        used[slot] += u.used;
+    }
+    metrics::gauge!(SPACE_USED, "reseller" => "").set(used[0] as f64);
+    if let Some(a) = space::allotted(&cfg, Node::Server) {
+        metrics::gauge!(SPACE_ALLOTTED, "reseller" => "").set(a as f64);
+    }
+    for (i, r) in cfg.resellers.iter().enumerate() {
+        metrics::gauge!(SPACE_USED, "reseller" => r.name.clone()).set(used[i + 1] as f64);
+        if let Some(a) = r.space {
+            metrics::gauge!(SPACE_ALLOTTED, "reseller" => r.name.clone()).set(a as f64);
+        }
+    }
+}
+
+/// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
+pub async fn serve(listener: TcpListener, ctx: Arc<Context>, handle: PrometheusHandle) {
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get({
+                let ctx = ctx.clone();
+                move || async move {
+                    refresh(&ctx).await;
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        handle.render(),
+                    )
+                }
+            }),
+        )
+        .route(
+            "/healthz",
+            get(move || async move { health(&ctx).await.into_response() }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        warn!(error = %e, "the metrics listener failed");
+    }
+}
+
+/// Healthy = serving and the state database answers.
+async fn health(ctx: &Context) -> (StatusCode, &'static str) {
+    if *ctx.phase.borrow() != crate::server::Phase::Running {
+        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+    }
+    match ctx.state.ping().await {
+        Ok(()) => (StatusCode::OK, "ok\n"),
+        Err(_) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "state database unavailable\n",
+        ),
+    }
+}

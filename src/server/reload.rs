@@ -1,0 +1,284 @@
+//! Live configuration reload (CONFIG.md, first paragraph; "Activation";
+//! "Throttle resolution"): read and validate the file, then swap it in
+//! atomically and apply it to what is running. A file that does not
+//! validate changes nothing.
+//!
+//! What a reload applies, and when:
+//! - activation: sessions of a deactivated customer or reseller end with
+//!   BYE `customer_deactivated` (they are told at once, even mid-wait);
+//! - throttles and aggregate caps: every session re-resolves at once;
+//! - space, MCAL and client limits, timeouts, `max_frame`: the next decision
+//!   or session reads the new config;
+//! - declared clients: upserted in state (a changed customer moves them);
+//! - `listen`: new addresses are bound, removed ones stop accepting; running
+//!   sessions stay;
+//! - TLS: new handshakes use the reloaded certificate.
+//!
+//! `state`, `state_dir`, `max_connections` and `metrics_listen` cannot
+//! change live: the log says so and the running value stays.
+
+use super::{Context, Notice};
+use crate::config::{Config, LoadError};
+use crate::state::State;
+use crate::{storage, tls};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tracing::{error, info, warn};
+
+/// How long the file must stay quiet before a change is reloaded: editors
+/// write, rename and touch in bursts.
+pub const DEBOUNCE: Duration = Duration::from_millis(200);
+
+/// Why a reload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The file could not be read or has problems (each one logged).
+    #[error("{0}")]
+    Load(#[from] LoadError),
+    /// A backup location or declared client could not be set up.
+    #[error("{0}")]
+    Setup(#[from] SetupError),
+}
+
+/// Loads `path` and, when it is valid, makes it the running config.
+/// Returns a one-line summary for the log and systemd's STATUS=.
+pub async fn reload(ctx: &Arc<Context>, path: &Path) -> Result<String, ReloadError> {
+    let p = path.to_path_buf();
+    // A big file takes a while to validate: keep it off the runtime threads.
+    let loaded = tokio::task::spawn_blocking(move || Config::load(&p))
+        .await
+        .unwrap_or_else(|e| {
+            Err(LoadError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        });
+    let mut new = match loaded {
+        Ok(c) => c,
+        Err(e) => {
+            if let LoadError::Invalid(errors) = &e {
+                for err in errors {
+                    error!("{err}");
+                }
+            }
+            return Err(e.into());
+        }
+    };
+    let old = ctx.cfg.load_full();
+    keep_fixed(&old, &mut new);
+    let tls = match tls::server_tls(&new) {
+        Ok(t) => Some(t),
+        Err(e) => {
+            warn!(error = %e, "the TLS settings cannot be loaded; new handshakes keep the old certificate");
+            new.server.tls = old.server.tls.clone();
+            None
+        }
+    };
+    prepare_locations(&new)?;
+    apply_declared(&ctx.state, &new).await?;
+
+    let new = Arc::new(new);
+    ctx.cfg.store(new.clone());
+    if let Some(t) = tls {
+        ctx.tls.store(t.config);
+        info!(fingerprint = %t.fingerprint, "new handshakes use this certificate");
+    }
+    ctx.throttles.config_changed();
+    let told = ctx.notify_all(Notice::Reloaded);
+    apply_listen(ctx, &old.server.listen, &new.server.listen).await;
+    let summary = format!(
+        "reloaded {}: {} resellers, {} customers, {} declared clients; {told} sessions told",
+        path.display(),
+        new.resellers.len(),
+        new.customers.len() - 1,
+        new.clients.len()
+    );
+    Ok(summary)
+}
+
+/// Settings that only a restart changes: warn and keep the running value.
+fn keep_fixed(old: &Config, new: &mut Config) {
+    let (o, n) = (&old.server, &mut new.server);
+    if o.state != n.state {
+        warn!("server.state cannot change live; restart to apply it");
+        n.state = o.state.clone();
+    }
+    if o.state_dir != n.state_dir {
+        warn!("server.state_dir cannot change live; restart to apply it");
+        n.state_dir = o.state_dir.clone();
+    }
+    if o.max_connections != n.max_connections {
+        warn!(
+            running = o.max_connections,
+            "server.max_connections cannot change live; restart to apply it"
+        );
+        n.max_connections = o.max_connections;
+    }
+    if o.metrics_listen != n.metrics_listen {
+        warn!("server.metrics_listen cannot change live; restart to apply it");
+        n.metrics_listen = o.metrics_listen;
+    }
+}
+
+/// Binds addresses added to `listen` and stops those removed.
+async fn apply_listen(ctx: &Arc<Context>, old: &[SocketAddr], new: &[SocketAddr]) {
+    if old == new {
+        return;
+    }
+    if ctx
+        .listeners
+        .socket_activated
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        warn!(
+            "server.listen changed, but systemd hands over the sockets; change tollgate.socket instead"
+        );
+        return;
+    }
+    let serving = ctx.listeners.configured();
+    for a in new.iter().filter(|a| !serving.contains(a)) {
+        match tokio::net::TcpListener::bind(a).await {
+            Ok(l) => {
+                info!(addr = %l.local_addr().unwrap_or(*a), "listening (added by reload)");
+                ctx.listeners.add(ctx, *a, l);
+            }
+            Err(e) => {
+                error!(addr = %a, error = %e, "cannot bind a new listen address; it is not served")
+            }
+        }
+    }
+    for a in serving.iter().filter(|a| !new.contains(a)) {
+        info!(addr = %a, "no longer accepting (removed by reload); its sessions go on");
+        ctx.listeners.remove(*a);
+    }
+}
+
+/// Why the backup locations or declared clients could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// A backup location cannot be created or written.
+    #[error("customer {customer:?}: {what} {}: {source}", path.display())]
+    Location {
+        /// The customer.
+        customer: String,
+        /// What failed.
+        what: &'static str,
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The state store failed.
+    #[error("recording the declared clients: {0}")]
+    State(#[from] crate::state::StateError),
+    /// A moved declared client's files could not be moved.
+    #[error("moving the files of declared client {id} from {from} to {to}: {source}")]
+    Move {
+        /// The client.
+        id: String,
+        /// Old customer.
+        from: String,
+        /// New customer.
+        to: String,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+}
+
+/// Creates every customer's backup location (mode 0700) and proves it is
+/// writable (CONFIG.md: else the daemon refuses to start, or the reload).
+pub fn prepare_locations(cfg: &Config) -> Result<(), SetupError> {
+    use std::os::unix::fs::DirBuilderExt;
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let fail = |what, path: &Path| {
+            let customer = c.name.clone();
+            let path = path.to_path_buf();
+            move |source| SetupError::Location {
+                customer,
+                what,
+                path,
+                source,
+            }
+        };
+        let dir = &c.backup_location;
+        if !dir.exists() {
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(fail("cannot create backup_location", dir))?;
+        }
+        let tmp = storage::temp_dir(cfg, crate::config::CustomerId(i as u32));
+        std::fs::create_dir_all(&tmp).map_err(fail("cannot create", &tmp))?;
+        let probe = tmp.join(".write-probe");
+        std::fs::write(&probe, b"").map_err(fail("backup_location is not writable:", dir))?;
+        let _ = std::fs::remove_file(probe);
+    }
+    Ok(())
+}
+
+/// Upserts the clients declared in `cfg`; those whose customer changed in
+/// the file move, files included (CONFIG.md "Moving a client").
+pub async fn apply_declared(state: &State, cfg: &Config) -> Result<(), SetupError> {
+    for (id, from, to) in state.sync_declared(cfg).await? {
+        let (Some(f), Some(t)) = (cfg.customer_by_name(&from), cfg.customer_by_name(&to)) else {
+            continue;
+        };
+        if let Err(source) = storage::move_dir(
+            &storage::client_dir(cfg, f, &id),
+            &storage::client_dir(cfg, t, &id),
+        ) {
+            return Err(SetupError::Move {
+                id,
+                from,
+                to,
+                source,
+            });
+        }
+        info!(client = %id, %from, %to, "declared client moved by the config");
+    }
+    Ok(())
+}
+
+/// Watches the config file's directory (so saves by rename are seen) and
+/// sends one message per burst of changes to the file.
+pub fn watch(
+    path: &Path,
+    tx: mpsc::UnboundedSender<()>,
+) -> notify::Result<notify::RecommendedWatcher> {
+    use notify::{EventKind, RecursiveMode, Watcher};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path.file_name().map(|n| n.to_os_string());
+    let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let Ok(ev) = res else { return };
+        if matches!(ev.kind, EventKind::Access(_)) {
+            return;
+        }
+        if ev
+            .paths
+            .iter()
+            .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+        {
+            let _ = tx.send(());
+        }
+    })?;
+    w.watch(&dir, RecursiveMode::NonRecursive)?;
+    Ok(w)
+}
+
+/// Waits until `rx` has been quiet for [`DEBOUNCE`]; false when it closed.
+pub async fn debounce(rx: &mut mpsc::UnboundedReceiver<()>) -> bool {
+    loop {
+        match tokio::time::timeout(DEBOUNCE, rx.recv()).await {
+            Ok(Some(())) => continue,
+            Ok(None) => return false,
+            Err(_) => return true,
+        }
+    }
+}
