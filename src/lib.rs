@@ -9,6 +9,7 @@
 //!   caps, space and MCAL arithmetic); no I/O.
 //! - [`state`]: what tollgate remembers (clients, file index, usage,
 //!   reservations, MCAL debits, sessions, refusals) on SQLite via sqlx.
+//! - [`reports`]: e-mail reports and alerts, the outbox and its delivery.
 //! - [`storage`]: files on disk and the crash-safe commit.
 //! - [`wire`]: frames, the codec and the JSON bodies of PROTOCOL.md.
 //! - [`tls`]: certificates, the self-signed pair, ALPN, pinning.
@@ -16,6 +17,7 @@
 //! - [`metrics`]: Prometheus `/metrics` and `/healthz`.
 //! - [`throttle`]: per-session token buckets and shared aggregate caps.
 //! - [`client`]: the reference client.
+//! - [`clock`]: the wall clock, which tests may shift.
 //! - [`cli`]: the `tollgate` subcommands built on the above.
 
 #![forbid(unsafe_code)]
@@ -23,9 +25,11 @@
 
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod config;
 pub mod metrics;
 pub mod policy;
+pub mod reports;
 pub mod server;
 pub mod state;
 pub mod storage;

@@ -125,7 +125,7 @@ fn add_seconds(i: usize, level: &'static str, d: std::time::Duration) {
 /// Sets the gauges that come from state and config.
 async fn refresh(ctx: &Context) {
     let cfg: Arc<Config> = ctx.cfg.load_full();
-    let d = match ctx.state.totals(&cfg, jiff::Timestamp::now()).await {
+    let d = match ctx.state.totals(&cfg, crate::clock::now()).await {
         Ok(d) => d,
         Err(e) => {
             warn!(error = %e, "metrics: reading usage failed");

@@ -66,7 +66,7 @@ impl TimeBase {
     pub fn now() -> TimeBase {
         TimeBase {
             instant: tokio::time::Instant::now(),
-            at: jiff::Timestamp::now(),
+            at: crate::clock::now(),
         }
     }
 

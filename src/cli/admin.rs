@@ -358,9 +358,60 @@ fn render(s: &Status) -> String {
     out
 }
 
+/// `--period` of `tollgate report send`.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum PeriodArg {
+    /// The last complete day.
+    Daily,
+    /// The last complete Monday-to-Sunday week.
+    Weekly,
+    /// The last complete calendar month.
+    Monthly,
+}
+
+/// `tollgate report send --customer NAME --period …`.
+pub fn report_send(cfg: &Config, customer: &str, period: PeriodArg) -> anyhow::Result<ExitCode> {
+    use crate::config::Frequency;
+    let Some(c) = cfg.customer_by_name(customer) else {
+        anyhow::bail!("no customer {customer:?} in the configuration");
+    };
+    let freq = match period {
+        PeriodArg::Daily => Frequency::Daily,
+        PeriodArg::Weekly => Frequency::Weekly,
+        PeriodArg::Monthly => Frequency::Monthly,
+    };
+    let at = crate::clock::now();
+    let (p, to, sent) = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let r = crate::reports::send_report_now(&st, cfg, c, freq, at).await;
+        st.close().await;
+        r.context("making the report")
+    })?;
+    let name = &cfg.customer(c).name;
+    match sent {
+        Ok(()) => {
+            println!(
+                "sent the {} report of {name} for {} to {}",
+                crate::reports::frequency_name(freq),
+                p.label(),
+                to.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "tollgate: the {} report of {name} for {} is queued, but delivery failed: {e}; the daemon will retry it",
+                crate::reports::frequency_name(freq),
+                p.label()
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 /// `tollgate status [--json]`.
 pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let at = Timestamp::now();
+    let at = crate::clock::now();
     let data = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let d = st
@@ -383,7 +434,7 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `tollgate clients list [--json]`.
 pub fn clients_list(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
-    let at = Timestamp::now();
+    let at = crate::clock::now();
     let rows = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let rows = st
@@ -439,7 +490,7 @@ pub fn clients_list(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `tollgate clients move ID --to CUSTOMER`.
 pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode> {
-    let at = Timestamp::now();
+    let at = crate::clock::now();
     let outcome = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let r = st
@@ -470,7 +521,7 @@ pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode
 
 /// `tollgate clients remove ID [--purge]`.
 pub fn clients_remove(cfg: &Config, id: &str, purge: bool) -> anyhow::Result<ExitCode> {
-    let at = Timestamp::now();
+    let at = crate::clock::now();
     let removed = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let r = st

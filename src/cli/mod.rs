@@ -62,11 +62,32 @@ pub enum Command {
         #[command(subcommand)]
         action: client::ClientAction,
     },
+    /// E-mail reports.
+    Report {
+        /// What to do.
+        #[command(subcommand)]
+        action: ReportAction,
+    },
     /// List, move or remove clients.
     Clients {
         /// What to do.
         #[command(subcommand)]
         action: ClientsAction,
+    },
+}
+
+/// `tollgate report …`.
+#[derive(Debug, Subcommand)]
+pub enum ReportAction {
+    /// Queue and send a consolidated report of the most recent complete
+    /// period now, to the customer's report recipients (else its email).
+    Send {
+        /// The customer.
+        #[arg(long)]
+        customer: String,
+        /// daily, weekly or monthly.
+        #[arg(long, value_enum)]
+        period: admin::PeriodArg,
     },
 }
 
@@ -105,6 +126,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { log_format } => serve::serve(&cli.config, log_format),
         Command::Client { action } => client::run(action),
         Command::Status { json } => admin::status(&load(&cli.config)?, json),
+        Command::Report {
+            action: ReportAction::Send { customer, period },
+        } => admin::report_send(&load(&cli.config)?, &customer, period),
         Command::Clients { action } => {
             let cfg = load(&cli.config)?;
             match action {

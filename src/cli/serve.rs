@@ -92,6 +92,9 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    if crate::clock::is_shifted() {
+        warn!(now = %crate::clock::now(), "the clock is shifted by {}", crate::clock::FAKE_NOW);
+    }
     let state = State::open(&cfg)
         .await
         .context("opening the state database")?;
@@ -168,6 +171,23 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     let mut server = tokio::spawn(server::run(listeners, ctx.clone()));
     if let Some(m) = metrics_listener {
         tokio::spawn(crate::metrics::serve(m, ctx.clone(), handle));
+    }
+    // E-mail: queues due reports and alerts, and delivers the outbox.
+    match crate::reports::Transport::from_config(&cfg) {
+        Ok(Some(crate::reports::Transport::Smtp(_))) => info!("e-mail: delivering through SMTP"),
+        Ok(Some(crate::reports::Transport::Spool(d))) => {
+            info!(spool = %d.display(), "e-mail: writing .eml files to the spool")
+        }
+        Ok(None) => info!("e-mail: off (no server.email)"),
+        Err(e) => warn!(error = %e, "e-mail: cannot deliver; messages wait in the outbox"),
+    }
+    {
+        let c = ctx.clone();
+        tokio::spawn(crate::reports::run(
+            state.clone(),
+            move || c.cfg.load_full(),
+            ctx.mail_wake.clone(),
+        ));
     }
 
     // systemd (sd_notify(3)): ready once listening and reconciled; the
@@ -282,6 +302,13 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         let _ = phase_tx.send(Phase::Forced);
         let _ = server.await;
     }
+    ctx.background.close();
+    if tokio::time::timeout(std::time::Duration::from_secs(10), ctx.background.wait())
+        .await
+        .is_err()
+    {
+        warn!("gave up waiting for session reports to be queued");
+    }
     state.close().await;
     info!("stopped");
     Ok(ExitCode::SUCCESS)
@@ -290,7 +317,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
 /// Now in the server's zone, to the second, for STATUS=.
 fn now_local(ctx: &Context) -> String {
     let tz = ctx.cfg.load().server.timezone.clone();
-    jiff::Timestamp::now()
+    crate::clock::now()
         .to_zoned_datetime(tz)
         .strftime("%Y-%m-%d %H:%M:%S %Z")
         .to_string()

@@ -8,6 +8,7 @@
 //! transaction that applies it.
 
 pub mod admission;
+pub mod period;
 pub mod space;
 pub mod throttle;
 pub mod window;

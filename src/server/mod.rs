@@ -77,6 +77,11 @@ pub struct Context {
     pub live: std::sync::Mutex<LiveSessions>,
     /// The accept loops.
     pub listeners: Listeners,
+    /// Wakes the mail task (a report was queued, a session ended).
+    pub mail_wake: Arc<tokio::sync::Notify>,
+    /// Work a session leaves behind (queuing its report); shutdown waits
+    /// for it so no report is lost.
+    pub background: TaskTracker,
 }
 
 impl Context {
@@ -97,6 +102,8 @@ impl Context {
             throttles: Arc::default(),
             live: Default::default(),
             listeners: Listeners::default(),
+            mail_wake: Arc::default(),
+            background: TaskTracker::new(),
         }
     }
 }

@@ -187,7 +187,7 @@ pub(super) async fn refuse_busy(ctx: &Context, tcp: TcpStream, peer: SocketAddr)
     let _ = ctx
         .state
         .record_refusal(
-            jiff::Timestamp::now(),
+            crate::clock::now(),
             &client,
             None,
             RejectCode::Busy,
@@ -216,7 +216,7 @@ pub(super) async fn run(
                 info!(code = "timeout", "refused: no HELLO in time");
                 crate::metrics::admission("timeout");
                 let _ = conn.send(reject_frame(RejectCode::Timeout, "no HELLO within hello_timeout")).await;
-                let _ = ctx.state.record_refusal(jiff::Timestamp::now(), "", None, RejectCode::Timeout, Some(&peer.to_string())).await;
+                let _ = ctx.state.record_refusal(crate::clock::now(), "", None, RejectCode::Timeout, Some(&peer.to_string())).await;
                 return;
             }
             Ok(None) => return,
@@ -237,14 +237,14 @@ pub(super) async fn run(
         }
         if hello.kind != Kind::Hello {
             bad(&mut conn, format!("expected HELLO first, got {:?}", hello.kind)).await;
-            let _ = ctx.state.record_refusal(jiff::Timestamp::now(), "", None, RejectCode::BadRequest, Some(&peer_s)).await;
+            let _ = ctx.state.record_refusal(crate::clock::now(), "", None, RejectCode::BadRequest, Some(&peer_s)).await;
             return;
         }
         let h: crate::policy::Hello = match wire::parse::<wire::Hello>(&hello.payload) {
             Ok(h) => h,
             Err(msg) => {
                 bad(&mut conn, msg).await;
-                let _ = ctx.state.record_refusal(jiff::Timestamp::now(), "", None, RejectCode::BadRequest, Some(&peer_s)).await;
+                let _ = ctx.state.record_refusal(crate::clock::now(), "", None, RejectCode::BadRequest, Some(&peer_s)).await;
                 return;
             }
         };
@@ -256,11 +256,11 @@ pub(super) async fn run(
             crate::metrics::admission("auth_failed");
             let _ = conn.send(reject_frame(RejectCode::AuthFailed, "the client certificate does not name this client id")).await;
             let _ = conn.close().await;
-            let _ = ctx.state.record_refusal(jiff::Timestamp::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
+            let _ = ctx.state.record_refusal(crate::clock::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
             return;
         }
         let draining = *ctx.phase.borrow() != Phase::Running;
-        let now = jiff::Timestamp::now();
+        let now = crate::clock::now();
         let (adm, secret) = match ctx.state.admit(&cfg, &h, Some(&peer_s), now, false, draining).await {
             Ok(AdmitOutcome::Admitted { admitted, secret }) => (admitted, secret),
             Ok(AdmitOutcome::Rejected(r)) => {
@@ -355,7 +355,7 @@ pub(super) async fn run(
         s.abandon_upload().await;
         let _ = s.conn.close().await;
         let end = SessionEnd {
-            at: jiff::Timestamp::now(),
+            at: crate::clock::now(),
             bytes_in: s.stats.bytes_in,
             bytes_out: s.stats.bytes_out,
             files_ok: s.stats.files_ok,
@@ -381,6 +381,34 @@ pub(super) async fn run(
         if let Err(e) = ctx.state.end_session(&id, &end).await {
             warn!(error = %e, "recording the session end failed");
         }
+        // CONFIG.md "Email reports": queued after the session is over, off
+        // its task, so mail never holds a client up.
+        let facts = crate::reports::SessionFacts {
+            client: h.client_id.clone(),
+            customer: s.customer(),
+            schedule: h.schedule.clone(),
+            intent: intent.to_string(),
+            started: Some(now),
+            ended: Some(end.at),
+            result: result.clone(),
+            files_ok: end.files_ok,
+            files_failed: end.files_failed,
+            files_deleted: s.stats.files_deleted,
+            bytes_in: end.bytes_in,
+            bytes_out: end.bytes_out,
+            configured_rate: s.throttle.as_ref().and_then(|t| t.rate()),
+            errors: std::mem::take(&mut s.stats.errors),
+            errors_more: s.stats.errors_more,
+        };
+        let (state, cfg, wake) = (ctx.state.clone(), s.cfg.clone(), ctx.mail_wake.clone());
+        ctx.background.spawn(async move {
+            match crate::reports::queue_session_report(&state, &cfg, &facts).await {
+                Ok(0) => {}
+                Ok(_) => debug!("session report queued"),
+                Err(e) => warn!(error = %e, "queuing the session report failed"),
+            }
+            wake.notify_one();
+        }.in_current_span());
     }
     .instrument(span)
     .await
@@ -402,6 +430,10 @@ struct Stats {
     bytes_out: u64,
     files_ok: u64,
     files_failed: u64,
+    files_deleted: u64,
+    /// What the client was told went wrong, for the e-mail report.
+    errors: Vec<String>,
+    errors_more: u64,
 }
 
 struct Upload {
@@ -496,6 +528,12 @@ impl Session {
                 Ok(Flow::Closed) => return "disconnected".into(),
                 Err(e) => {
                     let fatal = e.fatal();
+                    let w = e.wire();
+                    if self.stats.errors.len() < crate::reports::compose::MAX_ERRORS {
+                        self.stats.errors.push(format!("{}: {}", w.code, w.message));
+                    } else {
+                        self.stats.errors_more += 1;
+                    }
                     if matches!(e, SessionError::Storage(_)) {
                         metrics::counter!(crate::metrics::STORAGE_ERRORS).increment(1);
                     }
@@ -604,7 +642,7 @@ impl Session {
         let res = self
             .ctx
             .state
-            .reserve_space(cfg, &self.client, put.size, jiff::Timestamp::now())
+            .reserve_space(cfg, &self.client, put.size, crate::clock::now())
             .await?;
         let reservation = res.map_err(|q| SessionError::Quota(q.left))?;
         let temp = match PipedTemp::create(&storage::temp_dir(cfg, self.customer())) {
@@ -716,7 +754,7 @@ impl Session {
             &up.path,
             synced,
             Some(reservation),
-            jiff::Timestamp::now(),
+            crate::clock::now(),
             &mut |_| {},
         )
         .await;
@@ -860,6 +898,7 @@ impl Session {
         let Some(freed) = self.ctx.state.delete_file(&self.client, &req.path).await? else {
             return Err(SessionError::NotFound(req.path));
         };
+        self.stats.files_deleted += 1;
         let path = storage::client_dir(&self.cfg, self.customer(), &self.client).join(&req.path);
         if let Err(e) = std::fs::remove_file(&path)
             && e.kind() != std::io::ErrorKind::NotFound

@@ -9,9 +9,11 @@
 //! applies it: concurrent sessions are serialized by SQLite's write lock,
 //! so "100 first backups for 10 MCALs" admits exactly 10.
 
+mod mail;
 mod ops;
 mod views;
 
+pub use mail::{ClientPeriod, Outgoing, Queued};
 pub use ops::{
     AdmitOutcome, ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed,
     SessionEnd, SessionStart,

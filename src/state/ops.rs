@@ -141,7 +141,9 @@ struct ClientDb {
 /// mutex first: SQLite's own busy handler sleeps in growing steps, which
 /// collapses throughput when many tasks contend; other processes (the admin
 /// CLI) still meet the database lock and its busy timeout.
-async fn immediate(state: &State) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
+pub(super) async fn immediate(
+    state: &State,
+) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
     let lane = state.writer.clone().lock_owned().await;
     Ok((lane, state.pool.begin_with("BEGIN IMMEDIATE").await?))
 }

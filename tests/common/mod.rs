@@ -234,7 +234,12 @@ fn archive_log(dir: &Path) {
 }
 
 /// Plain secrets the tests type in (wrong secrets, enroll keys, passwords).
-pub const TEST_SECRETS: &[&str] = &["not-the-secret", "correct horse", "tg-enroll-key-0451"];
+pub const TEST_SECRETS: &[&str] = &[
+    "not-the-secret",
+    "correct horse",
+    "tg-enroll-key-0451",
+    "tg-smtp-pass-0451",
+];
 
 /// `GET path` over plain HTTP/1.1; returns (status, body).
 pub fn http_get(addr: &str, path: &str) -> (u16, String) {
@@ -340,4 +345,107 @@ pub fn make_file(path: &Path, size: usize, seed: u64) {
         std::fs::create_dir_all(p).unwrap();
     }
     std::fs::write(path, data).unwrap();
+}
+
+/// A real SMTP server for the e-mail tests: aiosmtpd (`.ci/run` installs
+/// it) storing every message in a maildir, with the envelope in the
+/// `X-MailFrom` and `X-RcptTo` headers.
+pub struct Smtp {
+    child: Child,
+    pub port: u16,
+    pub maildir: PathBuf,
+}
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Smtp {
+    /// Starts aiosmtpd on `port` and waits until it answers.
+    pub fn start(maildir: &Path, port: u16) -> Smtp {
+        let python = std::env::var("TOLLGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
+        let err = maildir.with_extension("smtp.log");
+        let child = Command::new(&python)
+            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
+            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(maildir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run {python}: {e}"));
+        let mut s = Smtp {
+            child,
+            port,
+            maildir: maildir.to_path_buf(),
+        };
+        let t0 = std::time::Instant::now();
+        loop {
+            if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
+                use std::io::Read;
+                let mut greet = [0u8; 3];
+                c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                if c.read_exact(&mut greet).is_ok() && &greet == b"220" {
+                    return s;
+                }
+            }
+            if let Ok(Some(status)) = s.child.try_wait() {
+                panic!(
+                    "aiosmtpd exited ({status}); is it installed (python3 -m pip install aiosmtpd)?\n{}",
+                    std::fs::read_to_string(&err).unwrap_or_default()
+                );
+            }
+            assert!(
+                t0.elapsed() < Duration::from_secs(20),
+                "aiosmtpd did not start"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Every message received so far, oldest first.
+    pub fn messages(&self) -> Vec<Vec<u8>> {
+        let mut files: Vec<(std::time::SystemTime, PathBuf)> = Vec::new();
+        for sub in ["new", "cur"] {
+            for e in std::fs::read_dir(self.maildir.join(sub))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
+                let t = e
+                    .metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or(std::time::UNIX_EPOCH);
+                files.push((t, e.path()));
+            }
+        }
+        files.sort();
+        files
+            .into_iter()
+            .filter_map(|(_, p)| std::fs::read(p).ok())
+            .collect()
+    }
+
+    /// Waits until at least `n` messages arrived.
+    pub fn wait_for(&self, n: usize, limit: Duration) -> Vec<Vec<u8>> {
+        let t0 = std::time::Instant::now();
+        loop {
+            let m = self.messages();
+            if m.len() >= n || t0.elapsed() > limit {
+                return m;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Smtp {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

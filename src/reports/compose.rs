@@ -1,0 +1,390 @@
+//! Messages from templates: a plain-text part and an HTML part per message
+//! (minijinja, which auto-escapes the `.html` templates), wrapped by lettre
+//! into an RFC 5322 message ready for the outbox.
+
+use super::MailError;
+use crate::config::units::{format_rate, format_size};
+use crate::config::{Config, CustomerId};
+use crate::policy::period::Period;
+use crate::state::{ClientPeriod, Outgoing};
+use jiff::Timestamp;
+use lettre::Message;
+use lettre::message::{Mailbox, MultiPart};
+use minijinja::{Environment, Value, context};
+use std::sync::OnceLock;
+
+/// Errors listed in a session report at most; the rest are counted.
+pub const MAX_ERRORS: usize = 20;
+
+fn env() -> &'static Environment<'static> {
+    static ENV: OnceLock<Environment<'static>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut e = Environment::new();
+        for (name, src) in [
+            ("session.txt", include_str!("templates/session.txt")),
+            ("session.html", include_str!("templates/session.html")),
+            (
+                "consolidated.txt",
+                include_str!("templates/consolidated.txt"),
+            ),
+            (
+                "consolidated.html",
+                include_str!("templates/consolidated.html"),
+            ),
+            ("alert.txt", include_str!("templates/alert.txt")),
+            ("alert.html", include_str!("templates/alert.html")),
+        ] {
+            // The templates are part of the binary and tested: a broken one
+            // is a build defect, caught by the unit tests below.
+            e.add_template(name, src).expect("bundled template parses");
+        }
+        e
+    })
+}
+
+fn render(name: &str, ctx: &Value) -> Result<String, MailError> {
+    env()
+        .get_template(name)
+        .and_then(|t| t.render(ctx))
+        .map_err(|e| MailError::Template(format!("{name}: {e:#}")))
+}
+
+/// `2026-11-29 23:59:59 CET` in the server's zone.
+pub fn local(cfg: &Config, t: Timestamp) -> String {
+    t.to_zoned_datetime(cfg.server.timezone.clone())
+        .strftime("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
+}
+
+fn zone_name(cfg: &Config) -> String {
+    cfg.server
+        .timezone
+        .iana_name()
+        .unwrap_or("the server's zone")
+        .to_string()
+}
+
+fn server_name() -> String {
+    hostname()
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "this server".into())
+}
+
+/// Wraps the two parts into a message from `server.email.from`.
+fn build(
+    cfg: &Config,
+    kind: &'static str,
+    to: &[String],
+    subject: String,
+    text: String,
+    html: String,
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let email = cfg.server.email.as_ref().ok_or(MailError::NotConfigured)?;
+    let from: Mailbox = email
+        .from
+        .parse()
+        .map_err(|e| MailError::Address(format!("{}: {e}", email.from)))?;
+    let mut b = Message::builder()
+        .from(from)
+        .subject(subject.clone())
+        .message_id(None)
+        .date(
+            std::time::SystemTime::UNIX_EPOCH
+                + std::time::Duration::from_secs(at.as_second().max(0) as u64),
+        )
+        .header(lettre::message::header::UserAgent::from(format!(
+            "tollgate/{}",
+            env!("CARGO_PKG_VERSION")
+        )));
+    for t in to {
+        b = b.to(t
+            .parse::<Mailbox>()
+            .map_err(|e| MailError::Address(format!("{t}: {e}")))?);
+    }
+    let m = b
+        .multipart(MultiPart::alternative_plain_html(text, html))
+        .map_err(|e| MailError::Address(e.to_string()))?;
+    Ok(Outgoing {
+        kind,
+        subject,
+        from: email.from.clone(),
+        to: to.to_vec(),
+        message: m.formatted(),
+    })
+}
+
+/// What a finished session did (CONFIG.md "Email reports").
+#[derive(Clone, Debug, Default)]
+pub struct SessionFacts {
+    /// Client id.
+    pub client: String,
+    /// Its customer.
+    pub customer: CustomerId,
+    /// Schedule name.
+    pub schedule: String,
+    /// `backup` or `restore`.
+    pub intent: String,
+    /// When it was admitted.
+    pub started: Option<Timestamp>,
+    /// When it ended.
+    pub ended: Option<Timestamp>,
+    /// Its result code (`ok`, `idle_timeout`, …).
+    pub result: String,
+    /// Files stored.
+    pub files_ok: u64,
+    /// Uploads that failed.
+    pub files_failed: u64,
+    /// Files deleted.
+    pub files_deleted: u64,
+    /// Bytes uploaded.
+    pub bytes_in: u64,
+    /// Bytes restored.
+    pub bytes_out: u64,
+    /// Rate in force at the end (bytes/s); `None` = unthrottled.
+    pub configured_rate: Option<u64>,
+    /// What went wrong, as the client was told (no internals).
+    pub errors: Vec<String>,
+    /// Errors beyond [`MAX_ERRORS`].
+    pub errors_more: u64,
+}
+
+impl SessionFacts {
+    /// Whether it went fully well.
+    pub fn ok(&self) -> bool {
+        self.result == "ok" && self.files_failed == 0
+    }
+}
+
+/// One session report to `to`.
+pub fn session_report(
+    cfg: &Config,
+    f: &SessionFacts,
+    to: &[String],
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let cust = cfg.customer(f.customer);
+    let (started, ended) = (f.started.unwrap_or(at), f.ended.unwrap_or(at));
+    let secs = ended.duration_since(started).as_secs_f64().max(0.001);
+    let moved = f.bytes_in.max(f.bytes_out);
+    let result_text = if f.ok() {
+        "Completed successfully".to_string()
+    } else if f.result == "ok" {
+        format!("Completed with {} failed file(s)", f.files_failed)
+    } else {
+        format!("Ended early: {}", f.result.replace('_', " "))
+    };
+    let ctx = context! {
+        client => f.client,
+        customer => cust.name,
+        reseller => cust.reseller.map(|r| cfg.reseller(r).name.clone()),
+        schedule => f.schedule,
+        intent => f.intent,
+        started => local(cfg, started),
+        ended => local(cfg, ended),
+        duration => format!("{:.0} s", secs),
+        result => f.result,
+        result_text => result_text,
+        result_class => if f.ok() { "ok" } else { "failed" },
+        files_ok => f.files_ok,
+        files_failed => f.files_failed,
+        files_deleted => f.files_deleted,
+        bytes_in => format_size(f.bytes_in),
+        bytes_out => format_size(f.bytes_out),
+        average_rate => format_rate((moved as f64 / secs) as u64),
+        configured_rate => f.configured_rate.map(format_rate).unwrap_or_else(|| "unthrottled".into()),
+        errors => f.errors,
+        errors_more => f.errors_more,
+        server => server_name(),
+        timezone => zone_name(cfg),
+    };
+    let status = if f.ok() { "OK" } else { "FAILED" };
+    let subject = format!(
+        "[tollgate] {} {} of {} ({}): {}",
+        status,
+        f.intent,
+        f.client,
+        cust.name,
+        local(cfg, ended)
+    );
+    build(
+        cfg,
+        "session_report",
+        to,
+        subject,
+        render("session.txt", &ctx)?,
+        render("session.html", &ctx)?,
+        at,
+    )
+}
+
+/// The consolidated report of `customer` for `period`.
+pub fn consolidated_report(
+    cfg: &Config,
+    customer: CustomerId,
+    period: &Period,
+    rows: &[ClientPeriod],
+    to: &[String],
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let cust = cfg.customer(customer);
+    let space_of = |id: &str| {
+        cfg.declared_client(id)
+            .and_then(|d| cfg.client(d).space)
+            .or(cust.space)
+            .map(format_size)
+            .unwrap_or_else(|| "unlimited".into())
+    };
+    let clients: Vec<Value> = rows
+        .iter()
+        .map(|r| {
+            let idle = r.sessions_ok == 0;
+            context! {
+                id => r.id,
+                idle => idle,
+                last_backup => r.last_backup
+                    .and_then(|s| Timestamp::from_second(s).ok())
+                    .map(|t| local(cfg, t))
+                    .unwrap_or_else(|| "never".into()),
+                sessions_ok => r.sessions_ok,
+                sessions_failed => r.sessions_failed,
+                bytes_in => format_size(r.bytes_in.max(0) as u64),
+                used => format_size(r.used.max(0) as u64),
+                space => space_of(&r.id),
+                mcal => r.mcal,
+            }
+        })
+        .collect();
+    // Clients with no successful backup in the period go on top.
+    let idle: Vec<Value> = clients
+        .iter()
+        .filter(|c| c.get_attr("idle").map(|v| v.is_true()).unwrap_or(false))
+        .cloned()
+        .collect();
+    let used: i64 = rows.iter().map(|r| r.used.max(0)).sum();
+    let freq = super::frequency_name(period.frequency);
+    let ctx = context! {
+        customer => cust.name,
+        frequency => freq,
+        period => period.label(),
+        start => local(cfg, period.start),
+        end => local(cfg, period.end),
+        timezone => zone_name(cfg),
+        clients => clients,
+        idle => idle,
+        total_ok => rows.iter().map(|r| r.sessions_ok).sum::<i64>(),
+        total_failed => rows.iter().map(|r| r.sessions_failed).sum::<i64>(),
+        total_in => format_size(rows.iter().map(|r| r.bytes_in.max(0) as u64).sum()),
+        space_used => format_size(used as u64),
+        space_allotted => cust.space.map(format_size).unwrap_or_else(|| "unlimited".into()),
+        server => server_name(),
+    };
+    let subject = format!(
+        "[tollgate] {} report for {}: {}{}",
+        freq,
+        cust.name,
+        period.label(),
+        if idle.is_empty() {
+            String::new()
+        } else {
+            format!(" ({} without backup)", idle.len())
+        }
+    );
+    build(
+        cfg,
+        "consolidated_report",
+        to,
+        subject,
+        render("consolidated.txt", &ctx)?,
+        render("consolidated.html", &ctx)?,
+        at,
+    )
+}
+
+/// An alert.
+pub fn alert(
+    cfg: &Config,
+    to: &[String],
+    headline: &str,
+    detail: &str,
+    advice: &str,
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let ctx = context! {
+        headline => headline,
+        detail => detail,
+        advice => advice,
+        server => server_name(),
+        at => local(cfg, at),
+    };
+    build(
+        cfg,
+        "alert",
+        to,
+        format!("[tollgate] ALERT: {headline}"),
+        render("alert.txt", &ctx)?,
+        render("alert.html", &ctx)?,
+        at,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn cfg() -> Config {
+        Config::from_str(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/x.db\"\ntimezone = \"Europe/Berlin\"\n\
+             [server.email]\nfrom = \"tollgate@example.com\"\nspool = \"/tmp/spool\"\n\
+             [[reseller]]\nname = \"r\"\n\
+             [[customer]]\nname = \"A<b>&co\"\nreseller = \"r\"\nemail = \"a@example.com\"\nbackup_location = \"/tmp/a\"\n",
+            Path::new("/etc/tollgate/t.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_template_renders_and_html_is_escaped() {
+        let cfg = cfg();
+        let c = cfg.customer_by_name("A<b>&co").unwrap();
+        let f = SessionFacts {
+            client: "PC-1".into(),
+            customer: c,
+            schedule: "nightly".into(),
+            intent: "backup".into(),
+            result: "ok".into(),
+            files_failed: 1,
+            errors: vec!["bad_path: <script>".into()],
+            ..Default::default()
+        };
+        let at = Timestamp::from_second(1_800_000_000).unwrap();
+        let m = session_report(&cfg, &f, &["a@example.com".into()], at).unwrap();
+        let text = String::from_utf8_lossy(&m.message).to_string();
+        assert!(m.subject.contains("FAILED backup of PC-1"), "{}", m.subject);
+        assert!(text.contains("multipart/alternative"), "{text}");
+        assert!(text.contains("&lt;script&gt;"), "HTML part escapes: {text}");
+        assert!(!text.contains("<li><script>"), "{text}");
+        let p = Period::last_complete(crate::config::Frequency::Weekly, &cfg.server.timezone, at);
+        let rows = vec![ClientPeriod {
+            id: "PC-1".into(),
+            kind: "desktop".into(),
+            used: 10,
+            last_backup: None,
+            sessions_ok: 0,
+            sessions_failed: 1,
+            bytes_in: 0,
+            bytes_out: 0,
+            mcal: 1,
+        }];
+        let m = consolidated_report(&cfg, c, &p, &rows, &["a@example.com".into()], at).unwrap();
+        assert!(m.subject.contains("(1 without backup)"), "{}", m.subject);
+        alert(&cfg, &["a@example.com".into()], "h", "d", "a", at).unwrap();
+    }
+}

@@ -1,0 +1,434 @@
+//! E-mail (CONFIG.md "Email reports", "Alerts"): per-session reports,
+//! consolidated customer reports and alerts.
+//!
+//! Every message is composed ([`compose`]) and written to the persistent
+//! outbox in state first; a background task ([`run`]) delivers it
+//! ([`deliver`]) with exponential backoff, and a restart picks up whatever
+//! is left. A session only queues its report after it has ended, from a
+//! spawned task, so mail can never block, slow or fail a backup.
+//!
+//! Consolidated reports are queued together with a record of their period
+//! in one transaction: after downtime the missed periods are sent, and no
+//! period is ever sent twice. Alerts are recorded per subject and local day.
+
+pub mod compose;
+pub mod deliver;
+
+use crate::config::{Config, CustomerId, Frequency, McalLimit};
+use crate::policy::period::{self, Period};
+use crate::policy::space::{self, Debits, Usage};
+use crate::state::{State, StateError};
+use jiff::Timestamp;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+pub use compose::SessionFacts;
+pub use deliver::Transport;
+
+/// Why a message could not be made or delivered.
+#[derive(Debug, thiserror::Error)]
+pub enum MailError {
+    /// `server.email` is missing (or has neither `smtp` nor `spool`).
+    #[error("e-mail is not configured (server.email)")]
+    NotConfigured,
+    /// An address does not parse.
+    #[error("bad address: {0}")]
+    Address(String),
+    /// A template failed to render.
+    #[error("template: {0}")]
+    Template(String),
+    /// The relay or the spool refused it.
+    #[error("delivery: {0}")]
+    Transport(String),
+    /// The outbox failed.
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// How often reports and alerts are looked for.
+pub const SCHEDULE_EVERY: Duration = Duration::from_secs(60);
+/// Alerts are checked at most this often, however many sessions end.
+pub const ALERT_MIN_GAP: Duration = Duration::from_secs(5);
+/// Missed periods sent at most per customer after a long outage.
+pub const MAX_CATCH_UP: usize = 62;
+
+/// `daily`, `weekly` or `monthly`.
+pub fn frequency_name(f: Frequency) -> &'static str {
+    match f {
+        Frequency::Daily => "daily",
+        Frequency::Weekly => "weekly",
+        Frequency::Monthly => "monthly",
+    }
+}
+
+/// Queues the report of a finished session for the customer and the
+/// reseller that have `email_reports` on. Returns how many were queued.
+pub async fn queue_session_report(
+    state: &State,
+    cfg: &Config,
+    f: &SessionFacts,
+) -> Result<usize, MailError> {
+    if cfg.server.email.is_none() {
+        return Ok(0);
+    }
+    let cust = cfg.customer(f.customer);
+    let mut to: Vec<String> = Vec::new();
+    if cust.email_reports
+        && let Some(e) = &cust.email
+    {
+        to.push(e.clone());
+    }
+    if let Some(r) = cust.reseller.map(|r| cfg.reseller(r))
+        && r.email_reports
+        && let Some(e) = &r.email
+        && !to.contains(e)
+    {
+        to.push(e.clone());
+    }
+    let now = crate::clock::now();
+    // One message per recipient: a customer should not see its reseller's
+    // address, nor the reseller the customer's.
+    for addr in &to {
+        let m = compose::session_report(cfg, f, std::slice::from_ref(addr), now)?;
+        state.enqueue(&m, now).await?;
+    }
+    Ok(to.len())
+}
+
+/// Queues every consolidated report that is due at `now`. Returns how many.
+pub async fn queue_due_reports(
+    state: &State,
+    cfg: &Config,
+    now: Timestamp,
+) -> Result<usize, MailError> {
+    if cfg.server.email.is_none() {
+        return Ok(0);
+    }
+    let tz = &cfg.server.timezone;
+    let mut queued = 0;
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let Some(rep) = &c.consolidated_report else {
+            continue;
+        };
+        let freq = frequency_name(rep.frequency);
+        let last = state
+            .last_report(&c.name, freq)
+            .await?
+            .and_then(|d| d.parse().ok());
+        for p in period::due(rep.frequency, tz, last, now, MAX_CATCH_UP) {
+            let rows = state.client_periods(&c.name, p.start, p.end).await?;
+            let m = compose::consolidated_report(
+                cfg,
+                CustomerId(i as u32),
+                &p,
+                &rows,
+                &rep.recipients,
+                now,
+            )?;
+            if state
+                .enqueue_report(&c.name, freq, &p.key(), &m, now)
+                .await?
+            {
+                info!(customer = %c.name, frequency = freq, period = %p.label(), "consolidated report queued");
+                queued += 1;
+            }
+        }
+    }
+    Ok(queued)
+}
+
+/// `tollgate report send`: queues the most recent complete period's report
+/// for `customer` and delivers it now. It does not count as the scheduled
+/// one. If delivery fails, the message stays in the outbox and the daemon
+/// retries it; the error is returned with the period and recipients.
+pub async fn send_report_now(
+    state: &State,
+    cfg: &Config,
+    customer: CustomerId,
+    frequency: Frequency,
+    now: Timestamp,
+) -> Result<(Period, Vec<String>, Result<(), MailError>), MailError> {
+    let c = cfg.customer(customer);
+    let p = Period::last_complete(frequency, &cfg.server.timezone, now);
+    let to = match &c.consolidated_report {
+        Some(r) => r.recipients.clone(),
+        None => c.email.iter().cloned().collect(),
+    };
+    let rows = state.client_periods(&c.name, p.start, p.end).await?;
+    let m = compose::consolidated_report(cfg, customer, &p, &rows, &to, now)?;
+    let t = Transport::from_config(cfg)?.ok_or(MailError::NotConfigured)?;
+    // Leased, so a running daemon does not deliver it at the same time.
+    let lease = now + jiff::SignedDuration::from_secs(120);
+    let q = state.enqueue_leased(&m, now, lease).await?;
+    let sent = match t.send(&q).await {
+        Ok(()) => {
+            state.mail_sent(q.id, crate::clock::now()).await?;
+            Ok(())
+        }
+        Err(e) => {
+            state
+                .mail_failed(q.id, &e.to_string(), crate::clock::now())
+                .await?;
+            Err(e)
+        }
+    };
+    Ok((p, to, sent))
+}
+
+/// One alert to queue: (subject key, recipient, headline, detail, advice).
+type AlertSpec = (String, String, String, String, &'static str);
+
+/// The alerts that hold at this snapshot (CONFIG.md "Alerts"): usage at or
+/// over 90% of space at any level, and MCAL allotments or the pool with
+/// less left than one more month of their clients' costs.
+pub fn alerts_for(
+    cfg: &Config,
+    usage: &HashMap<String, Usage>,
+    client_used: &[(String, String, i64, String)],
+    customer_debits: &HashMap<String, Debits>,
+    reseller_debits: &HashMap<String, Debits>,
+    global: Debits,
+) -> Vec<AlertSpec> {
+    use crate::config::units::format_size;
+    let admin = cfg.server.email.as_ref().and_then(|e| e.admin.clone());
+    let mut out: Vec<AlertSpec> = Vec::new();
+    let over = |used: u64, space: Option<u64>| space.is_some_and(|s| s > 0 && used * 10 >= s * 9);
+    let pct = |used: u64, space: u64| used as f64 * 100.0 / space.max(1) as f64;
+    let advice_space =
+        "free space (delete old files or clients) or raise the space in the configuration";
+    let mut reseller_used = vec![0u64; cfg.resellers.len()];
+    let mut server_used = 0u64;
+    let mut monthly_cost_customer = vec![0u64; cfg.customers.len()];
+    let mut monthly_cost_reseller = vec![0u64; cfg.resellers.len()];
+    let mut monthly_cost_all = 0u64;
+    for (id, customer, used, kind) in client_used {
+        let Some(c) = cfg.customer_by_name(customer) else {
+            continue;
+        };
+        let cost = crate::config::Kind::parse(kind).map_or(0, |k| cfg.mcal_cost(k)) as u64;
+        monthly_cost_customer[c.0 as usize] += cost;
+        if let Some(r) = cfg.customer(c).reseller {
+            monthly_cost_reseller[r.0 as usize] += cost;
+        }
+        monthly_cost_all += cost;
+        let cust = cfg.customer(c);
+        if let Some(d) = cfg.declared_client(id)
+            && let Some(space) = cfg.client(d).space
+            && over(*used as u64, Some(space))
+            && let Some(to) = &cust.email
+        {
+            out.push((
+                format!("space:client:{id}"),
+                to.clone(),
+                format!(
+                    "client {id} has used {:.0}% of its space",
+                    pct(*used as u64, space)
+                ),
+                format!(
+                    "Client {id} of {} stores {} of its {}.",
+                    cust.name,
+                    format_size(*used as u64),
+                    format_size(space)
+                ),
+                advice_space,
+            ));
+        }
+    }
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let used = usage.get(&c.name.to_lowercase()).map_or(0, |u| u.used);
+        server_used += used;
+        if let Some(r) = c.reseller {
+            reseller_used[r.0 as usize] += used;
+        }
+        if over(used, c.space)
+            && let Some(to) = &c.email
+        {
+            let space = c.space.unwrap_or(0);
+            out.push((
+                format!("space:customer:{}", c.name),
+                to.clone(),
+                format!("{} has used {:.0}% of its space", c.name, pct(used, space)),
+                format!(
+                    "Customer {} stores {} of its {}.",
+                    c.name,
+                    format_size(used),
+                    format_size(space)
+                ),
+                advice_space,
+            ));
+        }
+        if let McalLimit::Fixed(n) = c.mcal_limit {
+            let d = customer_debits
+                .get(&c.name.to_lowercase())
+                .copied()
+                .unwrap_or_default();
+            let left = n.saturating_sub(d.total);
+            let need = monthly_cost_customer[i];
+            if need > 0
+                && left < need
+                && let Some(to) = &c.email
+            {
+                out.push((
+                    format!("mcal:customer:{}", c.name),
+                    to.clone(),
+                    format!("{} has {left} MCALs left, less than one month of its clients' costs ({need})", c.name),
+                    format!("Customer {} may debit {n} MCALs in all and has debited {}. Its clients cost {need} a month; when none is left, backups are refused with mcal_exhausted.", c.name, d.total),
+                    "raise the customer's mcal_limit",
+                ));
+            }
+        }
+    }
+    for (i, r) in cfg.resellers.iter().enumerate() {
+        let Some(to) = &r.email else { continue };
+        if over(reseller_used[i], r.space) {
+            let space = r.space.unwrap_or(0);
+            out.push((
+                format!("space:reseller:{}", r.name),
+                to.clone(),
+                format!(
+                    "reseller {} has used {:.0}% of its space",
+                    r.name,
+                    pct(reseller_used[i], space)
+                ),
+                format!(
+                    "Reseller {}'s customers store {} of its {}.",
+                    r.name,
+                    format_size(reseller_used[i]),
+                    format_size(space)
+                ),
+                advice_space,
+            ));
+        }
+        if let McalLimit::Fixed(n) = r.mcal_limit {
+            let d = reseller_debits.get(&r.name).copied().unwrap_or_default();
+            let left = n.saturating_sub(d.total);
+            let need = monthly_cost_reseller[i];
+            if need > 0 && left < need {
+                out.push((
+                    format!("mcal:reseller:{}", r.name),
+                    to.clone(),
+                    format!("reseller {} has {left} MCALs left, less than one month of its clients' costs ({need})", r.name),
+                    format!("Reseller {} may debit {n} MCALs in all and has debited {}. Its clients cost {need} a month.", r.name, d.total),
+                    "raise the reseller's mcal_limit",
+                ));
+            }
+        }
+    }
+    if let Some(to) = admin {
+        if over(server_used, cfg.server.total_space) {
+            let space = cfg.server.total_space.unwrap_or(0);
+            out.push((
+                "space:server".into(),
+                to.clone(),
+                format!(
+                    "the server has used {:.0}% of its space",
+                    pct(server_used, space)
+                ),
+                format!(
+                    "All customers together store {} of the server's {}.",
+                    format_size(server_used),
+                    format_size(space)
+                ),
+                "add disk space and raise server.total_space, or free space",
+            ));
+        }
+        if let Some(m) = &cfg.server.mcal {
+            let left = space::pool_snapshot(m, global).available;
+            if monthly_cost_all > 0 && left < monthly_cost_all {
+                out.push((
+                    "mcal:pool".into(),
+                    to,
+                    format!("the MCAL pool has {left} left, less than one month of all clients' costs ({monthly_cost_all})"),
+                    format!("The pool holds {} MCALs and {} are debited.", m.pool, global.total),
+                    "buy more MCALs and raise server.mcal.pool",
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// Queues the alerts that hold now, at most one per subject per local day.
+pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result<usize, MailError> {
+    if cfg.server.email.is_none() {
+        return Ok(0);
+    }
+    let totals = state.totals(cfg, now).await?;
+    let clients: Vec<(String, String, i64, String)> = state
+        .clients(cfg, now)
+        .await?
+        .into_iter()
+        .map(|c| (c.id, c.customer, c.used, c.kind))
+        .collect();
+    let specs = alerts_for(
+        cfg,
+        &totals.customers,
+        &clients,
+        &totals.customer_debits,
+        &totals.reseller_debits,
+        totals.global_debits,
+    );
+    let day = cfg.server.timezone.to_datetime(now).date().to_string();
+    let mut queued = 0;
+    for (subject, to, headline, detail, advice) in specs {
+        let m = compose::alert(cfg, &[to], &headline, &detail, advice, now)?;
+        if state.enqueue_alert(&subject, &day, &m, now).await? {
+            info!(subject = %subject, "alert queued");
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
+/// The background mail task: queues due reports and alerts, and delivers
+/// the outbox. `cfg` gives the configuration in force; `wake` is notified
+/// when a message was queued or a session ended.
+pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake: Arc<Notify>) {
+    let mut next_schedule = tokio::time::Instant::now();
+    let mut last_alerts: Option<tokio::time::Instant> = None;
+    let mut woken = false;
+    loop {
+        let c = cfg();
+        let now = crate::clock::now();
+        if tokio::time::Instant::now() >= next_schedule {
+            if let Err(e) = queue_due_reports(&state, &c, now).await {
+                warn!(error = %e, "queuing consolidated reports failed");
+            }
+            next_schedule = tokio::time::Instant::now() + SCHEDULE_EVERY;
+            woken = true;
+        }
+        if woken && last_alerts.is_none_or(|t| t.elapsed() >= ALERT_MIN_GAP) {
+            if let Err(e) = queue_alerts(&state, &c, now).await {
+                warn!(error = %e, "checking alerts failed");
+            }
+            last_alerts = Some(tokio::time::Instant::now());
+            woken = false;
+        }
+        match Transport::from_config(&c) {
+            Ok(Some(t)) => {
+                if let Err(e) = deliver::deliver_due(&state, &t).await {
+                    warn!(error = %e, "delivering mail failed");
+                }
+            }
+            Ok(None) => {}
+            Err(e) => warn!(error = %e, "cannot deliver mail"),
+        }
+        // Sleep until the next message is due, the next schedule check, or
+        // a wake-up; never longer than the schedule interval.
+        let mut sleep = next_schedule.saturating_duration_since(tokio::time::Instant::now());
+        if let Ok(Some(due)) = state.next_mail_due().await {
+            let secs = (due - crate::clock::now().as_second()).max(0) as u64;
+            sleep = sleep.min(Duration::from_secs(secs).max(Duration::from_millis(200)));
+        }
+        if woken {
+            sleep = sleep.min(ALERT_MIN_GAP);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => woken = true,
+        }
+    }
+}

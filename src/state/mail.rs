@@ -1,0 +1,307 @@
+//! The outbox and the records that keep reports and alerts from being sent
+//! twice (migration 0003), plus the figures a consolidated report needs.
+
+use super::ops::immediate;
+use super::{State, StateError, secs};
+use jiff::Timestamp;
+
+/// A message ready to queue.
+#[derive(Clone, Debug)]
+pub struct Outgoing {
+    /// `session_report`, `consolidated_report` or `alert`.
+    pub kind: &'static str,
+    /// Its subject (for the log and `status`).
+    pub subject: String,
+    /// The envelope sender.
+    pub from: String,
+    /// The envelope recipients.
+    pub to: Vec<String>,
+    /// The whole RFC 5322 message.
+    pub message: Vec<u8>,
+}
+
+/// A queued message.
+#[derive(Clone, Debug, sqlx::FromRow)]
+pub struct Queued {
+    /// Outbox id.
+    pub id: i64,
+    /// Subject.
+    pub subject: String,
+    /// Envelope sender.
+    pub mail_from: String,
+    /// JSON array of recipients.
+    pub recipients: String,
+    /// The RFC 5322 message.
+    pub message: Vec<u8>,
+    /// Delivery attempts so far.
+    pub attempts: i64,
+}
+
+impl Queued {
+    /// The envelope recipients.
+    pub fn to(&self) -> Vec<String> {
+        serde_json::from_str(&self.recipients).unwrap_or_default()
+    }
+}
+
+/// One client's line in a consolidated report.
+#[derive(Clone, Debug, sqlx::FromRow, serde::Serialize)]
+pub struct ClientPeriod {
+    /// Client id.
+    pub id: String,
+    /// Its kind.
+    pub kind: String,
+    /// Bytes stored now.
+    pub used: i64,
+    /// End of its last successful backup before the period's end (Unix s).
+    pub last_backup: Option<i64>,
+    /// Backup sessions in the period that ended `ok` with no failed file.
+    pub sessions_ok: i64,
+    /// Other sessions in the period.
+    pub sessions_failed: i64,
+    /// Bytes uploaded in the period.
+    pub bytes_in: i64,
+    /// Bytes restored in the period.
+    pub bytes_out: i64,
+    /// MCALs debited in the period.
+    pub mcal: i64,
+}
+
+fn insert_outbox<'a>(
+    m: &'a Outgoing,
+    at: Timestamp,
+) -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    insert_outbox_due(m, at, at)
+}
+
+fn insert_outbox_due<'a>(
+    m: &'a Outgoing,
+    at: Timestamp,
+    due: Timestamp,
+) -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
+    sqlx::query(
+        "INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(secs(at))
+    .bind(m.kind)
+    .bind(&m.subject)
+    .bind(&m.from)
+    .bind(serde_json::to_string(&m.to).unwrap_or_else(|_| "[]".into()))
+    .bind(&m.message)
+    .bind(secs(due))
+}
+
+impl State {
+    /// Queues a message; returns its outbox id.
+    pub async fn enqueue(&self, m: &Outgoing, at: Timestamp) -> Result<i64, StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        let id = insert_outbox(m, at)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// Queues a message that the caller delivers itself: the daemon leaves
+    /// it alone until `lease_until` (then it is retried like any other).
+    pub async fn enqueue_leased(
+        &self,
+        m: &Outgoing,
+        at: Timestamp,
+        lease_until: Timestamp,
+    ) -> Result<Queued, StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        let id = insert_outbox_due(m, at, lease_until)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        tx.commit().await?;
+        Ok(Queued {
+            id,
+            subject: m.subject.clone(),
+            mail_from: m.from.clone(),
+            recipients: serde_json::to_string(&m.to).unwrap_or_else(|_| "[]".into()),
+            message: m.message.clone(),
+            attempts: 0,
+        })
+    }
+
+    /// Queues a consolidated report unless that period was queued before;
+    /// the record and the message are one transaction, so a crash cannot
+    /// lose the report nor send it twice. Returns whether it was queued.
+    pub async fn enqueue_report(
+        &self,
+        customer: &str,
+        frequency: &str,
+        period: &str,
+        m: &Outgoing,
+        at: Timestamp,
+    ) -> Result<bool, StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        let seen: Option<i64> = sqlx::query_scalar(
+            "SELECT 1 FROM reports_sent WHERE customer = ? AND frequency = ? AND period = ?",
+        )
+        .bind(customer)
+        .bind(frequency)
+        .bind(period)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if seen.is_some() {
+            return Ok(false);
+        }
+        let id = insert_outbox(m, at)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        sqlx::query(
+            "INSERT INTO reports_sent (customer, frequency, period, outbox_id, queued_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(customer)
+        .bind(frequency)
+        .bind(period)
+        .bind(id)
+        .bind(secs(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// The first day of the newest period queued for this customer.
+    pub async fn last_report(
+        &self,
+        customer: &str,
+        frequency: &str,
+    ) -> Result<Option<String>, StateError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MAX(period) FROM reports_sent WHERE customer = ? AND frequency = ?",
+        )
+        .bind(customer)
+        .bind(frequency)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Queues an alert unless one with this subject was queued on `day`.
+    pub async fn enqueue_alert(
+        &self,
+        subject: &str,
+        day: &str,
+        m: &Outgoing,
+        at: Timestamp,
+    ) -> Result<bool, StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        let seen: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM alerts_sent WHERE subject = ? AND day = ?")
+                .bind(subject)
+                .bind(day)
+                .fetch_optional(&mut *tx)
+                .await?;
+        if seen.is_some() {
+            return Ok(false);
+        }
+        let id = insert_outbox(m, at)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        sqlx::query("INSERT INTO alerts_sent (subject, day, outbox_id) VALUES (?, ?, ?)")
+            .bind(subject)
+            .bind(day)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Messages due for a delivery attempt at `now`, oldest first.
+    pub async fn due_mail(&self, now: Timestamp, limit: u32) -> Result<Vec<Queued>, StateError> {
+        Ok(sqlx::query_as::<_, Queued>(
+            "SELECT id, subject, mail_from, recipients, message, attempts FROM outbox
+             WHERE sent_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+        )
+        .bind(secs(now))
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
+    /// When the next undelivered message is due (Unix s).
+    pub async fn next_mail_due(&self) -> Result<Option<i64>, StateError> {
+        Ok(
+            sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Undelivered messages.
+    pub async fn mail_pending(&self) -> Result<i64, StateError> {
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+
+    /// Marks a message delivered.
+    pub async fn mail_sent(&self, id: i64, at: Timestamp) -> Result<(), StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        sqlx::query("UPDATE outbox SET sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?")
+            .bind(secs(at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Records a failed attempt and when to try again.
+    pub async fn mail_failed(
+        &self,
+        id: i64,
+        error: &str,
+        retry_at: Timestamp,
+    ) -> Result<(), StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        sqlx::query(
+            "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ?",
+        )
+        .bind(error)
+        .bind(secs(retry_at))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Each client of `customer` with its figures for `[start, end)`.
+    pub async fn client_periods(
+        &self,
+        customer: &str,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<ClientPeriod>, StateError> {
+        Ok(sqlx::query_as::<_, ClientPeriod>(
+            "SELECT c.id, c.kind, c.used,
+                (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup'
+                    AND s.result = 'ok' AND s.files_failed = 0 AND s.ended_at < ?2) AS last_backup,
+                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2
+                    AND s.result = 'ok' AND s.files_failed = 0) AS sessions_ok,
+                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2
+                    AND s.result IS NOT NULL AND (s.result <> 'ok' OR s.files_failed > 0)) AS sessions_failed,
+                COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_in,
+                COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_out,
+                COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.debited_at >= ?1 AND d.debited_at < ?2), 0) AS mcal
+             FROM clients c WHERE c.customer = ?3 ORDER BY c.id",
+        )
+        .bind(secs(start))
+        .bind(secs(end))
+        .bind(customer)
+        .fetch_all(&self.pool)
+        .await?)
+    }
+}

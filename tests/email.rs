@@ -1,0 +1,548 @@
+//! E-mail on the real daemon against a real SMTP server (aiosmtpd on
+//! loopback): session reports after a backup and a restore, alerts, the
+//! weekly consolidated report's exact period, catch-up after downtime, the
+//! outbox while SMTP is down, and the spool mode. The clock is shifted with
+//! TOLLGATE_FAKE_NOW instead of waiting.
+
+mod common;
+
+use common::*;
+use mail_parser::MessageParser;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tollgate::client::{Session, Upload};
+
+/// A received message, parsed.
+struct Mail {
+    rcpt: String,
+    from: String,
+    subject: String,
+    text: String,
+    html: String,
+}
+
+fn parse(raw: &[u8]) -> Mail {
+    let m = MessageParser::default()
+        .parse(raw)
+        .expect("the message parses as RFC 5322");
+    let header = |name: &str| {
+        m.header_raw(name)
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    Mail {
+        rcpt: header("X-RcptTo"),
+        from: header("X-MailFrom"),
+        subject: m.subject().unwrap_or_default().to_string(),
+        text: m.body_text(0).map(|t| t.to_string()).unwrap_or_default(),
+        html: m.body_html(0).map(|t| t.to_string()).unwrap_or_default(),
+    }
+}
+
+/// The HTML part is well-formed (it parses as XML); returns the text of
+/// each `<tr class="client…">` row's first cell.
+fn html_client_rows(html: &str) -> Vec<String> {
+    let doc = roxmltree::Document::parse_with_options(
+        html,
+        roxmltree::ParsingOptions {
+            allow_dtd: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_or_else(|e| panic!("the HTML part is not well-formed: {e}\n{html}"));
+    doc.descendants()
+        .filter(|n| {
+            n.has_tag_name("tr")
+                && n.attribute("class")
+                    .is_some_and(|c| c.split(' ').any(|w| w == "client"))
+        })
+        .map(|tr| {
+            tr.children()
+                .find(|c| c.has_tag_name("td"))
+                .and_then(|td| td.text())
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect()
+}
+
+fn email_table(smtp_port: Option<u16>, spool: &Path) -> String {
+    match smtp_port {
+        Some(p) => format!(
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nsmtp = \"smtp://127.0.0.1:{p}\"\n"
+        ),
+        None => format!(
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nspool = \"{}\"\n",
+            spool.display()
+        ),
+    }
+}
+
+async fn backup(d: &Daemon, id: &str, customer: &str, file: &Path, remote: &str) -> Duration {
+    let mut o = d.opts(id);
+    o.customer = Some(customer.into());
+    let t0 = Instant::now();
+    let mut s = Session::connect(&o).await.unwrap();
+    let r = s
+        .upload(
+            &[Upload {
+                local: file.to_path_buf(),
+                remote: remote.into(),
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    s.bye().await.unwrap();
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn session_reports_and_alerts_reach_the_right_addresses() {
+    let dir = TempDir::new().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
+    write_config(
+        dir.path(),
+        &format!(
+            "[server.mcal]\npool = 1\n{}",
+            email_table(Some(smtp.port), &dir.path().join("spool"))
+        ),
+        &format!(
+            "[[reseller]]\nname = \"north\"\nemail = \"reports@north.example\"\nemail_reports = true\n\
+             [[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\nspace = \"1 MiB\"\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("big.bin");
+    make_file(&file, 950 << 10, 3);
+    backup(&d, "PC-1", "Acme", &file, "big.bin").await;
+
+    // A restore session.
+    let mut o = d.opts("PC-1");
+    o.intent = Some("restore".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    s.get("big.bin", &dir.path().join("restored.bin"))
+        .await
+        .unwrap();
+    s.bye().await.unwrap();
+
+    // 2 sessions × (customer + reseller) + space alert + MCAL pool alert.
+    let all = smtp.wait_for(6, Duration::from_secs(30));
+    let mails: Vec<Mail> = all.iter().map(|m| parse(m)).collect();
+    let subjects: Vec<(&str, &str)> = mails
+        .iter()
+        .map(|m| (m.rcpt.as_str(), m.subject.as_str()))
+        .collect();
+    assert_eq!(mails.len(), 6, "{subjects:#?}\n{}", d.log());
+    for m in &mails {
+        assert_eq!(m.from, "tollgate@backup.example");
+    }
+    let find = |rcpt: &str, needle: &str| {
+        mails
+            .iter()
+            .find(|m| m.rcpt == rcpt && m.subject.contains(needle))
+            .unwrap_or_else(|| panic!("no mail to {rcpt} with {needle:?}: {subjects:#?}"))
+    };
+    for rcpt in ["it@acme.example", "reports@north.example"] {
+        let b = find(rcpt, "OK backup of PC-1 (Acme)");
+        assert!(b.text.contains("Client:      PC-1"), "{}", b.text);
+        assert!(b.text.contains("Schedule:    nightly"), "{}", b.text);
+        assert!(
+            b.text.contains("Result:      Completed successfully"),
+            "{}",
+            b.text
+        );
+        assert!(b.text.contains("Files stored: 1   failed: 0"), "{}", b.text);
+        assert!(b.text.contains("Uploaded:    950 KiB"), "{}", b.text);
+        assert!(b.text.contains("configured: unthrottled"), "{}", b.text);
+        assert!(b.text.contains("Times are UTC"), "{}", b.text);
+        html_client_rows(&b.html);
+        let r = find(rcpt, "OK restore of PC-1 (Acme)");
+        assert!(r.text.contains("Restored:    950 KiB"), "{}", r.text);
+        assert!(r.html.contains("<td>950 KiB</td>"), "{}", r.html);
+    }
+    let space = find("it@acme.example", "ALERT: Acme has used 93% of its space");
+    assert!(space.text.contains("What to do"), "{}", space.text);
+    html_client_rows(&space.html);
+    find("noc@backup.example", "ALERT: the MCAL pool has 0 left");
+
+    // Another backup the same day: reports again, but no second alert.
+    let small = dir.path().join("small.bin");
+    make_file(&small, 1000, 4);
+    backup(&d, "PC-1", "Acme", &small, "small.bin").await;
+    let more = smtp.wait_for(8, Duration::from_secs(30));
+    assert_eq!(more.len(), 8);
+    // Let the alert check that follows the session run (at most 5 s apart).
+    std::thread::sleep(Duration::from_secs(7));
+    let alerts = smtp
+        .messages()
+        .iter()
+        .map(|m| parse(m))
+        .filter(|m| m.subject.contains("ALERT"))
+        .count();
+    assert_eq!(alerts, 2, "at most one alert per subject per day");
+}
+
+/// Config for the report tests: Europe/Berlin, customer Acme with a
+/// weekly consolidated report (when `weekly`).
+fn report_config(dir: &Path, smtp: u16, weekly: bool) {
+    let report = if weekly {
+        "consolidated_report = { recipients = [\"boss@acme.example\", \"it@acme.example\"], frequency = \"weekly\" }\n"
+    } else {
+        ""
+    };
+    std::fs::write(
+        dir.join("tollgate.toml"),
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"Europe/Berlin\"\n{}\
+             [[reseller]]\nname = \"north\"\n\
+             [[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\n{report}",
+            email_table(Some(smtp), &dir.join("spool")),
+            dir.display()
+        ),
+    )
+    .unwrap();
+}
+
+/// Stops a daemon the way systemd does, so its sessions are recorded.
+fn stop(mut d: Daemon) {
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(20)), Some(0));
+}
+
+/// Starts the daemon with its clock at `now` (RFC 3339).
+fn daemon_at(dir: &Path, now: &str) -> Daemon {
+    Daemon::start_with_env(dir, &[("TOLLGATE_FAKE_NOW", now)])
+}
+
+fn weekly_reports(smtp: &Smtp) -> Vec<Mail> {
+    smtp.messages()
+        .iter()
+        .map(|m| parse(m))
+        .filter(|m| m.subject.contains("weekly report"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_weekly_report_covers_monday_to_monday_local() {
+    let dir = TempDir::new().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
+    let file = dir.path().join("f.bin");
+    make_file(&file, 4096, 5);
+    // Backups just outside and just inside the week of Mon 23 Nov 2026,
+    // 00:00 CET (= Sun 22 Nov 23:00 UTC) to Mon 30 Nov 00:00 CET.
+    report_config(dir.path(), smtp.port, false);
+    for (now, client) in [
+        ("2026-11-22T22:59:30Z", "BEFORE"),
+        ("2026-11-22T23:00:00Z", "FIRST"),
+        ("2026-11-29T22:59:30Z", "LAST"),
+        ("2026-11-29T23:00:00Z", "AFTER"),
+    ] {
+        let d = daemon_at(dir.path(), now);
+        backup(&d, client, "Acme", &file, "f.bin").await;
+        stop(d);
+    }
+    // The report is switched on on Tuesday: last week's report goes out.
+    report_config(dir.path(), smtp.port, true);
+    let d = daemon_at(dir.path(), "2026-12-01T09:00:00Z");
+    let t0 = Instant::now();
+    while weekly_reports(&smtp).is_empty() && t0.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let reports = weekly_reports(&smtp);
+    assert_eq!(reports.len(), 1, "{}", d.log());
+    assert_eq!(reports[0].rcpt, "boss@acme.example, it@acme.example");
+    let r = &reports[0];
+    assert!(
+        r.subject
+            .contains("weekly report for Acme: 2026-11-23 – 2026-11-29"),
+        "{}",
+        r.subject
+    );
+    assert!(
+        r.text
+            .contains("Period: 2026-11-23 00:00:00 CET to 2026-11-30 00:00:00 CET (Europe/Berlin)"),
+        "{}",
+        r.text
+    );
+    // FIRST and LAST backed up inside; BEFORE and AFTER did not.
+    let rows = html_client_rows(&r.html);
+    assert_eq!(
+        rows,
+        ["AFTER", "BEFORE", "FIRST", "LAST"],
+        "a row per client"
+    );
+    let line = |id: &str| {
+        let at = r.text.find(&format!("  {id}")).unwrap();
+        r.text[at..].lines().take(2).collect::<Vec<_>>().join(" ")
+    };
+    assert!(line("FIRST").contains("sessions OK: 1"), "{}", r.text);
+    assert!(line("LAST").contains("sessions OK: 1"), "{}", r.text);
+    assert!(
+        line("BEFORE").contains("[no backup]") && line("BEFORE").contains("sessions OK: 0"),
+        "{}",
+        r.text
+    );
+    assert!(
+        line("AFTER").contains("[no backup]") && line("AFTER").contains("sessions OK: 0"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text.contains("NO BACKUP IN THIS PERIOD (2)"),
+        "{}",
+        r.text
+    );
+    assert!(r.subject.contains("(2 without backup)"));
+    drop(d);
+
+    // On demand: `tollgate report send` delivers the same period again.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "report",
+            "send",
+            "--customer",
+            "acme",
+            "--period",
+            "weekly",
+            "--config",
+        ])
+        .arg(dir.path().join("tollgate.toml"))
+        .env("TOLLGATE_FAKE_NOW", "2026-12-01T09:05:00Z")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2026-11-23 – 2026-11-29"));
+    assert!(wait_until(Duration::from_secs(10), || weekly_reports(
+        &smtp
+    )
+    .len()
+        == 2));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn missed_periods_are_sent_after_downtime_once_and_only_once() {
+    let dir = TempDir::new().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
+    report_config(dir.path(), smtp.port, true);
+    let wait_reports = |n: usize| {
+        let t0 = Instant::now();
+        while weekly_reports(&smtp).len() < n && t0.elapsed() < Duration::from_secs(30) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let periods = || {
+        let mut v: Vec<String> = weekly_reports(&smtp)
+            .iter()
+            .map(|m| m.subject.split(": ").nth(1).unwrap_or_default().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    // Wednesday 2 Dec: last week's report.
+    let d = daemon_at(dir.path(), "2026-12-02T10:00:00Z");
+    wait_reports(1);
+    drop(d);
+    // Down until Wednesday 16 Dec: the weeks of 30 Nov and 7 Dec are due.
+    let d = daemon_at(dir.path(), "2026-12-16T10:00:00Z");
+    wait_reports(3);
+    drop(d);
+    // Up again at the same time: nothing new.
+    let d = daemon_at(dir.path(), "2026-12-16T10:00:30Z");
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log();
+    drop(d);
+    assert_eq!(
+        periods(),
+        [
+            "2026-11-23 – 2026-11-29",
+            "2026-11-30 – 2026-12-06",
+            "2026-12-07 – 2026-12-13",
+        ],
+        "{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn while_smtp_is_down_mail_waits_and_backups_do_not() {
+    let dir = TempDir::new().unwrap();
+    let port = free_port();
+    // "Down": a relay that accepts connections and never answers.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let blackhole = {
+        let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+        l.set_nonblocking(true).unwrap();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                if let Ok((c, _)) = l.accept() {
+                    held.push(c);
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+    };
+    write_config(
+        dir.path(),
+        &email_table(Some(port), &dir.path().join("spool")),
+        &format!(
+            "[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\n[[reseller]]\nname = \"north\"\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("f.bin");
+    make_file(&file, 64 << 10, 6);
+    for i in 0..3 {
+        let took = backup(&d, &format!("PC-{i}"), "Acme", &file, "f.bin").await;
+        assert!(
+            took < Duration::from_secs(3),
+            "backup {i} took {took:?} with SMTP down"
+        );
+    }
+    let db = d.db().await;
+    let t0 = Instant::now();
+    loop {
+        let pending: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+        if pending == 3 {
+            break;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "{pending} in the outbox"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    db.close().await;
+    // The daemon dies with the mail undelivered; the relay comes back.
+    let mut d = d;
+    d.kill9();
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    blackhole.join().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), port);
+    let d = Daemon::start(dir.path());
+    let got = smtp.wait_for(3, Duration::from_secs(60));
+    assert_eq!(got.len(), 3, "{}", d.log());
+    let mut subjects: Vec<String> = got.iter().map(|m| parse(m).subject).collect();
+    subjects.sort();
+    for (i, s) in subjects.iter().enumerate() {
+        assert!(s.contains(&format!("OK backup of PC-{i} (Acme)")), "{s}");
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(smtp.messages().len(), 3, "nothing is delivered twice");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_spool_gets_one_parseable_eml_per_message() {
+    let dir = TempDir::new().unwrap();
+    let spool = dir.path().join("spool");
+    write_config(
+        dir.path(),
+        &email_table(None, &spool),
+        &format!(
+            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("f.bin");
+    make_file(&file, 5000, 7);
+    backup(&d, "SPOOLED", "Acme", &file, "f.bin").await;
+    // Stopped right after the session: its report is still queued.
+    stop(d);
+    let db = sqlx::SqlitePool::connect(&format!(
+        "sqlite://{}",
+        dir.path().join("state.db").display()
+    ))
+    .await
+    .unwrap();
+    let queued: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM outbox")
+        .fetch_one(&db)
+        .await
+        .unwrap();
+    assert_eq!(queued, 1, "the report was queued before the daemon stopped");
+    db.close().await;
+    let d = Daemon::start(dir.path());
+    let list = || {
+        let mut v: Vec<String> = std::fs::read_dir(&spool)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.file_name().into_string().unwrap())
+            .collect();
+        v.sort();
+        v
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || !list().is_empty()),
+        "{}",
+        d.log()
+    );
+    let names = list();
+    assert_eq!(names.len(), 1, "{names:?}");
+    assert!(
+        names[0].ends_with(".eml") && !names[0].starts_with('.'),
+        "{names:?}"
+    );
+    let raw = std::fs::read(spool.join(&names[0])).unwrap();
+    let m = MessageParser::default()
+        .parse(&raw)
+        .expect("the .eml parses as mail");
+    assert_eq!(
+        m.to().and_then(|a| a.first()).and_then(|a| a.address()),
+        Some("it@acme.example")
+    );
+    assert_eq!(
+        m.from().and_then(|a| a.first()).and_then(|a| a.address()),
+        Some("tollgate@backup.example")
+    );
+    assert!(m.subject().unwrap().contains("OK backup of SPOOLED (Acme)"));
+    assert!(m.date().is_some() && m.message_id().is_some());
+    assert!(m.body_text(0).unwrap().contains("Files stored: 1"));
+    html_client_rows(&m.body_html(0).unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_password_never_reaches_the_log() {
+    let dir = TempDir::new().unwrap();
+    let port = free_port(); // nothing listens: every attempt fails
+    write_config(
+        dir.path(),
+        &format!(
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nsmtp = \"smtp://mailer:tg-smtp-pass-0451@127.0.0.1:{port}\"\n"
+        ),
+        &format!(
+            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
+            dir.path().display()
+        ),
+    );
+    let d = Daemon::start(dir.path());
+    let file = dir.path().join("f.bin");
+    make_file(&file, 100, 8);
+    backup(&d, "PW-PC", "Acme", &file, "f.bin").await;
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("mail delivery failed")),
+        "{}",
+        d.log()
+    );
+    assert!(!d.log().contains("tg-smtp-pass-0451"), "{}", d.log());
+}
