@@ -328,3 +328,76 @@ async fn a_throttle_change_reaches_a_running_upload() {
         "12 MiB took {took:?}: the new rate did not reach the running upload"
     );
 }
+
+fn write_pair(dir: &Path) -> String {
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+    std::fs::write(dir.join("server.crt"), ck.cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), ck.signing_key.serialize_pem()).unwrap();
+    format!("sha256:{}", sha256_hex(ck.cert.der()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listen_and_certificate_changes_apply_without_dropping_sessions() {
+    let dir = TempDir::new().unwrap();
+    let (p1, p2) = (free_port(), free_port());
+    let pin_a = write_pair(dir.path());
+    let cfg = |port: u16| {
+        format!(
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\n\
+             [server.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n\
+             [default_customer]\nbackup_location = \"{}/b\"\nauto_add_clients = true\n",
+            dir.path().display()
+        )
+    };
+    std::fs::write(dir.path().join("tollgate.toml"), cfg(p1)).unwrap();
+    let d = Daemon::start(dir.path());
+    assert_eq!(d.pin, pin_a);
+    let mut s1 = Session::connect(&d.opts("STAYS")).await.unwrap();
+
+    // A new certificate and a new port.
+    let pin_b = write_pair(dir.path());
+    replace_config(dir.path(), &cfg(p2));
+    let new_addr = format!("127.0.0.1:{p2}");
+    assert!(
+        wait_until(Duration::from_secs(10), || std::net::TcpStream::connect(
+            &new_addr
+        )
+        .is_ok()),
+        "{}",
+        d.log()
+    );
+    // The old port stops accepting; the session made there goes on.
+    assert!(
+        wait_until(Duration::from_secs(5), || std::net::TcpStream::connect((
+            "127.0.0.1",
+            p1
+        ))
+        .is_err()),
+        "{}",
+        d.log()
+    );
+    assert!(s1.list(None).await.is_ok(), "the running session survives");
+    s1.bye().await.unwrap();
+
+    // New handshakes present the new certificate.
+    let mut o = d.opts("NEWCERT");
+    o.server = new_addr.clone();
+    o.pin = Some(pin_a.clone());
+    assert!(
+        Session::connect(&o).await.is_err(),
+        "the old pin no longer matches"
+    );
+    o.pin = Some(pin_b);
+    Session::connect(&o)
+        .await
+        .expect("the new certificate")
+        .bye()
+        .await
+        .unwrap();
+    let log = d.log();
+    assert!(log.contains("listening (added by reload)"), "{log}");
+    assert!(
+        log.contains("no longer accepting (removed by reload)"),
+        "{log}"
+    );
+}
