@@ -36,6 +36,8 @@ pub const RELOADS: &str = "tollgate_reloads_total";
 pub const RELOAD_FAILED: &str = "tollgate_reload_failed";
 /// MCALs left in the global pool (absent when MCALs are not enforced).
 pub const MCAL_POOL_AVAILABLE: &str = "tollgate_mcal_pool_available";
+/// Messages in the outbox not yet delivered.
+pub const MAIL_PENDING: &str = "tollgate_mail_outbox_pending";
 /// Bytes committed, by `reseller` ("" = customers directly under the server).
 pub const SPACE_USED: &str = "tollgate_space_used_bytes";
 /// Bytes allotted, by `reseller`; absent when unlimited.
@@ -70,6 +72,7 @@ fn describe() {
     describe_gauge!(RELOAD_FAILED, "1 if the last reload attempt was refused");
     describe_gauge!(MCAL_POOL_AVAILABLE, "MCALs left in the global pool");
     describe_gauge!(SPACE_USED, "Bytes committed per reseller");
+    describe_gauge!(MAIL_PENDING, "Messages waiting in the outbox");
     describe_gauge!(SPACE_ALLOTTED, "Bytes allotted per reseller");
 }
 
@@ -132,6 +135,9 @@ async fn refresh(ctx: &Context) {
             return;
         }
     };
+    if let Ok(n) = ctx.state.mail_pending().await {
+        metrics::gauge!(MAIL_PENDING).set(n as f64);
+    }
     if let Some(m) = &cfg.server.mcal {
         let p = space::pool_snapshot(m, d.global_debits);
         metrics::gauge!(MCAL_POOL_AVAILABLE).set(p.available as f64);

@@ -221,6 +221,7 @@ async fn metrics_parse_and_count_admissions() {
         let t = http_get(&m, "/metrics").1;
         value(&parse(&t).unwrap(), "tollgate_active_sessions", &[]) == Some(0.0)
     }));
+    assert_eq!(v("tollgate_mail_outbox_pending", &[]), Some(0.0));
     // Bounded cardinality: no client id appears anywhere.
     assert!(!text.contains("M-ONE") && !text.contains("M-TWO"));
 }
