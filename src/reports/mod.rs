@@ -432,3 +432,111 @@ pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    const MIB: i64 = 1 << 20;
+
+    fn cfg() -> Config {
+        Config::from_str(
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/x.db\"\ntimezone = \"UTC\"\ntotal_space = \"100 MiB\"\n\
+             [server.mcal]\npool = 10\n\
+             [server.email]\nfrom = \"t@x.example\"\nadmin = \"noc@x.example\"\nspool = \"/tmp/s\"\n\
+             [default_customer]\nspace = \"0 B\"\n\
+             [[reseller]]\nname = \"r\"\nemail = \"r@x.example\"\nspace = \"50 MiB\"\nmcal_limit = 4\n\
+             [[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/tmp/a\"\nspace = \"10 MiB\"\nmcal_limit = 3\n\
+             [[client]]\nid = \"PC\"\ncustomer = \"A\"\nkind = \"server\"\nspace = \"5 MiB\"\n",
+            Path::new("/etc/tollgate/t.toml"),
+        )
+        .unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    /// (customer usage, client usage, customer debits, reseller debits,
+    /// global debits) → the alert subjects and their recipients.
+    fn run(
+        a_used: i64,
+        pc_used: i64,
+        a_deb: u64,
+        r_deb: u64,
+        all_deb: u64,
+    ) -> Vec<(String, String)> {
+        let c = cfg();
+        let usage = HashMap::from([(
+            "a".to_string(),
+            Usage {
+                used: a_used as u64,
+                reserved: 0,
+            },
+        )]);
+        let clients = vec![(
+            "PC".to_string(),
+            "A".to_string(),
+            pc_used,
+            "server".to_string(),
+        )];
+        let d = |n| Debits {
+            total: n,
+            this_month: 0,
+        };
+        let mut v: Vec<(String, String)> = alerts_for(
+            &c,
+            &usage,
+            &clients,
+            &HashMap::from([("a".to_string(), d(a_deb))]),
+            &HashMap::from([("r".to_string(), d(r_deb))]),
+            d(all_deb),
+        )
+        .into_iter()
+        .map(|(s, to, ..)| (s, to))
+        .collect();
+        v.sort();
+        v
+    }
+
+    fn subjects(v: &[(String, String)]) -> Vec<&str> {
+        v.iter().map(|(s, _)| s.as_str()).collect()
+    }
+
+    #[test]
+    fn alerts_fire_at_ninety_percent_and_under_one_month_of_costs() {
+        // Quiet: under 90% everywhere; MCALs left ≥ one month (cost 2).
+        assert!(run(8 * MIB, 4 * MIB, 0, 0, 0).is_empty());
+        // Exactly 90% of the customer's 10 MiB (9 MiB), and of the client's 5 MiB (4.5 MiB).
+        let v = run(9 * MIB, 9 * MIB / 2, 0, 0, 0);
+        assert_eq!(subjects(&v), ["space:client:PC", "space:customer:A"]);
+        assert!(v.iter().all(|(_, to)| to == "a@x.example"));
+        // Just under 90%.
+        assert!(run(9 * MIB - 1, 9 * MIB / 2 - 1, 0, 0, 0).is_empty());
+        // The customer has 3 and debited 2: 1 left < 2 a month.
+        let v = run(0, 0, 2, 2, 2);
+        assert_eq!(v, [("mcal:customer:A".into(), "a@x.example".into())]);
+        // The reseller has 4 and debited 3: 1 left.
+        let v = run(0, 0, 1, 3, 3);
+        assert_eq!(v, [("mcal:reseller:r".into(), "r@x.example".into())]);
+        // The pool has 10 and 9 are debited.
+        let v = run(0, 0, 0, 0, 9);
+        assert_eq!(v, [("mcal:pool".into(), "noc@x.example".into())]);
+    }
+
+    #[test]
+    fn reseller_and_server_space_alerts_go_up_the_tree() {
+        // 45 MiB of the reseller's 50 MiB is 90%: the customer (10 MiB) is
+        // also over, the server (100 MiB) is not.
+        let v = run(45 * MIB, 0, 0, 0, 0);
+        assert_eq!(
+            v,
+            [
+                ("space:customer:A".into(), "a@x.example".into()),
+                ("space:reseller:r".into(), "r@x.example".into()),
+            ]
+        );
+        let v = run(90 * MIB, 0, 0, 0, 0);
+        assert!(
+            v.contains(&("space:server".into(), "noc@x.example".into())),
+            "{v:?}"
+        );
+    }
+}
