@@ -546,3 +546,120 @@ async fn a_relay_password_never_reaches_the_log() {
     );
     assert!(!d.log().contains("tg-smtp-pass-0451"), "{}", d.log());
 }
+
+/// A self-signed certificate for 127.0.0.1 that the daemon trusts through
+/// SSL_CERT_FILE (read by rustls-native-certs, as lettre's roots).
+fn relay_cert(dir: &Path) -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.join("relay.crt"), dir.join("relay.key"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    (
+        cert.to_str().unwrap().to_string(),
+        key.to_str().unwrap().to_string(),
+    )
+}
+
+/// Backs up once through a daemon whose relay is `url`; returns the daemon.
+async fn one_report_via(dir: &Path, url: &str, ca: &str) -> Daemon {
+    write_config(
+        dir,
+        &format!("[server.email]\nfrom = \"tollgate@backup.example\"\nsmtp = \"{url}\"\n"),
+        &format!(
+            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
+            dir.display()
+        ),
+    );
+    let d = Daemon::start_with_env(dir, &[("SSL_CERT_FILE", ca)]);
+    let file = dir.join("f.bin");
+    make_file(&file, 1000, 9);
+    backup(&d, "TLS-PC", "Acme", &file, "f.bin").await;
+    d
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_with_auth_and_a_reloaded_password() {
+    let dir = TempDir::new().unwrap();
+    let (cert, key) = relay_cert(dir.path());
+    let port = free_port();
+    let smtp = Smtp::start_with(
+        &dir.path().join("maildir"),
+        port,
+        &[
+            "--starttls",
+            &cert,
+            &key,
+            "--auth",
+            "mailer:tg-smtp-pass-0451",
+        ],
+    );
+    // A wrong password first: refused by the relay, kept in the outbox.
+    let d = one_report_via(
+        dir.path(),
+        &format!("smtp://mailer:not-the-secret@127.0.0.1:{port}?tls=starttls"),
+        &cert,
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("mail delivery failed")),
+        "{}",
+        d.log()
+    );
+    assert!(smtp.messages().is_empty());
+    // The administrator fixes the password; the retry goes through.
+    let text = std::fs::read_to_string(dir.path().join("tollgate.toml"))
+        .unwrap()
+        .replace("mailer:not-the-secret@", "mailer:tg-smtp-pass-0451@");
+    replace_config(dir.path(), &text);
+    let got = smtp.wait_for(1, Duration::from_secs(30));
+    assert_eq!(got.len(), 1, "{}", d.log());
+    let m = parse(&got[0]);
+    assert_eq!(m.rcpt, "it@acme.example");
+    assert!(m.subject.contains("OK backup of TLS-PC"), "{}", m.subject);
+    assert!(!d.log().contains("tg-smtp-pass-0451"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn implicit_tls_with_smtps() {
+    let dir = TempDir::new().unwrap();
+    let (cert, key) = relay_cert(dir.path());
+    let port = free_port();
+    let smtp = Smtp::start_with(&dir.path().join("maildir"), port, &["--smtps", &cert, &key]);
+    let d = one_report_via(dir.path(), &format!("smtps://127.0.0.1:{port}"), &cert).await;
+    let got = smtp.wait_for(1, Duration::from_secs(20));
+    assert_eq!(got.len(), 1, "{}", d.log());
+    assert!(parse(&got[0]).subject.contains("OK backup of TLS-PC"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn starttls_refuses_a_relay_it_cannot_verify() {
+    let dir = TempDir::new().unwrap();
+    let (cert, key) = relay_cert(dir.path());
+    let port = free_port();
+    let smtp = Smtp::start_with(
+        &dir.path().join("maildir"),
+        port,
+        &["--starttls", &cert, &key],
+    );
+    // No SSL_CERT_FILE: the relay's self-signed certificate is not trusted.
+    let d = one_report_via(
+        dir.path(),
+        &format!("smtp://127.0.0.1:{port}?tls=starttls"),
+        "/nonexistent-ca.pem",
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(20), || d
+            .log()
+            .contains("mail delivery failed")),
+        "{}",
+        d.log()
+    );
+    assert!(
+        smtp.messages().is_empty(),
+        "nothing goes to an unverified relay"
+    );
+}

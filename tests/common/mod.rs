@@ -368,12 +368,23 @@ pub fn free_port() -> u16 {
 impl Smtp {
     /// Starts aiosmtpd on `port` and waits until it answers.
     pub fn start(maildir: &Path, port: u16) -> Smtp {
+        Smtp::start_with(maildir, port, &[])
+    }
+
+    /// Like [`Smtp::start`], with `tests/support/smtpd.py` options
+    /// (`--starttls CERT KEY`, `--smtps CERT KEY`, `--auth USER:PASSWORD`).
+    pub fn start_with(maildir: &Path, port: u16, extra: &[&str]) -> Smtp {
         let python = std::env::var("TOLLGATE_TEST_PYTHON").unwrap_or_else(|_| "python3".into());
         let err = maildir.with_extension("smtp.log");
+        let implicit_tls = extra.contains(&"--smtps");
         let child = Command::new(&python)
-            .args(["-m", "aiosmtpd", "-n", "-l", &format!("127.0.0.1:{port}")])
-            .args(["-c", "aiosmtpd.handlers.Mailbox"])
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/support/smtpd.py"
+            ))
+            .args(["--port", &port.to_string(), "--maildir"])
             .arg(maildir)
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
@@ -387,6 +398,10 @@ impl Smtp {
         loop {
             if let Ok(mut c) = std::net::TcpStream::connect(("127.0.0.1", port)) {
                 use std::io::Read;
+                if implicit_tls {
+                    // The greeting is inside TLS: a connection is enough.
+                    return s;
+                }
                 let mut greet = [0u8; 3];
                 c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
                 if c.read_exact(&mut greet).is_ok() && &greet == b"220" {
