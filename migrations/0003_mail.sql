@@ -33,6 +33,7 @@ CREATE TABLE alerts_sent (
     subject   TEXT NOT NULL,
     day       TEXT NOT NULL,
     outbox_id INTEGER NOT NULL,
+    queued_at INTEGER NOT NULL,
     PRIMARY KEY (subject, day)
 );
 

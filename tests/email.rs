@@ -67,6 +67,15 @@ fn html_client_rows(html: &str) -> Vec<String> {
         .collect()
 }
 
+/// Reseller `north` and customer Acme, which wants session reports.
+fn acme_reports(dir: &Path) -> String {
+    format!(
+        "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
+         backup_location = \"{}/acme\"\nauto_add_clients = true\n",
+        dir.display()
+    )
+}
+
 fn email_table(smtp_port: Option<u16>, spool: &Path) -> String {
     match smtp_port {
         Some(p) => format!(
@@ -396,11 +405,7 @@ async fn while_smtp_is_down_mail_waits_and_backups_do_not() {
     write_config(
         dir.path(),
         &email_table(Some(port), &dir.path().join("spool")),
-        &format!(
-            "[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
-             backup_location = \"{}/acme\"\nauto_add_clients = true\n[[reseller]]\nname = \"north\"\n",
-            dir.path().display()
-        ),
+        &acme_reports(dir.path()),
     );
     let d = Daemon::start(dir.path());
     let file = dir.path().join("f.bin");
@@ -454,11 +459,7 @@ async fn the_spool_gets_one_parseable_eml_per_message() {
     write_config(
         dir.path(),
         &email_table(None, &spool),
-        &format!(
-            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
-             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
-            dir.path().display()
-        ),
+        &acme_reports(dir.path()),
     );
     let d = Daemon::start(dir.path());
     let file = dir.path().join("f.bin");
@@ -527,11 +528,7 @@ async fn a_relay_password_never_reaches_the_log() {
         &format!(
             "[server.email]\nfrom = \"tollgate@backup.example\"\nsmtp = \"smtp://mailer:tg-smtp-pass-0451@127.0.0.1:{port}\"\n"
         ),
-        &format!(
-            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
-             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
-            dir.path().display()
-        ),
+        &acme_reports(dir.path()),
     );
     let d = Daemon::start(dir.path());
     let file = dir.path().join("f.bin");
@@ -565,11 +562,7 @@ async fn one_report_via(dir: &Path, url: &str, ca: &str) -> Daemon {
     write_config(
         dir,
         &format!("[server.email]\nfrom = \"tollgate@backup.example\"\nsmtp = \"{url}\"\n"),
-        &format!(
-            "[[reseller]]\nname = \"north\"\n[[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\nemail_reports = true\n\
-             backup_location = \"{}/acme\"\nauto_add_clients = true\n",
-            dir.display()
-        ),
+        &acme_reports(dir),
     );
     let d = Daemon::start_with_env(dir, &[("SSL_CERT_FILE", ca)]);
     let file = dir.join("f.bin");

@@ -128,9 +128,55 @@ impl State {
         })
     }
 
-    /// Queues a consolidated report unless that period was queued before;
-    /// the record and the message are one transaction, so a crash cannot
-    /// lose the report nor send it twice. Returns whether it was queued.
+    /// Queues a message unless `table` already records one for `keys`; the
+    /// record and the message are one transaction, so a crash can neither
+    /// lose the message nor let it be sent twice. Returns whether it was
+    /// queued.
+    async fn enqueue_once(
+        &self,
+        table: &'static str,
+        keys: &[(&'static str, &str)],
+        m: &Outgoing,
+        at: Timestamp,
+    ) -> Result<bool, StateError> {
+        let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
+        let exists = format!(
+            "SELECT 1 FROM {table} WHERE {}",
+            names
+                .iter()
+                .map(|k| format!("{k} = ?"))
+                .collect::<Vec<_>>()
+                .join(" AND ")
+        );
+        let record = format!(
+            "INSERT INTO {table} ({}, outbox_id, queued_at) VALUES ({}?, ?)",
+            names.join(", "),
+            "?, ".repeat(keys.len())
+        );
+        // Only the static table and column names above are spliced in; every
+        // value is bound.
+        let (_lane, mut tx) = immediate(self).await?;
+        let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(exists));
+        for (_, v) in keys {
+            q = q.bind(*v);
+        }
+        if q.fetch_optional(&mut *tx).await?.is_some() {
+            return Ok(false);
+        }
+        let id = insert_outbox(m, at)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(record));
+        for (_, v) in keys {
+            q = q.bind(*v);
+        }
+        q.bind(id).bind(secs(at)).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    /// Queues a consolidated report unless that period was queued before.
     pub async fn enqueue_report(
         &self,
         customer: &str,
@@ -139,34 +185,12 @@ impl State {
         m: &Outgoing,
         at: Timestamp,
     ) -> Result<bool, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
-        let seen: Option<i64> = sqlx::query_scalar(
-            "SELECT 1 FROM reports_sent WHERE customer = ? AND frequency = ? AND period = ?",
-        )
-        .bind(customer)
-        .bind(frequency)
-        .bind(period)
-        .fetch_optional(&mut *tx)
-        .await?;
-        if seen.is_some() {
-            return Ok(false);
-        }
-        let id = insert_outbox(m, at)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        sqlx::query(
-            "INSERT INTO reports_sent (customer, frequency, period, outbox_id, queued_at) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(customer)
-        .bind(frequency)
-        .bind(period)
-        .bind(id)
-        .bind(secs(at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(true)
+        let keys = [
+            ("customer", customer),
+            ("frequency", frequency),
+            ("period", period),
+        ];
+        self.enqueue_once("reports_sent", &keys, m, at).await
     }
 
     /// The first day of the newest period queued for this customer.
@@ -192,28 +216,8 @@ impl State {
         m: &Outgoing,
         at: Timestamp,
     ) -> Result<bool, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
-        let seen: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM alerts_sent WHERE subject = ? AND day = ?")
-                .bind(subject)
-                .bind(day)
-                .fetch_optional(&mut *tx)
-                .await?;
-        if seen.is_some() {
-            return Ok(false);
-        }
-        let id = insert_outbox(m, at)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        sqlx::query("INSERT INTO alerts_sent (subject, day, outbox_id) VALUES (?, ?, ?)")
-            .bind(subject)
-            .bind(day)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(true)
+        let keys = [("subject", subject), ("day", day)];
+        self.enqueue_once("alerts_sent", &keys, m, at).await
     }
 
     /// Messages due for a delivery attempt at `now`, oldest first.
