@@ -138,6 +138,7 @@ async fn a_reload_by_rename_deactivates_a_customer_within_a_second() {
     let up_took = t0.elapsed();
     assert_eq!(f.kind, Kind::Bye, "{:?}", body(&f));
     assert_eq!(body(&f)["reason"], "customer_deactivated");
+    eprintln!("BYE after {idle_took:?} (idle) and {up_took:?} (uploading)");
     assert!(
         idle_took < Duration::from_secs(1),
         "idle session ended after {idle_took:?}"
