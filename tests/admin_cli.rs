@@ -117,6 +117,7 @@ async fn seed(cfg: &Config) {
             files_failed: 0,
             result: "ok",
         },
+        &[],
     )
     .await
     .unwrap();

@@ -302,13 +302,6 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         let _ = phase_tx.send(Phase::Forced);
         let _ = server.await;
     }
-    ctx.background.close();
-    if tokio::time::timeout(std::time::Duration::from_secs(10), ctx.background.wait())
-        .await
-        .is_err()
-    {
-        warn!("gave up waiting for session reports to be queued");
-    }
     state.close().await;
     info!("stopped");
     Ok(ExitCode::SUCCESS)

@@ -4,8 +4,9 @@
 //! Every message is composed ([`compose`]) and written to the persistent
 //! outbox in state first; a background task ([`run`]) delivers it
 //! ([`deliver`]) with exponential backoff, and a restart picks up whatever
-//! is left. A session only queues its report after it has ended, from a
-//! spawned task, so mail can never block, slow or fail a backup.
+//! is left. A session's report is stored with the session's end, after
+//! its BYE, so mail can never block, slow or fail a backup, and a crash
+//! cannot lose it.
 //!
 //! Consolidated reports are queued together with a record of their period
 //! in one transaction: after downtime the missed periods are sent, and no
@@ -17,7 +18,7 @@ pub mod deliver;
 use crate::config::{Config, CustomerId, Frequency, McalLimit};
 use crate::policy::period::{self, Period};
 use crate::policy::space::{self, Debits, Usage};
-use crate::state::{State, StateError};
+use crate::state::{Outgoing, State, StateError};
 use jiff::Timestamp;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -64,15 +65,17 @@ pub fn frequency_name(f: Frequency) -> &'static str {
     }
 }
 
-/// Queues the report of a finished session for the customer and the
-/// reseller that have `email_reports` on. Returns how many were queued.
-pub async fn queue_session_report(
-    state: &State,
+/// The reports of a finished session, one per recipient, for the customer
+/// and the reseller that have `email_reports` on. The caller stores them
+/// with the session's end, in one transaction (`State::end_session`), so a
+/// crash cannot lose a report of a session that was recorded as ended.
+pub fn session_mail(
     cfg: &Config,
     f: &SessionFacts,
-) -> Result<usize, MailError> {
+    now: Timestamp,
+) -> Result<Vec<Outgoing>, MailError> {
     if cfg.server.email.is_none() {
-        return Ok(0);
+        return Ok(Vec::new());
     }
     let cust = cfg.customer(f.customer);
     let mut to: Vec<String> = Vec::new();
@@ -88,14 +91,11 @@ pub async fn queue_session_report(
     {
         to.push(e.clone());
     }
-    let now = crate::clock::now();
     // One message per recipient: a customer should not see its reseller's
     // address, nor the reseller the customer's.
-    for addr in &to {
-        let m = compose::session_report(cfg, f, std::slice::from_ref(addr), now)?;
-        state.enqueue(&m, now).await?;
-    }
-    Ok(to.len())
+    to.iter()
+        .map(|addr| compose::session_report(cfg, f, std::slice::from_ref(addr), now))
+        .collect()
 }
 
 /// Queues every consolidated report that is due at `now`. Returns how many.

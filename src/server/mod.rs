@@ -79,9 +79,6 @@ pub struct Context {
     pub listeners: Listeners,
     /// Wakes the mail task (a report was queued, a session ended).
     pub mail_wake: Arc<tokio::sync::Notify>,
-    /// Work a session leaves behind (queuing its report); shutdown waits
-    /// for it so no report is lost.
-    pub background: TaskTracker,
 }
 
 impl Context {
@@ -103,7 +100,6 @@ impl Context {
             live: Default::default(),
             listeners: Listeners::default(),
             mail_wake: Arc::default(),
-            background: TaskTracker::new(),
         }
     }
 }

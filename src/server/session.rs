@@ -378,11 +378,9 @@ pub(super) async fn run(
             wait_server_ms = waits.server.as_millis() as u64,
             "session ended"
         );
-        if let Err(e) = ctx.state.end_session(&id, &end).await {
-            warn!(error = %e, "recording the session end failed");
-        }
-        // CONFIG.md "Email reports": queued after the session is over, off
-        // its task, so mail never holds a client up.
+        // CONFIG.md "Email reports": composed after the BYE and stored with
+        // the session's end, so mail never holds a client up and a crash
+        // cannot lose a report.
         let facts = crate::reports::SessionFacts {
             client: h.client_id.clone(),
             customer: s.customer(),
@@ -400,15 +398,18 @@ pub(super) async fn run(
             errors: std::mem::take(&mut s.stats.errors),
             errors_more: s.stats.errors_more,
         };
-        let (state, cfg, wake) = (ctx.state.clone(), s.cfg.clone(), ctx.mail_wake.clone());
-        ctx.background.spawn(async move {
-            match crate::reports::queue_session_report(&state, &cfg, &facts).await {
-                Ok(0) => {}
-                Ok(_) => debug!("session report queued"),
-                Err(e) => warn!(error = %e, "queuing the session report failed"),
-            }
-            wake.notify_one();
-        }.in_current_span());
+        let mail = crate::reports::session_mail(&s.cfg, &facts, end.at).unwrap_or_else(|e| {
+            warn!(error = %e, "composing the session report failed");
+            Vec::new()
+        });
+        if let Err(e) = ctx.state.end_session(&id, &end, &mail).await {
+            warn!(error = %e, "recording the session end failed");
+        }
+        if !mail.is_empty() {
+            debug!(reports = mail.len(), "session report queued");
+        }
+        // Deliver the report, and look at the alerts.
+        ctx.mail_wake.notify_one();
     }
     .instrument(span)
     .await

@@ -67,7 +67,7 @@ pub struct ClientPeriod {
     pub mcal: i64,
 }
 
-fn insert_outbox<'a>(
+pub(super) fn insert_outbox<'a>(
     m: &'a Outgoing,
     at: Timestamp,
 ) -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {

@@ -963,7 +963,14 @@ impl State {
     }
 
     /// Records the end of a session with its totals and result code.
-    pub async fn end_session(&self, id: &str, e: &SessionEnd<'_>) -> Result<(), StateError> {
+    /// `mail` (its e-mail reports) is queued in the same transaction.
+    pub async fn end_session(
+        &self,
+        id: &str,
+        e: &SessionEnd<'_>,
+        mail: &[super::Outgoing],
+    ) -> Result<(), StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
         sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ? WHERE id = ?")
             .bind(secs(e.at))
             .bind(e.bytes_in as i64)
@@ -972,8 +979,14 @@ impl State {
             .bind(e.files_failed as i64)
             .bind(e.result)
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
+        for m in mail {
+            super::mail::insert_outbox(m, e.at)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
         Ok(())
     }
 }
