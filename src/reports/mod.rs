@@ -357,12 +357,7 @@ pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result
         return Ok(0);
     }
     let totals = state.totals(cfg, now).await?;
-    let clients: Vec<(String, String, i64, String)> = state
-        .clients(cfg, now)
-        .await?
-        .into_iter()
-        .map(|c| (c.id, c.customer, c.used, c.kind))
-        .collect();
+    let clients = state.client_usage().await?;
     let specs = alerts_for(
         cfg,
         &totals.customers,

@@ -282,6 +282,16 @@ impl State {
         Ok(())
     }
 
+    /// Every client as (id, customer, bytes used, kind): what alerts need,
+    /// without the per-client subqueries of [`State::clients`].
+    pub async fn client_usage(&self) -> Result<Vec<(String, String, i64, String)>, StateError> {
+        Ok(
+            sqlx::query_as("SELECT id, customer, used, kind FROM clients")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     /// Each client of `customer` with its figures for `[start, end)`.
     pub async fn client_periods(
         &self,
