@@ -285,8 +285,12 @@ pub async fn commit(
         reservation,
     };
     let id = state.begin_commit(&pending).await?;
-    let (tp, fp) = (temp.path.clone(), final_path.clone());
-    let renamed = tokio::task::spawn_blocking(move || rename_durably(&tp, &fp, &dir))
+    let (tp, fp, staging) = (
+        temp.path.clone(),
+        final_path.clone(),
+        temp_dir(cfg, customer),
+    );
+    let renamed = tokio::task::spawn_blocking(move || rename_durably(&tp, &fp, &dir, &staging))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
     if let Err(e) = renamed {
@@ -302,12 +306,34 @@ pub async fn commit(
 
 /// Renames `from` to `to`, creating `to`'s directories under `root`, and
 /// fsyncs every directory whose entries changed.
-fn rename_durably(from: &Path, to: &Path, root: &Path) -> io::Result<()> {
+///
+/// `from` can be on another filesystem when the client moved, mid-upload,
+/// to a customer whose backup location is elsewhere. Then it is first copied
+/// into `staging` (the destination's temporary directory, swept at start),
+/// fsynced, and renamed from there: the file still appears atomically.
+fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Result<()> {
     let parent = to
         .parent()
         .ok_or_else(|| io::Error::other("a stored file has no parent directory"))?;
     fs::create_dir_all(parent)?;
-    fs::rename(from, to)?;
+    match fs::rename(from, to) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
+            fs::create_dir_all(staging)?;
+            let staged = staging.join(format!(
+                "xdev-{:016x}",
+                getrandom::u64().unwrap_or_default()
+            ));
+            let copied = fs::copy(from, &staged).and_then(|_| File::open(&staged)?.sync_all());
+            if let Err(e) = copied {
+                let _ = fs::remove_file(&staged);
+                return Err(e);
+            }
+            fs::rename(&staged, to)?;
+            fs::remove_file(from)?;
+        }
+        Err(e) => return Err(e),
+    }
     let mut dir = parent;
     loop {
         File::open(dir)?.sync_all()?;
@@ -431,6 +457,33 @@ fn verify_tree(from: &Path, to: &Path) -> io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The cross-filesystem case needs two filesystems: /dev/shm (tmpfs on
+    /// Linux) and the system temp dir.
+    #[test]
+    fn rename_durably_crosses_filesystems() {
+        use std::os::unix::fs::MetadataExt;
+        let shm = tempfile::TempDir::new_in("/dev/shm").expect("/dev/shm is needed for this test");
+        let disk = tempfile::TempDir::new().unwrap();
+        assert_ne!(
+            fs::metadata(shm.path()).unwrap().dev(),
+            fs::metadata(disk.path()).unwrap().dev(),
+            "/dev/shm and the temp dir must be different filesystems for this test"
+        );
+        let from = shm.path().join("upload.tmp");
+        fs::write(&from, b"moved mid-upload").unwrap();
+        let root = disk.path().join("client");
+        let to = root.join("dir/file.bin");
+        let staging = disk.path().join(TEMP_DIR);
+        rename_durably(&from, &to, &root, &staging).unwrap();
+        assert_eq!(fs::read(&to).unwrap(), b"moved mid-upload");
+        assert!(!from.exists(), "the source is removed");
+        assert_eq!(
+            fs::read_dir(&staging).unwrap().count(),
+            0,
+            "nothing is left staged"
+        );
+    }
 
     #[test]
     fn paths() {
