@@ -434,6 +434,16 @@ async fn while_smtp_is_down_mail_waits_and_backups_do_not() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.close().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["status", "--config"])
+        .arg(dir.path().join("tollgate.toml"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mail: 3 message(s) waiting in the outbox since"),
+        "{text}"
+    );
     // The daemon dies with the mail undelivered; the relay comes back.
     let mut d = d;
     d.kill9();

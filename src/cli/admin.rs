@@ -55,6 +55,18 @@ struct Status {
     resellers: Vec<ResellerStatus>,
     /// Clients whose customer the config no longer has.
     orphans: Vec<ClientStatus>,
+    /// The e-mail outbox; absent without `server.email`.
+    mail: Option<MailStatus>,
+}
+
+#[derive(Serialize)]
+struct MailStatus {
+    /// Messages not yet delivered.
+    pending: u64,
+    /// When the oldest of them was queued, local time.
+    oldest_pending: Option<String>,
+    /// The newest delivery error among them.
+    last_error: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -237,6 +249,11 @@ fn status_doc(cfg: &Config, d: &StatusData, at: Timestamp) -> Status {
             .filter(|r| cfg.customer_by_name(&r.customer).is_none())
             .map(client_status)
             .collect(),
+        mail: cfg.server.email.as_ref().map(|_| MailStatus {
+            pending: d.mail_pending,
+            oldest_pending: d.mail_oldest.map(|t| when(cfg, Some(t))),
+            last_error: d.mail_last_error.clone(),
+        }),
     }
 }
 
@@ -354,6 +371,18 @@ fn render(s: &Status) -> String {
                 format_size(o.row.used.max(0) as u64)
             );
         }
+    }
+    if let Some(m) = &s.mail {
+        out += &match (m.pending, &m.oldest_pending) {
+            (0, _) => "mail: the outbox is empty\n".to_string(),
+            (n, since) => format!(
+                "mail: {n} message(s) waiting in the outbox since {}{}\n",
+                since.as_deref().unwrap_or("?"),
+                m.last_error
+                    .as_ref()
+                    .map_or(String::new(), |e| format!("; last error: {e}"))
+            ),
+        };
     }
     out
 }

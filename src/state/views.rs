@@ -65,6 +65,12 @@ pub struct StatusData {
     pub global_debits: Debits,
     /// Refusals in the last 24 hours per customer (lowercased name).
     pub customer_refusals: HashMap<String, u64>,
+    /// Messages in the outbox not yet delivered.
+    pub mail_pending: u64,
+    /// When the oldest of them was queued (Unix s).
+    pub mail_oldest: Option<i64>,
+    /// The newest delivery error among them.
+    pub mail_last_error: Option<String>,
 }
 
 impl State {
@@ -172,6 +178,16 @@ impl State {
         .bind(secs(at) - 86_400)
         .fetch_all(&self.pool)
         .await?;
+        let (pending, oldest, last_error): (i64, Option<i64>, Option<String>) = sqlx::query_as(
+            "SELECT COUNT(*), MIN(created_at),
+                    (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT 1)
+             FROM outbox WHERE sent_at IS NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        d.mail_pending = pending.max(0) as u64;
+        d.mail_oldest = oldest;
+        d.mail_last_error = last_error;
         for (c, n) in refusals {
             *d.customer_refusals
                 .entry(c.unwrap_or_default().to_lowercase())
