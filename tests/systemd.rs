@@ -187,3 +187,52 @@ async fn serves_a_socket_handed_over_by_systemd() {
     let _ = child.wait();
     assert!(s.is_ok(), "{:?}", s.err());
 }
+
+/// `--log-format json`: every log line is one JSON object, and under
+/// systemd (JOURNAL_STREAM) it carries no timestamp, as in text format.
+#[tokio::test(flavor = "multi_thread")]
+async fn json_logs_one_object_per_line() {
+    for journal in [false, true] {
+        let dir = TempDir::new().unwrap();
+        write_config(
+            dir.path(),
+            "",
+            &format!(
+                "[default_customer]\nbackup_location = \"{}/b\"\nauto_add_clients = true\n",
+                dir.path().display()
+            ),
+        );
+        let env: &[(&str, &str)] = if journal {
+            &[("JOURNAL_STREAM", "8:1234")]
+        } else {
+            &[]
+        };
+        let d = Daemon::start_with(dir.path(), env, &["--log-format", "json"]);
+        tollgate::client::Session::connect(&d.opts("JSON-PC"))
+            .await
+            .unwrap()
+            .bye()
+            .await
+            .unwrap();
+        assert!(wait_until(Duration::from_secs(5), || d
+            .log()
+            .contains("session ended")));
+        let log = d.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect();
+        let admitted = lines
+            .iter()
+            .find(|v| v["fields"]["message"] == "admitted")
+            .unwrap_or_else(|| panic!("{log}"));
+        assert_eq!(admitted["fields"]["code"], "welcome");
+        assert_eq!(admitted["span"]["client"], "JSON-PC", "{admitted}");
+        assert!(admitted["span"]["peer"].is_string(), "{admitted}");
+        assert_eq!(
+            lines.iter().all(|v| v.get("timestamp").is_some()),
+            !journal,
+            "timestamps only outside the journal: {log}"
+        );
+    }
+}

@@ -46,6 +46,11 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment variables.
     pub fn start_with_env(dir: &Path, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_with(dir, env, &[])
+    }
+
+    /// Like [`Daemon::start`], with extra environment and `serve` arguments.
+    pub fn start_with(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
         let config = dir.join("tollgate.toml");
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -55,6 +60,7 @@ impl Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config"])
             .arg(&config)
+            .args(args)
             .env("RUST_LOG", "info")
             .envs(env.iter().copied())
             .stdout(Stdio::piped())
