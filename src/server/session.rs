@@ -325,9 +325,12 @@ pub(super) async fn run(
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let key = rand_key();
         ctx.live.lock().unwrap_or_else(|p| p.into_inner()).entry(h.client_id.clone()).or_default().push((key, events_tx));
+        // A reload between this session's config snapshot and its joining
+        // `live` told everyone but this session: catch up before serving.
+        let missed = (!Arc::ptr_eq(&ctx.cfg.load_full(), &cfg)).then_some(Notice::Reloaded);
         let mut s = Session {
             events,
-            pending: None,
+            pending: missed,
             cfg,
             view,
             throttle,
