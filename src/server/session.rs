@@ -259,6 +259,9 @@ pub(super) async fn run(
             let _ = ctx.state.record_refusal(crate::clock::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
             return;
         }
+        // Moves and removals recorded from here on are replayed to this
+        // session once it has joined the live set (see `missed` below).
+        let events_seen = ctx.state.last_event().await.ok();
         let draining = *ctx.phase.borrow() != Phase::Running;
         let now = crate::clock::now();
         let (adm, secret) = match ctx.state.admit(&cfg, &h, Some(&peer_s), now, false, draining).await {
@@ -325,9 +328,21 @@ pub(super) async fn run(
         let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
         let key = rand_key();
         ctx.live.lock().unwrap_or_else(|p| p.into_inner()).entry(h.client_id.clone()).or_default().push((key, events_tx));
-        // A reload between this session's config snapshot and its joining
-        // `live` told everyone but this session: catch up before serving.
-        let missed = (!Arc::ptr_eq(&ctx.cfg.load_full(), &cfg)).then_some(Notice::Reloaded);
+        // A reload or a move/removal between this session's admission and
+        // its joining `live` was told to everyone but this session: catch
+        // up before serving. A removal outranks a move, a move a reload (the
+        // move's handling reads the newest config too).
+        let mut missed = (!Arc::ptr_eq(&ctx.cfg.load_full(), &cfg)).then_some(Notice::Reloaded);
+        if let Some(seq) = events_seen
+            && let Ok(events) = ctx.state.events_after(seq).await
+        {
+            // The watcher may deliver the same event again: both are idempotent.
+            for (_, _, ev) in events.into_iter().filter(|(_, c, _)| *c == h.client_id) {
+                if !matches!(missed, Some(Notice::Client(ClientEvent::Removed))) {
+                    missed = Some(Notice::Client(ev));
+                }
+            }
+        }
         let mut s = Session {
             events,
             pending: missed,
