@@ -137,7 +137,41 @@ async fn watch_client_events(ctx: Arc<Context>) {
     }
 }
 
+/// A session's entry in [`Context::live`], removed when dropped.
+pub struct Joined {
+    ctx: Arc<Context>,
+    client: String,
+    key: u64,
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        let mut live = self.ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(v) = live.get_mut(&self.client) {
+            v.retain(|(k, _)| *k != self.key);
+            if v.is_empty() {
+                live.remove(&self.client);
+            }
+        }
+    }
+}
+
 impl Context {
+    /// Enters a session of `client` in the live set; its notices arrive on
+    /// the returned receiver until the [`Joined`] is dropped.
+    pub fn join(ctx: &Arc<Context>, client: &str) -> (Joined, mpsc::UnboundedReceiver<Notice>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let key = getrandom::u64().unwrap_or_default();
+        let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.entry(client.to_string()).or_default().push((key, tx));
+        let joined = Joined {
+            ctx: ctx.clone(),
+            client: client.to_string(),
+            key,
+        };
+        (joined, rx)
+    }
+
     /// Tells every live session that the configuration changed.
     pub fn notify_all(&self, n: Notice) -> usize {
         let live = self.live.lock().unwrap_or_else(|p| p.into_inner());

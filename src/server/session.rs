@@ -205,10 +205,7 @@ pub(super) async fn run(
 ) {
     let span = info_span!("session", %peer, client = tracing::field::Empty);
     async move {
-        // The config in force at the handshake; a reload reaches the
-        // session as a `Notice::Reloaded`.
-        let cfg = ctx.cfg.load_full();
-        let deadline = Instant::now() + cfg.server.hello_timeout;
+        let deadline = Instant::now() + ctx.cfg.load().server.hello_timeout;
         let Some(mut conn) = handshake(&ctx, tcp, deadline).await else { return };
         let cert_names = conn.get_ref().get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::tls::peer_names(c));
         let hello = match timeout_at(deadline, conn.next()).await {
@@ -259,9 +256,12 @@ pub(super) async fn run(
             let _ = ctx.state.record_refusal(crate::clock::now(), &h.client_id, h.customer.as_deref(), RejectCode::AuthFailed, Some(&peer_s)).await;
             return;
         }
-        // Moves and removals recorded from here on are replayed to this
-        // session once it has joined the live set (see `missed` below).
-        let events_seen = ctx.state.last_event().await.ok();
+        // Join the live set before admission and only then take the config
+        // the session runs on: a reload or a move/removal from here on is
+        // queued for this session, so none falls between admission and
+        // serving.
+        let (joined, events) = Context::join(&ctx, &h.client_id);
+        let cfg = ctx.cfg.load_full();
         let draining = *ctx.phase.borrow() != Phase::Running;
         let now = crate::clock::now();
         let (adm, secret) = match ctx.state.admit(&cfg, &h, Some(&peer_s), now, false, draining).await {
@@ -325,27 +325,9 @@ pub(super) async fn run(
             SessionThrottle::new(resolve, ctx.throttles.clone(), TimeBase::now())
         });
         let started_at = Instant::now();
-        let (events_tx, events) = tokio::sync::mpsc::unbounded_channel();
-        let key = rand_key();
-        ctx.live.lock().unwrap_or_else(|p| p.into_inner()).entry(h.client_id.clone()).or_default().push((key, events_tx));
-        // A reload or a move/removal between this session's admission and
-        // its joining `live` was told to everyone but this session: catch
-        // up before serving. A removal outranks a move, a move a reload (the
-        // move's handling reads the newest config too).
-        let mut missed = (!Arc::ptr_eq(&ctx.cfg.load_full(), &cfg)).then_some(Notice::Reloaded);
-        if let Some(seq) = events_seen
-            && let Ok(events) = ctx.state.events_after(seq).await
-        {
-            // The watcher may deliver the same event again: both are idempotent.
-            for (_, _, ev) in events.into_iter().filter(|(_, c, _)| *c == h.client_id) {
-                if !matches!(missed, Some(Notice::Client(ClientEvent::Removed))) {
-                    missed = Some(Notice::Client(ev));
-                }
-            }
-        }
         let mut s = Session {
             events,
-            pending: missed,
+            pending: None,
             cfg,
             view,
             throttle,
@@ -361,15 +343,7 @@ pub(super) async fn run(
         active.increment(1.0);
         let result = s.serve().await;
         active.decrement(1.0);
-        {
-            let mut live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(v) = live.get_mut(&h.client_id) {
-                v.retain(|(k, _)| *k != key);
-                if v.is_empty() {
-                    live.remove(&h.client_id);
-                }
-            }
-        }
+        drop(joined);
         s.abandon_upload().await;
         let _ = s.conn.close().await;
         let end = SessionEnd {
@@ -431,10 +405,6 @@ pub(super) async fn run(
     }
     .instrument(span)
     .await
-}
-
-fn rand_key() -> u64 {
-    getrandom::u64().unwrap_or_default()
 }
 
 fn session_id() -> String {
