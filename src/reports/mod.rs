@@ -385,6 +385,7 @@ pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake
     let mut next_schedule = tokio::time::Instant::now();
     let mut last_alerts: Option<tokio::time::Instant> = None;
     let mut woken = false;
+    let mut transport: Option<(Arc<Config>, Option<Transport>)> = None;
     loop {
         let c = cfg();
         let now = crate::clock::now();
@@ -402,14 +403,22 @@ pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake
             last_alerts = Some(tokio::time::Instant::now());
             woken = false;
         }
-        match Transport::from_config(&c) {
-            Ok(Some(t)) => {
-                if let Err(e) = deliver::deliver_due(&state, &t).await {
-                    warn!(error = %e, "delivering mail failed");
-                }
-            }
-            Ok(None) => {}
-            Err(e) => warn!(error = %e, "cannot deliver mail"),
+        // The transport (and its SMTP connection pool) lives until a reload
+        // changes the config; a bad setting is reported once per config.
+        if !transport
+            .as_ref()
+            .is_some_and(|(for_cfg, _)| Arc::ptr_eq(for_cfg, &c))
+        {
+            let t = Transport::from_config(&c).unwrap_or_else(|e| {
+                warn!(error = %e, "cannot deliver mail; it waits in the outbox");
+                None
+            });
+            transport = Some((c.clone(), t));
+        }
+        if let Some((_, Some(t))) = &transport
+            && let Err(e) = deliver::deliver_due(&state, t).await
+        {
+            warn!(error = %e, "delivering mail failed");
         }
         // Sleep until the next message is due, the next schedule check, or
         // a wake-up; never longer than the schedule interval.
