@@ -311,27 +311,12 @@ async fn a_weekly_report_covers_monday_to_monday_local() {
     drop(d);
 
     // On demand: `tollgate report send` delivers the same period again.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args([
-            "report",
-            "send",
-            "--customer",
-            "acme",
-            "--period",
-            "weekly",
-            "--config",
-        ])
-        .arg(dir.path().join("tollgate.toml"))
-        .env("TOLLGATE_FAKE_NOW", "2026-12-01T09:05:00Z")
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let out = admin_ok(
+        &dir.path().join("tollgate.toml"),
+        &["report", "send", "--customer", "acme", "--period", "weekly"],
+        &[("TOLLGATE_FAKE_NOW", "2026-12-01T09:05:00Z")],
     );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("2026-11-23 – 2026-11-29"));
+    assert!(out.contains("2026-11-23 – 2026-11-29"), "{out}");
     assert!(wait_until(Duration::from_secs(10), || weekly_reports(
         &smtp
     )
@@ -434,12 +419,7 @@ async fn while_smtp_is_down_mail_waits_and_backups_do_not() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     db.close().await;
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["status", "--config"])
-        .arg(dir.path().join("tollgate.toml"))
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = admin_ok(&dir.path().join("tollgate.toml"), &["status"], &[]);
     assert!(
         text.contains("mail: 3 message(s) waiting in the outbox since"),
         "{text}"

@@ -95,16 +95,10 @@ async fn a_moved_client_follows_its_new_customer_and_a_removed_one_is_ended() {
     };
 
     // The administrator moves the idle client; the live session follows.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["clients", "move", "MOVER", "--to", "Fast", "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    admin_ok(
+        &d.config,
+        &["clients", "move", "MOVER", "--to", "Fast"],
+        &[],
     );
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let t0 = Instant::now();
@@ -120,17 +114,7 @@ async fn a_moved_client_follows_its_new_customer_and_a_removed_one_is_ended() {
     );
 
     // Removal ends the session with BYE client_removed.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
-        .args(["clients", "remove", "MOVER", "--config"])
-        .arg(&d.config)
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    admin_ok(&d.config, &["clients", "remove", "MOVER"], &[]);
     let t0 = Instant::now();
     let err = loop {
         tokio::time::sleep(Duration::from_millis(100)).await;

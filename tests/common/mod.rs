@@ -283,6 +283,25 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// Runs `tollgate ARGS --config CONFIG` with extra environment, asserts
+/// that it exits 0, and returns its stdout.
+pub fn admin_ok(config: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "tollgate {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Replaces the config the way `mv new.toml tollgate.toml` does.
 pub fn replace_config(dir: &Path, text: &str) {
     let tmp = dir.join("tollgate.toml.new");
