@@ -17,7 +17,7 @@ pub mod deliver;
 
 use crate::config::{Config, CustomerId, Frequency, McalLimit};
 use crate::policy::period::{self, Period};
-use crate::policy::space::{self, Debits, Usage};
+use crate::policy::space::{self, Debits, Node, Usage};
 use crate::state::{Outgoing, State, StateError};
 use jiff::Timestamp;
 use std::collections::HashMap;
@@ -183,7 +183,9 @@ type AlertSpec = (String, String, String, String, &'static str);
 
 /// The alerts that hold at this snapshot (CONFIG.md "Alerts"): usage at or
 /// over 90% of space at any level, and MCAL allotments or the pool with
-/// less left than one more month of their clients' costs.
+/// less left than one more month of their clients' costs. Client and
+/// customer alerts go to the customer's `email`, reseller alerts to the
+/// reseller's, server and pool alerts to `server.email.admin`.
 pub fn alerts_for(
     cfg: &Config,
     usage: &HashMap<String, Usage>,
@@ -193,162 +195,188 @@ pub fn alerts_for(
     global: Debits,
 ) -> Vec<AlertSpec> {
     use crate::config::units::format_size;
-    let admin = cfg.server.email.as_ref().and_then(|e| e.admin.clone());
     let mut out: Vec<AlertSpec> = Vec::new();
-    let over = |used: u64, space: Option<u64>| space.is_some_and(|s| s > 0 && used * 10 >= s * 9);
-    let pct = |used: u64, space: u64| used as f64 * 100.0 / space.max(1) as f64;
-    let advice_space =
-        "free space (delete old files or clients) or raise the space in the configuration";
-    let mut reseller_used = vec![0u64; cfg.resellers.len()];
-    let mut server_used = 0u64;
-    let mut monthly_cost_customer = vec![0u64; cfg.customers.len()];
-    let mut monthly_cost_reseller = vec![0u64; cfg.resellers.len()];
-    let mut monthly_cost_all = 0u64;
-    for (id, customer, used, kind) in client_used {
+    let space_alert = |out: &mut Vec<AlertSpec>,
+                       key: String,
+                       to: &str,
+                       short: &str,
+                       long: &str,
+                       used: u64,
+                       space: Option<u64>| {
+        let Some(space) = space.filter(|s| *s > 0 && used * 10 >= s * 9) else {
+            return;
+        };
+        out.push((
+            format!("space:{key}"),
+            to.to_string(),
+            format!(
+                "{short} has used {:.0}% of its space",
+                used as f64 * 100.0 / space as f64
+            ),
+            format!(
+                "{long} stores {} of its {}.",
+                format_size(used),
+                format_size(space)
+            ),
+            "free space (delete old files or clients) or raise the space in the configuration",
+        ));
+    };
+    let mcal_alert = |out: &mut Vec<AlertSpec>,
+                      key: &str,
+                      to: &str,
+                      what: &str,
+                      left: u64,
+                      need: u64,
+                      advice: &'static str| {
+        if need > 0 && left < need {
+            out.push((
+                format!("mcal:{key}"),
+                to.to_string(),
+                format!("{what} has {left} left, less than one month of its clients' costs ({need})"),
+                format!("{what} has {left} MCALs left and its clients cost {need} a month; when none is left, backups are refused with mcal_exhausted."),
+                advice,
+            ));
+        }
+    };
+    // Bytes used and monthly MCAL cost per node.
+    let mut used: HashMap<Node, u64> = HashMap::new();
+    let mut cost: HashMap<Node, u64> = HashMap::new();
+    for (i, c) in cfg.customers.iter().enumerate() {
+        let u = usage.get(&c.name.to_lowercase()).map_or(0, |u| u.used);
+        for n in nodes_above(CustomerId(i as u32), c.reseller) {
+            *used.entry(n).or_default() += u;
+        }
+    }
+    for (id, customer, client_used, kind) in client_used {
         let Some(c) = cfg.customer_by_name(customer) else {
             continue;
         };
-        let cost = crate::config::Kind::parse(kind).map_or(0, |k| cfg.mcal_cost(k)) as u64;
-        monthly_cost_customer[c.0 as usize] += cost;
-        if let Some(r) = cfg.customer(c).reseller {
-            monthly_cost_reseller[r.0 as usize] += cost;
-        }
-        monthly_cost_all += cost;
         let cust = cfg.customer(c);
-        if let Some(d) = cfg.declared_client(id)
-            && let Some(space) = cfg.client(d).space
-            && over(*used as u64, Some(space))
-            && let Some(to) = &cust.email
-        {
-            out.push((
-                format!("space:client:{id}"),
-                to.clone(),
-                format!(
-                    "client {id} has used {:.0}% of its space",
-                    pct(*used as u64, space)
-                ),
-                format!(
-                    "Client {id} of {} stores {} of its {}.",
-                    cust.name,
-                    format_size(*used as u64),
-                    format_size(space)
-                ),
-                advice_space,
-            ));
+        let k = crate::config::Kind::parse(kind).map_or(0, |k| cfg.mcal_cost(k)) as u64;
+        for n in nodes_above(c, cust.reseller) {
+            *cost.entry(n).or_default() += k;
+        }
+        if let (Some(d), Some(to)) = (cfg.declared_client(id), &cust.email) {
+            let who = format!("client {id}");
+            let long = format!("Client {id} of {}", cust.name);
+            space_alert(
+                &mut out,
+                format!("client:{id}"),
+                to,
+                &who,
+                &long,
+                (*client_used).max(0) as u64,
+                cfg.client(d).space,
+            );
         }
     }
+    let at = |m: &HashMap<Node, u64>, n: Node| m.get(&n).copied().unwrap_or(0);
     for (i, c) in cfg.customers.iter().enumerate() {
-        let used = usage.get(&c.name.to_lowercase()).map_or(0, |u| u.used);
-        server_used += used;
-        if let Some(r) = c.reseller {
-            reseller_used[r.0 as usize] += used;
-        }
-        if over(used, c.space)
-            && let Some(to) = &c.email
-        {
-            let space = c.space.unwrap_or(0);
-            out.push((
-                format!("space:customer:{}", c.name),
-                to.clone(),
-                format!("{} has used {:.0}% of its space", c.name, pct(used, space)),
-                format!(
-                    "Customer {} stores {} of its {}.",
-                    c.name,
-                    format_size(used),
-                    format_size(space)
-                ),
-                advice_space,
-            ));
-        }
-        if let McalLimit::Fixed(n) = c.mcal_limit {
+        let (n, Some(to)) = (Node::Customer(CustomerId(i as u32)), &c.email) else {
+            continue;
+        };
+        let long = format!("Customer {}", c.name);
+        space_alert(
+            &mut out,
+            format!("customer:{}", c.name),
+            to,
+            &c.name,
+            &long,
+            at(&used, n),
+            c.space,
+        );
+        if let McalLimit::Fixed(_) = c.mcal_limit {
             let d = customer_debits
                 .get(&c.name.to_lowercase())
                 .copied()
                 .unwrap_or_default();
-            let left = n.saturating_sub(d.total);
-            let need = monthly_cost_customer[i];
-            if need > 0
-                && left < need
-                && let Some(to) = &c.email
-            {
-                out.push((
-                    format!("mcal:customer:{}", c.name),
-                    to.clone(),
-                    format!("{} has {left} MCALs left, less than one month of its clients' costs ({need})", c.name),
-                    format!("Customer {} may debit {n} MCALs in all and has debited {}. Its clients cost {need} a month; when none is left, backups are refused with mcal_exhausted.", c.name, d.total),
-                    "raise the customer's mcal_limit",
-                ));
-            }
+            let left = space::allotment_snapshot(c.mcal_limit, d, u64::MAX).available;
+            let what = format!("{}'s MCAL allotment", c.name);
+            mcal_alert(
+                &mut out,
+                &format!("customer:{}", c.name),
+                to,
+                &what,
+                left,
+                at(&cost, n),
+                "raise the customer's mcal_limit",
+            );
         }
     }
     for (i, r) in cfg.resellers.iter().enumerate() {
-        let Some(to) = &r.email else { continue };
-        if over(reseller_used[i], r.space) {
-            let space = r.space.unwrap_or(0);
-            out.push((
-                format!("space:reseller:{}", r.name),
-                to.clone(),
-                format!(
-                    "reseller {} has used {:.0}% of its space",
-                    r.name,
-                    pct(reseller_used[i], space)
-                ),
-                format!(
-                    "Reseller {}'s customers store {} of its {}.",
-                    r.name,
-                    format_size(reseller_used[i]),
-                    format_size(space)
-                ),
-                advice_space,
-            ));
-        }
-        if let McalLimit::Fixed(n) = r.mcal_limit {
+        let (n, Some(to)) = (
+            Node::Reseller(crate::config::ResellerId(i as u32)),
+            &r.email,
+        ) else {
+            continue;
+        };
+        let (short, long) = (
+            format!("reseller {}", r.name),
+            format!("Reseller {}'s customers", r.name),
+        );
+        space_alert(
+            &mut out,
+            format!("reseller:{}", r.name),
+            to,
+            &short,
+            &long,
+            at(&used, n),
+            r.space,
+        );
+        if let McalLimit::Fixed(_) = r.mcal_limit {
             let d = reseller_debits.get(&r.name).copied().unwrap_or_default();
-            let left = n.saturating_sub(d.total);
-            let need = monthly_cost_reseller[i];
-            if need > 0 && left < need {
-                out.push((
-                    format!("mcal:reseller:{}", r.name),
-                    to.clone(),
-                    format!("reseller {} has {left} MCALs left, less than one month of its clients' costs ({need})", r.name),
-                    format!("Reseller {} may debit {n} MCALs in all and has debited {}. Its clients cost {need} a month.", r.name, d.total),
-                    "raise the reseller's mcal_limit",
-                ));
-            }
+            let left = space::allotment_snapshot(r.mcal_limit, d, u64::MAX).available;
+            let what = format!("reseller {}'s MCAL allotment", r.name);
+            mcal_alert(
+                &mut out,
+                &format!("reseller:{}", r.name),
+                to,
+                &what,
+                left,
+                at(&cost, n),
+                "raise the reseller's mcal_limit",
+            );
         }
     }
-    if let Some(to) = admin {
-        if over(server_used, cfg.server.total_space) {
-            let space = cfg.server.total_space.unwrap_or(0);
-            out.push((
-                "space:server".into(),
-                to.clone(),
-                format!(
-                    "the server has used {:.0}% of its space",
-                    pct(server_used, space)
-                ),
-                format!(
-                    "All customers together store {} of the server's {}.",
-                    format_size(server_used),
-                    format_size(space)
-                ),
-                "add disk space and raise server.total_space, or free space",
-            ));
-        }
+    if let Some(to) = cfg.server.email.as_ref().and_then(|e| e.admin.as_deref()) {
+        let n = Node::Server;
+        space_alert(
+            &mut out,
+            "server".into(),
+            to,
+            "the server",
+            "All customers together",
+            at(&used, n),
+            cfg.server.total_space,
+        );
         if let Some(m) = &cfg.server.mcal {
             let left = space::pool_snapshot(m, global).available;
-            if monthly_cost_all > 0 && left < monthly_cost_all {
-                out.push((
-                    "mcal:pool".into(),
-                    to,
-                    format!("the MCAL pool has {left} left, less than one month of all clients' costs ({monthly_cost_all})"),
-                    format!("The pool holds {} MCALs and {} are debited.", m.pool, global.total),
-                    "buy more MCALs and raise server.mcal.pool",
-                ));
-            }
+            mcal_alert(
+                &mut out,
+                "pool",
+                to,
+                "the MCAL pool",
+                left,
+                at(&cost, n),
+                "buy more MCALs and raise server.mcal.pool",
+            );
         }
     }
     out
+}
+
+/// The nodes a customer's usage and costs count toward.
+fn nodes_above(
+    c: CustomerId,
+    reseller: Option<crate::config::ResellerId>,
+) -> impl Iterator<Item = Node> {
+    [
+        Some(Node::Customer(c)),
+        reseller.map(Node::Reseller),
+        Some(Node::Server),
+    ]
+    .into_iter()
+    .flatten()
 }
 
 /// Queues the alerts that hold now, at most one per subject per local day.
