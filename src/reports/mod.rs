@@ -239,13 +239,11 @@ pub fn alerts_for(
         }
     };
     // Bytes used and monthly MCAL cost per node.
-    let mut used: HashMap<Node, u64> = HashMap::new();
-    let mut cost: HashMap<Node, u64> = HashMap::new();
+    let mut used = PerNode::new(cfg);
+    let mut cost = PerNode::new(cfg);
     for (i, c) in cfg.customers.iter().enumerate() {
         let u = usage.get(&c.name.to_lowercase()).map_or(0, |u| u.used);
-        for n in nodes_above(CustomerId(i as u32), c.reseller) {
-            *used.entry(n).or_default() += u;
-        }
+        used.add(CustomerId(i as u32), c.reseller, u);
     }
     for (id, customer, client_used, kind) in client_used {
         let Some(c) = cfg.customer_by_name(customer) else {
@@ -253,9 +251,7 @@ pub fn alerts_for(
         };
         let cust = cfg.customer(c);
         let k = crate::config::Kind::parse(kind).map_or(0, |k| cfg.mcal_cost(k)) as u64;
-        for n in nodes_above(c, cust.reseller) {
-            *cost.entry(n).or_default() += k;
-        }
+        cost.add(c, cust.reseller, k);
         if let (Some(d), Some(to)) = (cfg.declared_client(id), &cust.email) {
             let who = format!("client {id}");
             let long = format!("Client {id} of {}", cust.name);
@@ -270,7 +266,7 @@ pub fn alerts_for(
             );
         }
     }
-    let at = |m: &HashMap<Node, u64>, n: Node| m.get(&n).copied().unwrap_or(0);
+    let at = |m: &PerNode, n: Node| m.get(n);
     for (i, c) in cfg.customers.iter().enumerate() {
         let (n, Some(to)) = (Node::Customer(CustomerId(i as u32)), &c.email) else {
             continue;
@@ -365,18 +361,38 @@ pub fn alerts_for(
     out
 }
 
-/// The nodes a customer's usage and costs count toward.
-fn nodes_above(
-    c: CustomerId,
-    reseller: Option<crate::config::ResellerId>,
-) -> impl Iterator<Item = Node> {
-    [
-        Some(Node::Customer(c)),
-        reseller.map(Node::Reseller),
-        Some(Node::Server),
-    ]
-    .into_iter()
-    .flatten()
+/// A figure per node, added up from customers to their reseller and the
+/// server.
+struct PerNode {
+    customer: Vec<u64>,
+    reseller: Vec<u64>,
+    server: u64,
+}
+
+impl PerNode {
+    fn new(cfg: &Config) -> PerNode {
+        PerNode {
+            customer: vec![0; cfg.customers.len()],
+            reseller: vec![0; cfg.resellers.len()],
+            server: 0,
+        }
+    }
+
+    fn add(&mut self, c: CustomerId, r: Option<crate::config::ResellerId>, v: u64) {
+        self.customer[c.0 as usize] += v;
+        if let Some(r) = r {
+            self.reseller[r.0 as usize] += v;
+        }
+        self.server += v;
+    }
+
+    fn get(&self, n: Node) -> u64 {
+        match n {
+            Node::Customer(c) => self.customer[c.0 as usize],
+            Node::Reseller(r) => self.reseller[r.0 as usize],
+            Node::Server => self.server,
+        }
+    }
 }
 
 /// Queues the alerts that hold now, at most one per subject per local day.
