@@ -14,42 +14,19 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use support::{Target, connect, j};
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::codec::Framed;
 use tollgate::wire::{Frame, FrameCodec, Kind};
 
 const CHUNK: usize = 1 << 20;
-
-struct Target {
-    addr: String,
-    tls: Arc<rustls::ClientConfig>,
-}
-
-async fn connect(t: &Target) -> Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec> {
-    let tcp = TcpStream::connect(&t.addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let s = TlsConnector::from(t.tls.clone())
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    Framed::new(s, FrameCodec::new(16 << 20))
-}
-
-fn j(kind: Kind, v: serde_json::Value) -> Frame {
-    Frame {
-        kind,
-        payload: Bytes::from(v.to_string()),
-    }
-}
 
 /// Uploads `mib` MiB as one file; returns seconds from PUT to the reply.
 async fn upload(t: &Target, id: &str, mib: usize, hello: bool) -> f64 {

@@ -12,44 +12,20 @@
 #[path = "support/mod.rs"]
 mod support;
 
+use support::{Conn, Target, connect, j};
+
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
-use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-use tokio_util::codec::Framed;
-use tollgate::wire::{Frame, FrameCodec, Kind};
+use tollgate::wire::{Frame, Kind};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
 
-struct Target {
-    addr: String,
-    tls: Arc<rustls::ClientConfig>,
-}
-
-fn j(kind: Kind, v: serde_json::Value) -> Frame {
-    Frame {
-        kind,
-        payload: Bytes::from(v.to_string()),
-    }
-}
-
-type Conn = Framed<tokio_rustls::client::TlsStream<TcpStream>, FrameCodec>;
-
 async fn open(t: &Target, id: &str, customer: &str) -> Conn {
-    let tcp = TcpStream::connect(&t.addr).await.unwrap();
-    tcp.set_nodelay(true).unwrap();
-    let s = TlsConnector::from(t.tls.clone())
-        .connect(
-            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
-            tcp,
-        )
-        .await
-        .unwrap();
-    let mut c = Framed::new(s, FrameCodec::new(16 << 20));
+    let mut c = connect(t).await;
     c.send(j(
         Kind::Hello,
         json!({"protocol": 1, "client_id": id, "customer": customer, "schedule": "bench"}),
