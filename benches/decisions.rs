@@ -109,9 +109,11 @@ fn benches(c: &mut Criterion) {
     };
     let snap = Snapshot {
         client: Some(ClientRecord {
+            id: hello.client_id.clone(),
             customer,
             kind: tollgate::config::Kind::Desktop,
             secret_sha256: Some(admission::secret_digest(hello.secret.as_deref().unwrap())),
+            ..ClientRecord::default()
         }),
         customer_clients: 10,
         mcal: McalState {

@@ -10,7 +10,9 @@
 //! - [`state`]: what tollgate remembers (clients, file index, usage,
 //!   reservations, MCAL debits, sessions, refusals) on SQLite via sqlx.
 //! - [`reports`]: e-mail reports and alerts, the outbox and its delivery.
-//! - [`storage`]: files on disk and the crash-safe commit.
+//! - [`storage`]: files on disk, the crash-safe commit, per-path locks.
+//! - [`limits`]: what a peer may cost before it proves anything: per-source
+//!   penalties, connections per source, the argon2 pool.
 //! - [`wire`]: frames, the codec and the JSON bodies of PROTOCOL.md.
 //! - [`tls`]: certificates, the self-signed pair, ALPN, pinning.
 //! - [`server`]: the listener, one task per session, shutdown.
@@ -27,6 +29,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod config;
+pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod reports;

@@ -42,6 +42,19 @@ pub const MAIL_PENDING: &str = "tollgate_mail_outbox_pending";
 pub const SPACE_USED: &str = "tollgate_space_used_bytes";
 /// Bytes allotted, by `reseller`; absent when unlimited.
 pub const SPACE_ALLOTTED: &str = "tollgate_space_allotted_bytes";
+/// Connections closed right after accept, before TLS, by `reason`
+/// (`penalized`, `per_source`, `overflow`).
+pub const CONNECTIONS_DROPPED: &str = "tollgate_connections_dropped_total";
+/// Sources blocked by a penalty now.
+pub const PENALIZED_SOURCES: &str = "tollgate_penalized_sources";
+/// Penalty periods started, by the `reason` that tipped them.
+pub const PENALTIES_STARTED: &str = "tollgate_penalties_started_total";
+/// Refusals that could not be recorded (too many waiting to be written).
+pub const REFUSALS_UNRECORDED: &str = "tollgate_refusals_unrecorded_total";
+/// Reservations whose release failed (held until the next start).
+pub const RESERVATIONS_LEAKED: &str = "tollgate_reservations_leaked_total";
+/// Rows deleted by retention pruning.
+pub const PRUNED_ROWS: &str = "tollgate_pruned_rows_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 
@@ -74,14 +87,35 @@ fn describe() {
     describe_gauge!(SPACE_USED, "Bytes committed per reseller");
     describe_gauge!(MAIL_PENDING, "Messages waiting in the outbox");
     describe_gauge!(SPACE_ALLOTTED, "Bytes allotted per reseller");
+    describe_counter!(
+        CONNECTIONS_DROPPED,
+        "Connections closed right after accept, before TLS, by reason"
+    );
+    describe_gauge!(PENALIZED_SOURCES, "Sources blocked by a penalty now");
+    describe_counter!(PENALTIES_STARTED, "Penalty periods started, by reason");
+    describe_counter!(REFUSALS_UNRECORDED, "Refusals that could not be recorded");
+    describe_counter!(RESERVATIONS_LEAKED, "Reservations whose release failed");
+    describe_counter!(PRUNED_ROWS, "Rows deleted by retention pruning");
 }
 
 /// Makes the series exist from the start, so a fresh daemon's scrape
 /// shows zeros rather than nothing.
 fn zero() {
-    for m in [CONNECTIONS, BYTES_IN, BYTES_OUT, STORAGE_ERRORS] {
+    for m in [
+        CONNECTIONS,
+        BYTES_IN,
+        BYTES_OUT,
+        STORAGE_ERRORS,
+        REFUSALS_UNRECORDED,
+        RESERVATIONS_LEAKED,
+        PRUNED_ROWS,
+    ] {
         metrics::counter!(m).increment(0);
     }
+    for r in ["penalized", "per_source", "overflow"] {
+        metrics::counter!(CONNECTIONS_DROPPED, "reason" => r).increment(0);
+    }
+    metrics::gauge!(PENALIZED_SOURCES).set(0.0);
     metrics::counter!(ADMISSIONS, "code" => "welcome").increment(0);
     for r in ["ok", "failed"] {
         metrics::counter!(RELOADS, "result" => r).increment(0);

@@ -21,6 +21,8 @@ pub const TEMP_DIR: &str = ".tollgate-tmp";
 pub const MAX_PATH: usize = 1024;
 /// Longest path component, in bytes.
 pub const MAX_COMPONENT: usize = 255;
+/// Most components a path may have (PROTOCOL.md Additions, "Path depth").
+pub const MAX_DEPTH: usize = 64;
 
 /// Why a client path is refused (ERROR `bad_path`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,6 +42,9 @@ pub enum BadPath {
     /// A component longer than 255 bytes.
     #[error("each path component must be at most 255 bytes")]
     ComponentLength,
+    /// More than 64 components.
+    #[error("a path may have at most 64 components")]
+    Depth,
 }
 
 /// Checks a client path against PROTOCOL.md's rules.
@@ -53,15 +58,93 @@ pub fn validate_path(p: &str) -> Result<(), BadPath> {
     if p.contains('\0') || p.contains('\\') {
         return Err(BadPath::Character);
     }
-    for c in p.split('/') {
+    for (i, c) in p.split('/').enumerate() {
         if c.is_empty() || c == "." || c == ".." {
             return Err(BadPath::Component);
         }
         if c.len() > MAX_COMPONENT {
             return Err(BadPath::ComponentLength);
         }
+        if i >= MAX_DEPTH {
+            return Err(BadPath::Depth);
+        }
     }
     Ok(())
+}
+
+/// Per-(client, path) locks: concurrent PUTs of one path commit one after
+/// the other, in the order their ENDs arrived (tokio's mutex is fair), and
+/// a DELETE waits for a commit of the same path, so the index always
+/// names the file on disk. Entries live while someone holds or waits.
+#[derive(Debug, Default)]
+pub struct PathLocks {
+    map: std::sync::Mutex<std::collections::HashMap<(String, String), PathLock>>,
+}
+
+type PathLock = std::sync::Arc<tokio::sync::Mutex<()>>;
+
+/// A held path lock; dropping it releases the path.
+pub struct PathGuard<'a> {
+    locks: &'a PathLocks,
+    key: (String, String),
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl PathLocks {
+    /// Waits for `path` of `client` (ids without regard to case).
+    pub async fn lock(&self, client: &str, path: &str) -> PathGuard<'_> {
+        let key = (client.to_ascii_lowercase(), path.to_string());
+        let m = {
+            let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(key.clone()).or_default().clone()
+        };
+        let guard = m.lock_owned().await;
+        PathGuard {
+            locks: self,
+            key,
+            guard: Some(guard),
+        }
+    }
+
+    /// Paths with a holder or a waiter.
+    pub fn len(&self) -> usize {
+        self.map.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Whether no path is locked.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for PathGuard<'_> {
+    fn drop(&mut self) {
+        drop(self.guard.take());
+        let mut map = self.locks.map.lock().unwrap_or_else(|p| p.into_inner());
+        // Only this map hands out clones; a count of 1 means nobody waits.
+        if map
+            .get(&self.key)
+            .is_some_and(|m| std::sync::Arc::strong_count(m) == 1)
+        {
+            map.remove(&self.key);
+        }
+    }
+}
+
+/// Removes the directories between `file`'s parent and `root` (exclusive)
+/// that are empty, deepest first (a DELETE leaves no empty directories
+/// behind). Stops at the first that is not empty.
+pub fn remove_empty_parents(file: &Path, root: &Path) {
+    let mut dir = file.parent();
+    while let Some(d) = dir {
+        if d == root || !d.starts_with(root) {
+            break;
+        }
+        if fs::remove_dir(d).is_err() {
+            break;
+        }
+        dir = d.parent();
+    }
 }
 
 /// Where a client's files live.
@@ -315,8 +398,19 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
     let parent = to
         .parent()
         .ok_or_else(|| io::Error::other("a stored file has no parent directory"))?;
-    fs::create_dir_all(parent)?;
-    match fs::rename(from, to) {
+    // A DELETE of another path may remove an emptied directory between
+    // creating it and the rename: make it again and retry.
+    let mut tries = 0;
+    let first = loop {
+        fs::create_dir_all(parent)?;
+        match fs::rename(from, to) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 && from.exists() => {
+                tries += 1;
+            }
+            r => break r,
+        }
+    };
+    match first {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
             fs::create_dir_all(staging)?;
@@ -496,6 +590,7 @@ mod tests {
             "a..",
             &"n".repeat(255),
             "ü/é",
+            &["d"; 64].join("/"),
         ] {
             assert_eq!(validate_path(ok), Ok(()), "{ok}");
         }
@@ -507,6 +602,7 @@ mod tests {
             ("a\0b", BadPath::Character),
             ("a\\b", BadPath::Character),
             ("a//b", BadPath::Component),
+            (&["d"; 65].join("/"), BadPath::Depth),
             ("a/", BadPath::Component),
             ("./a", BadPath::Component),
             ("a/../../etc", BadPath::Component),

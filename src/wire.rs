@@ -120,6 +120,17 @@ impl FrameCodec {
     pub fn new(max_frame: u32) -> FrameCodec {
         FrameCodec { max_frame }
     }
+
+    /// Changes the largest payload accepted from the next frame on (the
+    /// server raises it from `hello_max_frame` to `max_frame` at WELCOME).
+    pub fn set_max_frame(&mut self, max_frame: u32) {
+        self.max_frame = max_frame;
+    }
+
+    /// The largest payload accepted now.
+    pub fn max_frame(&self) -> u32 {
+        self.max_frame
+    }
 }
 
 impl Decoder for FrameCodec {
@@ -244,13 +255,17 @@ pub struct Welcome {
     pub max_frame: u32,
 }
 
-/// REJECT, and the shape of ERROR minus `fatal`.
+/// REJECT.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Reject {
     /// Code for programs.
     pub code: String,
     /// Message for people.
     pub message: String,
+    /// With `rate_limited`: seconds to wait before trying again
+    /// (PROTOCOL.md Additions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
 }
 
 /// ERROR.

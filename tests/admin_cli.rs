@@ -10,6 +10,15 @@ use tollgate::state::{PendingCommit, SessionEnd, SessionStart, State};
 
 const GIB: u64 = 1 << 30;
 
+/// The instant the state is seeded at and the commands run at: a Wednesday
+/// at 23:30 in Berlin, inside CONTOSO-FS01's 20:00-06:00 window, so the
+/// throttle `status` shows does not depend on the hour the test runs.
+const NOW: &str = "2026-11-18T22:30:00Z";
+
+fn now() -> jiff::Timestamp {
+    NOW.parse().unwrap()
+}
+
 fn write_config(dir: &Path) -> std::path::PathBuf {
     let path = dir.join("tollgate.toml");
     std::fs::write(
@@ -67,7 +76,7 @@ schedules = { nightly = { throttle = { enabled = false } } }
 async fn seed(cfg: &Config) {
     let st = State::open(cfg).await.unwrap();
     st.sync_declared(cfg).await.unwrap();
-    let t = jiff::Timestamp::now();
+    let t = now();
     let contoso = cfg.customer_by_name("Contoso").unwrap();
     for (id, size) in [
         ("CONTOSO-FS01", 12 * GIB + 3 * GIB / 10),
@@ -126,7 +135,7 @@ async fn seed(cfg: &Config) {
         "STRANGER",
         Some("Contoso"),
         RejectCode::AuthFailed,
-        Some("192.0.2.1:5000"),
+        Some("192.0.2.1".parse().unwrap()),
     )
     .await
     .unwrap();
@@ -137,6 +146,7 @@ fn tollgate(cfg: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .args(args)
         .env("TOLLGATE_CONFIG", cfg)
+        .env("TOLLGATE_FAKE_NOW", NOW)
         .output()
         .unwrap()
 }
@@ -278,7 +288,7 @@ async fn a_move_without_room_is_refused_with_the_reason() {
     seed(&cfg).await;
     // HUGE stores 12 GiB; Fabrikam has 10 GiB in all.
     let st = State::open(&cfg).await.unwrap();
-    let t = jiff::Timestamp::now();
+    let t = now();
     let contoso = cfg.customer_by_name("Contoso").unwrap();
     st.register_client(&cfg, "HUGE", contoso, Kind::Desktop, None, t)
         .await

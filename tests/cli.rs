@@ -10,6 +10,7 @@ fn tollgate(args: &[&str], stdin: Option<&str>) -> Output {
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env_remove("TOLLGATE_CONFIG")
+        .env("TOLLGATE_FAKE_NOW", "2026-06-10T10:00:00Z")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -115,6 +116,7 @@ fn config_path_comes_from_the_environment() {
     let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
         .arg("check-config")
         .env("TOLLGATE_CONFIG", &path)
+        .env("TOLLGATE_FAKE_NOW", "2026-06-10T10:00:00Z")
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));

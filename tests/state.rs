@@ -91,7 +91,7 @@ async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
             st.admit(
                 &cfg,
                 &hello(&format!("PC{i:03}"), Some("C")),
-                Some("127.0.0.1:1"),
+                Some("127.0.0.1".parse().unwrap()),
                 t,
                 false,
                 false,
@@ -125,7 +125,7 @@ async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
     assert_eq!(
         count(
             &st,
-            "SELECT COUNT(*) FROM refusals WHERE code = 'mcal_exhausted'"
+            "SELECT SUM(count) FROM refusals WHERE code = 'mcal_exhausted'"
         )
         .await,
         90
@@ -392,7 +392,7 @@ async fn wrong_and_missing_secrets_are_refused_and_recorded() {
         .admit(
             &cfg,
             &hello("PC", None),
-            Some("10.0.0.1:5"),
+            Some("10.0.0.1".parse().unwrap()),
             t,
             false,
             false,
@@ -410,7 +410,7 @@ async fn wrong_and_missing_secrets_are_refused_and_recorded() {
     ] {
         h.secret = s;
         match st
-            .admit(&cfg, &h, Some("10.0.0.1:5"), t, false, false)
+            .admit(&cfg, &h, Some("10.0.0.1".parse().unwrap()), t, false, false)
             .await
             .unwrap()
         {
@@ -427,7 +427,7 @@ async fn wrong_and_missing_secrets_are_refused_and_recorded() {
     assert_eq!(
         count(
             &st,
-            "SELECT COUNT(*) FROM refusals WHERE code = 'auth_failed' AND peer = '10.0.0.1:5'"
+            "SELECT SUM(count) FROM refusals WHERE code = 'auth_failed' AND source = '10.0.0.1'"
         )
         .await,
         2

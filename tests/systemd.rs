@@ -142,6 +142,7 @@ async fn serves_a_socket_handed_over_by_systemd() {
     cmd.args(["serve", "--config"])
         .arg(&cfg)
         .env("LISTEN_FDS", "1")
+        .env("TOLLGATE_FAKE_NOW", common::PINNED_NOW)
         .env_remove("LISTEN_PID")
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(dir.path().join("daemon.log")).unwrap());

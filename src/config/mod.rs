@@ -7,9 +7,12 @@
 //! [`Config`]. A `Config` is therefore always valid: callers never re-check.
 //! This module does no I/O beyond reading the file it is given.
 
+pub mod limits;
 mod raw;
 pub mod units;
 mod validate;
+
+pub use limits::{Cidr, Limits, Overflow, Penalties, Retention, canonical};
 
 pub use units::Hours;
 pub use validate::{ConfigError, Rule};
@@ -112,6 +115,10 @@ pub struct Server {
     pub aggregate: Option<Aggregate>,
     /// `[server.email]`.
     pub email: Option<Email>,
+    /// `[server.limits]`.
+    pub limits: Limits,
+    /// `[server.retention]`.
+    pub retention: Retention,
 }
 
 /// The state database location (CONFIG.md `server.state`).

@@ -209,6 +209,42 @@ pub struct RawServer {
     pub throttle: Option<Spanned<RawThrottle>>,
     pub aggregate: Option<Spanned<RawAggregate>>,
     pub email: Option<Spanned<RawEmail>>,
+    pub limits: Option<Spanned<RawLimits>>,
+    pub retention: Option<Spanned<RawRetention>>,
+}
+
+/// `[server.limits]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawLimits {
+    pub hello_max_frame: Option<Spanned<SizeValue>>,
+    pub handshakes: Option<Spanned<i64>>,
+    pub per_source_connections: Option<Spanned<i64>>,
+    pub max_sessions_per_client: Option<Spanned<i64>>,
+    pub max_file_size: Option<Spanned<SizeValue>>,
+    pub registrations_per_minute: Option<Spanned<i64>>,
+    pub penalties: Option<Spanned<RawPenalties>>,
+}
+
+/// `[server.limits.penalties]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawPenalties {
+    pub auth_failed: Option<Spanned<String>>,
+    pub bad_hello: Option<Spanned<String>>,
+    pub no_hello: Option<Spanned<String>>,
+    pub min: Option<Spanned<String>>,
+    pub max: Option<Spanned<String>>,
+    pub exempt: Option<Spanned<Vec<Spanned<String>>>>,
+    pub max_sources: Option<Spanned<i64>>,
+    pub overflow: Option<Spanned<String>>,
+}
+
+/// `[server.retention]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawRetention {
+    pub refusals: Option<Spanned<String>>,
+    pub sessions: Option<Spanned<String>>,
+    pub client_events: Option<Spanned<String>>,
+    pub sent_mail: Option<Spanned<String>>,
 }
 
 /// `[server.tls]`.

@@ -163,7 +163,8 @@ pub fn bare_rate_message(num: &str) -> String {
     )
 }
 
-/// Parses a duration such as `"250ms"`, `"10s"`, `"5m"`, `"1h"` or `"1h30m"`.
+/// Parses a duration such as `"250ms"`, `"10s"`, `"5m"`, `"1h"`, `"90d"` or
+/// `"1h30m"`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let mut rest = s.trim();
     if rest.is_empty() {
@@ -193,14 +194,15 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
             "s" => Duration::from_secs(n),
             "m" | "min" => Duration::from_secs(n.saturating_mul(60)),
             "h" => Duration::from_secs(n.saturating_mul(3600)),
+            "d" => Duration::from_secs(n.saturating_mul(86_400)),
             "" => {
                 return Err(format!(
-                    "{s:?} has no unit; write \"{n}s\" for seconds (ms, s, m and h are accepted)"
+                    "{s:?} has no unit; write \"{n}s\" for seconds (ms, s, m, h and d are accepted)"
                 ));
             }
             other => {
                 return Err(format!(
-                    "unknown duration unit {other:?} in {s:?}; use ms, s, m or h"
+                    "unknown duration unit {other:?} in {s:?}; use ms, s, m, h or d"
                 ));
             }
         };
@@ -396,6 +398,7 @@ mod tests {
             ("1h", Duration::from_secs(3600)),
             ("1h30m", Duration::from_secs(5400)),
             ("2 s", Duration::from_secs(2)),
+            ("90d", Duration::from_secs(90 * 86_400)),
         ];
         for (s, want) in ok {
             assert_eq!(parse_duration(s), Ok(*want), "{s}");

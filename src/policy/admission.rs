@@ -47,11 +47,14 @@ pub enum RejectCode {
     ShuttingDown,
     /// No HELLO within `hello_timeout`.
     Timeout,
+    /// Too many new registrations for the customer, or too many sessions of
+    /// the client (PROTOCOL.md Additions); REJECT carries `retry_after`.
+    RateLimited,
 }
 
 impl RejectCode {
     /// Every code, for tests that must reach each one.
-    pub const ALL: [RejectCode; 12] = [
+    pub const ALL: [RejectCode; 13] = [
         RejectCode::UnsupportedProtocol,
         RejectCode::BadRequest,
         RejectCode::AuthFailed,
@@ -64,6 +67,7 @@ impl RejectCode {
         RejectCode::Busy,
         RejectCode::ShuttingDown,
         RejectCode::Timeout,
+        RejectCode::RateLimited,
     ];
 
     /// The wire spelling.
@@ -81,6 +85,7 @@ impl RejectCode {
             RejectCode::Busy => "busy",
             RejectCode::ShuttingDown => "shutting_down",
             RejectCode::Timeout => "timeout",
+            RejectCode::RateLimited => "rate_limited",
         }
     }
 }
@@ -99,14 +104,27 @@ pub struct Rejection {
     pub code: RejectCode,
     /// What happened, for a person.
     pub message: String,
+    /// Seconds after which trying again may succeed (`rate_limited`).
+    pub retry_after: Option<u64>,
+}
+
+impl Rejection {
+    /// A refusal without `retry_after`.
+    pub fn new(code: RejectCode, message: impl Into<String>) -> Rejection {
+        Rejection {
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
 }
 
 fn reject<T>(code: RejectCode, message: impl Into<String>) -> Result<T, Rejection> {
-    Err(Rejection {
-        code,
-        message: message.into(),
-    })
+    Err(Rejection::new(code, message))
 }
+
+/// How long a new registration window lasts (`registrations_per_minute`).
+pub const REGISTRATION_WINDOW_SECS: i64 = 60;
 
 /// Session intent (PROTOCOL.md HELLO `intent`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -160,14 +178,33 @@ impl fmt::Debug for Hello {
 }
 
 /// What state knows about a registered client.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
 pub struct ClientRecord {
+    /// The id as registered; ids compare without regard to case, so this
+    /// may differ from HELLO's in case only.
+    pub id: String,
     /// The customer it is registered under.
     pub customer: CustomerId,
     /// Its kind, recorded at registration.
     pub kind: Kind,
-    /// SHA-256 of its secret; `None` = declared but never connected.
+    /// SHA-256 of its secret; `None` = declared but never connected, or
+    /// removed.
     pub secret_sha256: Option<[u8; 32]>,
+    /// Removed by `clients remove` with its files kept: the id is reserved
+    /// until an administrator readmits it (PROTOCOL.md Additions).
+    pub removed: bool,
+    /// A one-time readmit key (`clients readmit`): its SHA-256 and expiry.
+    pub readmit: Option<([u8; 32], Timestamp)>,
+}
+
+/// The result of checking HELLO's `enroll_key` against a customer's
+/// argon2 hash, done by the caller off the state's write lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EnrollVerdict {
+    /// The customer whose key was checked.
+    pub customer: CustomerId,
+    /// Whether the key matched.
+    pub ok: bool,
 }
 
 /// MCAL debits relevant to one admission.
@@ -198,6 +235,12 @@ pub struct Snapshot {
     pub connections_full: bool,
     /// Shutdown has begun.
     pub shutting_down: bool,
+    /// HELLO's enroll key, checked against the hash of the customer
+    /// [`enroll_key_target`] names.
+    pub enroll: Option<EnrollVerdict>,
+    /// Registration times (Unix seconds) of the target customer's clients
+    /// within the last [`REGISTRATION_WINDOW_SECS`], oldest first.
+    pub recent_registrations: Vec<i64>,
 }
 
 /// What admission decided about identity.
@@ -209,6 +252,9 @@ pub enum Registration {
     Declared,
     /// An unknown client is auto-added: create it and issue a secret.
     AutoAdded,
+    /// A removed client, or one that lost its secret, presents its readmit
+    /// key: issue a new secret; its customer, files and MCAL history stay.
+    Readmitted,
 }
 
 /// An admitted session.
@@ -333,11 +379,73 @@ pub fn target_customer(
     }
     match &h.customer {
         None => Ok(CustomerId::DEFAULT),
-        Some(name) => cfg.customer_by_name(name).ok_or_else(|| Rejection {
-            code: RejectCode::UnknownCustomer,
-            message: format!("no customer is named {name:?}"),
+        Some(name) => cfg.customer_by_name(name).ok_or_else(|| {
+            Rejection::new(
+                RejectCode::UnknownCustomer,
+                format!("no customer is named {name:?}"),
+            )
         }),
     }
+}
+
+/// The customer whose `enroll_key` HELLO's key must be checked against,
+/// with its hash, when HELLO presents a key and admission would look at it
+/// (a declared client's first connection, or an auto-added client). The
+/// caller verifies it off the state's write lane and passes the verdict in
+/// [`Snapshot::enroll`]; argon2 never runs inside a transaction.
+pub fn enroll_key_target<'c>(
+    cfg: &'c Config,
+    h: &Hello,
+    record: Option<&ClientRecord>,
+) -> Option<(CustomerId, &'c crate::config::PhcHash)> {
+    h.enroll_key.as_ref()?;
+    if record.is_some_and(|r| r.secret_sha256.is_some() || r.removed) {
+        return None;
+    }
+    let customer = target_customer(cfg, h, record).ok()?;
+    cfg.customer(customer)
+        .enroll_key
+        .as_ref()
+        .map(|hash| (customer, hash))
+}
+
+/// Whether HELLO's `enroll_key` is the client's valid readmit key.
+fn readmit_matches(record: &ClientRecord, h: &Hello, at: Timestamp) -> bool {
+    match (&record.readmit, h.enroll_key.as_deref()) {
+        (Some((digest, expires)), Some(key)) => {
+            at < *expires && bool::from(secret_digest(key).ct_eq(digest))
+        }
+        _ => false,
+    }
+}
+
+/// The `rate_limited` refusal when `recent` registrations (oldest first)
+/// leave no room for one more within the window at `at`.
+pub fn registration_rate(
+    per_minute: u32,
+    recent: &[i64],
+    at: Timestamp,
+    customer: &str,
+) -> Result<(), Rejection> {
+    let now = at.as_second();
+    let in_window: Vec<i64> = recent
+        .iter()
+        .copied()
+        .filter(|t| now - t < REGISTRATION_WINDOW_SECS)
+        .collect();
+    if in_window.len() < per_minute as usize {
+        return Ok(());
+    }
+    // The slot frees when the registration `per_minute` back leaves the window.
+    let oldest = in_window[in_window.len() - per_minute as usize];
+    let retry = (oldest + REGISTRATION_WINDOW_SECS - now).max(1) as u64;
+    Err(Rejection {
+        code: RejectCode::RateLimited,
+        message: format!(
+            "customer {customer:?} takes at most {per_minute} new clients a minute; try again in {retry} s"
+        ),
+        retry_after: Some(retry),
+    })
 }
 
 /// PROTOCOL.md "Admission", steps 1-6, in order.
@@ -362,30 +470,74 @@ pub fn admit(
             "the server has no free connection slots; try again later",
         );
     }
-    // Step 3: identity.
+    // Step 3: identity. Ids compare without regard to case (PC-1 and pc-1
+    // would share a directory on a case-insensitive filesystem), so a
+    // record may come back for an id spelled otherwise: that is not this
+    // client.
     let declared = cfg.declared_client(&h.client_id);
     let record = snap.client.as_ref();
+    if let Some(r) = record
+        && r.id != h.client_id
+    {
+        return reject(
+            RejectCode::AuthFailed,
+            format!(
+                "client id {:?} is taken: it differs only in letter case from a registered client",
+                h.client_id
+            ),
+        );
+    }
     let customer = target_customer(cfg, h, record)?;
     let cust = cfg.customer(customer);
-    let (registration, kind) = match (record.and_then(|r| r.secret_sha256.as_ref()), declared) {
-        (Some(stored), _) => {
-            if !secret_matches(stored, h.secret.as_deref()) {
-                return reject(
-                    RejectCode::AuthFailed,
-                    "the secret does not match this client id",
-                );
+    let readmit = record.is_some_and(|r| readmit_matches(r, h, at));
+    let (registration, kind) = match (record, declared) {
+        (Some(r), _) if r.secret_sha256.is_some() || r.removed => {
+            let recorded = declared.map_or(r.kind, |d| cfg.client(d).kind);
+            match &r.secret_sha256 {
+                Some(stored) if secret_matches(stored, h.secret.as_deref()) => {
+                    (Registration::Existing, recorded)
+                }
+                _ if readmit => {
+                    if r.removed && client_limit_reached(cust, snap.customer_clients) {
+                        return reject(
+                            RejectCode::ClientLimit,
+                            format!(
+                                "customer {:?} has reached its limit of {} clients",
+                                cust.name,
+                                cust.max_clients.unwrap_or(0)
+                            ),
+                        );
+                    }
+                    (Registration::Readmitted, recorded)
+                }
+                None => {
+                    return reject(
+                        RejectCode::AuthFailed,
+                        format!(
+                            "client {:?} was removed and its id is reserved; the administrator can readmit it",
+                            h.client_id
+                        ),
+                    );
+                }
+                Some(_) => {
+                    return reject(
+                        RejectCode::AuthFailed,
+                        "the secret does not match this client id",
+                    );
+                }
             }
-            let recorded = record.map_or(Kind::Desktop, |r| r.kind);
-            (
-                Registration::Existing,
-                declared.map_or(recorded, |d| cfg.client(d).kind),
-            )
         }
-        (None, Some(d)) => {
-            check_enroll_key(cust, h)?;
+        (_, Some(d)) => {
+            check_enroll_key(customer, cust, h, snap.enroll)?;
+            registration_rate(
+                cfg.server.limits.registrations_per_minute,
+                &snap.recent_registrations,
+                at,
+                &cust.name,
+            )?;
             (Registration::Declared, cfg.client(d).kind)
         }
-        (None, None) => {
+        (_, None) => {
             if !cust.auto_add_clients {
                 return reject(
                     RejectCode::UnknownClient,
@@ -395,11 +547,8 @@ pub fn admit(
                     ),
                 );
             }
-            check_enroll_key(cust, h)?;
-            if cust
-                .max_clients
-                .is_some_and(|max| snap.customer_clients >= max)
-            {
+            check_enroll_key(customer, cust, h, snap.enroll)?;
+            if client_limit_reached(cust, snap.customer_clients) {
                 return reject(
                     RejectCode::ClientLimit,
                     format!(
@@ -409,6 +558,12 @@ pub fn admit(
                     ),
                 );
             }
+            registration_rate(
+                cfg.server.limits.registrations_per_minute,
+                &snap.recent_registrations,
+                at,
+                &cust.name,
+            )?;
             (Registration::AutoAdded, hello_kind.unwrap_or_default())
         }
     };
@@ -502,15 +657,23 @@ pub fn mcal_shortfall(
     ))
 }
 
-fn check_enroll_key(cust: &crate::config::Customer, h: &Hello) -> Result<(), Rejection> {
-    match (&cust.enroll_key, h.enroll_key.as_deref()) {
-        (None, _) => Ok(()),
-        (Some(hash), Some(k)) if hash.verify(k) => Ok(()),
-        (Some(_), None) => reject(
+/// The enroll-key check, from the verdict the caller reached off the
+/// write lane; a verdict about another customer counts as no match (the
+/// caller compares [`enroll_key_target`] first and retries on a change).
+fn check_enroll_key(
+    id: CustomerId,
+    cust: &crate::config::Customer,
+    h: &Hello,
+    verdict: Option<EnrollVerdict>,
+) -> Result<(), Rejection> {
+    match (&cust.enroll_key, h.enroll_key.as_deref(), verdict) {
+        (None, _, _) => Ok(()),
+        (Some(_), None, _) => reject(
             RejectCode::AuthFailed,
             format!("customer {:?} requires an enrollment key", cust.name),
         ),
-        (Some(_), Some(_)) => reject(RejectCode::AuthFailed, "the enrollment key is wrong"),
+        (Some(_), Some(_), Some(v)) if v.customer == id && v.ok => Ok(()),
+        (Some(_), Some(_), _) => reject(RejectCode::AuthFailed, "the enrollment key is wrong"),
     }
 }
 

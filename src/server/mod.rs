@@ -1,16 +1,21 @@
 //! The listener (PROTOCOL.md Transport and Session): accept loops, one task
-//! per connection, the connection limit and shutdown.
+//! per connection, the connection limits and shutdown.
 //!
-//! A permit of the connection `Semaphore` is taken before `accept()` and
-//! moved into the session task. When none is left the connection is still
-//! accepted, by a small separate pool, and answered REJECT `busy` rather than
-//! left hanging in the backlog. The TLS handshake runs inside the task under
+//! Two semaphores bound connections (CONFIG.md `[server.limits]`). A permit
+//! of `handshakes` is taken before `accept()` and moved into the session
+//! task, which gives it back once WELCOME or REJECT is sent: connections
+//! still in TLS or HELLO can never be more than `handshakes`, and never
+//! starve admitted sessions. A permit of `max_connections` is taken at
+//! admission (REJECT `busy` when none is left). Right after accept, before
+//! any TLS work, a penalized source or one over `per_source_connections` is
+//! closed (`limits`). The TLS handshake runs inside the task under
 //! `hello_timeout`, never in the accept loop. Shutdown is a `watch` of
 //! [`Phase`]: `Draining` stops the accept loops and lets uploads in flight
 //! finish; `Forced` (after `shutdown_grace`) ends every session.
 
+mod maintenance;
 pub mod reload;
-mod session;
+pub mod session;
 
 use crate::config::Config;
 use crate::state::ClientEvent;
@@ -20,16 +25,13 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, warn};
 
-/// Connections answered REJECT `busy` at once, beyond `max_connections`;
-/// past this they are closed without a word.
-pub const BUSY_RESPONDERS: usize = 64;
 /// Longest pause of an accept loop after an accept error (EMFILE …).
 pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 
@@ -65,10 +67,18 @@ pub struct Context {
     pub state: State,
     /// TLS for new handshakes; a reload may swap it.
     pub tls: ArcSwap<rustls::ServerConfig>,
-    /// One permit per connection.
+    /// One permit per admitted session (`max_connections`).
     pub limit: Arc<Semaphore>,
-    /// Permits for REJECT `busy` answers.
-    pub busy: Arc<Semaphore>,
+    /// One permit per connection not yet answered WELCOME or REJECT
+    /// (`limits.handshakes`).
+    pub handshakes: Arc<Semaphore>,
+    /// Per-source penalties and connection counts, the argon2 pool.
+    pub limits: Arc<crate::limits::Limits>,
+    /// Open sessions per client id (lowercase), for
+    /// `max_sessions_per_client`.
+    pub client_sessions: std::sync::Mutex<HashMap<String, u32>>,
+    /// Per-(client, path) locks around commits and deletes.
+    pub path_locks: crate::storage::PathLocks,
     /// Shutdown phase.
     pub phase: watch::Receiver<Phase>,
     /// Shared aggregate buckets, and the trigger for live rate changes.
@@ -91,7 +101,10 @@ impl Context {
     ) -> Context {
         Context {
             limit: Arc::new(Semaphore::new(cfg.server.max_connections as usize)),
-            busy: Arc::new(Semaphore::new(BUSY_RESPONDERS)),
+            handshakes: Arc::new(Semaphore::new(cfg.server.limits.handshakes as usize)),
+            limits: Arc::default(),
+            client_sessions: Default::default(),
+            path_locks: Default::default(),
             cfg: ArcSwap::new(cfg),
             state,
             tls: ArcSwap::new(tls),
@@ -259,6 +272,7 @@ impl Listeners {
 /// port 0 and systemd can hand sockets over.
 pub async fn run(listeners: Vec<(SocketAddr, TcpListener)>, ctx: Arc<Context>) {
     let watcher = tokio::spawn(watch_client_events(ctx.clone()));
+    let upkeep = tokio::spawn(maintenance::run(ctx.clone()));
     for (configured, l) in listeners {
         ctx.listeners.add(&ctx, configured, l);
     }
@@ -269,6 +283,11 @@ pub async fn run(listeners: Vec<(SocketAddr, TcpListener)>, ctx: Arc<Context>) {
     ctx.listeners.sessions.close();
     ctx.listeners.sessions.wait().await;
     watcher.abort();
+    upkeep.abort();
+    // The last second of refusals.
+    if let Err(e) = ctx.state.flush_refusals().await {
+        warn!(error = %e, "writing the last refusals failed");
+    }
 }
 
 async fn accept_loop(
@@ -279,8 +298,21 @@ async fn accept_loop(
 ) {
     let mut phase = ctx.phase.clone();
     let mut backoff = Duration::from_millis(5);
+    let mut permit = None;
     loop {
-        let permit = ctx.limit.clone().try_acquire_owned().ok();
+        // A handshake slot first: past `handshakes`, new connections wait
+        // in the kernel's backlog instead of costing TLS work.
+        let hs = match permit.take() {
+            Some(p) => p,
+            None => tokio::select! {
+                p = ctx.handshakes.clone().acquire_owned() => match p {
+                    Ok(p) => p,
+                    Err(_) => return,
+                },
+                _ = phase.wait_for(|p| *p != Phase::Running) => return,
+                _ = stop.cancelled() => return,
+            },
+        };
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = phase.wait_for(|p| *p != Phase::Running) => return,
@@ -290,39 +322,34 @@ async fn accept_loop(
             Ok((tcp, peer)) => {
                 backoff = Duration::from_millis(5);
                 metrics::counter!(crate::metrics::CONNECTIONS).increment(1);
-                let _ = tcp.set_nodelay(true);
-                // A slot may have freed while this loop waited in accept().
-                let permit = permit.or_else(|| ctx.limit.clone().try_acquire_owned().ok());
-                match permit {
-                    Some(p) => {
-                        tracker.spawn(session::run(ctx.clone(), tcp, peer, p));
+                let cfg = ctx.cfg.load();
+                let now = tokio::time::Instant::now();
+                match ctx.limits.accept(&cfg.server.limits, peer.ip(), now) {
+                    Ok(source) => {
+                        let _ = tcp.set_nodelay(true);
+                        let acc = session::Accepted {
+                            peer,
+                            handshake: Some(hs),
+                            source: Some(source),
+                            deadline: now + cfg.server.hello_timeout,
+                        };
+                        tracker.spawn(session::run(ctx.clone(), tcp, acc));
                     }
-                    None => match ctx.busy.clone().try_acquire_owned() {
-                        Ok(b) => {
-                            tracker.spawn(busy(ctx.clone(), tcp, peer, b));
-                        }
-                        Err(_) => drop(tcp),
-                    },
+                    Err(why) => {
+                        // Closed before any TLS work; the slot serves the next.
+                        debug!(%peer, reason = why.as_str(), "connection closed at accept");
+                        drop(tcp);
+                        permit = Some(hs);
+                    }
                 }
             }
             Err(e) => {
                 // EMFILE and friends: wait and retry, never give up serving.
+                permit = Some(hs);
                 warn!(error = %e, "accept failed; retrying in {:?}", backoff);
                 tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(MAX_ACCEPT_BACKOFF);
             }
         }
     }
-}
-
-/// Answers a connection beyond `max_connections` with REJECT `busy`.
-async fn busy(
-    ctx: Arc<Context>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-) {
-    info!(%peer, code = "busy", "refused: connections full");
-    crate::metrics::admission("busy");
-    session::refuse_busy(&ctx, tcp, peer).await;
 }

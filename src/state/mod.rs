@@ -9,15 +9,21 @@
 //! applies it: concurrent sessions are serialized by SQLite's write lock,
 //! so "100 first backups for 10 MCALs" admits exactly 10.
 
+mod admission;
 mod mail;
 mod ops;
+mod refusals;
+mod retention;
 mod views;
 
+pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
 pub use mail::{ClientPeriod, Outgoing, Queued};
 pub use ops::{
-    AdmitOutcome, ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed,
-    SessionEnd, SessionStart,
+    ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed, SessionEnd,
+    SessionStart,
 };
+pub use refusals::{INVALID_ID, MAX_STORED, truncate};
+pub use retention::Pruned;
 pub use views::{ClientRow, FileEntry, StatusData};
 
 use crate::config::{Config, CustomerId, StateUrl};
@@ -71,6 +77,8 @@ pub struct State {
     volatile: SqlitePool,
     path: PathBuf,
     writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Refusals noted since the last flush (`refusals`).
+    refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
 }
 
 impl State {
@@ -117,6 +125,7 @@ impl State {
             volatile,
             path: path.to_path_buf(),
             writer: Default::default(),
+            refusals: Default::default(),
         })
     }
 

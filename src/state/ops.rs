@@ -11,31 +11,15 @@
 //! gone was renamed (apply the index update). Reservations never survive a
 //! restart.
 
-use super::{State, StateError, customer_key, new_secret, secs};
+use super::{State, StateError, customer_key, secs};
 use crate::config::{Config, CustomerId, Kind};
-use crate::policy::admission::{
-    self, Admitted, ClientRecord, Hello, McalState, Registration, RejectCode, Rejection, Snapshot,
-};
+use crate::policy::admission::{self, ClientRecord, McalState, RejectCode, Rejection};
 use crate::policy::space::{self, LevelUsage, Month, Usage};
 use jiff::Timestamp;
 use sqlx::{Row, Sqlite, Transaction};
 use std::path::{Path, PathBuf};
 
-type Tx = Transaction<'static, Sqlite>;
-
-/// What admission decided, with the secret when one was issued.
-#[derive(Debug)]
-pub enum AdmitOutcome {
-    /// WELCOME.
-    Admitted {
-        /// The decision.
-        admitted: Admitted,
-        /// The issued secret (plaintext, shown to the client once).
-        secret: Option<String>,
-    },
-    /// REJECT; recorded as a refusal.
-    Rejected(Rejection),
-}
+pub(super) type Tx = Transaction<'static, Sqlite>;
 
 /// A reservation that does not fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,13 +113,20 @@ pub struct Removed {
 }
 
 #[derive(sqlx::FromRow)]
-struct ClientDb {
-    customer: String,
-    kind: String,
-    secret_sha256: Option<Vec<u8>>,
-    declared: bool,
-    used: i64,
+pub(super) struct ClientDb {
+    pub(super) id: String,
+    pub(super) customer: String,
+    pub(super) kind: String,
+    pub(super) secret_sha256: Option<Vec<u8>>,
+    pub(super) declared: bool,
+    pub(super) used: i64,
+    pub(super) removed_at: Option<i64>,
+    pub(super) readmit_sha256: Option<Vec<u8>>,
+    pub(super) readmit_expires: Option<i64>,
 }
+
+/// The columns of [`ClientDb`].
+pub(super) const CLIENT_COLUMNS: &str = "id, customer, kind, secret_sha256, declared, used, removed_at, readmit_sha256, readmit_expires";
 
 /// Starts a write transaction. Writers of this process queue on an async
 /// mutex first: SQLite's own busy handler sleeps in growing steps, which
@@ -148,18 +139,21 @@ pub(super) async fn immediate(
     Ok((lane, state.pool.begin_with("BEGIN IMMEDIATE").await?))
 }
 
-/// Like [`immediate`], on the synchronous=NORMAL pool: for reservations only.
-async fn immediate_volatile(
+/// Like [`immediate`], on the synchronous=NORMAL pool: for what never
+/// needs to survive a crash (reservations, refusal counts).
+pub(super) async fn immediate_volatile(
     state: &State,
 ) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
     let lane = state.writer.clone().lock_owned().await;
     Ok((lane, state.volatile.begin_with("BEGIN IMMEDIATE").await?))
 }
 
-async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError> {
-    Ok(sqlx::query_as::<_, ClientDb>(
-        "SELECT customer, kind, secret_sha256, declared, used FROM clients WHERE id = ?",
-    )
+/// The client whose id equals `id` without regard to case (ids are
+/// unique that way; PROTOCOL.md Additions, issue 11).
+pub(super) async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError> {
+    Ok(sqlx::query_as::<_, ClientDb>(sqlx::AssertSqlSafe(format!(
+        "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ? COLLATE NOCASE"
+    )))
     .bind(id)
     .fetch_optional(&mut **tx)
     .await?)
@@ -175,18 +169,22 @@ async fn known_client(tx: &mut Tx, cfg: &Config, client: &str) -> Result<ClientR
     })
 }
 
-fn record(cfg: &Config, row: &ClientDb) -> Option<ClientRecord> {
+pub(super) fn record(cfg: &Config, row: &ClientDb) -> Option<ClientRecord> {
+    let digest = |b: &Option<Vec<u8>>| b.as_deref().and_then(|s| <[u8; 32]>::try_from(s).ok());
     Some(ClientRecord {
+        id: row.id.clone(),
         customer: cfg.customer_by_name(&row.customer)?,
         kind: Kind::parse(&row.kind).unwrap_or_default(),
-        secret_sha256: row
-            .secret_sha256
-            .as_deref()
-            .and_then(|s| <[u8; 32]>::try_from(s).ok()),
+        secret_sha256: digest(&row.secret_sha256),
+        removed: row.removed_at.is_some(),
+        readmit: digest(&row.readmit_sha256).zip(
+            row.readmit_expires
+                .and_then(|t| Timestamp::from_second(t).ok()),
+        ),
     })
 }
 
-fn u(used: i64, reserved: i64) -> Usage {
+pub(super) fn u(used: i64, reserved: i64) -> Usage {
     Usage {
         used: used.max(0) as u64,
         reserved: reserved.max(0) as u64,
@@ -194,7 +192,7 @@ fn u(used: i64, reserved: i64) -> Usage {
 }
 
 /// Usage and reservations at every level above `client` of `customer`.
-async fn level_usage(
+pub(super) async fn level_usage(
     tx: &mut Tx,
     cfg: &Config,
     client: &str,
@@ -247,7 +245,7 @@ async fn level_usage(
 }
 
 /// Debits that bear on one more debit for `client` under `customer`.
-async fn mcal_state(
+pub(super) async fn mcal_state(
     tx: &mut Tx,
     cfg: &Config,
     client: &str,
@@ -280,7 +278,11 @@ async fn mcal_state(
 }
 
 /// Clients holding a slot of `customer`: registered ones and declared ones.
-async fn slot_count(tx: &mut Tx, cfg: &Config, customer: CustomerId) -> Result<u32, StateError> {
+pub(super) async fn slot_count(
+    tx: &mut Tx,
+    cfg: &Config,
+    customer: CustomerId,
+) -> Result<u32, StateError> {
     let n: i64 = sqlx::query_scalar(
         "SELECT COUNT(*) FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1)",
     )
@@ -290,7 +292,7 @@ async fn slot_count(tx: &mut Tx, cfg: &Config, customer: CustomerId) -> Result<u
     Ok(n as u32)
 }
 
-async fn insert_debit(
+pub(super) async fn insert_debit(
     tx: &mut Tx,
     cfg: &Config,
     client: &str,
@@ -316,7 +318,7 @@ async fn insert_debit(
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn upsert_registration(
+pub(super) async fn upsert_registration(
     tx: &mut Tx,
     cfg: &Config,
     id: &str,
@@ -334,7 +336,8 @@ async fn upsert_registration(
          ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, kind = excluded.kind,
            secret_sha256 = excluded.secret_sha256, declared = excluded.declared,
            hostname = COALESCE(excluded.hostname, clients.hostname),
-           registered_at = excluded.registered_at, last_seen = excluded.last_seen",
+           registered_at = excluded.registered_at, last_seen = excluded.last_seen,
+           removed_at = NULL, readmit_sha256 = NULL, readmit_expires = NULL",
     )
     .bind(id)
     .bind(name)
@@ -353,168 +356,6 @@ async fn upsert_registration(
 }
 
 impl State {
-    /// PROTOCOL.md "Admission": decides and applies registration and the
-    /// MCAL debit in one transaction; a refusal registers nothing and is
-    /// recorded.
-    pub async fn admit(
-        &self,
-        cfg: &Config,
-        hello: &Hello,
-        peer: Option<&str>,
-        at: Timestamp,
-        connections_full: bool,
-        shutting_down: bool,
-    ) -> Result<AdmitOutcome, StateError> {
-        // Steps 1 and 2 need no database, so they take no write lock.
-        if let Err(r) = admission::check_syntax(hello)
-            .and_then(|_| admission::check_capacity(connections_full, shutting_down))
-        {
-            return self
-                .refused(at, hello, hello.customer.as_deref(), r, peer)
-                .await;
-        }
-        let secret = new_secret()?;
-        let (_lane, mut tx) = immediate(self).await?;
-        let row = client_db(&mut tx, &hello.client_id).await?;
-        let rec = match &row {
-            Some(r) => match record(cfg, r) {
-                Some(rec) => Some(rec),
-                None => {
-                    drop(tx);
-                    let r = Rejection {
-                        code: RejectCode::UnknownCustomer,
-                        message: "this client's customer no longer exists; ask the administrator to move it".into(),
-                    };
-                    return self
-                        .refused(at, hello, hello.customer.as_deref(), r, peer)
-                        .await;
-                }
-            },
-            None => None,
-        };
-        let decision = match admission::target_customer(cfg, hello, rec.as_ref()) {
-            Err(r) => Err(r),
-            Ok(customer) => {
-                let month = Month::of(at, &cfg.server.timezone);
-                let snap = Snapshot {
-                    client: rec.clone(),
-                    customer_clients: slot_count(&mut tx, cfg, customer).await?,
-                    mcal: mcal_state(&mut tx, cfg, &hello.client_id, customer, month).await?,
-                    usage: level_usage(&mut tx, cfg, &hello.client_id, customer).await?,
-                    connections_full,
-                    shutting_down,
-                };
-                admission::admit(cfg, hello, &snap, at)
-            }
-        };
-        let adm = match decision {
-            Ok(a) => a,
-            Err(r) => {
-                tx.rollback().await?;
-                let customer = admission::target_customer(cfg, hello, rec.as_ref())
-                    .ok()
-                    .map(|c| cfg.customer(c).name.clone())
-                    .or_else(|| hello.customer.clone());
-                return self.refused(at, hello, customer.as_deref(), r, peer).await;
-            }
-        };
-        let issued = match adm.registration {
-            Registration::Existing => {
-                sqlx::query("UPDATE clients SET last_seen = ?, hostname = COALESCE(?, hostname) WHERE id = ?")
-                    .bind(secs(at))
-                    .bind(hello.hostname.as_deref())
-                    .bind(&hello.client_id)
-                    .execute(&mut *tx)
-                    .await?;
-                None
-            }
-            Registration::Declared | Registration::AutoAdded => {
-                let declared = adm.registration == Registration::Declared;
-                upsert_registration(
-                    &mut tx,
-                    cfg,
-                    &hello.client_id,
-                    adm.customer,
-                    adm.kind,
-                    &secret,
-                    declared,
-                    hello.hostname.as_deref(),
-                    at,
-                )
-                .await?;
-                Some(secret)
-            }
-        };
-        if let Some((month, cost)) = adm.mcal_debit {
-            insert_debit(
-                &mut tx,
-                cfg,
-                &hello.client_id,
-                adm.customer,
-                month,
-                cost,
-                at,
-            )
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(AdmitOutcome::Admitted {
-            admitted: adm,
-            secret: issued,
-        })
-    }
-
-    /// Records a refused HELLO and returns the refusal.
-    async fn refused(
-        &self,
-        at: Timestamp,
-        hello: &Hello,
-        customer: Option<&str>,
-        r: Rejection,
-        peer: Option<&str>,
-    ) -> Result<AdmitOutcome, StateError> {
-        self.record_refusal(at, &hello.client_id, customer, r.code, peer)
-            .await?;
-        Ok(AdmitOutcome::Rejected(r))
-    }
-
-    /// Registers `id` under `customer` if a client slot is free, returning
-    /// the issued secret.
-    pub async fn register_client(
-        &self,
-        cfg: &Config,
-        id: &str,
-        customer: CustomerId,
-        kind: Kind,
-        hostname: Option<&str>,
-        at: Timestamp,
-    ) -> Result<Result<String, Rejection>, StateError> {
-        let secret = new_secret()?;
-        let (_lane, mut tx) = immediate(self).await?;
-        if let Some(row) = client_db(&mut tx, id).await?
-            && row.secret_sha256.is_some()
-        {
-            return Ok(Err(Rejection {
-                code: RejectCode::BadRequest,
-                message: format!("client {id:?} is already registered"),
-            }));
-        }
-        let cust = cfg.customer(customer);
-        if admission::client_limit_reached(cust, slot_count(&mut tx, cfg, customer).await?) {
-            return Ok(Err(Rejection {
-                code: RejectCode::ClientLimit,
-                message: format!("customer {:?} has reached its limit of clients", cust.name),
-            }));
-        }
-        let declared = cfg.declared_client(id).is_some();
-        upsert_registration(
-            &mut tx, cfg, id, customer, kind, &secret, declared, hostname, at,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(secret))
-    }
-
     /// Debits this month's MCALs for `client` unless already debited;
     /// returns the cost debited (0 when it already was, or costs nothing).
     pub async fn debit_mcal_for_month(
@@ -532,10 +373,7 @@ impl State {
             return Ok(Ok(0));
         }
         if let Some(why) = admission::mcal_shortfall(cfg, rec.customer, rec.kind, &m) {
-            return Ok(Err(Rejection {
-                code: RejectCode::McalExhausted,
-                message: why,
-            }));
+            return Ok(Err(Rejection::new(RejectCode::McalExhausted, why)));
         }
         insert_debit(&mut tx, cfg, client, rec.customer, month, cost, at).await?;
         tx.commit().await?;
@@ -721,6 +559,7 @@ impl State {
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(Err(MoveRefused::UnknownClient(id.into())));
         };
+        let id = row.id.as_str();
         let Some(rec) = record(cfg, &row) else {
             return Err(StateError::Inconsistent(format!(
                 "client {id:?} belongs to customer {:?}, which the config lacks",
@@ -795,10 +634,11 @@ impl State {
     }
 
     /// Unregisters `id` and refunds its current month's MCAL debit. Without
-    /// `purge` its files and usage stay (it may re-register under the same
-    /// customer and find them); with `purge`, `purge_data` deletes the files
-    /// and the usage is released. A declared client keeps its config entry
-    /// and must enroll again. Returns `None` when there is no such client.
+    /// `purge` its files and usage stay and its id stays reserved: nobody
+    /// can register it until `readmit` gives its owner a key. With `purge`,
+    /// `purge_data` deletes the files, the usage is released and the id is
+    /// free (a declared client keeps its config entry and enrolls again).
+    /// Returns `None` when there is no such client.
     pub async fn remove_client(
         &self,
         cfg: &Config,
@@ -811,6 +651,7 @@ impl State {
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(None);
         };
+        let id = row.id.as_str();
         let month = Month::of(at, &cfg.server.timezone).to_string();
         let freed_mcal: Option<i64> = sqlx::query_scalar(
             "DELETE FROM mcal_debits WHERE client = ? AND month = ? RETURNING cost",
@@ -843,10 +684,18 @@ impl State {
                 .execute(&mut *tx)
                 .await?;
         } else {
+            // Files kept: the id stays reserved for its owner until
+            // `clients readmit` (PROTOCOL.md Additions). Purged declared
+            // clients enroll again like new ones.
             sqlx::query(
-                "UPDATE clients SET secret_sha256 = NULL, registered_at = NULL WHERE id = ?",
+                "UPDATE clients SET secret_sha256 = NULL, registered_at = NULL,
+                   removed_at = CASE WHEN ?2 THEN NULL ELSE ?3 END,
+                   readmit_sha256 = NULL, readmit_expires = NULL
+                 WHERE id = ?1",
             )
             .bind(id)
+            .bind(purge)
+            .bind(secs(at))
             .execute(&mut *tx)
             .await?;
         }
@@ -923,28 +772,6 @@ impl State {
         }
         tx.commit().await?;
         Ok(moved)
-    }
-
-    /// Records a refused HELLO (PROTOCOL.md: every refusal is recorded).
-    pub async fn record_refusal(
-        &self,
-        at: Timestamp,
-        client: &str,
-        customer: Option<&str>,
-        code: RejectCode,
-        peer: Option<&str>,
-    ) -> Result<(), StateError> {
-        sqlx::query(
-            "INSERT INTO refusals (at, client, customer, code, peer) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(secs(at))
-        .bind(client)
-        .bind(customer)
-        .bind(code.as_str())
-        .bind(peer)
-        .execute(&self.pool)
-        .await?;
-        Ok(())
     }
 
     /// Records the start of an admitted session.
@@ -1028,7 +855,7 @@ pub struct SessionEnd<'a> {
 }
 
 /// Records a move or removal for the running daemon.
-async fn record_event(
+pub(super) async fn record_event(
     tx: &mut Tx,
     at: Timestamp,
     client: &str,
@@ -1089,7 +916,7 @@ impl State {
 }
 
 /// Adds `delta` bytes to a client's usage and its customer's.
-async fn add_usage(tx: &mut Tx, client: &str, delta: i64) -> Result<(), StateError> {
+pub(super) async fn add_usage(tx: &mut Tx, client: &str, delta: i64) -> Result<(), StateError> {
     if delta == 0 {
         return Ok(());
     }

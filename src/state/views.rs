@@ -116,7 +116,7 @@ impl State {
                     COALESCE((SELECT SUM(size) FROM reservations r WHERE r.client = c.id), 0) AS reserved,
                     COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = ?1), 0) AS mcal_this_month,
                     (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
-                    (SELECT COUNT(*) FROM refusals f WHERE f.client = c.id AND f.at >= ?2) AS refusals_24h
+                    (SELECT COALESCE(SUM(f.count), 0) FROM refusals f WHERE f.client = c.id AND f.at >= ?2) AS refusals_24h
              FROM clients c ORDER BY c.customer COLLATE NOCASE, c.id",
         )
         .bind(month)
@@ -173,7 +173,7 @@ impl State {
             add(&mut d.global_debits);
         }
         let refusals: Vec<(Option<String>, i64)> = sqlx::query_as(
-            "SELECT customer, COUNT(*) FROM refusals WHERE at >= ? GROUP BY customer",
+            "SELECT NULLIF(customer, ''), SUM(count) FROM refusals WHERE at >= ? GROUP BY customer",
         )
         .bind(secs(at) - 86_400)
         .fetch_all(&self.pool)

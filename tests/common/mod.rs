@@ -25,6 +25,22 @@ pub struct Daemon {
     pub metrics: Option<String>,
 }
 
+/// The instant every test daemon and admin command starts its clock at
+/// (`TOLLGATE_FAKE_NOW`), unless the test pins its own: a Wednesday in
+/// mid-month at 10:00 UTC, far from any window edge, month end, weekend or
+/// DST change, so no test passes or fails by the hour it runs at. The clock
+/// runs on from there at the real pace.
+pub const PINNED_NOW: &str = "2026-06-10T10:00:00Z";
+
+/// `env` with `TOLLGATE_FAKE_NOW` added when it does not set it.
+pub fn pinned<'a>(env: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut v = env.to_vec();
+    if !v.iter().any(|(k, _)| *k == "TOLLGATE_FAKE_NOW") {
+        v.push(("TOLLGATE_FAKE_NOW", PINNED_NOW));
+    }
+    v
+}
+
 /// The config every test starts from; `body` follows `[server]`'s keys.
 pub fn write_config(dir: &Path, server_extra: &str, body: &str) -> PathBuf {
     let path = dir.join("tollgate.toml");
@@ -62,7 +78,7 @@ impl Daemon {
             .arg(&config)
             .args(args)
             .env("RUST_LOG", "info")
-            .envs(env.iter().copied())
+            .envs(pinned(env))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
@@ -290,7 +306,7 @@ pub fn admin_ok(config: &Path, args: &[&str], env: &[(&str, &str)]) -> String {
         .args(args)
         .arg("--config")
         .arg(config)
-        .envs(env.iter().copied())
+        .envs(pinned(env))
         .output()
         .unwrap();
     assert_eq!(
@@ -319,6 +335,28 @@ pub fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(20));
     }
     f()
+}
+
+/// Polls `f` every 20 ms until it is true or `limit` passes (async).
+pub async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let t0 = std::time::Instant::now();
+    while t0.elapsed() < limit {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f().await
+}
+
+/// Refusals the daemon wrote, summed over their counts (it writes them
+/// once a second).
+pub async fn refusals(pool: &sqlx::SqlitePool, filter: &str) -> i64 {
+    let sql = format!("SELECT COALESCE(SUM(count), 0) FROM refusals {filter}");
+    sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// A HELLO frame from JSON text.

@@ -106,12 +106,30 @@ fn hello(id: &str) -> Hello {
     }
 }
 
+/// A registered client's record; its id is HELLO's unless a case sets one.
 fn registered(c: &Config, customer: &str, kind: Kind, secret: &str) -> Option<ClientRecord> {
     Some(ClientRecord {
         customer: c.customer_by_name(customer).unwrap(),
         kind,
         secret_sha256: Some(secret_digest(secret)),
+        ..ClientRecord::default()
     })
+}
+
+/// What the session's shell does around [`super::admit`]: the enroll key
+/// verified off the write lane (here inline), and the record's id filled in.
+fn admit(c: &Config, h: &Hello, s: &Snapshot, at: Timestamp) -> Result<Admitted, Rejection> {
+    let mut s = s.clone();
+    if let Some(r) = s.client.as_mut()
+        && r.id.is_empty()
+    {
+        r.id = h.client_id.clone();
+    }
+    s.enroll = enroll_key_target(c, h, s.client.as_ref()).map(|(customer, hash)| EnrollVerdict {
+        customer,
+        ok: hash.verify(h.enroll_key.as_deref().unwrap_or_default()),
+    });
+    super::admit(c, h, &s, at)
 }
 
 fn at() -> Timestamp {
@@ -239,6 +257,45 @@ fn reject_cases() -> Vec<(&'static str, Edit, RejectCode)> {
             "customer deactivated",
             |_, h, _| h.customer = Some("Asleep".into()),
             CustomerDeactivated,
+        ),
+        (
+            "sixty registrations in the last minute",
+            |_, h, s| {
+                h.customer = Some("Open".into());
+                s.recent_registrations = vec![at().as_second() - 30; 60]
+            },
+            RateLimited,
+        ),
+        (
+            "a removed client's id is reserved",
+            |c, h, s| {
+                let mut r = registered(c, "Open", Kind::Desktop, "x").unwrap();
+                r.secret_sha256 = None;
+                r.removed = true;
+                s.client = Some(r);
+                h.customer = Some("Open".into())
+            },
+            AuthFailed,
+        ),
+        (
+            "the same id in other letter case",
+            |c, h, s| {
+                let mut r = registered(c, "Open", Kind::Desktop, "s").unwrap();
+                r.id = "new-pc".into();
+                s.client = Some(r);
+                h.secret = Some("s".into())
+            },
+            AuthFailed,
+        ),
+        (
+            "an expired readmit key",
+            |c, h, s| {
+                let mut r = registered(c, "Open", Kind::Desktop, "lost").unwrap();
+                r.readmit = Some((secret_digest("key"), at()));
+                s.client = Some(r);
+                h.enroll_key = Some("key".into())
+            },
+            AuthFailed,
         ),
         (
             "deactivated beats mcal",
@@ -500,6 +557,138 @@ fn admissions() {
         ..Default::default()
     };
     assert!(admit(&c, &h, &s, at()).is_ok());
+}
+
+/// PROTOCOL.md Additions: removed ids stay reserved until `clients
+/// readmit`; the readmit key also serves a client that lost its secret.
+#[test]
+fn readmission() {
+    let c = cfg();
+    let open = c.customer_by_name("Open").unwrap();
+    let later = "2026-11-28T12:00:00Z".parse::<Timestamp>().unwrap();
+    let removed = |readmit: Option<&str>| {
+        let mut r = registered(&c, "Open", Kind::Laptop, "old").unwrap();
+        r.secret_sha256 = None;
+        r.removed = true;
+        r.readmit = readmit.map(|k| (secret_digest(k), later));
+        Snapshot {
+            client: Some(r),
+            ..Default::default()
+        }
+    };
+    let mut h = hello("GONE");
+    h.customer = Some("Keyed".into()); // ignored: it comes back where it was
+    h.enroll_key = Some("one-time".into());
+    let a = admit(&c, &h, &removed(Some("one-time")), at()).unwrap();
+    assert_eq!(
+        (a.customer, a.registration, a.kind),
+        (open, Registration::Readmitted, Kind::Laptop)
+    );
+    assert!(a.issues_secret());
+    // Without the key, or with another, or after it expired: refused.
+    for (key, when) in [
+        (None, at()),
+        (Some("guess"), at()),
+        (Some("one-time"), later),
+    ] {
+        h.enroll_key = key.map(str::to_string);
+        let r = admit(&c, &h, &removed(Some("one-time")), when).unwrap_err();
+        assert_eq!(r.code, RejectCode::AuthFailed, "{key:?}");
+        assert!(
+            r.message.contains("readmit") || r.message.contains("secret"),
+            "{}",
+            r.message
+        );
+    }
+    // Readmitting a removed client takes a client slot again.
+    h.enroll_key = Some("one-time".into());
+    let mut full = removed(Some("one-time"));
+    full.customer_clients = 2;
+    assert_eq!(
+        admit(&c, &h, &full, at()).unwrap_err().code,
+        RejectCode::ClientLimit
+    );
+    // A registered client that lost its secret: the key issues a new one,
+    // and the old secret still works until then.
+    let mut lost = registered(&c, "Open", Kind::Desktop, "old").unwrap();
+    lost.readmit = Some((secret_digest("one-time"), later));
+    let s = Snapshot {
+        client: Some(lost),
+        ..Default::default()
+    };
+    let a = admit(&c, &h, &s, at()).unwrap();
+    assert_eq!(a.registration, Registration::Readmitted);
+    let mut with_secret = hello("GONE");
+    with_secret.secret = Some("old".into());
+    assert_eq!(
+        admit(&c, &with_secret, &s, at()).unwrap().registration,
+        Registration::Existing
+    );
+}
+
+/// `registrations_per_minute`: a sliding minute; `retry_after` is when the
+/// oldest registration that counts leaves it.
+#[test]
+fn registration_rate_table() {
+    let t: Timestamp = "2026-11-25T12:00:00Z".parse().unwrap();
+    let now = t.as_second();
+    let cases: &[(u32, &[i64], Option<u64>)] = &[
+        (2, &[], None),
+        (2, &[now - 10], None),
+        (2, &[now - 50, now - 10], Some(10)),
+        (2, &[now - 70, now - 50, now - 10], Some(10)),
+        (2, &[now - 60, now - 10], None),
+        (1, &[now], Some(60)),
+        (3, &[now - 59, now - 30, now - 1], Some(1)),
+    ];
+    for (per_minute, recent, want) in cases {
+        let got = registration_rate(*per_minute, recent, t, "C").err();
+        assert_eq!(
+            got.as_ref().and_then(|r| r.retry_after),
+            *want,
+            "{per_minute} {recent:?}"
+        );
+        if let Some(r) = got {
+            assert_eq!(r.code, RejectCode::RateLimited);
+        }
+    }
+}
+
+#[test]
+fn the_enroll_key_is_checked_for_the_customer_it_was_verified_for() {
+    let c = cfg();
+    let mut h = hello("K2");
+    h.customer = Some("Keyed".into());
+    h.enroll_key = Some("open-sesame".into());
+    let keyed = c.customer_by_name("Keyed").unwrap();
+    let open = c.customer_by_name("Open").unwrap();
+    let s = |customer, ok| Snapshot {
+        enroll: Some(EnrollVerdict { customer, ok }),
+        ..Default::default()
+    };
+    assert!(super::admit(&c, &h, &s(keyed, true), at()).is_ok());
+    assert_eq!(
+        super::admit(&c, &h, &s(keyed, false), at())
+            .unwrap_err()
+            .code,
+        RejectCode::AuthFailed
+    );
+    assert_eq!(
+        super::admit(&c, &h, &s(open, true), at()).unwrap_err().code,
+        RejectCode::AuthFailed,
+        "a verdict about another customer"
+    );
+    assert_eq!(
+        super::admit(&c, &h, &Snapshot::default(), at())
+            .unwrap_err()
+            .code,
+        RejectCode::AuthFailed,
+        "no verdict"
+    );
+    assert_eq!(enroll_key_target(&c, &h, None).map(|(c, _)| c), Some(keyed));
+    // A registered client's key is never verified: it proves itself otherwise.
+    let rec = registered(&c, "Keyed", Kind::Desktop, "s");
+    assert!(enroll_key_target(&c, &h, rec.as_ref()).is_none());
 }
 
 #[test]

@@ -12,6 +12,8 @@ use std::collections::hash_map::Entry;
 use std::ops::Range;
 use toml::Spanned;
 
+mod limits;
+
 /// The rule a [`ConfigError`] breaks; each has a fixture in
 /// `tests/fixtures/config/invalid/`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -72,11 +74,15 @@ pub enum Rule {
     Smtp,
     /// A throttle that is neither "inherit" nor a complete table.
     Throttle,
+    /// `[server.limits]` values that contradict each other or the protocol.
+    Limits,
+    /// A network in `penalties.exempt` that does not parse.
+    Cidr,
 }
 
 impl Rule {
     /// Every rule, for tests that prove each has a fixture.
-    pub const ALL: [Rule; 28] = [
+    pub const ALL: [Rule; 30] = [
         Rule::Syntax,
         Rule::UnknownKey,
         Rule::Required,
@@ -105,6 +111,8 @@ impl Rule {
         Rule::Kind,
         Rule::Smtp,
         Rule::Throttle,
+        Rule::Limits,
+        Rule::Cidr,
     ];
 
     /// A stable kebab-case name, used in `--json` output and fixtures.
@@ -138,6 +146,8 @@ impl Rule {
             Rule::Kind => "kind",
             Rule::Smtp => "smtp",
             Rule::Throttle => "throttle",
+            Rule::Limits => "limits",
+            Rule::Cidr => "cidr",
         }
     }
 }
@@ -1030,6 +1040,8 @@ fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
         throttle: v.throttle(&s.throttle, "server.throttle"),
         aggregate: v.aggregate(&s.aggregate, "server.aggregate"),
         email,
+        limits: limits::limits(v, &s.limits, max_frame),
+        retention: limits::retention(v, &s.retention),
     })
 }
 

@@ -1,0 +1,62 @@
+//! The daemon's housekeeping: refusals noted in memory are written once a
+//! second, expired penalties are swept, and old history is pruned daily
+//! (CONFIG.md `[server.retention]`).
+
+use super::Context;
+use std::sync::Arc;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// How often noted refusals are written and penalties swept.
+pub const TICK: Duration = Duration::from_secs(1);
+/// How often history is pruned.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(86_400);
+/// The first pruning pass runs this long after start, off the start-up path.
+pub const FIRST_PRUNE: Duration = Duration::from_secs(60);
+
+/// Runs until aborted.
+pub(super) async fn run(ctx: Arc<Context>) {
+    let prune = tokio::spawn(prune_daily(ctx.clone()));
+    let _abort = AbortOnDrop(prune);
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if let Err(e) = ctx.state.flush_refusals().await {
+            warn!(error = %e, "writing refusals failed; they are kept for the next try");
+        }
+        ctx.limits.sweep(tokio::time::Instant::now());
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn prune_daily(ctx: Arc<Context>) {
+    tokio::time::sleep(FIRST_PRUNE).await;
+    loop {
+        let retention = ctx.cfg.load().server.retention;
+        match ctx.state.prune(&retention, crate::clock::now()).await {
+            Ok(p) => {
+                metrics::counter!(crate::metrics::PRUNED_ROWS).increment(p.total());
+                if p.total() > 0 {
+                    info!(
+                        refusals = p.refusals,
+                        sessions = p.sessions,
+                        client_events = p.client_events,
+                        sent_mail = p.sent_mail,
+                        alerts = p.alerts,
+                        "pruned old history"
+                    );
+                }
+            }
+            Err(e) => warn!(error = %e, "pruning old history failed; trying again tomorrow"),
+        }
+        tokio::time::sleep(PRUNE_EVERY).await;
+    }
+}

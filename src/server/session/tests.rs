@@ -1,0 +1,1 @@
+//! Session phases over tokio::io::duplex on the paused clock.

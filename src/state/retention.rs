@@ -1,0 +1,98 @@
+//! Pruning old history (CONFIG.md `[server.retention]`): refusals,
+//! sessions, client events, and delivered mail with the alert log. The
+//! daemon runs it daily. Each batch is its own short transaction, so the
+//! write lane is never held for long and admissions slip in between.
+
+use super::{State, StateError, secs};
+use crate::config::Retention;
+use jiff::Timestamp;
+
+/// Rows deleted per transaction.
+pub const PRUNE_BATCH: i64 = 500;
+
+/// Rows deleted by one pruning pass, per table.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    /// `refusals` rows.
+    pub refusals: u64,
+    /// `sessions` rows.
+    pub sessions: u64,
+    /// `client_events` rows.
+    pub client_events: u64,
+    /// Delivered `outbox` messages.
+    pub sent_mail: u64,
+    /// `alerts_sent` rows.
+    pub alerts: u64,
+}
+
+impl Pruned {
+    /// Rows deleted in all.
+    pub fn total(&self) -> u64 {
+        self.refusals + self.sessions + self.client_events + self.sent_mail + self.alerts
+    }
+}
+
+fn cutoff(now: Timestamp, keep: std::time::Duration) -> i64 {
+    secs(now).saturating_sub(i64::try_from(keep.as_secs()).unwrap_or(i64::MAX))
+}
+
+impl State {
+    /// Deletes history older than `r` allows, as of `now`.
+    pub async fn prune(&self, r: &Retention, now: Timestamp) -> Result<Pruned, StateError> {
+        // (table, the rowids of old rows, the retention that applies)
+        let plan: [(&str, &str, std::time::Duration); 5] = [
+            (
+                "refusals",
+                "SELECT rowid FROM refusals WHERE at < ?1 LIMIT ?2",
+                r.refusals,
+            ),
+            (
+                "sessions",
+                "SELECT rowid FROM sessions WHERE started_at < ?1 LIMIT ?2",
+                r.sessions,
+            ),
+            (
+                "client_events",
+                "SELECT seq FROM client_events WHERE at < ?1 LIMIT ?2",
+                r.client_events,
+            ),
+            (
+                "outbox",
+                "SELECT id FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?1 LIMIT ?2",
+                r.sent_mail,
+            ),
+            (
+                "alerts_sent",
+                "SELECT rowid FROM alerts_sent WHERE queued_at < ?1 LIMIT ?2",
+                r.sent_mail,
+            ),
+        ];
+        let mut counts = [0u64; 5];
+        for (i, (table, select, keep)) in plan.iter().enumerate() {
+            let before = cutoff(now, *keep);
+            let sql = format!("DELETE FROM {table} WHERE rowid IN ({select})");
+            loop {
+                let (_lane, mut tx) = super::ops::immediate(self).await?;
+                let n = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
+                    .bind(before)
+                    .bind(PRUNE_BATCH)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                tx.commit().await?;
+                counts[i] += n;
+                if (n as i64) < PRUNE_BATCH {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        }
+        Ok(Pruned {
+            refusals: counts[0],
+            sessions: counts[1],
+            client_events: counts[2],
+            sent_mail: counts[3],
+            alerts: counts[4],
+        })
+    }
+}
