@@ -482,7 +482,7 @@ async fn move_client_moves_usage_and_data_and_refuses_with_reasons() {
     let mv = |to: &'static str| {
         let (st, cfg) = (st.clone(), cfg.clone());
         async move {
-            st.move_client(&cfg, "PC", to, t, |from, to| {
+            st.move_client(&cfg, "PC", to, t, |_, from, to| {
                 tollgate::storage::move_dir(
                     &tollgate::storage::client_dir(&cfg, from, "PC"),
                     &tollgate::storage::client_dir(&cfg, to, "PC"),
@@ -519,7 +519,7 @@ async fn move_client_moves_usage_and_data_and_refuses_with_reasons() {
         Err(MoveRefused::SameCustomer(..))
     ));
     let declared = st
-        .move_client(&cfg, "DECL", "Tiny", t, |_, _| Ok(()))
+        .move_client(&cfg, "DECL", "Tiny", t, |_, _, _| Ok(()))
         .await
         .unwrap();
     assert!(matches!(declared, Err(MoveRefused::Declared(_))));
@@ -604,7 +604,7 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
     );
 
     let kept = st
-        .remove_client(&cfg, "KEEP", false, t, |_| panic!("no purge"))
+        .remove_client(&cfg, "KEEP", false, t, |_, _| panic!("no purge"))
         .await
         .unwrap()
         .unwrap();
@@ -632,7 +632,7 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
     );
 
     let purged = st
-        .remove_client(&cfg, "PURGE", true, t, |_| {
+        .remove_client(&cfg, "PURGE", true, t, |_, _| {
             std::fs::remove_dir_all(tollgate::storage::client_dir(&cfg, big, "PURGE"))
         })
         .await
@@ -665,7 +665,7 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
         0
     );
     assert!(
-        st.remove_client(&cfg, "PURGE", true, t, |_| Ok(()))
+        st.remove_client(&cfg, "PURGE", true, t, |_, _| Ok(()))
             .await
             .unwrap()
             .is_none()

@@ -8,7 +8,7 @@ use crate::config::units::{format_rate, format_size};
 use crate::config::{Config, CustomerId, McalLimit, ResellerId};
 use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
 use crate::policy::throttle;
-use crate::state::{ClientRow, State, StatusData};
+use crate::state::{ClientRow, Readmit, State, StatusData};
 use crate::storage;
 use anyhow::Context;
 use jiff::Timestamp;
@@ -523,7 +523,7 @@ pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode
     let outcome = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let r = st
-            .move_client(cfg, id, to, at, |from, to| {
+            .move_client(cfg, id, to, at, |id, from, to| {
                 storage::move_dir(
                     &storage::client_dir(cfg, from, id),
                     &storage::client_dir(cfg, to, id),
@@ -548,13 +548,47 @@ pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode
     }
 }
 
+/// `tollgate clients readmit ID` (CLI.md Additions).
+pub fn clients_readmit(cfg: &Config, id: &str) -> anyhow::Result<ExitCode> {
+    let at = crate::clock::now();
+    let r = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let r = st.readmit(id, at).await.context("readmitting the client")?;
+        st.close().await;
+        anyhow::Ok(r)
+    })?;
+    match r {
+        Readmit::Key { id, key, expires } => {
+            let until = expires
+                .to_zoned_datetime(cfg.server.timezone.clone())
+                .strftime("%Y-%m-%d %H:%M %Z");
+            println!("one-time enroll key for client {id}, valid until {until}:");
+            println!("{key}");
+            println!(
+                "The client's next connection presents it as its enroll key (reference client: --enroll-key) and receives a new secret; it keeps its customer, its files and its licence history."
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Readmit::NoSuchClient => {
+            eprintln!("tollgate: no client {id:?} is registered or removed with its files kept");
+            Ok(ExitCode::FAILURE)
+        }
+        Readmit::NeverConnected(id) => {
+            eprintln!(
+                "tollgate: client {id:?} is declared but has never connected; it enrolls with its customer's enroll key"
+            );
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
 /// `tollgate clients remove ID [--purge]`.
 pub fn clients_remove(cfg: &Config, id: &str, purge: bool) -> anyhow::Result<ExitCode> {
     let at = crate::clock::now();
     let removed = runtime()?.block_on(async {
         let st = open(cfg).await?;
         let r = st
-            .remove_client(cfg, id, purge, at, |customer| {
+            .remove_client(cfg, id, purge, at, |id, customer| {
                 let Some(c) = cfg.customer_by_name(customer) else {
                     return Ok(());
                 };
@@ -580,7 +614,9 @@ pub fn clients_remove(cfg: &Config, id: &str, purge: bool) -> anyhow::Result<Exi
                     format_size(r.freed_bytes)
                 )
             } else {
-                "its files are kept (use --purge to delete them)".to_string()
+                format!(
+                    "its files are kept (use --purge to delete them) and its id stays reserved: `tollgate clients readmit {id}` gives it back to its owner"
+                )
             };
             println!(
                 "removed client {id} of customer {}: {} MCAL of this month refunded; {files}",

@@ -68,7 +68,7 @@ pub enum Command {
         #[command(subcommand)]
         action: ReportAction,
     },
-    /// List, move or remove clients.
+    /// List, move, remove or readmit clients.
     Clients {
         /// What to do.
         #[command(subcommand)]
@@ -108,7 +108,14 @@ pub enum ClientsAction {
         #[arg(long = "to")]
         to: String,
     },
-    /// Unregister a client and refund this month's licence.
+    /// Print a one-time enroll key (valid 7 days) that gives a removed
+    /// client, or one that lost its secret, a new secret.
+    Readmit {
+        /// The client id.
+        id: String,
+    },
+    /// Unregister a client and refund this month's licence; without
+    /// --purge its id stays reserved until `clients readmit`.
     Remove {
         /// The client id.
         id: String,
@@ -135,6 +142,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ClientsAction::List { json } => admin::clients_list(&cfg, json),
                 ClientsAction::Move { id, to } => admin::clients_move(&cfg, &id, &to),
                 ClientsAction::Remove { id, purge } => admin::clients_remove(&cfg, &id, purge),
+                ClientsAction::Readmit { id } => admin::clients_readmit(&cfg, &id),
             }
         }
     }
@@ -163,6 +171,9 @@ fn check_config(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
     match Config::load(path) {
         Ok(cfg) => {
             let report = Report::new(&cfg);
+            for w in &report.warnings {
+                eprintln!("{}: warning: {w}", path.display());
+            }
             if json {
                 serde_json::to_writer_pretty(&mut out, &report)?;
                 writeln!(out)?;
@@ -216,6 +227,7 @@ struct Report {
     server: NodeReport,
     default_customer: NodeReport,
     resellers: Vec<ResellerReport>,
+    warnings: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -270,6 +282,7 @@ impl Report {
                 .unwrap_or("system")
                 .to_string(),
             server: node("server".into(), Node::Server, pool),
+            warnings: cfg.warnings(),
             default_customer: customer(CustomerId::DEFAULT, pool_left),
             resellers,
         }

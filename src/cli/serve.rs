@@ -92,6 +92,9 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
             None
         }
     };
+    for w in cfg.warnings() {
+        warn!("{w}");
+    }
     if crate::clock::is_shifted() {
         warn!(now = %crate::clock::now(), "the clock is shifted by {}", crate::clock::FAKE_NOW);
     }

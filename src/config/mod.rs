@@ -504,6 +504,26 @@ impl Config {
     pub fn mcal_cost(&self, kind: Kind) -> u32 {
         self.server.mcal.map_or(0, |m| m.cost.of(kind))
     }
+
+    /// What is valid but probably unwise (CONFIG.md Additions): a customer
+    /// that auto-adds clients without an `enroll_key` while the server
+    /// listens beyond loopback lets anyone spend its MCALs and space.
+    pub fn warnings(&self) -> Vec<String> {
+        let public = self.server.listen.iter().any(|a| !a.ip().is_loopback());
+        if !public {
+            return Vec::new();
+        }
+        self.customers
+            .iter()
+            .filter(|c| c.auto_add_clients && c.enroll_key.is_none() && c.activated)
+            .map(|c| {
+                format!(
+                    "customer {:?} adds unknown clients automatically without an enroll_key while the server listens beyond loopback: anyone who can reach it can register clients and spend its licences and space; set enroll_key (tollgate hash-secret) or auto_add_clients = false",
+                    c.name
+                )
+            })
+            .collect()
+    }
 }
 
 /// Why a config file could not be loaded.

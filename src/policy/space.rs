@@ -22,25 +22,26 @@ pub enum Node {
 
 /// Space its children are allotted together: for the server, the resellers
 /// plus the Default Customer; for a reseller, its customers; for a customer,
-/// its declared clients.
+/// its declared clients. Sums saturate: sizes come from the file and may be
+/// absurd, and an overflow must not wrap into a small number.
 pub fn allotted_to_children(cfg: &Config, node: Node) -> u64 {
+    let sum = |it: &mut dyn Iterator<Item = u64>| it.fold(0u64, u64::saturating_add);
     match node {
-        Node::Server => {
-            let resellers: u64 = cfg.resellers.iter().filter_map(|r| r.space).sum();
-            resellers + cfg.customer(CustomerId::DEFAULT).space.unwrap_or(0)
-        }
-        Node::Reseller(r) => cfg
+        Node::Server => sum(&mut cfg
+            .resellers
+            .iter()
+            .filter_map(|r| r.space)
+            .chain(cfg.customer(CustomerId::DEFAULT).space)),
+        Node::Reseller(r) => sum(&mut cfg
             .reseller(r)
             .customers
             .iter()
-            .filter_map(|&c| cfg.customer(c).space)
-            .sum(),
-        Node::Customer(c) => cfg
+            .filter_map(|&c| cfg.customer(c).space)),
+        Node::Customer(c) => sum(&mut cfg
             .customer(c)
             .clients
             .iter()
-            .filter_map(|&d| cfg.client(d).space)
-            .sum(),
+            .filter_map(|&d| cfg.client(d).space)),
     }
 }
 

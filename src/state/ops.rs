@@ -409,6 +409,14 @@ impl State {
         Ok(Ok(id))
     }
 
+    /// Bytes held by reservations now, over every client.
+    pub async fn reserved_total(&self) -> Result<u64, StateError> {
+        let n: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM reservations")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(n.max(0) as u64)
+    }
+
     /// Releases a reservation whose upload failed or was abandoned.
     pub async fn release_reservation(&self, id: i64) -> Result<(), StateError> {
         sqlx::query("DELETE FROM reservations WHERE id = ?")
@@ -539,7 +547,8 @@ impl State {
 
     /// Moves a registered (not declared) client to customer `to`: checks
     /// the target's space, client slots and MCAL room for the next monthly
-    /// debit, then runs `move_data` (which moves the files) and moves the
+    /// debit, then runs `move_data` (which moves the files of the client,
+    /// named by its registered id, between the two customers) and moves the
     /// usage, all while holding the write lock. Debits already made stay.
     pub async fn move_client(
         &self,
@@ -547,7 +556,7 @@ impl State {
         id: &str,
         to: &str,
         at: Timestamp,
-        move_data: impl FnOnce(CustomerId, CustomerId) -> std::io::Result<()>,
+        move_data: impl FnOnce(&str, CustomerId, CustomerId) -> std::io::Result<()>,
     ) -> Result<Result<(), MoveRefused>, StateError> {
         let Some(target) = cfg.customer_by_name(to) else {
             return Ok(Err(MoveRefused::UnknownCustomer(to.into())));
@@ -614,7 +623,7 @@ impl State {
                 "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
             ))));
         }
-        if let Err(e) = move_data(rec.customer, target) {
+        if let Err(e) = move_data(id, rec.customer, target) {
             return Ok(Err(MoveRefused::Data(e.to_string())));
         }
         add_usage(&mut tx, id, -(needed as i64)).await?;
@@ -645,7 +654,7 @@ impl State {
         id: &str,
         purge: bool,
         at: Timestamp,
-        purge_data: impl FnOnce(&str) -> std::io::Result<()>,
+        purge_data: impl FnOnce(&str, &str) -> std::io::Result<()>,
     ) -> Result<Option<Removed>, StateError> {
         let (_lane, mut tx) = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
@@ -666,7 +675,7 @@ impl State {
             .await?;
         let mut freed_bytes = 0;
         if purge {
-            purge_data(&row.customer).map_err(|e| StateError::Io {
+            purge_data(id, &row.customer).map_err(|e| StateError::Io {
                 context: format!("deleting the files of client {id:?}"),
                 source: e,
             })?;
@@ -718,7 +727,16 @@ impl State {
         let mut moved = Vec::new();
         for c in &cfg.clients {
             let name = customer_key(cfg, c.customer);
-            if let Some(row) = client_db(&mut tx, &c.id).await?
+            let row = client_db(&mut tx, &c.id).await?;
+            if let Some(row) = &row
+                && row.id != c.id
+            {
+                return Err(StateError::Inconsistent(format!(
+                    "client {:?} is declared in the config, but client {:?} is registered; ids ignore letter case, so rename the declaration or remove the registered client",
+                    c.id, row.id
+                )));
+            }
+            if let Some(row) = row
                 && !row.customer.eq_ignore_ascii_case(name)
             {
                 add_usage(&mut tx, &c.id, -row.used).await?;

@@ -725,6 +725,8 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
 
     let mut clients = Vec::new();
     let mut client_by_id: HashMap<String, DeclaredClientId> = HashMap::new();
+    // Client ids are unique without regard to case (PROTOCOL.md Additions).
+    let mut lower_ids: HashMap<String, String> = HashMap::new();
     for (i, c) in doc.client.iter().enumerate() {
         let raw = c.get_ref();
         let key = label("client", raw.id.as_ref(), i);
@@ -736,14 +738,17 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             let s = idv.get_ref();
             if !is_valid_identifier(s) {
                 v.err(Rule::Identifier, idv.span(), K(&key, "id"), format!("{s:?} is not a client id: use 1-64 of A-Z a-z 0-9 . _ -, not starting with '.'"));
-            } else if client_by_id.contains_key(s) {
-                v.err(
-                    Rule::Duplicate,
-                    idv.span(),
-                    K(&key, "id"),
-                    format!("client {s:?} is declared twice"),
-                );
+            } else if let Some(first) = lower_ids.get(&s.to_ascii_lowercase()) {
+                let msg = if first == s {
+                    format!("client {s:?} is declared twice")
+                } else {
+                    format!(
+                        "client {s:?} is declared twice: ids ignore letter case, and {first:?} is declared above"
+                    )
+                };
+                v.err(Rule::Duplicate, idv.span(), K(&key, "id"), msg);
             } else {
+                lower_ids.insert(s.to_ascii_lowercase(), s.clone());
                 client_by_id.insert(s.clone(), did);
             }
         }

@@ -223,20 +223,20 @@ fn penalize(ctx: &Context, peer: SocketAddr, reason: Reason) {
 
 /// Everything after the TLS handshake, over any stream: HELLO, admission,
 /// the requests, and the session's record and report. `cert_names` are the
-/// names of a verified client certificate (mutual TLS).
+/// names of a verified client certificate (mutual TLS). Returns the
+/// session's result code, or `None` when it was never admitted.
 pub async fn connection<S>(
     ctx: Arc<Context>,
     stream: S,
     mut acc: Accepted,
     cert_names: Option<Vec<String>>,
-) where
+) -> Option<String>
+where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let limits = ctx.cfg.load().server.limits.clone();
-    let mut conn = Framed::new(stream, FrameCodec::new(limits.hello_max_frame));
-    let Some(a) = hello::admit(&ctx, &mut conn, &mut acc, cert_names).await else {
-        return;
-    };
+    let hello_max_frame = ctx.cfg.load().server.limits.hello_max_frame;
+    let mut conn = Framed::new(stream, FrameCodec::new(hello_max_frame));
+    let a = hello::admit(&ctx, &mut conn, &mut acc, cert_names).await?;
     let cfg = a.cfg.clone();
     // PROTOCOL.md Additions: `max_frame` applies only after WELCOME.
     conn.codec_mut().set_max_frame(cfg.server.max_frame);
@@ -292,6 +292,7 @@ pub async fn connection<S>(
         },
         upload: None,
         discarding: false,
+        closed: false,
         stats: Stats::default(),
     };
     let active = metrics::gauge!(crate::metrics::ACTIVE_SESSIONS);
@@ -301,10 +302,13 @@ pub async fn connection<S>(
     drop(a.joined);
     drop(a.slot);
     s.abandon_upload().await;
-    let _ = timeout(LAST_WORD, s.conn.close()).await;
+    if !s.closed {
+        let _ = timeout(LAST_WORD, s.conn.close()).await;
+    }
     drop(a.permit);
     s.finish(&a.session, &a.hello, intent, a.at, &result, started_at)
         .await;
+    Some(result)
 }
 
 /// A session's totals.
@@ -394,6 +398,8 @@ struct Session<S> {
     upload: Option<upload::Upload>,
     /// The failed upload's DATA and END are being swallowed.
     discarding: bool,
+    /// The last word was said (or given up on): the connection is closed.
+    closed: bool,
     stats: Stats,
 }
 
@@ -444,7 +450,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 Ok(Some(Err(e))) => {
                     if let Some(f) = codec_error_frame(&e) {
                         warn!(error = %e, "fatal frame error");
-                        last_word(&mut self.conn, f).await;
+                        self.last_word(f).await;
                         return "protocol_error".into();
                     }
                     return "disconnected".into();
@@ -454,7 +460,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             match self.handle(frame).await {
                 Ok(Flow::Continue) => {}
                 Ok(Flow::Bye) => {
-                    last_word(&mut self.conn, bye(None)).await;
+                    self.last_word(bye(None)).await;
                     return "ok".into();
                 }
                 Ok(Flow::Closed) => return "disconnected".into(),
@@ -480,7 +486,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                         );
                     }
                     if fatal {
-                        last_word(&mut self.conn, Frame::json(Kind::Error, &w)).await;
+                        self.last_word(Frame::json(Kind::Error, &w)).await;
                         return e.code().as_str().into();
                     }
                     match self.send(Frame::json(Kind::Error, &w)).await {
@@ -498,8 +504,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// result code, which is the reason.
     async fn end(&mut self, reason: &'static str) -> String {
         self.abandon_upload().await;
-        last_word(&mut self.conn, bye(Some(reason))).await;
+        self.last_word(bye(Some(reason))).await;
         reason.into()
+    }
+
+    /// Sends a last frame and closes, within [`LAST_WORD`].
+    async fn last_word(&mut self, f: Frame) {
+        last_word(&mut self.conn, f).await;
+        self.closed = true;
     }
 
     async fn handle(&mut self, f: Frame) -> Result<Flow, SessionError> {
