@@ -21,12 +21,14 @@ pub const CLIENT_MAX_FRAME: u32 = 16 << 20;
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server refused the HELLO.
-    #[error("refused: {code}: {message}")]
+    #[error("refused: {code}: {message}{}", retry_after.map(|s| format!(" (retry after {s} s)")).unwrap_or_default())]
     Rejected {
         /// REJECT code.
         code: String,
         /// REJECT message.
         message: String,
+        /// With `rate_limited`: seconds to wait before trying again.
+        retry_after: Option<u64>,
     },
     /// The server answered a request with ERROR.
     #[error("error: {code}: {message}")]
@@ -239,6 +241,7 @@ impl Session {
                 Err(ClientError::Rejected {
                     code: r.code,
                     message: r.message,
+                    retry_after: r.retry_after,
                 })
             }
             Kind::Error => Err(server_error(&f)),

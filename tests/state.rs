@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tempfile::TempDir;
 use tollgate::config::{Config, CustomerId, Kind};
 use tollgate::policy::admission::{Hello, Registration, RejectCode};
-use tollgate::state::{AdmitOutcome, MoveRefused, PendingCommit, State};
+use tollgate::state::{AdmitOutcome, MoveRefused, PendingCommit, Readmit, State};
 
 const MIB: u64 = 1 << 20;
 
@@ -751,5 +751,92 @@ async fn declared_clients_are_upserted_and_follow_the_config() {
         .await,
         1,
         "the secret survives a reload"
+    );
+}
+
+fn admitted(o: AdmitOutcome) -> (Registration, Option<String>) {
+    match o {
+        AdmitOutcome::Admitted { admitted, secret } => (admitted.registration, secret),
+        AdmitOutcome::Rejected(r) => panic!("refused: {r:?}"),
+    }
+}
+
+fn refused(o: AdmitOutcome) -> RejectCode {
+    match o {
+        AdmitOutcome::Admitted { .. } => panic!("admitted"),
+        AdmitOutcome::Rejected(r) => r.code,
+    }
+}
+
+/// PROTOCOL.md Additions: a removed id stays reserved; the readmit key
+/// gives it back once, within 7 days; the same for a lost secret.
+#[tokio::test]
+async fn removed_ids_are_reserved_until_readmitted_once() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let (_, old) = admitted(
+        st.admit(&cfg, &hello("PC", None), None, t, false, false)
+            .await
+            .unwrap(),
+    );
+    st.remove_client(&cfg, "pc", false, t, |_, _| panic!("no purge"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut h = hello("PC", None);
+    assert_eq!(
+        refused(st.admit(&cfg, &h, None, t, false, false).await.unwrap()),
+        RejectCode::AuthFailed
+    );
+    h.secret = old;
+    assert_eq!(
+        refused(st.admit(&cfg, &h, None, t, false, false).await.unwrap()),
+        RejectCode::AuthFailed
+    );
+    let Readmit::Key { id, key, expires } = st.readmit("pc", t).await.unwrap() else {
+        panic!("a key")
+    };
+    assert_eq!((id.as_str(), expires), ("PC", at("2026-12-02T12:00:00Z")));
+    h.enroll_key = Some(key.clone());
+    // After 7 days the key is dead.
+    assert_eq!(
+        refused(
+            st.admit(&cfg, &h, None, expires, false, false)
+                .await
+                .unwrap()
+        ),
+        RejectCode::AuthFailed
+    );
+    let (reg, new) = admitted(st.admit(&cfg, &h, None, t, false, false).await.unwrap());
+    assert_eq!(reg, Registration::Readmitted);
+    assert!(new.is_some());
+    // Once only.
+    h.secret = None;
+    assert_eq!(
+        refused(st.admit(&cfg, &h, None, t, false, false).await.unwrap()),
+        RejectCode::AuthFailed,
+        "the key is spent"
+    );
+    h.secret = new.clone();
+    h.enroll_key = None;
+    assert_eq!(
+        admitted(st.admit(&cfg, &h, None, t, false, false).await.unwrap()).0,
+        Registration::Existing
+    );
+    // Lost secret: a readmit key for a registered client.
+    let Readmit::Key { key, .. } = st.readmit("PC", t).await.unwrap() else {
+        panic!()
+    };
+    h.secret = None;
+    h.enroll_key = Some(key);
+    assert_eq!(
+        admitted(st.admit(&cfg, &h, None, t, false, false).await.unwrap()).0,
+        Registration::Readmitted
+    );
+    assert_eq!(
+        st.readmit("NOBODY", t).await.unwrap(),
+        Readmit::NoSuchClient
     );
 }

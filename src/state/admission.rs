@@ -174,9 +174,11 @@ impl State {
             }
             Registration::Readmitted => {
                 sqlx::query(
-                    "UPDATE clients SET secret_sha256 = ?, removed_at = NULL, readmit_sha256 = NULL,
+                    // sqlx numbers a bare `?` by its own count: never mix
+                    // it with `?N` in one statement.
+                    "UPDATE clients SET secret_sha256 = ?1, removed_at = NULL, readmit_sha256 = NULL,
                        readmit_expires = NULL, registered_at = ?2, last_seen = ?2,
-                       hostname = COALESCE(?, hostname) WHERE id = ?",
+                       hostname = COALESCE(?3, hostname) WHERE id = ?4",
                 )
                 .bind(admission::secret_digest(&secret).to_vec())
                 .bind(secs(at))

