@@ -382,13 +382,15 @@ async fn busy_when_connections_are_full() {
     .await;
     assert_eq!(code, "busy");
     a.bye().await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    Session::connect(&d.opts("C"))
-        .await
-        .expect("a slot is free again")
-        .bye()
-        .await
-        .unwrap();
+    // The slot frees when A's session has ended on the daemon's side.
+    let mut c = None;
+    let freed = until(Duration::from_secs(10), async || {
+        c = Session::connect(&d.opts("C")).await.ok();
+        c.is_some()
+    })
+    .await;
+    assert!(freed, "a slot is free again");
+    c.unwrap().bye().await.unwrap();
     b.bye().await.unwrap();
 }
 
@@ -397,9 +399,13 @@ async fn shutting_down_rejects_a_late_hello() {
     let (_t, mut d) = start("shutdown_grace = \"5s\"\nhello_timeout = \"5s\"");
     // A connection made before SIGTERM that says HELLO after it.
     let mut c = d.raw().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     d.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("SIGTERM: shutting down")),
+        "the daemon heard SIGTERM"
+    );
     c.send(frame(
         Kind::Hello,
         json!({"protocol": 1, "client_id": "LATE", "schedule": "s"}),

@@ -125,7 +125,7 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
             dir.path().display()
         ),
     );
-    let d = Daemon::start(dir.path());
+    let d = Daemon::start_with_env(dir.path(), &[("RUST_LOG", "info,tollgate::reports=debug")]);
     let file = dir.path().join("big.bin");
     make_file(&file, 950 << 10, 3);
     backup(&d, "PC-1", "Acme", &file, "big.bin").await;
@@ -182,11 +182,17 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
     // Another backup the same day: reports again, but no second alert.
     let small = dir.path().join("small.bin");
     make_file(&small, 1000, 4);
+    let checks = |d: &Daemon| d.log().matches("alerts checked").count();
+    let before = checks(&d);
     backup(&d, "PC-1", "Acme", &small, "small.bin").await;
     let more = smtp.wait_for(8, Duration::from_secs(30));
     assert_eq!(more.len(), 8);
-    // Let the alert check that follows the session run (at most 5 s apart).
-    std::thread::sleep(Duration::from_secs(7));
+    // The alert check that follows the session (at most 5 s apart) ran,
+    // and queued nothing new.
+    assert!(
+        wait_until(Duration::from_secs(15), || checks(&d) > before),
+        "no alert check after the second backup"
+    );
     let alerts = smtp
         .messages()
         .iter()
@@ -226,7 +232,13 @@ fn stop(mut d: Daemon) {
 
 /// Starts the daemon with its clock at `now` (RFC 3339).
 fn daemon_at(dir: &Path, now: &str) -> Daemon {
-    Daemon::start_with_env(dir, &[("TOLLGATE_FAKE_NOW", now)])
+    Daemon::start_with_env(
+        dir,
+        &[
+            ("TOLLGATE_FAKE_NOW", now),
+            ("RUST_LOG", "info,tollgate::reports=debug"),
+        ],
+    )
 }
 
 fn weekly_reports(smtp: &Smtp) -> Vec<Mail> {
@@ -352,8 +364,13 @@ async fn missed_periods_are_sent_after_downtime_once_and_only_once() {
     wait_reports(3);
     drop(d);
     // Up again at the same time: nothing new.
+    let checks = |log: &str| log.matches("consolidated reports checked").count();
+    let before = checks(&std::fs::read_to_string(dir.path().join("daemon.log")).unwrap());
     let d = daemon_at(dir.path(), "2026-12-16T10:00:30Z");
-    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        wait_until(Duration::from_secs(10), || checks(&d.log()) > before),
+        "the restarted daemon looked for due reports"
+    );
     let log = d.log();
     drop(d);
     assert_eq!(
@@ -438,7 +455,17 @@ async fn while_smtp_is_down_mail_waits_and_backups_do_not() {
     for (i, s) in subjects.iter().enumerate() {
         assert!(s.contains(&format!("OK backup of PC-{i} (Acme)")), "{s}");
     }
-    std::thread::sleep(Duration::from_secs(1));
+    // Once the outbox marks all three sent, nothing can send them again.
+    let db = d.db().await;
+    let left = until(Duration::from_secs(10), async || {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert!(left, "the outbox still holds messages");
     assert_eq!(smtp.messages().len(), 3, "nothing is delivered twice");
 }
 

@@ -181,9 +181,17 @@ async fn kill_9_during_a_large_upload_then_restart() {
 async fn sigterm_lets_an_upload_finish_within_the_grace_period() {
     let (dir, mut d) = setup("20s");
     let mut c = partial_upload(&d, "PC", "late.bin", 8 * MIB, 4 * MIB).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || temp_files(dir.path()) == 1),
+        "the upload is in progress"
+    );
     d.signal("TERM");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("SIGTERM: shutting down")),
+        "the daemon heard SIGTERM"
+    );
     // Finish it: 4 more MiB and END.
     let chunk = bytes::Bytes::from(vec![7u8; MIB]);
     for _ in 0..4 {
@@ -230,7 +238,10 @@ async fn sigterm_lets_an_upload_finish_within_the_grace_period() {
 async fn sigterm_past_the_grace_period_leaves_nothing_partial() {
     let (dir, mut d) = setup("1s");
     let mut c = partial_upload(&d, "PC", "never.bin", 8 * MIB, 2 * MIB).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        wait_until(Duration::from_secs(10), || temp_files(dir.path()) == 1),
+        "the upload is in progress"
+    );
     d.signal("TERM");
     // The client stalls; after the grace the server says BYE and exits.
     let f = tokio::time::timeout(Duration::from_secs(10), c.next())

@@ -120,13 +120,17 @@ async fn a_reload_by_rename_deactivates_a_customer_within_a_second() {
     .await
     .unwrap();
 
-    tokio::time::sleep(Duration::from_millis(800)).await;
     let db = d.db().await;
-    let reserved: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations")
-        .fetch_one(&db)
-        .await
-        .unwrap();
-    assert_eq!(reserved, 1, "the big upload is in flight");
+    let reservations = async || -> i64 {
+        sqlx::query_scalar("SELECT COUNT(*) FROM reservations")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+    };
+    assert!(
+        until(Duration::from_secs(10), async || reservations().await == 1).await,
+        "the big upload is in flight"
+    );
 
     let t0 = Instant::now();
     replace_config(dir.path(), &config(dir.path(), false, "256 KiB/s"));
@@ -260,6 +264,7 @@ async fn sighup_reloads() {
     let metrics = d.metrics.clone().unwrap();
 
     std::fs::write(&real, config(dir.path(), false, "8 MiB/s")).unwrap();
+    // Proving that nothing happens needs a wait: three debounce periods.
     std::thread::sleep(Duration::from_millis(600));
     let mut o = d.opts("HUP-PC");
     o.customer = Some("Acme".into());
@@ -317,8 +322,17 @@ async fn a_throttle_change_reaches_a_running_upload() {
             .unwrap();
         (r, s)
     });
-    // At 512 KiB/s, 12 MiB needs 24 s; after a second, raise it to 32 MiB/s.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // At 512 KiB/s, 12 MiB needs 24 s; once it is under way, raise it to
+    // 32 MiB/s.
+    let acme_tmp = dir.path().join("acme/.tollgate-tmp");
+    let started = wait_until(Duration::from_secs(10), || {
+        std::fs::read_dir(&acme_tmp)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.metadata().is_ok_and(|m| m.len() >= 256 << 10))
+    });
+    assert!(started, "the upload never got going");
     replace_config(dir.path(), &config(dir.path(), true, "32 MiB/s"));
     let (r, s) = upload.await.unwrap();
     let took = t0.elapsed();

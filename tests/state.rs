@@ -840,3 +840,228 @@ async fn removed_ids_are_reserved_until_readmitted_once() {
         Readmit::NoSuchClient
     );
 }
+
+/// CONFIG.md Additions, "State retention": refusals are one row per
+/// (source, code, customer, minute) with a count; invalid ids are stored
+/// as `(invalid)`; nothing a peer sent is stored beyond 256 bytes.
+#[tokio::test]
+async fn refusals_are_aggregated_and_bounded() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:40Z");
+    let src: std::net::IpAddr = "198.51.100.7".parse().unwrap();
+    let long_customer = "C".repeat(10_000);
+    for i in 0..1000 {
+        let id = if i % 2 == 0 {
+            "x".repeat(900_000)
+        } else {
+            format!("PC-{i}")
+        };
+        assert!(st.note_refusal(
+            t + jiff::SignedDuration::from_secs(i % 40),
+            Some(src),
+            Some(&id),
+            Some(&long_customer),
+            RejectCode::UnknownCustomer,
+        ));
+    }
+    assert_eq!(st.flush_refusals().await.unwrap(), 1000);
+    assert_eq!(st.flush_refusals().await.unwrap(), 0, "nothing twice");
+    // 12:00:40 + 0..39 s spans two minutes.
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM refusals").await, 2);
+    assert_eq!(count(&st, "SELECT SUM(count) FROM refusals").await, 1000);
+    assert_eq!(
+        count(&st, "SELECT MAX(length(customer)) FROM refusals").await,
+        256
+    );
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM refusals WHERE client LIKE 'PC-%' OR client = '(invalid)'"
+        )
+        .await,
+        2
+    );
+    // A later flush adds to the same rows.
+    st.record_refusal(
+        t,
+        "PC-1",
+        Some(&long_customer),
+        RejectCode::UnknownCustomer,
+        Some(src),
+    )
+    .await
+    .unwrap();
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM refusals").await, 2);
+    assert_eq!(count(&st, "SELECT SUM(count) FROM refusals").await, 1001);
+    // IPv4-mapped sources are stored as IPv4.
+    st.record_refusal(
+        t,
+        "",
+        None,
+        RejectCode::Timeout,
+        Some("::ffff:198.51.100.7".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM refusals WHERE source = '198.51.100.7' AND code = 'timeout' AND client = ''").await,
+        1
+    );
+}
+
+/// CONFIG.md `[server.retention]`: old rows go, in batches, recent ones
+/// stay, and live history (undelivered mail) is never pruned.
+#[tokio::test]
+async fn retention_prunes_old_history_in_batches() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let st = open(dir.path(), &cfg).await;
+    let now = at("2026-11-25T12:00:00Z");
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
+        .await
+        .unwrap();
+    let day = 86_400i64;
+    let n = now.as_second();
+    // 1,200 refusal minutes 91 days old, 10 from yesterday.
+    for i in 0..1210i64 {
+        let at = if i < 1200 {
+            n - 91 * day + i * 60
+        } else {
+            n - day + i
+        };
+        sqlx::query("INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, '192.0.2.1', 'timeout', '', '', 1)")
+            .bind(at)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for (id, started) in [("old", n - 401 * day), ("new", n - 399 * day)] {
+        sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, started_at) VALUES (?, 'PC', 'Default Customer', 's', 'backup', ?)")
+            .bind(id)
+            .bind(started)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    for (at, sent) in [
+        (n - 100 * day, Some(n - 100 * day)),
+        (n - 100 * day, None),
+        (n - day, Some(n - day)),
+    ] {
+        sqlx::query("INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at, sent_at) VALUES (?, 'alert', 's', 'f@x.example', '[]', x'00', ?, ?)")
+            .bind(at)
+            .bind(at)
+            .bind(sent)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+    sqlx::query("INSERT INTO client_events (at, client, kind) VALUES (?, 'PC', 'removed'), (?, 'PC', 'removed')")
+        .bind(n - 31 * day)
+        .bind(n - 29 * day)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let p = st
+        .prune(&tollgate::config::Retention::default(), now)
+        .await
+        .unwrap();
+    assert_eq!(
+        (p.refusals, p.sessions, p.sent_mail, p.client_events),
+        (1200, 1, 1, 1)
+    );
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM refusals").await, 10);
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM sessions WHERE id = 'new'").await,
+        1
+    );
+    assert_eq!(
+        count(&st, "SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL").await,
+        1,
+        "undelivered mail stays, however old"
+    );
+    assert_eq!(
+        st.prune(&tollgate::config::Retention::default(), now)
+            .await
+            .unwrap()
+            .total(),
+        0
+    );
+}
+
+/// `registrations_per_minute` counts new clients per customer, exactly,
+/// under concurrency; `retry_after` says when the next one fits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn registrations_per_minute_hold_under_concurrency() {
+    let dir = TempDir::new().unwrap();
+    let cfg = Arc::new(config(
+        dir.path(),
+        "[server.limits]\nregistrations_per_minute = 5\n[default_customer]\nauto_add_clients = true\n",
+    ));
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let (st, cfg) = (st.clone(), cfg.clone());
+        tasks.push(tokio::spawn(async move {
+            st.admit(&cfg, &hello(&format!("N{i}"), None), None, t, false, false)
+                .await
+                .unwrap()
+        }));
+    }
+    let mut ok = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            AdmitOutcome::Admitted { .. } => ok += 1,
+            AdmitOutcome::Rejected(r) => {
+                assert_eq!((r.code, r.retry_after), (RejectCode::RateLimited, Some(60)));
+            }
+        }
+    }
+    assert_eq!(ok, 5);
+    let later = at("2026-11-25T12:01:00Z");
+    let o = st
+        .admit(&cfg, &hello("LATER", None), None, later, false, false)
+        .await
+        .unwrap();
+    assert!(
+        matches!(o, AdmitOutcome::Admitted { .. }),
+        "a minute later it fits"
+    );
+}
+
+/// Client ids are unique without regard to case: registering `pc-1` next
+/// to `PC-1` is refused, and nothing is half-registered.
+#[tokio::test]
+async fn ids_differing_in_case_are_one_id() {
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    admitted(
+        st.admit(&cfg, &hello("PC-1", None), None, t, false, false)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        refused(
+            st.admit(&cfg, &hello("pc-1", None), None, t, false, false)
+                .await
+                .unwrap()
+        ),
+        RejectCode::AuthFailed
+    );
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 1);
+    // The database itself refuses a second spelling.
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
+        .await
+        .unwrap();
+    let dup = sqlx::query(
+        "INSERT INTO clients (id, customer, kind) VALUES ('Pc-1', 'Default Customer', 'desktop')",
+    )
+    .execute(&pool)
+    .await;
+    assert!(dup.is_err(), "the NOCASE unique index");
+}

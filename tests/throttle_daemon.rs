@@ -48,14 +48,17 @@ async fn two_mib_per_second_holds_end_to_end() {
         took >= Duration::from_millis(4800) && took <= Duration::from_millis(5400),
         "10 MiB at 2 MiB/s took {took:?}"
     );
-    // Give the daemon a moment to log the session's end.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let ended =
+        |l: &&str| l.contains("session ended") && l.contains("SLOW-PC") && l.contains("files_ok=1");
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .lines()
+            .any(|l| ended(&l))),
+        "an end-of-session line"
+    );
     let log = d.log();
-    let line = log
-        .lines()
-        .rev()
-        .find(|l| l.contains("session ended") && l.contains("SLOW-PC") && l.contains("files_ok=1"))
-        .expect("an end-of-session line");
+    let line = log.lines().rev().find(ended).unwrap();
     assert!(
         line.contains("configured_rate=Some(2097152)") && line.contains("wait_session_ms="),
         "{line}"
@@ -100,7 +103,13 @@ async fn a_moved_client_follows_its_new_customer_and_a_removed_one_is_ended() {
         &["clients", "move", "MOVER", "--to", "Fast"],
         &[],
     );
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The daemon polls the admin commands' events twice a second.
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("client moved; following it")),
+        "the live session followed the move"
+    );
     let t0 = Instant::now();
     assert!(s.upload(&up("after-move.bin"), &|_| {}).await.unwrap()[0].is_ok());
     let took = t0.elapsed();

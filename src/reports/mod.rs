@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 pub use compose::SessionFacts;
 pub use deliver::Transport;
@@ -137,6 +137,7 @@ pub async fn queue_due_reports(
             }
         }
     }
+    debug!(queued, "consolidated reports checked");
     Ok(queued)
 }
 
@@ -419,6 +420,7 @@ pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result
             queued += 1;
         }
     }
+    debug!(queued, "alerts checked");
     Ok(queued)
 }
 

@@ -14,8 +14,10 @@
 //!   sessions stay;
 //! - TLS: new handshakes use the reloaded certificate.
 //!
-//! `state`, `state_dir`, `max_connections` and `metrics_listen` cannot
-//! change live: the log says so and the running value stays.
+//! `state`, `state_dir`, `max_connections`, `limits.handshakes` and
+//! `metrics_listen` cannot change live: the log says so and the running
+//! value stays. The other limits and penalties apply to the next
+//! connection; retention to the next pruning pass.
 
 use super::{Context, Notice};
 use crate::config::{Config, LoadError};
@@ -69,6 +71,9 @@ pub async fn reload(ctx: &Arc<Context>, path: &Path) -> Result<String, ReloadErr
     };
     let old = ctx.cfg.load_full();
     keep_fixed(&old, &mut new);
+    for w in new.warnings() {
+        warn!("{w}");
+    }
     let tls = match tls::server_tls(&new) {
         Ok(t) => Some(t),
         Err(e) => {
@@ -116,6 +121,13 @@ fn keep_fixed(old: &Config, new: &mut Config) {
             "server.max_connections cannot change live; restart to apply it"
         );
         n.max_connections = o.max_connections;
+    }
+    if o.limits.handshakes != n.limits.handshakes {
+        warn!(
+            running = o.limits.handshakes,
+            "server.limits.handshakes cannot change live; restart to apply it"
+        );
+        n.limits.handshakes = o.limits.handshakes;
     }
     if o.metrics_listen != n.metrics_listen {
         warn!("server.metrics_listen cannot change live; restart to apply it");
