@@ -6,11 +6,12 @@
 ALTER TABLE clients ADD COLUMN removed_at INTEGER;
 ALTER TABLE clients ADD COLUMN readmit_sha256 BLOB;
 ALTER TABLE clients ADD COLUMN readmit_expires INTEGER;
--- Rows removed before this migration: no secret, and either not declared
--- or declared and seen before (a declared client never connected has no
--- last_seen).
+-- Rows removed before this migration with their files kept: registered
+-- clients without a secret (a purge deleted the row). Declared clients
+-- removed before cannot be told from purged ones, so they keep enrolling
+-- with their customer's key, as they did.
 UPDATE clients SET removed_at = COALESCE(last_seen, 0)
- WHERE secret_sha256 IS NULL AND (declared = 0 OR last_seen IS NOT NULL);
+ WHERE secret_sha256 IS NULL AND declared = 0;
 
 -- Client ids are unique without regard to case: PC-1 and pc-1 would share
 -- a directory on a case-insensitive filesystem.

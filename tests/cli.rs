@@ -50,6 +50,43 @@ fn check_config_prints_snapshots_for_the_example() {
     }
 }
 
+/// CONFIG.md Additions: auto-adding without an enroll key on a public
+/// address is valid, with a warning; on loopback it is not worth one.
+#[test]
+fn check_config_warns_about_open_auto_add_on_a_public_address() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let path = dir.path().join("open.toml");
+    let body = "[default_customer]\nauto_add_clients = true\n[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"Keyless\"\nreseller = \"r\"\nemail = \"k@x.example\"\nbackup_location = \"./k\"\nauto_add_clients = true\n";
+    for (listen, warned) in [("0.0.0.0:7443", true), ("127.0.0.1:7443", false)] {
+        std::fs::write(
+            &path,
+            format!("[server]\nlisten = [\"{listen}\"]\nstate = \"sqlite://s.db\"\n{body}"),
+        )
+        .unwrap();
+        let out = tollgate(&["check-config", "--config", path.to_str().unwrap()], None);
+        assert_eq!(out.status.code(), Some(0), "a warning is not an error");
+        let err = text(&out.stderr);
+        for customer in ["Default Customer", "Keyless"] {
+            assert_eq!(
+                err.contains(&format!(
+                    "warning: customer {customer:?} adds unknown clients"
+                )),
+                warned,
+                "{listen}: {err}"
+            );
+        }
+        let json = tollgate(
+            &["check-config", "--json", "--config", path.to_str().unwrap()],
+            None,
+        );
+        let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+        assert_eq!(
+            doc["warnings"].as_array().unwrap().len(),
+            if warned { 2 } else { 0 }
+        );
+    }
+}
+
 #[test]
 fn check_config_json_is_one_document() {
     let out = tollgate(

@@ -83,6 +83,11 @@ fn activated_sockets() -> anyhow::Result<Vec<std::net::TcpListener>> {
 }
 
 async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
+    // The handlers come first: a SIGTERM that arrives once the daemon has
+    // said it listens must stop it cleanly, not kill it by default.
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Watch from the start, so a change made while starting is not missed.
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
     let _watcher = match reload::watch(path, file_tx) {
@@ -283,9 +288,6 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         });
     }
 
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     loop {
         tokio::select! {
             _ = term.recv() => { info!("SIGTERM: shutting down"); break; }

@@ -174,6 +174,36 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// The source `ip` counts as (CONFIG.md `per_source_connections`): the
+/// address itself for IPv4, its /64 for IPv6 (one host usually holds a
+/// whole /64, and must not rotate through it).
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match canonical(ip) {
+        IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & !((1u128 << 64) - 1)).into()),
+        v4 => v4,
+    }
+}
+
+/// `s` made safe for one log line: printable ASCII stays, everything else
+/// is escaped (`\xNN`, `\u{…}`), so a peer's text can neither break the
+/// line nor forge another one; cut to `max` characters.
+pub fn escape_log(s: &str, max: usize) -> String {
+    let mut out = String::with_capacity(s.len().min(max));
+    for (i, c) in s.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_ascii_graphic() || c == ' ' => out.push(c),
+            c if c.is_ascii() => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+        }
+    }
+    out
+}
+
 /// `[server.retention]`: how long state history is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Retention {
@@ -201,6 +231,25 @@ impl Default for Retention {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_text_is_escaped_and_cut() {
+        assert_eq!(escape_log("a b/c.txt", 100), "a b/c.txt");
+        assert_eq!(
+            escape_log("x\nauthentication failure for a from 1.2.3.4", 100),
+            "x\\x0aauthentication failure for a from 1.2.3.4"
+        );
+        assert_eq!(escape_log("\r\u{7f}é\\", 100), "\\x0d\\x7f\\u{e9}\\\\");
+        assert_eq!(escape_log(&"z".repeat(600), 512).chars().count(), 513);
+        assert_eq!(
+            source_of("2001:db8:1:2:3:4:5:6".parse().unwrap()).to_string(),
+            "2001:db8:1:2::"
+        );
+        assert_eq!(
+            source_of("::ffff:10.1.2.3".parse().unwrap()).to_string(),
+            "10.1.2.3"
+        );
+    }
 
     #[test]
     fn cidrs() {

@@ -12,7 +12,7 @@ mod raw;
 pub mod units;
 mod validate;
 
-pub use limits::{Cidr, Limits, Overflow, Penalties, Retention, canonical};
+pub use limits::{Cidr, Limits, Overflow, Penalties, Retention, canonical, escape_log, source_of};
 
 pub use units::Hours;
 pub use validate::{ConfigError, Rule};

@@ -13,7 +13,7 @@ pub mod penalty;
 use crate::config::{self, PhcHash};
 use penalty::{Outcome, Reason, Table, Verdict};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -37,13 +37,7 @@ pub struct Source(IpAddr);
 impl Source {
     /// The source `ip` belongs to.
     pub fn of(ip: IpAddr) -> Source {
-        match config::canonical(ip) {
-            IpAddr::V6(v6) => {
-                let bits = u128::from(v6) & !((1u128 << 64) - 1);
-                Source(IpAddr::V6(Ipv6Addr::from(bits)))
-            }
-            v4 => Source(v4),
-        }
+        Source(config::source_of(ip))
     }
 }
 
@@ -84,6 +78,8 @@ pub struct Limits {
     penalties: Mutex<Table>,
     open: Mutex<HashMap<Source, u32>>,
     argon2: Semaphore,
+    argon2_queue: Semaphore,
+    argon2_sources: Mutex<HashMap<Source, u32>>,
 }
 
 impl Default for Limits {
@@ -92,6 +88,8 @@ impl Default for Limits {
             penalties: Mutex::default(),
             open: Mutex::default(),
             argon2: Semaphore::new(argon2_permits()),
+            argon2_queue: Semaphore::new(ARGON2_QUEUE),
+            argon2_sources: Mutex::default(),
         }
     }
 }
@@ -209,16 +207,70 @@ impl Limits {
     }
 
     /// Verifies `candidate` against an argon2 PHC hash on a blocking thread,
-    /// at most [`argon2_permits`] at a time. Never call this while holding
-    /// a state transaction.
-    pub async fn verify(&self, hash: &PhcHash, candidate: &str) -> bool {
-        let Ok(_permit) = self.argon2.acquire().await else {
-            return false;
+    /// at most [`argon2_permits`] at a time, for a connection from `ip`
+    /// that must be answered by `deadline`. `None` when it cannot be done
+    /// now: [`ARGON2_QUEUE`] checks are already waiting or running, `ip`'s
+    /// source has [`ARGON2_PER_SOURCE`] of them, or the deadline passes in
+    /// the queue. Each waiting check holds a handshake slot, so the queue
+    /// must stay short. Never call this while holding a state transaction.
+    pub async fn verify(
+        &self,
+        ip: IpAddr,
+        hash: &PhcHash,
+        candidate: &str,
+        deadline: Instant,
+    ) -> Option<bool> {
+        let _queued = self.argon2_queue.try_acquire().ok()?;
+        let source = Source::of(ip);
+        {
+            let mut n = self
+                .argon2_sources
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            let k = n.entry(source).or_insert(0);
+            if *k >= ARGON2_PER_SOURCE {
+                return None;
+            }
+            *k += 1;
+        }
+        let _source = ArgonSlot {
+            limits: self,
+            source,
         };
+        let _permit = tokio::time::timeout_at(deadline, self.argon2.acquire())
+            .await
+            .ok()?
+            .ok()?;
         let (hash, candidate) = (hash.clone(), candidate.to_string());
         tokio::task::spawn_blocking(move || hash.verify(&candidate))
             .await
-            .unwrap_or(false)
+            .ok()
+    }
+}
+
+/// Checks waiting for or running on the argon2 pool, at most.
+pub const ARGON2_QUEUE: usize = 32;
+/// Of them, from one source at most.
+pub const ARGON2_PER_SOURCE: u32 = 2;
+
+struct ArgonSlot<'a> {
+    limits: &'a Limits,
+    source: Source,
+}
+
+impl Drop for ArgonSlot<'_> {
+    fn drop(&mut self) {
+        let mut n = self
+            .limits
+            .argon2_sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = n.get_mut(&self.source) {
+            *k -= 1;
+            if *k == 0 {
+                n.remove(&self.source);
+            }
+        }
     }
 }
 
@@ -226,15 +278,8 @@ impl Limits {
 /// shape: `authentication failure for <id> from <ip>`. The id is escaped
 /// (control characters and spaces cannot forge another line or field).
 pub fn auth_failure_line(id: &str, ip: IpAddr) -> String {
-    let mut esc = String::with_capacity(id.len());
-    for c in id.chars().take(64) {
-        match c {
-            '\\' => esc.push_str("\\\\"),
-            c if c.is_ascii_graphic() => esc.push(c),
-            c if c.is_ascii() => esc.push_str(&format!("\\x{:02x}", c as u32)),
-            c => esc.push_str(&format!("\\u{{{:x}}}", c as u32)),
-        }
-    }
+    // No space either: the id is one field of the line.
+    let mut esc = config::escape_log(id, 64).replace(' ', "\\x20");
     if esc.is_empty() {
         esc.push_str("(none)");
     }
@@ -306,6 +351,62 @@ mod tests {
         assert!(
             limits.open.lock().unwrap().is_empty(),
             "no entry is left behind"
+        );
+    }
+
+    /// The argon2 queue is short and shared fairly: a source gets at most
+    /// two checks at once, everyone at most 32, and a check that cannot
+    /// start before its connection's deadline is not made.
+    #[tokio::test]
+    async fn argon2_checks_are_bounded_per_source_and_in_all() {
+        use argon2::PasswordHasher;
+        let phc = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(64, 1, 1, None).unwrap(),
+        )
+        .hash_password(b"right")
+        .unwrap()
+        .to_string();
+        let hash = PhcHash::new(phc);
+        let limits = Arc::new(Limits::default());
+        let a: IpAddr = "192.0.2.1".parse().unwrap();
+        let later = Instant::now() + std::time::Duration::from_secs(5);
+        assert_eq!(limits.verify(a, &hash, "right", later).await, Some(true));
+        assert_eq!(limits.verify(a, &hash, "wrong", later).await, Some(false));
+        // Two of a source's checks held open: a third is turned away.
+        let held: Vec<_> = (0..2)
+            .map(|_| limits.argon2_queue.try_acquire().unwrap())
+            .collect();
+        {
+            let mut n = limits.argon2_sources.lock().unwrap();
+            n.insert(Source::of(a), ARGON2_PER_SOURCE);
+        }
+        assert_eq!(limits.verify(a, &hash, "right", later).await, None);
+        let b: IpAddr = "192.0.2.2".parse().unwrap();
+        assert_eq!(
+            limits.verify(b, &hash, "right", later).await,
+            Some(true),
+            "another source"
+        );
+        limits.argon2_sources.lock().unwrap().clear();
+        drop(held);
+        // The whole queue full: everyone is turned away.
+        let all: Vec<_> = (0..ARGON2_QUEUE)
+            .map(|_| limits.argon2_queue.try_acquire().unwrap())
+            .collect();
+        assert_eq!(limits.verify(b, &hash, "right", later).await, None);
+        drop(all);
+        // The pool busy past the deadline: not made.
+        let pool: Vec<_> = (0..argon2_permits())
+            .map(|_| limits.argon2.try_acquire().unwrap())
+            .collect();
+        let soon = Instant::now() + std::time::Duration::from_millis(50);
+        assert_eq!(limits.verify(b, &hash, "right", soon).await, None);
+        drop(pool);
+        assert!(
+            limits.argon2_sources.lock().unwrap().is_empty(),
+            "slots are given back"
         );
     }
 

@@ -356,7 +356,9 @@ pub fn secret_digest(secret: &str) -> [u8; 32] {
     Sha256::digest(secret.as_bytes()).into()
 }
 
-fn secret_matches(stored: &[u8; 32], presented: Option<&str>) -> bool {
+/// Whether `presented` is the secret whose SHA-256 is `stored`, compared in
+/// constant time.
+pub fn secret_matches(stored: &[u8; 32], presented: Option<&str>) -> bool {
     let Some(p) = presented else { return false };
     bool::from(secret_digest(p).ct_eq(stored))
 }
@@ -403,10 +405,14 @@ pub fn enroll_key_target<'c>(
         return None;
     }
     let customer = target_customer(cfg, h, record).ok()?;
-    cfg.customer(customer)
-        .enroll_key
-        .as_ref()
-        .map(|hash| (customer, hash))
+    let cust = cfg.customer(customer);
+    // Argon2 only where the key decides: an unknown client of a customer
+    // that does not auto-add is refused before its key is looked at.
+    let declared = cfg.declared_client(&h.client_id).is_some();
+    if !declared && !cust.auto_add_clients {
+        return None;
+    }
+    cust.enroll_key.as_ref().map(|hash| (customer, hash))
 }
 
 /// Whether HELLO's `enroll_key` is the client's valid readmit key.
@@ -498,7 +504,12 @@ pub fn admit(
                     (Registration::Existing, recorded)
                 }
                 _ if readmit => {
-                    if r.removed && client_limit_reached(cust, snap.customer_clients) {
+                    // A removed client takes a slot again; a declared one
+                    // still holds its slot (declared clients count).
+                    if r.removed
+                        && declared.is_none()
+                        && client_limit_reached(cust, snap.customer_clients)
+                    {
                         return reject(
                             RejectCode::ClientLimit,
                             format!(

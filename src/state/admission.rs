@@ -52,8 +52,8 @@ pub enum Decision {
         /// The issued secret (plaintext, shown to the client once).
         secret: Option<String>,
     },
-    /// REJECT. `customer` is the customer the refusal concerns, for the
-    /// record: the configured one when known, else the name HELLO gave.
+    /// REJECT. `customer` is the configured customer the refusal concerns,
+    /// for the record; `None` when HELLO named none that exists.
     Rejected {
         /// Code and message.
         rejection: Rejection,
@@ -152,10 +152,11 @@ impl State {
             Ok(a) => a,
             Err(rejection) => {
                 tx.rollback().await?;
+                // Only a configured customer is recorded: a name a peer made
+                // up would make a row of its own each time (the log has it).
                 let customer = admission::target_customer(cfg, hello, rec.as_ref())
                     .ok()
-                    .map(|c| cfg.customer(c).name.clone())
-                    .or_else(|| hello.customer.clone());
+                    .map(|c| cfg.customer(c).name.clone());
                 return Ok(Decision::Rejected {
                     rejection,
                     customer,
@@ -238,23 +239,33 @@ impl State {
     ) -> Result<Decision, StateError>
     where
         F: Fn(PhcHash, String) -> Fut,
-        Fut: Future<Output = bool>,
+        Fut: Future<Output = Option<bool>>,
     {
+        let busy = || Decision::Rejected {
+            rejection: Rejection::new(
+                RejectCode::Busy,
+                "too many enrollments are being checked right now; try again shortly",
+            ),
+            customer: None,
+        };
         let check = |customer: CustomerId| {
             let hash = cfg.customer(customer).enroll_key.clone();
             let key = hello.enroll_key.clone().unwrap_or_default();
             let fut = hash.map(|h| verify(h, key));
             async move {
                 let ok = match fut {
-                    Some(f) => f.await,
+                    Some(f) => f.await?,
                     None => true,
                 };
-                EnrollVerdict { customer, ok }
+                Some(EnrollVerdict { customer, ok })
             }
         };
         let rec = self.client_record(cfg, &hello.client_id).await?;
         let mut enroll = match admission::enroll_key_target(cfg, hello, rec.as_ref()) {
-            Some((c, _)) => Some(check(c).await),
+            Some((c, _)) => match check(c).await {
+                Some(v) => Some(v),
+                None => return Ok(busy()),
+            },
             None => None,
         };
         for _ in 0..VERIFY_ROUNDS {
@@ -262,7 +273,10 @@ impl State {
                 .decide(cfg, hello, enroll, at, connections_full, shutting_down)
                 .await?
             {
-                Decision::Verify(c) => enroll = Some(check(c).await),
+                Decision::Verify(c) => match check(c).await {
+                    Some(v) => enroll = Some(v),
+                    None => return Ok(busy()),
+                },
                 d => return Ok(d),
             }
         }
@@ -291,14 +305,12 @@ impl State {
         if let Err(r) = admission::check_syntax(hello)
             .and_then(|_| admission::check_capacity(connections_full, shutting_down))
         {
-            self.record_refusal(
-                at,
-                &hello.client_id,
-                hello.customer.as_deref(),
-                r.code,
-                peer,
-            )
-            .await?;
+            let customer = hello
+                .customer
+                .as_deref()
+                .filter(|n| cfg.customer_by_name(n).is_some());
+            self.record_refusal(at, &hello.client_id, customer, r.code, peer)
+                .await?;
             return Ok(AdmitOutcome::Rejected(r));
         }
         let d = self
@@ -311,7 +323,7 @@ impl State {
                 |hash, key| async move {
                     tokio::task::spawn_blocking(move || hash.verify(&key))
                         .await
-                        .unwrap_or(false)
+                        .ok()
                 },
             )
             .await?;

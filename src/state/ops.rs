@@ -768,15 +768,22 @@ impl State {
         }
         // No longer declared: never connected and holding nothing = forgotten;
         // otherwise they stay as ordinary registered clients.
-        let rows: Vec<(String, Option<Vec<u8>>, i64)> =
-            sqlx::query_as("SELECT id, secret_sha256, used FROM clients WHERE declared = 1")
-                .fetch_all(&mut *tx)
-                .await?;
-        for (id, secret, used) in rows {
+        type Declared = (String, Option<Vec<u8>>, i64, Option<i64>);
+        let rows: Vec<Declared> = sqlx::query_as(
+            "SELECT id, secret_sha256, used, removed_at FROM clients WHERE declared = 1",
+        )
+        .fetch_all(&mut *tx)
+        .await?;
+        for (id, secret, used, removed) in rows {
             if cfg.declared_client(&id).is_some() {
                 continue;
             }
-            if secret.is_none() && used == 0 {
+            // A removed client's id stays reserved, whatever it holds.
+            if secret.is_none() && used == 0 && removed.is_none() {
+                sqlx::query("DELETE FROM files WHERE client = ?")
+                    .bind(&id)
+                    .execute(&mut *tx)
+                    .await?;
                 sqlx::query("DELETE FROM clients WHERE id = ?")
                     .bind(&id)
                     .execute(&mut *tx)

@@ -21,6 +21,8 @@ pub const MAX_STORED: usize = 256;
 /// Distinct refusal rows held in memory between flushes; beyond this a
 /// refusal is counted in the log and metrics only.
 pub const MAX_PENDING: usize = 10_000;
+/// Rows written per transaction when refusals are flushed.
+pub const FLUSH_BATCH: usize = 500;
 /// What `client` holds for an id that is not a valid client id.
 pub const INVALID_ID: &str = "(invalid)";
 
@@ -66,7 +68,7 @@ impl State {
         let key = Key {
             minute: secs(at).div_euclid(60) * 60,
             source: source
-                .map(|ip| crate::config::canonical(ip).to_string())
+                .map(|ip| crate::config::source_of(ip).to_string())
                 .unwrap_or_default(),
             code: code.as_str(),
             customer: truncate(customer.unwrap_or_default(), MAX_STORED).to_string(),
@@ -97,42 +99,53 @@ impl State {
             return Ok(0);
         }
         let written: i64 = rows.values().map(|(_, n)| n).sum();
-        let result = async {
-            let (_lane, mut tx) = super::ops::immediate_volatile(self).await?;
-            for (k, (client, n)) in &rows {
-                sqlx::query(
-                    "INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, ?, ?, ?, ?, ?)
-                     ON CONFLICT (at, source, code, customer) DO UPDATE SET count = count + excluded.count,
-                       client = CASE WHEN excluded.client = '' THEN refusals.client ELSE excluded.client END",
-                )
-                .bind(k.minute)
-                .bind(&k.source)
-                .bind(k.code)
-                .bind(&k.customer)
-                .bind(client)
-                .bind(n)
-                .execute(&mut *tx)
-                .await?;
+        let rows: Vec<(Key, (String, i64))> = rows.into_iter().collect();
+        // In batches, each its own short transaction: admissions wait for
+        // the same write lane.
+        for (i, batch) in rows.chunks(FLUSH_BATCH).enumerate() {
+            if let Err(e) = self.write_refusals(batch).await {
+                self.put_back(rows.into_iter().skip(i * FLUSH_BATCH));
+                return Err(e);
             }
-            tx.commit().await?;
-            Ok::<_, StateError>(())
-        }
-        .await;
-        if let Err(e) = result {
-            let mut p = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, (client, n)) in rows {
-                if p.rows.len() >= MAX_PENDING && !p.rows.contains_key(&k) {
-                    continue;
-                }
-                let row = p.rows.entry(k).or_insert_with(|| (String::new(), 0));
-                if row.0.is_empty() {
-                    row.0 = client;
-                }
-                row.1 += n;
-            }
-            return Err(e);
+            tokio::task::yield_now().await;
         }
         Ok(written as u64)
+    }
+
+    async fn write_refusals(&self, batch: &[(Key, (String, i64))]) -> Result<(), StateError> {
+        let (_lane, mut tx) = super::ops::immediate_volatile(self).await?;
+        for (k, (client, n)) in batch {
+            sqlx::query(
+                "INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, ?, ?, ?, ?, ?)
+                 ON CONFLICT (at, source, code, customer) DO UPDATE SET count = count + excluded.count,
+                   client = CASE WHEN excluded.client = '' THEN refusals.client ELSE excluded.client END",
+            )
+            .bind(k.minute)
+            .bind(&k.source)
+            .bind(k.code)
+            .bind(&k.customer)
+            .bind(client)
+            .bind(n)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Puts refusals that could not be written back for the next flush.
+    fn put_back(&self, rows: impl Iterator<Item = (Key, (String, i64))>) {
+        let mut p = self.refusals.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, (client, n)) in rows {
+            if p.rows.len() >= MAX_PENDING && !p.rows.contains_key(&k) {
+                continue;
+            }
+            let row = p.rows.entry(k).or_insert_with(|| (String::new(), 0));
+            if row.0.is_empty() {
+                row.0 = client;
+            }
+            row.1 += n;
+        }
     }
 
     /// Records one refusal at once (note, then flush): for the admin

@@ -73,6 +73,18 @@ impl ClientSlot {
     }
 }
 
+impl ClientSlot {
+    /// Whether `client` has `max` sessions open.
+    fn is_full(ctx: &Context, client: &str, max: u32) -> bool {
+        let open = ctx
+            .client_sessions
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        open.get(&client.to_ascii_lowercase())
+            .is_some_and(|n| *n >= max)
+    }
+}
+
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         let mut open = self
@@ -86,6 +98,20 @@ impl Drop for ClientSlot {
                 open.remove(&self.key);
             }
         }
+    }
+}
+
+/// REJECT `rate_limited` for a client at `max_sessions_per_client`.
+fn session_cap(client: &str, max: u32) -> Refusal<'_> {
+    Refusal {
+        rejection: Rejection {
+            code: RejectCode::RateLimited,
+            message: format!("client {client:?} already has {max} sessions open; try again later"),
+            retry_after: Some(SESSION_RETRY_AFTER),
+        },
+        client: Some(client),
+        customer: None,
+        penalty: None,
     }
 }
 
@@ -109,7 +135,14 @@ where
 {
     let code = r.rejection.code;
     let message = crate::state::truncate(&r.rejection.message, MAX_MESSAGE);
-    info!(code = code.as_str(), customer = ?r.customer, "refused: {message}");
+    // Peer text (a customer name, an echoed value) is escaped in the log.
+    let customer = r.customer.map(|c| crate::config::escape_log(c, 64));
+    info!(
+        code = code.as_str(),
+        customer = ?customer,
+        "refused: {}",
+        crate::config::escape_log(message, MAX_MESSAGE)
+    );
     if code == RejectCode::AuthFailed {
         // fail2ban's line, in a fixed shape (docs/security.md).
         info!(
@@ -257,6 +290,23 @@ where
         refuse(ctx, conn, acc, with(RejectCode::Busy, msg, None)).await;
         return None;
     };
+    // A proven client already at its session cap is refused before the
+    // admission's write: its secret is checked against the record read
+    // outside any transaction, so looping HELLOs cost no fsync. Anyone
+    // else goes on, to be refused for what it is.
+    let max = ctx.cfg.load().server.limits.max_sessions_per_client;
+    if ClientSlot::is_full(ctx, &h.client_id, max) {
+        let cfg = ctx.cfg.load_full();
+        if let Ok(Some(rec)) = ctx.state.client_record(&cfg, &h.client_id).await
+            && rec.id == h.client_id
+            && rec
+                .secret_sha256
+                .is_some_and(|d| admission::secret_matches(&d, h.secret.as_deref()))
+        {
+            refuse(ctx, conn, acc, session_cap(&h.client_id, max)).await;
+            return None;
+        }
+    }
     // Join the live set before admission and only then take the config
     // the session runs on: a reload or a move/removal from here on is
     // queued for this session, so none falls between admission and
@@ -265,13 +315,14 @@ where
     let cfg = ctx.cfg.load_full();
     let at = crate::clock::now();
     let limits = ctx.limits.clone();
-    // Steps 3-6. The enroll key is verified here, on the limits' blocking
-    // pool, never inside the state's transaction.
+    let (ip, deadline) = (acc.peer.ip(), acc.deadline);
+    // Steps 3-6. The enroll key is verified here, on the limits' short
+    // queue of blocking threads, never inside the state's transaction.
     let decision = ctx
         .state
         .admit_verified(&cfg, &h, at, false, false, |hash, key| {
             let limits = limits.clone();
-            async move { limits.verify(&hash, &key).await }
+            async move { limits.verify(ip, &hash, &key, deadline).await }
         })
         .await;
     let (adm, secret) = match decision {
@@ -313,16 +364,7 @@ where
     let max = cfg.server.limits.max_sessions_per_client;
     let existing = adm.registration == Registration::Existing;
     let Some(slot) = ClientSlot::take(ctx, &h.client_id, max, !existing) else {
-        let mut r = with(
-            RejectCode::RateLimited,
-            &format!(
-                "client {:?} already has {max} sessions open; try again later",
-                h.client_id
-            ),
-            None,
-        );
-        r.rejection.retry_after = Some(SESSION_RETRY_AFTER);
-        refuse(ctx, conn, acc, r).await;
+        refuse(ctx, conn, acc, session_cap(&h.client_id, max)).await;
         return None;
     };
     let cust = cfg.customer(adm.customer);

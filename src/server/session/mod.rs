@@ -479,10 +479,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     if matches!(e, SessionError::Storage(_) | SessionError::Internal(_)) {
                         warn!(error = %e, "request failed");
                     } else {
+                        // Peer text (paths, digests) escaped: it must not
+                        // break the line or forge another (fail2ban reads it).
                         info!(
                             code = e.code().as_str(),
                             "{}",
-                            crate::state::truncate(&e.to_string(), 512)
+                            crate::config::escape_log(&e.to_string(), 512)
                         );
                     }
                     if fatal {
