@@ -602,3 +602,28 @@ async fn sessions_per_client_are_capped() {
     let w = third.hello(json!({"secret": secret})).await;
     assert!(!w.registered, "the slot is free again");
 }
+
+/// DELETE removes the directories the file leaves empty, and no more.
+#[tokio::test(start_paused = true)]
+async fn delete_removes_the_directories_it_empties() {
+    let h = harness("", "").await;
+    let mut p = connect(&h, 1 << 20);
+    p.hello(json!({})).await;
+    p.upload("a/b/c/one.txt", b"1").await;
+    p.upload("a/two.txt", b"2").await;
+    for _ in 0..2 {
+        let _: wire::FileInfo = p.body(Kind::Stored).await;
+    }
+    p.send(json_frame(Kind::Delete, json!({"path": "a/b/c/one.txt"})))
+        .await;
+    let d: wire::Deleted = p.body(Kind::Deleted).await;
+    assert_eq!(d.freed, 1);
+    let root = h.dir.path().join("backup/default/PC");
+    assert!(!root.join("a/b").exists(), "a/b/c and a/b were emptied");
+    assert!(root.join("a/two.txt").exists(), "a still holds a file");
+    p.send(json_frame(Kind::Delete, json!({"path": "a/two.txt"})))
+        .await;
+    let _: wire::Deleted = p.body(Kind::Deleted).await;
+    assert!(!root.join("a").exists());
+    assert!(root.exists(), "the client's own directory stays");
+}
