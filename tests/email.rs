@@ -342,10 +342,10 @@ async fn missed_periods_are_sent_after_downtime_once_and_only_once() {
     let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
     report_config(dir.path(), smtp.port, true);
     let wait_reports = |n: usize| {
-        let t0 = Instant::now();
-        while weekly_reports(&smtp).len() < n && t0.elapsed() < Duration::from_secs(30) {
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        assert!(
+            wait_until(Duration::from_secs(30), || weekly_reports(&smtp).len() >= n),
+            "{n} weekly reports never arrived"
+        );
     };
     let periods = || {
         let mut v: Vec<String> = weekly_reports(&smtp)
@@ -371,6 +371,18 @@ async fn missed_periods_are_sent_after_downtime_once_and_only_once() {
         wait_until(Duration::from_secs(10), || checks(&d.log()) > before),
         "the restarted daemon looked for due reports"
     );
+    // ... and delivered whatever its outbox held.
+    let db = d.db().await;
+    let drained = until(Duration::from_secs(20), async || {
+        sqlx::query_scalar::<_, i64>("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+            .fetch_one(&db)
+            .await
+            .unwrap()
+            == 0
+    })
+    .await;
+    assert!(drained, "the outbox was not delivered:\n{}", d.log());
+    db.close().await;
     let log = d.log();
     drop(d);
     assert_eq!(
