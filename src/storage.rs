@@ -445,6 +445,40 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
     Ok(())
 }
 
+/// Writes `data` to `path` durably and atomically: a temporary file beside
+/// it (created with `mode`), fsync, rename over `path`, fsync the
+/// directory. A crash leaves the old file or the new one, never a torn one.
+pub fn write_durably(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::other("a file to write needs a name"))?;
+    let temp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        getrandom::u64().unwrap_or_default()
+    ));
+    let written = (|| {
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&temp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+        fs::rename(&temp, path)?;
+        File::open(dir)?.sync_all()
+    })();
+    if written.is_err() {
+        let _ = fs::remove_file(&temp);
+    }
+    written
+}
+
 /// Removes leftover temporary files under every backup location; returns
 /// how many. Run at startup after `State::reconcile`.
 pub fn sweep_temp(cfg: &Config) -> io::Result<u64> {

@@ -115,22 +115,13 @@ fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let pair =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     write_private(&key, pair.signing_key.serialize_pem().as_bytes()).map_err(io(&key))?;
-    std::fs::write(&cert, pair.cert.pem()).map_err(io(&cert))?;
+    crate::storage::write_durably(&cert, pair.cert.pem().as_bytes(), 0o644).map_err(io(&cert))?;
     Ok((cert, key))
 }
 
-/// Writes a file readable by its owner only.
+/// Writes a file readable by its owner only, durably (temp, fsync, rename).
 pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)?;
-    f.write_all(data)?;
-    f.sync_all()
+    crate::storage::write_durably(path, data, 0o600)
 }
 
 /// Builds the server's TLS configuration from the config.

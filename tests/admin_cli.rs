@@ -75,7 +75,12 @@ schedules = { nightly = { throttle = { enabled = false } } }
 
 async fn seed(cfg: &Config) {
     let st = State::open(cfg).await.unwrap();
-    st.sync_declared(cfg).await.unwrap();
+    st.sync_declared(cfg, "2026-11-25T12:00:00Z".parse().unwrap(), |_, _, _| {
+        Ok(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let t = now();
     let contoso = cfg.customer_by_name("Contoso").unwrap();
     for (id, size) in [

@@ -20,7 +20,12 @@ fn config(dir: &Path, body: &str) -> Config {
 
 async fn open(dir: &Path, cfg: &Config) -> State {
     let st = State::open(cfg).await.unwrap();
-    st.sync_declared(cfg).await.unwrap();
+    st.sync_declared(cfg, "2026-11-25T12:00:00Z".parse().unwrap(), |_, _, _| {
+        Ok(())
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let _ = dir;
     st
 }
@@ -726,7 +731,13 @@ async fn declared_clients_are_upserted_and_follow_the_config() {
         dir.path(),
         &format!("{base}[[client]]\nid = \"D1\"\ncustomer = \"B\"\nkind = \"server\"\n"),
     );
-    let moved = st.sync_declared(&cfg2).await.unwrap();
+    let moved = st
+        .sync_declared(&cfg2, "2026-11-25T12:00:00Z".parse().unwrap(), |_, _, _| {
+            Ok(())
+        })
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         moved,
         vec![("D1".to_string(), "A".to_string(), "B".to_string())]

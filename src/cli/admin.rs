@@ -23,14 +23,37 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .context("starting the async runtime")
 }
 
+/// Opens the state for a command that only reads it: nothing is written,
+/// so it works for a user who may only read the database.
+async fn open_read(cfg: &Config) -> anyhow::Result<State> {
+    State::open_readonly(cfg)
+        .await
+        .context("opening the state database for reading")
+}
+
+/// Adds the clients declared in the config that the daemon has not yet
+/// recorded (it records them at start and reload), as never connected.
+fn with_declared(cfg: &Config, mut rows: Vec<ClientRow>) -> Vec<ClientRow> {
+    let known: std::collections::HashSet<String> =
+        rows.iter().map(|r| r.id.to_ascii_lowercase()).collect();
+    for c in &cfg.clients {
+        if !known.contains(&c.id.to_ascii_lowercase()) {
+            rows.push(ClientRow {
+                id: c.id.clone(),
+                customer: cfg.customer(c.customer).name.clone(),
+                kind: c.kind.as_str().into(),
+                declared: true,
+                ..ClientRow::default()
+            });
+        }
+    }
+    rows
+}
+
+/// Opens the state for a command that changes it. Declared clients are the
+/// daemon's to record and move (at start and reload), never a command's.
 async fn open(cfg: &Config) -> anyhow::Result<State> {
-    let st = State::open(cfg)
-        .await
-        .context("opening the state database")?;
-    st.sync_declared(cfg)
-        .await
-        .context("recording the declared clients")?;
-    Ok(st)
+    State::open(cfg).await.context("opening the state database")
 }
 
 fn when(cfg: &Config, secs: Option<i64>) -> String {
@@ -105,6 +128,10 @@ struct ClientStatus {
     last_seen_local: String,
     /// Upload rate in force now per schedule ("*" = any other schedule).
     throttle_now: Vec<ScheduleRate>,
+    /// A declared client the config puts under another customer than the
+    /// state does: the customer it moves to when the daemon applies the
+    /// config (its files move then, not before).
+    moves_to: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -162,8 +189,13 @@ fn status_doc(cfg: &Config, d: &StatusData, at: Timestamp) -> Status {
                 })
                 .collect(),
         };
+        let moves_to = declared
+            .map(|dc| &cfg.customer(cfg.client(dc).customer).name)
+            .filter(|to| !to.eq_ignore_ascii_case(&row.customer))
+            .cloned();
         ClientStatus {
             row: row.clone(),
+            moves_to,
             space: declared.and_then(|dc| cfg.client(dc).space),
             last_backup_local: when(cfg, row.last_backup),
             last_seen_local: when(cfg, row.last_seen),
@@ -345,6 +377,11 @@ fn render(s: &Status) -> String {
                 cl.row.mcal_this_month,
                 rates.join(", ")
             );
+            if let Some(to) = &cl.moves_to {
+                *out += &format!(
+                    "{indent}    moves to customer {to} when the daemon applies the configuration (its files move then)\n"
+                );
+            }
         }
     };
     out += &format!("server: {}\n", node(&s.server));
@@ -441,8 +478,8 @@ pub fn report_send(cfg: &Config, customer: &str, period: PeriodArg) -> anyhow::R
 /// `tollgate status [--json]`.
 pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let at = crate::clock::now();
-    let data = runtime()?.block_on(async {
-        let st = open(cfg).await?;
+    let mut data = runtime()?.block_on(async {
+        let st = open_read(cfg).await?;
         let d = st
             .status_data(cfg, at)
             .await
@@ -450,6 +487,7 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
         st.close().await;
         anyhow::Ok(d)
     })?;
+    data.clients = with_declared(cfg, std::mem::take(&mut data.clients));
     let doc = status_doc(cfg, &data, at);
     let mut out = std::io::stdout().lock();
     if json {
@@ -465,13 +503,13 @@ pub fn status(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 pub fn clients_list(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
     let at = crate::clock::now();
     let rows = runtime()?.block_on(async {
-        let st = open(cfg).await?;
+        let st = open_read(cfg).await?;
         let rows = st
             .clients(cfg, at)
             .await
             .context("reading the state database")?;
         st.close().await;
-        anyhow::Ok(rows)
+        anyhow::Ok(with_declared(cfg, rows))
     })?;
     let mut out = std::io::stdout().lock();
     if json {

@@ -132,19 +132,54 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::HashSecret => hash_secret(),
         Command::Serve { log_format } => serve::serve(&cli.config, log_format),
         Command::Client { action } => client::run(action),
-        Command::Status { json } => admin::status(&load(&cli.config)?, json),
+        Command::Status { json } => admin::status(&load_for_reading(&cli.config)?, json),
         Command::Report {
             action: ReportAction::Send { customer, period },
         } => admin::report_send(&load(&cli.config)?, &customer, period),
         Command::Clients { action } => {
-            let cfg = load(&cli.config)?;
+            let cfg = || load(&cli.config);
             match action {
-                ClientsAction::List { json } => admin::clients_list(&cfg, json),
-                ClientsAction::Move { id, to } => admin::clients_move(&cfg, &id, &to),
-                ClientsAction::Remove { id, purge } => admin::clients_remove(&cfg, &id, purge),
-                ClientsAction::Readmit { id } => admin::clients_readmit(&cfg, &id),
+                ClientsAction::List { json } => {
+                    admin::clients_list(&load_for_reading(&cli.config)?, json)
+                }
+                ClientsAction::Move { id, to } => admin::clients_move(&cfg()?, &id, &to),
+                ClientsAction::Remove { id, purge } => admin::clients_remove(&cfg()?, &id, purge),
+                ClientsAction::Readmit { id } => admin::clients_readmit(&cfg()?, &id),
             }
         }
+    }
+}
+
+/// Loads the config for a command that only reads the state: when the file
+/// is broken, its errors are shown as a warning and the configuration the
+/// daemon last applied stands in (CLI.md `status`; issue 12).
+fn load_for_reading(path: &std::path::Path) -> anyhow::Result<Config> {
+    match Config::load_for_reading(path) {
+        Ok((cfg, errors)) => {
+            if !errors.is_empty() {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!(
+                    "warning: {} has {} problem(s) and is not in force; showing the state against the configuration the daemon last applied ({})",
+                    path.display(),
+                    errors.len(),
+                    cfg.applied_copy().display()
+                );
+            }
+            Ok(cfg)
+        }
+        Err(LoadError::Invalid(errors)) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            anyhow::bail!(
+                "{} has {} problem(s), and there is no copy of a configuration the daemon applied to show the state with; run `tollgate check-config`",
+                path.display(),
+                errors.len()
+            )
+        }
+        Err(e) => Err(e.into()),
     }
 }
 

@@ -112,6 +112,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         .await
         .context("reconciling interrupted commits")?;
     reload::prepare_locations(&cfg)?;
+    reload::save_applied(&cfg);
     let swept = storage::sweep_temp(&cfg).context("removing temporary files")?;
     info!(
         rolled_back = rec.rolled_back,

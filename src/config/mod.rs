@@ -52,6 +52,9 @@ pub const DEFAULT_CUSTOMER_NAME: &str = "Default Customer";
 pub struct Config {
     /// The file this was loaded from.
     pub path: PathBuf,
+    /// The text it was built from (kept so the daemon can save the copy
+    /// it applied; `Debug` hides it, since it holds hashes).
+    pub source: Source,
     /// `[server]`.
     pub server: Server,
     /// `[[reseller]]`, in file order.
@@ -64,6 +67,21 @@ pub struct Config {
     customer_by_name: HashMap<String, CustomerId>,
     client_by_id: HashMap<String, DeclaredClientId>,
 }
+
+/// The text of a config file; its `Debug` shows only its length.
+#[derive(Clone)]
+pub struct Source(pub std::sync::Arc<str>);
+
+impl fmt::Debug for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Source({} bytes)", self.0.len())
+    }
+}
+
+/// The file in `state_dir` where the daemon keeps a copy of the
+/// configuration it applied last, for `status` and `clients list` to fall
+/// back on while the file on disk is broken.
+pub const APPLIED_COPY: &str = "applied-config.toml";
 
 /// Index of a reseller in [`Config::resellers`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -463,6 +481,35 @@ impl Config {
         Config::from_str(&src, path).map_err(LoadError::Invalid)
     }
 
+    /// Loads `path` for a command that only reads the state. When the file
+    /// is broken, the configuration the daemon last applied (its copy in
+    /// `state_dir`, with relative paths resolving as in `path`) stands in;
+    /// the file's errors come back beside it for a warning.
+    pub fn load_for_reading(path: &Path) -> Result<(Config, Vec<ConfigError>), LoadError> {
+        let src = std::fs::read_to_string(path).map_err(|e| LoadError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        match Config::from_str(&src, path) {
+            Ok(c) => Ok((c, Vec::new())),
+            Err(errors) => {
+                let copy = state_dir_hint(&src, path).join(APPLIED_COPY);
+                match std::fs::read_to_string(&copy)
+                    .ok()
+                    .and_then(|text| Config::from_str(&text, path).ok())
+                {
+                    Some(applied) => Ok((applied, errors)),
+                    None => Err(LoadError::Invalid(errors)),
+                }
+            }
+        }
+    }
+
+    /// Where the daemon keeps its copy of the applied configuration.
+    pub fn applied_copy(&self) -> PathBuf {
+        self.server.state_dir.join(APPLIED_COPY)
+    }
+
     /// Validates `src` as if read from `path` (relative paths inside resolve
     /// against `path`'s directory).
     pub fn from_str(src: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
@@ -524,6 +571,34 @@ impl Config {
             })
             .collect()
     }
+}
+
+/// Where a possibly broken file puts `state_dir`, as far as it can be read:
+/// `server.state_dir`, else the SQLite file's directory, else the default,
+/// resolved like the validator resolves them.
+pub fn state_dir_hint(src: &str, path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
+    let table: Option<toml::Table> = toml::from_str(src).ok();
+    let server = table
+        .as_ref()
+        .and_then(|t| t.get("server"))
+        .and_then(|s| s.as_table());
+    let get = |k: &str| server.and_then(|s| s.get(k)).and_then(|v| v.as_str());
+    if let Some(d) = get("state_dir") {
+        return dir.join(d);
+    }
+    let state = get("state").unwrap_or(DEFAULT_STATE);
+    if let Some(p) = state
+        .strip_prefix("sqlite://")
+        .or_else(|| state.strip_prefix("sqlite:"))
+    {
+        let file = dir.join(p.split('?').next().unwrap_or_default());
+        if let Some(parent) = file.parent() {
+            return parent.to_path_buf();
+        }
+    }
+    PathBuf::from("/var/lib/tollgate")
 }
 
 /// Why a config file could not be loaded.

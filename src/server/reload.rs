@@ -84,6 +84,7 @@ pub async fn reload(ctx: &Arc<Context>, path: &Path) -> Result<String, ReloadErr
     };
     prepare_locations(&new)?;
     apply_declared(&ctx.state, &new).await?;
+    save_applied(&new);
 
     let new = Arc::new(new);
     ctx.cfg.store(new.clone());
@@ -186,18 +187,9 @@ pub enum SetupError {
     /// The state store failed.
     #[error("recording the declared clients: {0}")]
     State(#[from] crate::state::StateError),
-    /// A moved declared client's files could not be moved.
-    #[error("moving the files of declared client {id} from {from} to {to}: {source}")]
-    Move {
-        /// The client.
-        id: String,
-        /// Old customer.
-        from: String,
-        /// New customer.
-        to: String,
-        /// The I/O error.
-        source: std::io::Error,
-    },
+    /// A declared client's new `customer` cannot take it (nothing moved).
+    #[error("a declared client's move in the config is refused: {0}")]
+    Move(#[from] crate::state::MoveRefused),
 }
 
 /// Creates every customer's backup location (mode 0700) and proves it is
@@ -233,26 +225,33 @@ pub fn prepare_locations(cfg: &Config) -> Result<(), SetupError> {
 }
 
 /// Upserts the clients declared in `cfg`; those whose customer changed in
-/// the file move, files included (CONFIG.md "Moving a client").
+/// the file move, files included (CONFIG.md "Moving a client"), or the
+/// whole configuration is refused with the reason.
 pub async fn apply_declared(state: &State, cfg: &Config) -> Result<(), SetupError> {
-    for (id, from, to) in state.sync_declared(cfg).await? {
-        let (Some(f), Some(t)) = (cfg.customer_by_name(&from), cfg.customer_by_name(&to)) else {
-            continue;
-        };
-        if let Err(source) = storage::move_dir(
-            &storage::client_dir(cfg, f, &id),
-            &storage::client_dir(cfg, t, &id),
-        ) {
-            return Err(SetupError::Move {
-                id,
-                from,
-                to,
-                source,
-            });
-        }
-        info!(client = %id, %from, %to, "declared client moved by the config");
+    let moves = state
+        .sync_declared(cfg, crate::clock::now(), |id, from, to| {
+            storage::move_dir(
+                &storage::client_dir(cfg, from, id),
+                &storage::client_dir(cfg, to, id),
+            )
+        })
+        .await??;
+    for (id, from, to) in moves {
+        info!(client = %id, %from, %to, "declared client moved by the config, with its files");
     }
     Ok(())
+}
+
+/// Saves the configuration just applied in `state_dir`, for `status` to
+/// show the state against while the file on disk is broken. A failure is
+/// logged: it costs the fallback, not the daemon.
+pub fn save_applied(cfg: &Config) {
+    let path = cfg.applied_copy();
+    // Readable by the group that may read the state (it holds hashes, like
+    // the config file itself, never a plaintext secret).
+    if let Err(e) = storage::write_durably(&path, cfg.source.0.as_bytes(), 0o640) {
+        warn!(error = %e, path = %path.display(), "saving the applied configuration failed");
+    }
 }
 
 /// Watches the config file's directory (so saves by rename are seen) and

@@ -129,6 +129,76 @@ impl State {
         })
     }
 
+    /// Opens the store the config names for reading only, for the commands
+    /// that only look (`status`, `clients list`): nothing is created,
+    /// migrated or written, so they work for a user who may only read the
+    /// database. Refused with the reason when there is no database yet or
+    /// when it is older than this binary (the daemon migrates it).
+    pub async fn open_readonly(cfg: &Config) -> Result<State, StateError> {
+        let path = match &cfg.server.state {
+            StateUrl::Sqlite(p) => p.clone(),
+            StateUrl::Postgres(_) => {
+                return Err(StateError::Unsupported(
+                    "server.state: PostgreSQL is not supported yet".into(),
+                ));
+            }
+        };
+        if !path.exists() {
+            return Err(StateError::Inconsistent(format!(
+                "there is no state database at {} yet: the daemon creates it when it first starts",
+                path.display()
+            )));
+        }
+        let connect = |immutable: bool| {
+            let opts = SqliteConnectOptions::new()
+                .filename(&path)
+                .read_only(true)
+                .immutable(immutable)
+                .create_if_missing(false)
+                .busy_timeout(BUSY_TIMEOUT);
+            async move {
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(BUSY_TIMEOUT)
+                    .connect_with(opts)
+                    .await?;
+                let applied: Option<i64> =
+                    sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                        .fetch_one(&pool)
+                        .await?;
+                Ok::<_, sqlx::Error>((pool, applied))
+            }
+        };
+        // A reader of a WAL database needs its -shm file; when the daemon is
+        // stopped that file is gone, and a user who may only read cannot
+        // make it. Nothing changes the file then, so it is read as
+        // immutable (without locks) instead.
+        let (pool, applied) = match connect(false).await {
+            Ok(x) => x,
+            Err(_) => connect(true).await?,
+        };
+        let newest = sqlx::migrate!("./migrations")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        if applied.unwrap_or(0) < newest {
+            pool.close().await;
+            return Err(StateError::Inconsistent(format!(
+                "the state database at {} is older than this tollgate (schema {} of {newest}): start the daemon once to bring it up to date",
+                path.display(),
+                applied.unwrap_or(0)
+            )));
+        }
+        Ok(State {
+            volatile: pool.clone(),
+            pool,
+            path,
+            writer: Default::default(),
+            refusals: Default::default(),
+        })
+    }
+
     /// The database file.
     pub fn path(&self) -> &Path {
         &self.path

@@ -575,69 +575,13 @@ impl State {
                 row.customer
             )));
         };
-        let tname = cfg.customer(target).name.clone();
         if rec.customer == target {
+            let tname = cfg.customer(target).name.clone();
             return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
         }
-        let in_flight: i64 =
-            sqlx::query_scalar("SELECT COUNT(*) FROM reservations WHERE client = ?")
-                .bind(id)
-                .fetch_one(&mut *tx)
-                .await?;
-        if in_flight > 0 {
-            return Ok(Err(MoveRefused::Busy(id.into())));
+        if let Err(why) = move_in(&mut tx, cfg, &row, &rec, target, at, move_data).await? {
+            return Ok(Err(why));
         }
-        let needed = row.used.max(0) as u64;
-        let mut usage = level_usage(&mut tx, cfg, "", target).await?;
-        // The server level is unchanged by a move; so is a shared reseller.
-        usage.server = Usage::default();
-        if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
-            usage.reseller = Usage::default();
-        }
-        let levels = space::levels(cfg, target, None, &usage);
-        if !space::fits(&levels, needed) {
-            let left = space::space_left(&levels).unwrap_or(0);
-            return Ok(Err(MoveRefused::Space {
-                customer: tname,
-                needed,
-                left,
-            }));
-        }
-        if admission::client_limit_reached(
-            cfg.customer(target),
-            slot_count(&mut tx, cfg, target).await?,
-        ) {
-            return Ok(Err(MoveRefused::Slots(tname)));
-        }
-        let mut m = mcal_state(
-            &mut tx,
-            cfg,
-            id,
-            target,
-            Month::of(at, &cfg.server.timezone),
-        )
-        .await?;
-        m.client_debited_this_month = false;
-        if let Some(why) = admission::mcal_shortfall(cfg, target, rec.kind, &m) {
-            return Ok(Err(MoveRefused::Mcal(format!(
-                "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
-            ))));
-        }
-        if let Err(e) = move_data(id, rec.customer, target) {
-            return Ok(Err(MoveRefused::Data(e.to_string())));
-        }
-        add_usage(&mut tx, id, -(needed as i64)).await?;
-        sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
-            .bind(&tname)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
-            .bind(&tname)
-            .execute(&mut *tx)
-            .await?;
-        add_usage(&mut tx, id, needed as i64).await?;
-        record_event(&mut tx, at, id, "moved", Some(&tname)).await?;
         tx.commit().await?;
         Ok(Ok(()))
     }
@@ -717,12 +661,19 @@ impl State {
     }
 
     /// Upserts the clients declared in the config (a declared client keeps
-    /// its secret across reloads; its customer and kind follow the config).
-    /// Returns the ids whose customer changed, whose files must move.
+    /// its secret across reloads; its kind follows the config). A declared
+    /// client whose `customer` changed in the config moves like `clients
+    /// move` moves one (CONFIG.md "Moving a client"): `move_data` moves its
+    /// files, and the move is refused with the reason (nothing applied) when
+    /// the target lacks room, uploads are in flight or the old customer is
+    /// gone. Only the daemon calls this, at start and reload. Returns the
+    /// moves made: (id, from, to).
     pub async fn sync_declared(
         &self,
         cfg: &Config,
-    ) -> Result<Vec<(String, String, String)>, StateError> {
+        at: Timestamp,
+        mut move_data: impl FnMut(&str, CustomerId, CustomerId) -> std::io::Result<()>,
+    ) -> Result<Result<Vec<(String, String, String)>, MoveRefused>, StateError> {
         let (_lane, mut tx) = immediate(self).await?;
         let mut moved = Vec::new();
         for c in &cfg.clients {
@@ -739,18 +690,20 @@ impl State {
             if let Some(row) = row
                 && !row.customer.eq_ignore_ascii_case(name)
             {
-                add_usage(&mut tx, &c.id, -row.used).await?;
+                let Some(rec) = record(cfg, &row) else {
+                    return Ok(Err(MoveRefused::Data(format!(
+                        "client {:?} is declared under customer {name:?} now, but its files are under customer {:?}, which the config no longer has; keep that customer until the client has moved",
+                        c.id, row.customer
+                    ))));
+                };
+                let refused = move_in(&mut tx, cfg, &row, &rec, c.customer, at, |id, f, t| {
+                    move_data(id, f, t)
+                })
+                .await?;
+                if let Err(why) = refused {
+                    return Ok(Err(why));
+                }
                 moved.push((c.id.clone(), row.customer.clone(), name.to_string()));
-                sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
-                    .bind(name)
-                    .bind(&c.id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
-                    .bind(name)
-                    .execute(&mut *tx)
-                    .await?;
-                add_usage(&mut tx, &c.id, row.used).await?;
             }
             sqlx::query(
                 "INSERT INTO clients (id, customer, kind, declared) VALUES (?1, ?2, ?3, 1)
@@ -796,7 +749,7 @@ impl State {
             }
         }
         tx.commit().await?;
-        Ok(moved)
+        Ok(Ok(moved))
     }
 
     /// Records the start of an admitted session.
@@ -877,6 +830,74 @@ pub struct SessionEnd<'a> {
     pub files_failed: u64,
     /// "ok" or the code that ended it.
     pub result: &'a str,
+}
+
+/// Moves `row`'s client to `target` inside the caller's transaction
+/// (CONFIG.md "Moving a client"): refused with the reason when uploads are
+/// in flight or the target lacks space, a client slot or MCAL room for the
+/// next monthly debit; otherwise `move_data` moves the files (while the
+/// write lock is held), then the usage follows and an event tells the
+/// daemon's live sessions. Debits already made stay where they were made.
+pub(super) async fn move_in(
+    tx: &mut Tx,
+    cfg: &Config,
+    row: &ClientDb,
+    rec: &ClientRecord,
+    target: CustomerId,
+    at: Timestamp,
+    move_data: impl FnOnce(&str, CustomerId, CustomerId) -> std::io::Result<()>,
+) -> Result<Result<(), MoveRefused>, StateError> {
+    let id = row.id.as_str();
+    let tname = cfg.customer(target).name.clone();
+    let in_flight: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations WHERE client = ?")
+        .bind(id)
+        .fetch_one(&mut **tx)
+        .await?;
+    if in_flight > 0 {
+        return Ok(Err(MoveRefused::Busy(id.into())));
+    }
+    let needed = row.used.max(0) as u64;
+    let mut usage = level_usage(tx, cfg, "", target).await?;
+    // The server level is unchanged by a move; so is a shared reseller.
+    usage.server = Usage::default();
+    if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
+        usage.reseller = Usage::default();
+    }
+    let levels = space::levels(cfg, target, None, &usage);
+    if !space::fits(&levels, needed) {
+        let left = space::space_left(&levels).unwrap_or(0);
+        return Ok(Err(MoveRefused::Space {
+            customer: tname,
+            needed,
+            left,
+        }));
+    }
+    if admission::client_limit_reached(cfg.customer(target), slot_count(tx, cfg, target).await?) {
+        return Ok(Err(MoveRefused::Slots(tname)));
+    }
+    let mut m = mcal_state(tx, cfg, id, target, Month::of(at, &cfg.server.timezone)).await?;
+    m.client_debited_this_month = false;
+    if let Some(why) = admission::mcal_shortfall(cfg, target, rec.kind, &m) {
+        return Ok(Err(MoveRefused::Mcal(format!(
+            "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
+        ))));
+    }
+    if let Err(e) = move_data(id, rec.customer, target) {
+        return Ok(Err(MoveRefused::Data(e.to_string())));
+    }
+    add_usage(tx, id, -(needed as i64)).await?;
+    sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
+        .bind(&tname)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+        .bind(&tname)
+        .execute(&mut **tx)
+        .await?;
+    add_usage(tx, id, needed as i64).await?;
+    record_event(tx, at, id, "moved", Some(&tname)).await?;
+    Ok(Ok(()))
 }
 
 /// Records a move or removal for the running daemon.

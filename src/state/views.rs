@@ -22,7 +22,7 @@ pub struct FileEntry {
 }
 
 /// A client as `clients list` and `status` show it.
-#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, Serialize, sqlx::FromRow)]
 pub struct ClientRow {
     /// Client id.
     pub id: String,

@@ -814,6 +814,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
     let server = server?;
     let config = Config {
         path: v.file.to_path_buf(),
+        source: Source(std::sync::Arc::from(v.src)),
         server,
         resellers,
         customers,

@@ -1,0 +1,276 @@
+//! What the admin sees must be true (issue 12), against the real daemon and
+//! the real commands: a declared client moved in the config moves with its
+//! files (or the change is refused with the reason), and `status` only
+//! reads, even for a user who may only read, even while the config file on
+//! disk is broken.
+
+mod common;
+
+use common::*;
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+use tempfile::TempDir;
+use tollgate::client::{Session, Upload};
+
+fn config(d: &Path, decl_customer: &str) -> String {
+    format!(
+        r#"[server]
+listen = ["127.0.0.1:0"]
+state = "sqlite://state/state.db"
+timezone = "UTC"
+metrics_listen = "127.0.0.1:0"
+
+[default_customer]
+backup_location = "{d}/backup/default"
+
+[[reseller]]
+name = "r"
+
+[[customer]]
+name = "Alpha"
+reseller = "r"
+email = "a@x.example"
+backup_location = "{d}/backup/alpha"
+space = "1 GiB"
+
+[[customer]]
+name = "Beta"
+reseller = "r"
+email = "b@x.example"
+backup_location = "{d}/backup/beta"
+space = "1 GiB"
+
+[[customer]]
+name = "Tiny"
+reseller = "r"
+email = "t@x.example"
+backup_location = "{d}/backup/tiny"
+space = "1 KiB"
+
+[[client]]
+id = "DECL"
+customer = "{decl_customer}"
+"#,
+        d = d.display()
+    )
+}
+
+fn metric(d: &Daemon, name: &str) -> f64 {
+    let (_, body) = http_get(d.metrics.as_deref().unwrap(), "/metrics");
+    body.lines()
+        .find(|l| l.starts_with(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(-1.0)
+}
+
+/// CONFIG.md "Moving a client": a declared client moves by editing the
+/// config, and its files move with it, as `clients move` moves them; a
+/// move the target cannot take is refused with the reason, and nothing
+/// moves.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_declared_client_moved_in_the_config_moves_with_its_files() {
+    let dir = TempDir::new().unwrap();
+    let d0 = dir.path();
+    std::fs::write(d0.join("tollgate.toml"), config(d0, "Alpha")).unwrap();
+    let d = Daemon::start(d0);
+    let mut files = Vec::new();
+    for i in 0..3u64 {
+        let p = d0.join(format!("src/{i}.bin"));
+        make_file(&p, 200_000 + i as usize, i);
+        files.push(Upload {
+            local: p,
+            remote: format!("docs/{i}.bin"),
+        });
+    }
+    let o = d.opts("DECL");
+    let mut s = Session::connect(&o).await.unwrap();
+    assert_eq!(s.welcome.customer, "Alpha");
+    assert!(
+        s.upload(&files, &|_| {})
+            .await
+            .unwrap()
+            .iter()
+            .all(|r| r.is_ok())
+    );
+    s.bye().await.unwrap();
+
+    replace_config(d0, &config(d0, "Beta"));
+    assert!(
+        wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("declared client moved by the config")),
+        "the daemon applied the move:\n{}",
+        d.log()
+    );
+    assert!(
+        !d0.join("backup/alpha/DECL").exists(),
+        "nothing is stranded"
+    );
+    assert!(d0.join("backup/beta/DECL/docs/0.bin").exists());
+    let mut s = Session::connect(&o).await.unwrap();
+    assert_eq!(s.welcome.customer, "Beta");
+    for (i, f) in files.iter().enumerate() {
+        let dest = d0.join(format!("restored/{i}.bin"));
+        s.get(&f.remote, &dest).await.unwrap();
+        assert_eq!(
+            std::fs::read(&dest).unwrap(),
+            std::fs::read(&f.local).unwrap()
+        );
+    }
+    s.bye().await.unwrap();
+
+    // Tiny has 1 KiB: the move is refused, with the reason, and nothing
+    // changes: the running config stays, the files stay where they are.
+    let before = metric(&d, "tollgate_reloads_total{result=\"failed\"}");
+    replace_config(d0, &config(d0, "Tiny"));
+    assert!(
+        wait_until(Duration::from_secs(10), || metric(
+            &d,
+            "tollgate_reloads_total{result=\"failed\"}"
+        ) > before),
+        "the reload was not refused:\n{}",
+        d.log()
+    );
+    let log = d.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("reload refused"))
+        .expect("a refused reload in the log");
+    assert!(
+        line.contains("Tiny") && line.contains("lacks space"),
+        "{line}"
+    );
+    assert_eq!(metric(&d, "tollgate_reload_failed"), 1.0);
+    assert!(d0.join("backup/beta/DECL/docs/0.bin").exists());
+    assert!(!d0.join("backup/tiny/DECL").exists());
+    let s = Session::connect(&o).await.unwrap();
+    assert_eq!(
+        s.welcome.customer, "Beta",
+        "the config in force is the last good one"
+    );
+    s.bye().await.unwrap();
+    // status says where it is and what the file asks for.
+    let out = admin_ok(&d.config, &["status"], &[]);
+    assert!(
+        out.contains("moves to customer Tiny when the daemon applies"),
+        "{out}"
+    );
+}
+
+fn run_as_reader(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        // root can write anything: read as `nobody` instead.
+        cmd.uid(65534).gid(65534);
+    }
+}
+
+fn chmod_tree(p: &Path, dir_mode: u32, file_mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(p).unwrap();
+    let mode = if meta.is_dir() { dir_mode } else { file_mode };
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    if meta.is_dir() {
+        for e in std::fs::read_dir(p).unwrap().flatten() {
+            chmod_tree(&e.path(), dir_mode, file_mode);
+        }
+    }
+}
+
+/// The files of a state directory with their digests. SQLite's reader
+/// files (`-shm`, an empty `-wal`) are not content: a reader makes them.
+fn digest_tree(p: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(p).unwrap().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let reader_file =
+            name.ends_with("-shm") || (name.ends_with("-wal") && e.metadata().unwrap().len() == 0);
+        if e.file_type().unwrap().is_file() && !reader_file {
+            let bytes = std::fs::read(e.path()).unwrap();
+            out.push((
+                e.file_name().to_string_lossy().into_owned(),
+                sha256_hex(&bytes),
+            ));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `status` and `clients list` only read: they work for a user who may
+/// only read the database, change no byte of it, and go on while the
+/// config file on disk is broken (showing the state against the config
+/// the daemon last applied, with the file's errors).
+#[tokio::test(flavor = "multi_thread")]
+async fn status_only_reads_even_with_a_broken_config() {
+    let dir = TempDir::new().unwrap();
+    let d0 = dir.path();
+    std::fs::write(d0.join("tollgate.toml"), config(d0, "Alpha")).unwrap();
+    let mut d = Daemon::start(d0);
+    let file = d0.join("f.bin");
+    make_file(&file, 1000, 1);
+    let o = d.opts("DECL");
+    let mut s = Session::connect(&o).await.unwrap();
+    s.upload(
+        &[Upload {
+            local: file,
+            remote: "f.bin".into(),
+        }],
+        &|_| {},
+    )
+    .await
+    .unwrap();
+    s.bye().await.unwrap();
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(20)), Some(0));
+
+    // The file breaks, and a client is declared there that the daemon has
+    // never seen.
+    let broken = config(d0, "Alpha").replace("space = \"1 GiB\"", "space = \"1 GiB\"\nspacee = 3")
+        + "\n[[client]]\nid = \"NEWCOMER\"\ncustomer = \"Beta\"\n";
+    std::fs::write(d0.join("tollgate.toml"), &broken).unwrap();
+    chmod_tree(d0, 0o755, 0o644);
+    chmod_tree(&d0.join("state"), 0o555, 0o444);
+    let before = digest_tree(&d0.join("state"));
+    for args in [&["status"][..], &["status", "--json"], &["clients", "list"]] {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tollgate"));
+        cmd.args(args)
+            .arg("--config")
+            .arg(d0.join("tollgate.toml"))
+            .env("TOLLGATE_FAKE_NOW", PINNED_NOW);
+        run_as_reader(&mut cmd);
+        let out = cmd.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {stderr}");
+        assert!(stdout.contains("DECL"), "{args:?}: {stdout}");
+        assert!(
+            stderr.contains("unknown key") || stderr.contains("spacee"),
+            "{args:?}: {stderr}"
+        );
+        assert!(stderr.contains("is not in force; showing the state against the configuration the daemon last applied"), "{stderr}");
+        // The applied config knows nothing of NEWCOMER: it is not shown
+        // as if it were in force.
+        assert!(!stdout.contains("NEWCOMER"), "{stdout}");
+    }
+    chmod_tree(&d0.join("state"), 0o755, 0o644);
+    assert_eq!(
+        digest_tree(&d0.join("state")),
+        before,
+        "a read-only command changed the state"
+    );
+
+    // With a valid file, a declared client the daemon has not recorded yet
+    // shows as not yet connected, and still nothing is written.
+    let fixed = config(d0, "Alpha") + "\n[[client]]\nid = \"NEWCOMER\"\ncustomer = \"Beta\"\n";
+    std::fs::write(d0.join("tollgate.toml"), fixed).unwrap();
+    let out = admin_ok(&d0.join("tollgate.toml"), &["status"], &[]);
+    assert!(
+        out.contains("NEWCOMER (desktop, not yet connected)"),
+        "{out}"
+    );
+    assert_eq!(digest_tree(&d0.join("state")), before);
+}
