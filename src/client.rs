@@ -142,56 +142,150 @@ fn expect<T: serde::de::DeserializeOwned>(f: &Frame, kind: Kind) -> Result<T, Cl
 }
 
 /// One file to upload.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Upload {
     /// Where it is read from.
     pub local: PathBuf,
     /// Its path on the server.
     pub remote: String,
+    /// Its permission bits, sent as PUT's `mode`.
+    pub mode: Option<u32>,
+    /// Its modification time (RFC 3339), sent as PUT's `mtime`.
+    pub mtime: Option<String>,
 }
 
-/// Collects the files under `paths` (recursively), named relative to the
-/// directory given (a file given directly keeps its own name).
+impl Upload {
+    /// `local` stored as `remote`, with the file's own mode and mtime.
+    pub fn new(local: PathBuf, remote: String) -> std::io::Result<Upload> {
+        let meta = std::fs::metadata(&local)?;
+        Ok(Upload {
+            mode: Some(mode_of(&meta)),
+            mtime: mtime_of(&meta),
+            local,
+            remote,
+        })
+    }
+}
+
+fn mode_of(meta: &std::fs::Metadata) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    meta.permissions().mode() & wire::MAX_MODE
+}
+
+fn mtime_of(meta: &std::fs::Metadata) -> Option<String> {
+    let t = meta.modified().ok()?;
+    jiff::Timestamp::try_from(t).ok().map(|t| t.to_string())
+}
+
+/// The path a local file is stored under, as tar names it: the path as
+/// given, without a leading `/`, `.` components dropped. A path with `..`
+/// is made absolute first, so nothing is stored above its root.
+pub fn remote_name(p: &Path) -> std::io::Result<String> {
+    use std::path::Component;
+    let p = if p.components().any(|c| c == Component::ParentDir) {
+        std::path::absolute(p)?
+            .components()
+            .fold(PathBuf::new(), |mut acc, c| {
+                match c {
+                    Component::ParentDir => {
+                        acc.pop();
+                    }
+                    other => acc.push(other),
+                }
+                acc
+            })
+    } else {
+        p.to_path_buf()
+    };
+    let parts: Vec<String> = p
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(s) => Some(s.to_string_lossy().into_owned()),
+            _ => None,
+        })
+        .collect();
+    Ok(parts.join("/"))
+}
+
+/// Collects the files under `paths` (recursively). Each keeps its full
+/// path as given, as tar does ([`remote_name`]), so two folders with the
+/// same name in different places never collide.
 pub fn collect(paths: &[PathBuf]) -> std::io::Result<Vec<Upload>> {
-    fn walk(base: &Path, dir: &Path, prefix: &str, out: &mut Vec<Upload>) -> std::io::Result<()> {
+    fn walk(dir: &Path, out: &mut Vec<Upload>) -> std::io::Result<()> {
         let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let p = e.path();
             let ft = e.file_type()?;
             if ft.is_dir() {
-                walk(base, &p, prefix, out)?;
+                walk(&p, out)?;
             } else if ft.is_file() {
-                let rel = p
-                    .strip_prefix(base)
-                    .unwrap_or(&p)
-                    .to_string_lossy()
-                    .replace('\\', "/");
-                out.push(Upload {
-                    local: p.clone(),
-                    remote: format!("{prefix}{rel}"),
-                });
+                out.push(Upload::new(p.clone(), remote_name(&p)?)?);
             }
         }
         Ok(())
     }
     let mut out = Vec::new();
     for p in paths {
-        let meta = std::fs::metadata(p)?;
-        let name = p
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if meta.is_dir() {
-            walk(p, p, &format!("{name}/"), &mut out)?;
+        if std::fs::metadata(p)?.is_dir() {
+            walk(p, &mut out)?;
         } else {
-            out.push(Upload {
-                local: p.clone(),
-                remote: name,
-            });
+            out.push(Upload::new(p.clone(), remote_name(p)?)?);
         }
     }
     Ok(out)
+}
+
+/// Sets a restored file's mode and modification time from what the
+/// server kept (FILE's `mode` and `mtime`), where it kept them.
+pub fn apply_meta(path: &Path, mode: Option<u32>, mtime: Option<&str>) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(t) = mtime.and_then(|t| t.parse::<jiff::Timestamp>().ok()) {
+        let f = std::fs::OpenOptions::new().write(true).open(path)?;
+        let since = std::time::Duration::new(
+            t.as_second().unsigned_abs(),
+            t.subsec_nanosecond().unsigned_abs(),
+        );
+        let when = if t.as_second() >= 0 {
+            std::time::UNIX_EPOCH + since
+        } else {
+            std::time::UNIX_EPOCH - since
+        };
+        f.set_modified(when)?;
+    }
+    if let Some(m) = mode {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(m & wire::MAX_MODE))?;
+    }
+    Ok(())
+}
+
+/// The send buffer the client asks the kernel for. Progress counts bytes
+/// that left for the socket; a small buffer keeps that close to what the
+/// server has taken, which a throttled upload takes slowly.
+pub const SEND_BUFFER: u32 = 256 << 10;
+
+/// Connects to HOST:PORT with a [`SEND_BUFFER`]-sized send buffer, trying
+/// each address the name resolves to.
+async fn connect_tcp(server: &str) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(server).await? {
+        let sock = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        let _ = sock.set_send_buffer_size(SEND_BUFFER);
+        match sock.connect(addr).await {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{server} resolves to no address"),
+        )
+    }))
 }
 
 impl Session {
@@ -205,7 +299,7 @@ impl Session {
             .trim_matches(['[', ']']);
         let name = rustls::pki_types::ServerName::try_from(host.to_string())
             .map_err(|e| ClientError::Protocol(format!("server name {host:?}: {e}")))?;
-        let tcp = TcpStream::connect(&o.server).await?;
+        let tcp = connect_tcp(&o.server).await?;
         tcp.set_nodelay(true)?;
         let stream = TlsConnector::from(Arc::clone(&tls))
             .connect(name, tcp)
@@ -263,7 +357,9 @@ impl Session {
     }
 
     /// Uploads `files` pipelined: all requests are sent while replies are
-    /// read. Returns one result per file, in order; `progress` sees bytes sent.
+    /// read. Returns one result per file, in order; `progress` sees bytes
+    /// once they have left for the socket (each DATA frame is flushed), not
+    /// when they are queued, so a throttled upload shows its real pace.
     pub async fn upload(
         &mut self,
         files: &[Upload],
@@ -280,6 +376,8 @@ impl Session {
                     &wire::Put {
                         path: f.remote.clone(),
                         size,
+                        mode: f.mode,
+                        mtime: f.mtime.clone(),
                     },
                 ))
                 .await?;
@@ -289,13 +387,14 @@ impl Session {
                     let mut buf = vec![0u8; chunk.min((size - sent) as usize)];
                     file.read_exact(&mut buf).await?;
                     h.update(&buf);
-                    sent += buf.len() as u64;
-                    progress(buf.len() as u64);
-                    sink.feed(Frame {
+                    let n = buf.len() as u64;
+                    sent += n;
+                    sink.send(Frame {
                         kind: Kind::Data,
                         payload: Bytes::from(buf),
                     })
                     .await?;
+                    progress(n);
                 }
                 let sha256 = h.finalize().iter().map(|b| format!("{b:02x}")).collect();
                 sink.feed(Frame::json(Kind::End, &wire::End { sha256 }))
@@ -403,6 +502,8 @@ impl Session {
                         )));
                     }
                     out.sync_all().await?;
+                    drop(out);
+                    apply_meta(&tmp, info.mode, info.mtime.as_deref())?;
                     tokio::fs::rename(&tmp, dest).await?;
                     return Ok(got);
                 }

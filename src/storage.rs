@@ -341,6 +341,15 @@ pub enum CommitError {
     State(#[from] StateError),
 }
 
+/// The metadata a PUT may carry (PROTOCOL.md Additions), kept in the index.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FileMeta {
+    /// Permission bits, at most 0o7777.
+    pub mode: Option<u32>,
+    /// Modification time, RFC 3339 in UTC.
+    pub mtime: Option<String>,
+}
+
 /// Commits `temp` as `path` of `client`: pending record, rename, directory
 /// fsync, index update. Returns the usage change. `hook` sees each step.
 #[allow(clippy::too_many_arguments)]
@@ -352,6 +361,7 @@ pub async fn commit(
     path: &str,
     temp: SyncedTemp,
     reservation: Option<i64>,
+    meta: FileMeta,
     at: jiff::Timestamp,
     hook: &mut (dyn FnMut(Step) + Send),
 ) -> Result<i64, CommitError> {
@@ -362,6 +372,8 @@ pub async fn commit(
         path: path.to_string(),
         temp_path: temp.path.clone(),
         final_path: final_path.clone(),
+        mode: meta.mode,
+        mtime: meta.mtime,
         size: temp.size,
         sha256: temp.sha256.clone(),
         modified: at,

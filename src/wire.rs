@@ -280,12 +280,52 @@ pub struct ErrorBody {
 }
 
 /// PUT.
-#[derive(Serialize, Deserialize, Debug, Clone)]
+#[derive(Serialize, Deserialize, Debug, Clone, Default)]
 pub struct Put {
     /// Client path.
     pub path: String,
     /// Exact byte count that follows.
     pub size: u64,
+    /// Permission bits (e.g. 420 for 0644); optional (PROTOCOL.md Additions).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<u32>,
+    /// Modification time, RFC 3339; optional.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtime: Option<String>,
+}
+
+/// Largest `mode` a PUT may carry: permission bits with setuid, setgid and
+/// sticky (0o7777).
+pub const MAX_MODE: u32 = 0o7777;
+
+impl Put {
+    /// Checks `mode` and `mtime` and puts `mtime` in its canonical form
+    /// (UTC, as the server returns it). The error names the field.
+    pub fn checked_meta(&self) -> Result<(Option<u32>, Option<String>), String> {
+        if let Some(m) = self.mode
+            && m > MAX_MODE
+        {
+            return Err(format!(
+                "field `mode`: {m} is not permission bits (at most {MAX_MODE}, 0o7777)"
+            ));
+        }
+        let mtime = match &self.mtime {
+            None => None,
+            Some(t) if t.len() > 64 => {
+                return Err("field `mtime`: longer than an RFC 3339 instant".into());
+            }
+            Some(t) => match t.parse::<jiff::Timestamp>() {
+                Ok(ts) => Some(ts.to_string()),
+                Err(_) => {
+                    return Err(format!(
+                        "field `mtime`: {:?} is not an RFC 3339 instant such as \"2026-11-30T08:15:00Z\"",
+                        crate::config::escape_log(t, 64)
+                    ));
+                }
+            },
+        };
+        Ok((self.mode, mtime))
+    }
 }
 
 /// END.
@@ -296,7 +336,7 @@ pub struct End {
 }
 
 /// STORED and FILE.
-#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq, Default)]
 pub struct FileInfo {
     /// Client path.
     pub path: String,
@@ -304,6 +344,12 @@ pub struct FileInfo {
     pub size: u64,
     /// SHA-256.
     pub sha256: String,
+    /// Permission bits from PUT; null when it had none.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Modification time from PUT (RFC 3339); null when it had none.
+    #[serde(default)]
+    pub mtime: Option<String>,
 }
 
 /// LIST.
@@ -323,8 +369,14 @@ pub struct Entry {
     pub size: u64,
     /// SHA-256.
     pub sha256: String,
-    /// RFC 3339 UTC.
+    /// RFC 3339 UTC: when the server stored it.
     pub modified: String,
+    /// Permission bits from PUT; null when it had none.
+    #[serde(default)]
+    pub mode: Option<u32>,
+    /// Modification time from PUT (RFC 3339); null when it had none.
+    #[serde(default)]
+    pub mtime: Option<String>,
 }
 
 /// LISTING.

@@ -105,6 +105,7 @@ async fn seed(cfg: &Config) {
                 sha256: "0".repeat(64),
                 modified: t,
                 reservation: Some(r),
+                ..Default::default()
             })
             .await
             .unwrap();
@@ -314,6 +315,7 @@ async fn a_move_without_room_is_refused_with_the_reason() {
             sha256: "0".repeat(64),
             modified: t,
             reservation: Some(r),
+            ..Default::default()
         })
         .await
         .unwrap();

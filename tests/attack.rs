@@ -464,6 +464,7 @@ async fn a_removed_id_cannot_be_taken_over_and_readmit_gives_it_back() {
         files.push(Upload {
             local: p,
             remote: format!("docs/{i}.bin"),
+            ..Default::default()
         });
     }
     let mut s = Session::connect(&owner).await.unwrap();
@@ -559,6 +560,7 @@ async fn stall_a_download(
             &[Upload {
                 local: src,
                 remote: "big.bin".into(),
+                ..Default::default()
             }],
             &|_| {},
         )
@@ -806,6 +808,7 @@ async fn racing_puts_of_one_path_leave_index_equal_to_disk() {
                         &[Upload {
                             local: src,
                             remote: "same/file.bin".into(),
+                            ..Default::default()
                         }],
                         &|_| {},
                     )

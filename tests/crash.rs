@@ -61,6 +61,10 @@ async fn store(
         path,
         synced,
         Some(res),
+        storage::FileMeta {
+            mode: Some(0o640),
+            mtime: Some("2026-01-02T03:04:05Z".into()),
+        },
         now(),
         hook,
     )

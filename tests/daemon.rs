@@ -176,7 +176,13 @@ async fn pipelined_uploads_and_byte_exact_restore() {
         "{:?}",
         results.iter().find(|r| r.is_err())
     );
-    let listed = s.list(Some("src/")).await.unwrap();
+    // Stored under their full paths, as tar names them.
+    let prefix = tollgate::client::remote_name(&src).unwrap() + "/";
+    assert!(
+        !prefix.starts_with('/') && prefix.ends_with("/src/"),
+        "{prefix}"
+    );
+    let listed = s.list(Some(&prefix)).await.unwrap();
     assert_eq!(listed.len(), 201);
     let dest = t.path().join("restored");
     for e in &listed {
@@ -205,6 +211,7 @@ async fn list_pages_past_one_frame() {
         files.push(Upload {
             local: p,
             remote: format!("some/rather/long/directory/name/for/paging/file-{i:04}.dat"),
+            ..Default::default()
         });
     }
     let mut s = Session::connect(&d.opts("LISTER")).await.unwrap();
@@ -259,6 +266,7 @@ async fn replace_and_delete_keep_usage_exact() {
                 &[Upload {
                     local: a.clone(),
                     remote: "doc".into(),
+                    ..Default::default()
                 }],
                 &|_| {},
             )
@@ -623,7 +631,8 @@ async fn every_error_code() {
         s.upload(
             &[Upload {
                 local: f,
-                remote: "x".into()
+                remote: "x".into(),
+                ..Default::default()
             }],
             &|_| {}
         )
@@ -744,6 +753,7 @@ async fn concurrent_sessions_never_overrun_quota_or_licences() {
                 .map(|k| Upload {
                     local: src.clone(),
                     remote: format!("c{i}-{k}"),
+                    ..Default::default()
                 })
                 .collect();
             let r = s.upload(&files, &|_| {}).await.unwrap();
@@ -808,5 +818,8 @@ async fn the_reference_client_reports_refusals_and_exits_non_zero() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));
     let out = run(&["list", "--id", "CLI-1", "--json"]);
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(doc["entries"][0]["path"], "x.txt");
+    assert_eq!(
+        doc["entries"][0]["path"],
+        tollgate::client::remote_name(&file).unwrap().as_str()
+    );
 }

@@ -98,6 +98,7 @@ async fn backup(d: &Daemon, id: &str, customer: &str, file: &Path, remote: &str)
             &[Upload {
                 local: file.to_path_buf(),
                 remote: remote.into(),
+                ..Default::default()
             }],
             &|_| {},
         )

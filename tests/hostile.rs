@@ -56,6 +56,7 @@ async fn hostile_peers_do_not_disturb_a_healthy_session() {
         files.push(Upload {
             local: p,
             remote: format!("f{i}"),
+            ..Default::default()
         });
     }
     let opts = d.opts("HEALTHY");

@@ -95,6 +95,7 @@ async fn kill_9_during_a_large_upload_then_restart() {
         done.push(Upload {
             local: p,
             remote: format!("done{i}"),
+            ..Default::default()
         });
     }
     assert!(

@@ -161,6 +161,7 @@ async fn metrics_parse_and_count_admissions() {
                     &[Upload {
                         local: file.clone(),
                         remote: "f.bin".into(),
+                        ..Default::default()
                     }],
                     &|_| {},
                 )

@@ -315,6 +315,7 @@ async fn a_throttle_change_reaches_a_running_upload() {
                 &[Upload {
                     local: file,
                     remote: "twelve.bin".into(),
+                    ..Default::default()
                 }],
                 &|_| {},
             )

@@ -62,6 +62,7 @@ async fn commit(st: &State, cfg: &Config, client: &str, path: &str, size: u64) {
             sha256: "0".repeat(64),
             modified: at("2026-11-25T12:00:00Z"),
             reservation: Some(r),
+            ..Default::default()
         })
         .await
         .unwrap();

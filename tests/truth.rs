@@ -82,6 +82,7 @@ async fn a_declared_client_moved_in_the_config_moves_with_its_files() {
         files.push(Upload {
             local: p,
             remote: format!("docs/{i}.bin"),
+            ..Default::default()
         });
     }
     let o = d.opts("DECL");
@@ -218,6 +219,7 @@ async fn status_only_reads_even_with_a_broken_config() {
         &[Upload {
             local: file,
             remote: "f.bin".into(),
+            ..Default::default()
         }],
         &|_| {},
     )
@@ -273,4 +275,106 @@ async fn status_only_reads_even_with_a_broken_config() {
         "{out}"
     );
     assert_eq!(digest_tree(&d0.join("state")), before);
+}
+
+/// Issue 12, item 9: what the reference client backs up comes back as it
+/// was: under its full path (two folders of one name do not collide), with
+/// its mode and modification time; files that have not changed are not
+/// sent again unless `--full`.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_reference_client_gives_back_paths_modes_and_times() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let d0 = dir.path();
+    write_config(
+        d0,
+        "",
+        &format!(
+            "[default_customer]\nauto_add_clients = true\nbackup_location = \"{}/backup\"\n",
+            d0.display()
+        ),
+    );
+    let d = Daemon::start(d0);
+    let work = d0.join("work");
+    let old = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(1_600_000_000);
+    for (folder, body, mode) in [("a", "private", 0o600), ("b", "public", 0o644)] {
+        let p = work.join(folder).join("Documents/x.txt");
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(&p, body).unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&p)
+            .unwrap()
+            .set_modified(old)
+            .unwrap();
+    }
+    let client = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .current_dir(&work)
+            .arg("client")
+            .args(args)
+            .args([
+                "--server",
+                &d.addr,
+                "--pin",
+                &d.pin,
+                "--id",
+                "LAPTOP",
+                "--secret-file",
+            ])
+            .arg(d0.join("laptop.secret"))
+            .output()
+            .unwrap();
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (out, _) = client(&["backup", "a/Documents", "b/Documents"]);
+    assert!(out.contains("stored 2 of 2 file(s)"), "{out}");
+    let (out, _) = client(&["list", "--json"]);
+    let doc: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let paths: Vec<&str> = doc["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["a/Documents/x.txt", "b/Documents/x.txt"]);
+
+    // Nothing changed: nothing is sent.
+    let (out, err) = client(&["backup", "a/Documents", "b/Documents"]);
+    assert!(err.contains("2 file(s) unchanged"), "{err}");
+    assert!(out.contains("stored 0 of 0 file(s)"), "{out}");
+    // One changed: that one is sent; --full sends both.
+    std::fs::write(work.join("b/Documents/x.txt"), "public, edited").unwrap();
+    let (out, err) = client(&["backup", "a/Documents", "b/Documents"]);
+    assert!(
+        err.contains("1 file(s) unchanged") && out.contains("stored 1 of 1 file(s)"),
+        "{out}{err}"
+    );
+    let (out, _) = client(&["backup", "--full", "a/Documents", "b/Documents"]);
+    assert!(out.contains("stored 2 of 2 file(s)"), "{out}");
+
+    let dest = d0.join("restored");
+    let (out, _) = client(&["restore", dest.to_str().unwrap()]);
+    assert!(out.contains("restored 2 file(s)"), "{out}");
+    let a = dest.join("a/Documents/x.txt");
+    assert_eq!(std::fs::read_to_string(&a).unwrap(), "private");
+    let meta = std::fs::metadata(&a).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o600);
+    assert_eq!(meta.modified().unwrap(), old);
+    let b = dest.join("b/Documents/x.txt");
+    assert_eq!(std::fs::read_to_string(&b).unwrap(), "public, edited");
+    assert_eq!(
+        std::fs::metadata(&b).unwrap().permissions().mode() & 0o7777,
+        0o644
+    );
 }

@@ -48,11 +48,16 @@ pub enum ClientAction {
         /// Backup schedule name.
         #[arg(long, default_value = "manual")]
         schedule: String,
-        /// Files and folders to upload.
+        /// Send every file, also those the server already holds unchanged.
+        #[arg(long)]
+        full: bool,
+        /// Files and folders to upload; each is stored under its path as
+        /// given, without a leading `/` (as tar does).
         #[arg(required = true)]
         paths: Vec<PathBuf>,
     },
-    /// Download stored files into DEST, keeping their relative paths.
+    /// Download stored files into DEST, keeping their paths, modes and
+    /// modification times.
     Restore {
         #[command(flatten)]
         common: Common,
@@ -115,8 +120,9 @@ pub fn run(action: ClientAction) -> anyhow::Result<ExitCode> {
             ClientAction::Backup {
                 common,
                 schedule,
+                full,
                 paths,
-            } => backup(options(common, &schedule, "backup"), &paths).await,
+            } => backup(options(common, &schedule, "backup"), &paths, full).await,
             ClientAction::Restore {
                 common,
                 prefix,
@@ -134,16 +140,11 @@ pub fn run(action: ClientAction) -> anyhow::Result<ExitCode> {
     }))
 }
 
-async fn backup(o: Options, paths: &[PathBuf]) -> ExitCode {
-    let files = match client::collect(paths) {
+async fn backup(o: Options, paths: &[PathBuf], full: bool) -> ExitCode {
+    let all = match client::collect(paths) {
         Ok(f) => f,
         Err(e) => return fail(e.into()),
     };
-    let total: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(&f.local).ok())
-        .map(|m| m.len())
-        .sum();
     let mut s = match Session::connect(&o).await {
         Ok(s) => s,
         Err(e) => return fail(e),
@@ -156,6 +157,43 @@ async fn backup(o: Options, paths: &[PathBuf]) -> ExitCode {
             o.secret_file.display()
         );
     }
+    // Incremental: a file whose size and modification time equal what the
+    // server holds is not sent again, unless --full.
+    let files: Vec<client::Upload> = if full {
+        all
+    } else {
+        let held = match s.list(None).await {
+            Ok(e) => e,
+            Err(e) => return fail(e),
+        };
+        let held: std::collections::HashMap<String, (u64, Option<String>)> = held
+            .into_iter()
+            .map(|e| (e.path, (e.size, e.mtime)))
+            .collect();
+        let before = all.len();
+        let changed: Vec<client::Upload> = all
+            .into_iter()
+            .filter(|f| {
+                let size = std::fs::metadata(&f.local).map(|m| m.len()).ok();
+                match held.get(&f.remote) {
+                    Some((n, Some(t))) => Some(*n) != size || Some(t) != f.mtime.as_ref(),
+                    _ => true,
+                }
+            })
+            .collect();
+        if changed.len() < before {
+            eprintln!(
+                "{} file(s) unchanged since the last backup, not sent (--full sends them)",
+                before - changed.len()
+            );
+        }
+        changed
+    };
+    let total: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(&f.local).ok())
+        .map(|m| m.len())
+        .sum();
     let bar = if std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(total);
         b.set_style(

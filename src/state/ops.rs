@@ -29,7 +29,7 @@ pub struct QuotaExceeded {
 }
 
 /// A commit about to rename its temporary file into place.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct PendingCommit {
     /// Client id.
     pub client: String,
@@ -47,6 +47,10 @@ pub struct PendingCommit {
     pub modified: Timestamp,
     /// The reservation it consumes.
     pub reservation: Option<i64>,
+    /// Permission bits from PUT, if any.
+    pub mode: Option<u32>,
+    /// Modification time from PUT (RFC 3339), if any.
+    pub mtime: Option<String>,
 }
 
 /// What `reconcile` did at startup.
@@ -429,8 +433,8 @@ impl State {
     /// Durably records a commit before its rename; returns its id.
     pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
         Ok(sqlx::query_scalar(
-            "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
         .bind(&p.client)
         .bind(&p.path)
@@ -441,6 +445,8 @@ impl State {
         .bind(secs(p.modified))
         .bind(p.reservation)
         .bind(secs(p.modified))
+        .bind(p.mode.map(i64::from))
+        .bind(p.mtime.as_deref())
         .fetch_one(&self.pool)
         .await?)
     }
@@ -986,12 +992,34 @@ async fn apply_pending(
     pending: i64,
     actual: Option<(i64, String)>,
 ) -> Result<i64, StateError> {
-    let (client, path, size, sha, modified, reservation): (String, String, i64, String, i64, Option<i64>) =
-        sqlx::query_as("SELECT client, path, size, sha256, modified, reservation FROM pending_commits WHERE id = ?")
-            .bind(pending)
-            .fetch_optional(&mut **tx)
-            .await?
-            .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
+    #[derive(sqlx::FromRow)]
+    struct Pending {
+        client: String,
+        path: String,
+        size: i64,
+        sha256: String,
+        modified: i64,
+        reservation: Option<i64>,
+        mode: Option<i64>,
+        mtime: Option<String>,
+    }
+    let p: Pending = sqlx::query_as(
+        "SELECT client, path, size, sha256, modified, reservation, mode, mtime FROM pending_commits WHERE id = ?",
+    )
+    .bind(pending)
+    .fetch_optional(&mut **tx)
+    .await?
+    .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
+    let Pending {
+        client,
+        path,
+        size,
+        sha256: sha,
+        modified,
+        reservation,
+        mode,
+        mtime,
+    } = p;
     let (size, sha) = actual.unwrap_or((size, sha));
     let old: Option<i64> =
         sqlx::query_scalar("SELECT size FROM files WHERE client = ? AND path = ?")
@@ -1000,14 +1028,17 @@ async fn apply_pending(
             .fetch_optional(&mut **tx)
             .await?;
     sqlx::query(
-        "INSERT INTO files (client, path, size, sha256, modified) VALUES (?, ?, ?, ?, ?)
-         ON CONFLICT (client, path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256, modified = excluded.modified",
+        "INSERT INTO files (client, path, size, sha256, modified, mode, mtime) VALUES (?, ?, ?, ?, ?, ?, ?)
+         ON CONFLICT (client, path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256,
+           modified = excluded.modified, mode = excluded.mode, mtime = excluded.mtime",
     )
     .bind(&client)
     .bind(&path)
     .bind(size)
     .bind(&sha)
     .bind(modified)
+    .bind(mode)
+    .bind(mtime)
     .execute(&mut **tx)
     .await?;
     let delta = size - old.unwrap_or(0);

@@ -19,6 +19,10 @@ pub struct FileEntry {
     pub sha256: String,
     /// When it was stored (Unix seconds).
     pub modified: i64,
+    /// Permission bits the client gave at PUT, if any.
+    pub mode: Option<i64>,
+    /// Modification time the client gave at PUT (RFC 3339), if any.
+    pub mtime: Option<String>,
 }
 
 /// A client as `clients list` and `status` show it.
@@ -84,7 +88,7 @@ impl State {
         limit: u32,
     ) -> Result<Vec<FileEntry>, StateError> {
         Ok(sqlx::query_as::<_, FileEntry>(
-            "SELECT path, size, sha256, modified FROM files
+            "SELECT path, size, sha256, modified, mode, mtime FROM files
              WHERE client = ?1 AND substr(path, 1, length(?2)) = ?2 AND (?3 IS NULL OR path > ?3)
              ORDER BY path LIMIT ?4",
         )
@@ -99,7 +103,7 @@ impl State {
     /// One file of `client`, if indexed.
     pub async fn file(&self, client: &str, path: &str) -> Result<Option<FileEntry>, StateError> {
         Ok(sqlx::query_as::<_, FileEntry>(
-            "SELECT path, size, sha256, modified FROM files WHERE client = ? AND path = ?",
+            "SELECT path, size, sha256, modified, mode, mtime FROM files WHERE client = ? AND path = ?",
         )
         .bind(client)
         .bind(path)

@@ -38,6 +38,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     size: r.size.max(0) as u64,
                     sha256: r.sha256,
                     modified: wire::rfc3339(r.modified),
+                    mode: r.mode.and_then(|m| u32::try_from(m).ok()),
+                    mtime: r.mtime,
                 };
                 let len = serde_json::to_vec(&e).map(|v| v.len() + 1).unwrap_or(0);
                 if used + len > budget && !page.is_empty() {
@@ -93,6 +95,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             path: req.path,
             size: len,
             sha256: entry.sha256,
+            mode: entry.mode.and_then(|m| u32::try_from(m).ok()),
+            mtime: entry.mtime,
         };
         match self.send(Frame::json(Kind::File, &info)).await? {
             Flow::Continue => {}

@@ -627,3 +627,71 @@ async fn delete_removes_the_directories_it_empties() {
     assert!(!root.join("a").exists());
     assert!(root.exists(), "the client's own directory stays");
 }
+
+/// PROTOCOL.md Additions, "File metadata": `mode` and `mtime` from PUT are
+/// stored and returned in STORED, LISTING and FILE; `null` where a PUT had
+/// none; a wrong one is `bad_request` naming the field.
+#[tokio::test(start_paused = true)]
+async fn file_metadata_is_kept_and_returned() {
+    let h = harness("", "").await;
+    let mut p = connect(&h, 1 << 20);
+    p.hello(json!({})).await;
+    let data = b"metadata".to_vec();
+    let sha = crate::storage::sha256_hex(&data);
+    let put = |path: &str, extra: serde_json::Value| {
+        let mut v = json!({"path": path, "size": data.len()});
+        for (k, x) in extra.as_object().unwrap() {
+            v[k] = x.clone();
+        }
+        json_frame(Kind::Put, v)
+    };
+    for (extra, want) in [
+        (json!({"mode": 4096}), "`mode`"),
+        (json!({"mode": "0644"}), "`mode`"),
+        (json!({"mtime": "yesterday"}), "`mtime`"),
+        (json!({"mtime": "x".repeat(100)}), "`mtime`"),
+    ] {
+        p.send(put("bad", extra.clone())).await;
+        let e = error_code(&p.recv().await);
+        assert_eq!(e.code, "bad_request", "{extra}");
+        assert!(e.message.contains(want), "{extra}: {}", e.message);
+    }
+    p.send(put(
+        "with",
+        json!({"mode": 0o600, "mtime": "2026-01-02T03:04:05.123456789+01:00"}),
+    ))
+    .await;
+    p.send(Frame {
+        kind: Kind::Data,
+        payload: Bytes::from(data.clone()),
+    })
+    .await;
+    p.send(json_frame(Kind::End, json!({"sha256": sha}))).await;
+    let stored: wire::FileInfo = p.body(Kind::Stored).await;
+    assert_eq!(stored.mode, Some(0o600));
+    assert_eq!(
+        stored.mtime.as_deref(),
+        Some("2026-01-02T02:04:05.123456789Z"),
+        "kept in UTC"
+    );
+    p.upload("without", &data).await;
+    let _: wire::FileInfo = p.body(Kind::Stored).await;
+    p.send(json_frame(Kind::List, json!({}))).await;
+    let f = p.recv().await;
+    let raw: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+    let entries = raw["entries"].as_array().unwrap();
+    assert_eq!(entries[0]["path"], "with");
+    assert_eq!(entries[0]["mode"], 0o600);
+    assert_eq!(entries[0]["mtime"], "2026-01-02T02:04:05.123456789Z");
+    assert_eq!(entries[1]["path"], "without");
+    assert!(
+        entries[1]["mode"].is_null() && entries[1]["mtime"].is_null(),
+        "{raw}"
+    );
+    p.send(json_frame(Kind::Get, json!({"path": "with"}))).await;
+    let file: wire::FileInfo = p.body(Kind::File).await;
+    assert_eq!(
+        (file.mode, file.mtime.as_deref()),
+        (Some(0o600), Some("2026-01-02T02:04:05.123456789Z"))
+    );
+}

@@ -15,6 +15,7 @@ use tracing::warn;
 pub(super) struct Upload {
     path: String,
     size: u64,
+    meta: storage::FileMeta,
     temp: PipedTemp,
     reservation: i64,
 }
@@ -43,6 +44,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             )));
         }
         storage::validate_path(&put.path)?;
+        let (mode, mtime) = put.checked_meta().map_err(SessionError::BadRequest)?;
         let cfg = &self.bind.cfg;
         let res = self
             .bind
@@ -62,6 +64,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.upload = Some(Upload {
             path: put.path,
             size: put.size,
+            meta: storage::FileMeta { mode, mtime },
             temp,
             reservation,
         });
@@ -162,6 +165,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             path: up.path.clone(),
             size: synced.size,
             sha256: synced.sha256.clone(),
+            mode: up.meta.mode,
+            mtime: up.meta.mtime.clone(),
         };
         let ctx = self.bind.ctx.clone();
         let r = {
@@ -174,6 +179,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 &up.path,
                 synced,
                 Some(reservation),
+                up.meta.clone(),
                 crate::clock::now(),
                 &mut |_| {},
             )
