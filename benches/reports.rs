@@ -60,16 +60,27 @@ fn benches(c: &mut Criterion) {
     });
     let facts = SessionFacts {
         client: "PC-1".into(),
-        customer: CustomerId(1),
+        customer: cfg.customer(CustomerId(1)).name.clone(),
         schedule: "nightly".into(),
-        intent: "backup".into(),
         result: "ok".into(),
         files_ok: 1200,
         bytes_in: 5 << 30,
         ..Default::default()
     };
-    c.bench_function("session reports (customer + reseller)", |b| {
-        b.iter(|| reports::session_mail(&cfg, black_box(&facts), at).unwrap())
+    c.bench_function("session report (one session)", |b| {
+        b.iter(|| {
+            compose::session_digest(
+                &cfg,
+                "it@c1.example",
+                std::slice::from_ref(black_box(&facts)),
+                at,
+            )
+            .unwrap()
+        })
+    });
+    let day: Vec<SessionFacts> = (0..24).map(|_| facts.clone()).collect();
+    c.bench_function("session digest (24 sessions)", |b| {
+        b.iter(|| compose::session_digest(&cfg, "it@c1.example", black_box(&day), at).unwrap())
     });
     let usage: HashMap<String, Usage> = (0..CUSTOMERS)
         .map(|n| {

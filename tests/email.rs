@@ -76,13 +76,15 @@ fn acme_reports(dir: &Path) -> String {
     )
 }
 
+/// `[server.email]` to an SMTP port or a spool; one mail per session
+/// (`report_interval = "0s"`) unless a test coalesces on purpose.
 fn email_table(smtp_port: Option<u16>, spool: &Path) -> String {
     match smtp_port {
         Some(p) => format!(
-            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nsmtp = \"smtp://127.0.0.1:{p}\"\n"
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nsmtp = \"smtp://127.0.0.1:{p}\"\nreport_interval = \"0s\"\n"
         ),
         None => format!(
-            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nspool = \"{}\"\n",
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nadmin = \"noc@backup.example\"\nspool = \"{}\"\nreport_interval = \"0s\"\n",
             spool.display()
         ),
     }
@@ -162,7 +164,8 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
         assert!(b.text.contains("Client:      PC-1"), "{}", b.text);
         assert!(b.text.contains("Schedule:    nightly"), "{}", b.text);
         assert!(
-            b.text.contains("Result:      Completed successfully"),
+            b.text
+                .contains("Result:      OK: Completed successfully: 1 file(s) stored"),
             "{}",
             b.text
         );
@@ -172,7 +175,11 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
         assert!(b.text.contains("Times are UTC"), "{}", b.text);
         html_client_rows(&b.html);
         let r = find(rcpt, "OK restore of PC-1 (Acme)");
-        assert!(r.text.contains("Restored:    950 KiB"), "{}", r.text);
+        assert!(
+            r.text.contains("Restored:    1 file(s), 950 KiB"),
+            "{}",
+            r.text
+        );
         assert!(r.html.contains("<td>950 KiB</td>"), "{}", r.html);
     }
     let space = find("it@acme.example", "ALERT: Acme has used 93% of its space");
@@ -508,8 +515,11 @@ async fn the_spool_gets_one_parseable_eml_per_message() {
     let db = d.db().await;
     let t0 = Instant::now();
     loop {
+        // A report waits in session_reports until its digest is queued in
+        // the outbox; either way it exists as soon as the end does.
         let (ended, queued): (i64, i64) = sqlx::query_as(
-            "SELECT (SELECT COUNT(*) FROM sessions WHERE ended_at IS NOT NULL), (SELECT COUNT(*) FROM outbox)",
+            "SELECT (SELECT COUNT(*) FROM sessions WHERE ended_at IS NOT NULL),
+                    (SELECT COUNT(*) FROM outbox) + (SELECT COUNT(*) FROM session_reports)",
         )
         .fetch_one(&db)
         .await
@@ -706,5 +716,159 @@ async fn starttls_refuses_a_relay_it_cannot_verify() {
     assert!(
         smtp.messages().is_empty(),
         "nothing goes to an unverified relay"
+    );
+}
+
+/// Issue 12, items 3 and 4: a report says what a session did and how it
+/// went. A refused upload is a FAILED backup that names the level that
+/// was full; a session that only listed sends nothing; a failed delete is a
+/// FAILED delete; sessions of one client within `report_interval` come
+/// together in one digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_tell_what_each_session_did() {
+    let dir = TempDir::new().unwrap();
+    let spool = dir.path().join("spool");
+    let email =
+        email_table(None, &spool).replace("report_interval = \"0s\"", "report_interval = \"1h\"");
+    write_config(
+        dir.path(),
+        &email,
+        &format!("{}space = \"1 MiB\"\n", acme_reports(dir.path())),
+    );
+    let start = "2026-06-10T10:00:00Z";
+    let d = daemon_at(dir.path(), start);
+    let mails = |n: usize| {
+        assert!(
+            wait_until(Duration::from_secs(20), || std::fs::read_dir(&spool)
+                .map(|r| r.count())
+                .unwrap_or(0)
+                >= n),
+            "{n} mails never came"
+        );
+        let mut v: Vec<Mail> = std::fs::read_dir(&spool)
+            .unwrap()
+            .flatten()
+            .map(|e| parse(&std::fs::read(e.path()).unwrap()))
+            .collect();
+        v.sort_by(|a, b| a.subject.cmp(&b.subject));
+        v
+    };
+    let upload = async |id: &str, files: &[(&str, usize)]| {
+        let mut o = d.opts(id);
+        o.customer = Some("Acme".into());
+        let mut s = Session::connect(&o).await.unwrap();
+        let ups: Vec<Upload> = files
+            .iter()
+            .map(|(name, size)| {
+                let p = dir.path().join(name);
+                make_file(&p, *size, 1);
+                Upload {
+                    local: p,
+                    remote: name.to_string(),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        let r = s.upload(&ups, &|_| {}).await.unwrap();
+        s.bye().await.unwrap();
+        r.iter().filter(|r| r.is_ok()).count()
+    };
+    // One file over the customer's 1 MiB: refused, so FAILED.
+    assert_eq!(upload("PC", &[("big.bin", 2 << 20)]).await, 0);
+    // A session that only lists: nothing to report.
+    let mut o = d.opts("LISTER");
+    o.customer = Some("Acme".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    s.list(None).await.unwrap();
+    s.bye().await.unwrap();
+    // A delete of nothing: FAILED delete.
+    let mut o = d.opts("DELETER");
+    o.customer = Some("Acme".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    assert!(s.delete("nothing.txt").await.is_err());
+    s.bye().await.unwrap();
+    let m = mails(2);
+    assert_eq!(
+        m.len(),
+        2,
+        "{:#?}",
+        m.iter().map(|m| &m.subject).collect::<Vec<_>>()
+    );
+    assert!(
+        m[0].subject
+            .starts_with("[tollgate] FAILED backup of PC (Acme)"),
+        "{}",
+        m[0].subject
+    );
+    assert!(
+        m[0].text.contains("Files stored: 0   failed: 1"),
+        "{}",
+        m[0].text
+    );
+    assert!(
+        m[0].text
+            .contains("Result:      FAILED: Failed: 0 of 1 file(s) stored, 1 failed"),
+        "{}",
+        m[0].text
+    );
+    assert!(
+        m[0].text.contains("quota_exceeded: quota exceeded: the customer's space is full: 0 B of 1 MiB used, 1 MiB left; this file needs 2 MiB"),
+        "{}",
+        m[0].text
+    );
+    assert!(
+        m[1].subject
+            .starts_with("[tollgate] FAILED delete of DELETER (Acme)"),
+        "{}",
+        m[1].subject
+    );
+    assert!(
+        d.log().contains("outcome=\"FAILED\""),
+        "the log says how it went"
+    );
+    // PC again, twice within the hour: one PARTIAL, one OK; no mail yet.
+    assert_eq!(
+        upload("PC", &[("a.bin", 1000), ("huge.bin", 3 << 20)]).await,
+        1
+    );
+    assert_eq!(upload("PC", &[("b.bin", 1000)]).await, 1);
+    let db = d.db().await;
+    let waiting: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM session_reports WHERE client = 'PC'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(waiting, 2, "coalesced, not sent");
+    let lister: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM session_reports WHERE client = 'LISTER'")
+            .fetch_one(&db)
+            .await
+            .unwrap();
+    assert_eq!(lister, 0);
+    db.close().await;
+    drop(d);
+    // An hour and a bit later the digest goes: both sessions in one mail.
+    let _d = daemon_at(dir.path(), "2026-06-10T11:05:00Z");
+    let m = mails(3);
+    let digest = m
+        .iter()
+        .find(|m| m.subject.contains("2 sessions of PC (Acme)"))
+        .unwrap_or_else(|| panic!("{:#?}", m.iter().map(|m| &m.subject).collect::<Vec<_>>()));
+    assert!(
+        digest.subject.contains("1 OK, 1 PARTIAL"),
+        "{}",
+        digest.subject
+    );
+    assert!(digest.text.contains("== PARTIAL backup"), "{}", digest.text);
+    assert!(
+        digest.text.contains("1 of 2 file(s) stored, 1 failed"),
+        "{}",
+        digest.text
+    );
+    assert_eq!(
+        digest.text.matches("Session:").count(),
+        2,
+        "{}",
+        digest.text
     );
 }

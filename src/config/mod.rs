@@ -300,7 +300,13 @@ pub struct Email {
     pub smtp: Option<SmtpUrl>,
     /// Spool directory for `.eml` files.
     pub spool: Option<PathBuf>,
+    /// At most one session mail per client per recipient this often; the
+    /// sessions between are listed in the next one (0 = one per session).
+    pub report_interval: Duration,
 }
+
+/// `server.email.report_interval` when omitted.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(3600);
 
 /// An SMTP URL; its `Debug` hides the password.
 #[derive(Clone, PartialEq, Eq)]

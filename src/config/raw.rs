@@ -274,6 +274,7 @@ pub struct RawCost {
 /// `[server.email]`.
 #[derive(Debug, Default, Deserialize)]
 pub struct RawEmail {
+    pub report_interval: Option<Spanned<String>>,
     pub from: Option<Spanned<String>>,
     pub admin: Option<Spanned<String>>,
     pub smtp: Option<Spanned<String>>,

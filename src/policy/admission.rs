@@ -608,12 +608,18 @@ pub fn admit(
         }
     }
     // Step 6: space, backups only.
-    let left = space_left(&super::space::levels(cfg, customer, declared, &snap.usage));
+    let levels = super::space::levels(cfg, customer, declared, &snap.usage);
+    let left = space_left(&levels);
     if intent == Intent::Backup && left == Some(0) {
-        return reject(
-            RejectCode::QuotaExceeded,
-            "no backup space is left for this client",
-        );
+        let why = match super::space::full_level(&levels, 1) {
+            Some((level, limit, taken)) => format!(
+                "no backup space is left: the {level}'s space is full ({} of {} used)",
+                crate::config::units::format_size(taken),
+                crate::config::units::format_size(limit)
+            ),
+            None => "no backup space is left for this client".into(),
+        };
+        return reject(RejectCode::QuotaExceeded, why);
     }
     Ok(Admitted {
         customer,

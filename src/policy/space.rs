@@ -119,6 +119,25 @@ pub fn fits(levels: &[(Option<u64>, Usage)], size: u64) -> bool {
     space_left(levels).is_none_or(|l| size <= l)
 }
 
+/// The names of [`levels`]' entries, in order.
+pub const LEVEL_NAMES: [&str; 4] = ["client", "customer", "reseller", "server"];
+
+/// The level that `size` more bytes do not fit under, the tightest first
+/// when several are full: (its name, its allotment, bytes taken there
+/// counting uploads in flight). `None` when they fit everywhere.
+pub fn full_level(levels: &[(Option<u64>, Usage)], size: u64) -> Option<(&'static str, u64, u64)> {
+    levels
+        .iter()
+        .zip(LEVEL_NAMES)
+        .filter_map(|(&(limit, usage), name)| {
+            let limit = limit?;
+            let left = limit.saturating_sub(usage.taken());
+            (size > left).then_some((left, name, limit, usage.taken()))
+        })
+        .min_by_key(|&(left, ..)| left)
+        .map(|(_, name, limit, taken)| (name, limit, taken))
+}
+
 /// The "Space Utilization Snapshot" of one node.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct SpaceSnapshot {

@@ -120,29 +120,38 @@ fn build(
     })
 }
 
-/// What a finished session did (CONFIG.md "Email reports").
-#[derive(Clone, Debug, Default)]
+/// What a finished session did (CONFIG.md "Email reports"). Kept as JSON
+/// until its digest goes out, so names, not config ids.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct SessionFacts {
+    /// Session id.
+    pub session: String,
     /// Client id.
     pub client: String,
-    /// Its customer.
-    pub customer: CustomerId,
+    /// Its customer's name.
+    pub customer: String,
+    /// That customer's reseller, if any.
+    pub reseller: Option<String>,
     /// Schedule name.
     pub schedule: String,
-    /// `backup` or `restore`.
-    pub intent: String,
-    /// When it was admitted.
-    pub started: Option<Timestamp>,
-    /// When it ended.
-    pub ended: Option<Timestamp>,
-    /// Its result code (`ok`, `idle_timeout`, …).
+    /// When it was admitted (Unix seconds).
+    pub started: i64,
+    /// When it ended (Unix seconds).
+    pub ended: i64,
+    /// Its result code (`ok`, `disconnected`, `idle_timeout`, …).
     pub result: String,
     /// Files stored.
     pub files_ok: u64,
-    /// Uploads that failed.
+    /// Uploads refused or failed (a refused PUT counts).
     pub files_failed: u64,
+    /// Files restored (GET answered in full).
+    pub restored: u64,
+    /// Downloads that failed.
+    pub restore_failed: u64,
     /// Files deleted.
     pub files_deleted: u64,
+    /// Deletes that failed.
+    pub delete_failed: u64,
     /// Bytes uploaded.
     pub bytes_in: u64,
     /// Bytes restored.
@@ -155,68 +164,190 @@ pub struct SessionFacts {
     pub errors_more: u64,
 }
 
-impl SessionFacts {
-    /// Whether it went fully well.
-    pub fn ok(&self) -> bool {
-        self.result == "ok" && self.files_failed == 0
+/// A session's outcome, as its report names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Everything it tried worked, and it ended normally.
+    Ok,
+    /// Some of it worked, some did not (or it was cut short).
+    Partial,
+    /// Nothing it tried worked.
+    Failed,
+}
+
+impl Outcome {
+    /// `OK`, `PARTIAL` or `FAILED`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Partial => "PARTIAL",
+            Outcome::Failed => "FAILED",
+        }
     }
 }
 
-/// One session report to `to`.
-pub fn session_report(
+impl SessionFacts {
+    /// What it did: `backup` (PUTs), `restore` (GETs), `delete`. A session
+    /// that only listed did nothing to report.
+    pub fn activities(&self) -> Vec<&'static str> {
+        let mut a = Vec::new();
+        if self.files_ok + self.files_failed > 0 {
+            a.push("backup");
+        }
+        if self.restored + self.restore_failed > 0 {
+            a.push("restore");
+        }
+        if self.files_deleted + self.delete_failed > 0 {
+            a.push("delete");
+        }
+        a
+    }
+
+    /// OK, PARTIAL or FAILED. A session the server ended early (idle,
+    /// deactivated, removed, shut down, a protocol error) is not OK even if
+    /// what it finished worked; a client that closes without BYE after its
+    /// work is done ended normally.
+    pub fn outcome(&self) -> Outcome {
+        let done = self.files_ok + self.restored + self.files_deleted;
+        let failed = self.files_failed + self.restore_failed + self.delete_failed;
+        let normal = matches!(self.result.as_str(), "ok" | "disconnected");
+        if failed == 0 && normal {
+            Outcome::Ok
+        } else if done > 0 {
+            Outcome::Partial
+        } else {
+            Outcome::Failed
+        }
+    }
+
+    /// What it did, in words: "backup", "restore and delete".
+    pub fn did(&self) -> String {
+        let a = self.activities();
+        match a.as_slice() {
+            [] => "session".into(),
+            [one] => (*one).into(),
+            [init @ .., last] => format!("{} and {last}", init.join(", ")),
+        }
+    }
+
+    fn result_text(&self) -> String {
+        let mut parts = Vec::new();
+        let mut count = |ok: u64, failed: u64, what: &str| {
+            if ok + failed > 0 {
+                parts.push(if failed == 0 {
+                    format!("{ok} file(s) {what}")
+                } else {
+                    format!("{ok} of {} file(s) {what}, {failed} failed", ok + failed)
+                });
+            }
+        };
+        count(self.files_ok, self.files_failed, "stored");
+        count(self.restored, self.restore_failed, "restored");
+        count(self.files_deleted, self.delete_failed, "deleted");
+        let mut text = match self.outcome() {
+            Outcome::Ok => "Completed successfully".to_string(),
+            Outcome::Partial => "Completed in part".to_string(),
+            Outcome::Failed => "Failed".to_string(),
+        };
+        if !parts.is_empty() {
+            text = format!("{text}: {}", parts.join("; "));
+        }
+        if !matches!(self.result.as_str(), "ok" | "disconnected") {
+            text = format!(
+                "{text}; the server ended the session ({})",
+                self.result.replace('_', " ")
+            );
+        }
+        text
+    }
+}
+
+/// The reports of one client's sessions to one recipient, in one message
+/// (CONFIG.md "Email reports": at most one per client per
+/// `report_interval`); a single session reads as a plain session report.
+pub fn session_digest(
     cfg: &Config,
-    f: &SessionFacts,
-    to: &[String],
+    to: &str,
+    sessions: &[SessionFacts],
     at: Timestamp,
 ) -> Result<Outgoing, MailError> {
-    let cust = cfg.customer(f.customer);
-    let (started, ended) = (f.started.unwrap_or(at), f.ended.unwrap_or(at));
-    let secs = ended.duration_since(started).as_secs_f64().max(0.001);
-    let moved = f.bytes_in.max(f.bytes_out);
-    let result_text = if f.ok() {
-        "Completed successfully".to_string()
-    } else if f.result == "ok" {
-        format!("Completed with {} failed file(s)", f.files_failed)
-    } else {
-        format!("Ended early: {}", f.result.replace('_', " "))
+    let Some(last) = sessions.last() else {
+        return Err(MailError::Template("a digest of no session".into()));
     };
+    let when = |secs: i64| {
+        Timestamp::from_second(secs)
+            .map(|t| local(cfg, t))
+            .unwrap_or_default()
+    };
+    let items: Vec<Value> = sessions
+        .iter()
+        .map(|f| {
+            let secs = (f.ended - f.started).max(1) as f64;
+            let moved = f.bytes_in.max(f.bytes_out);
+            context! {
+                session => f.session,
+                schedule => f.schedule,
+                did => f.did(),
+                started => when(f.started),
+                ended => when(f.ended),
+                duration => format!("{:.0} s", secs),
+                outcome => f.outcome().as_str(),
+                result_class => f.outcome().as_str().to_lowercase(),
+                result_text => f.result_text(),
+                files_ok => f.files_ok,
+                files_failed => f.files_failed,
+                restored => f.restored,
+                restore_failed => f.restore_failed,
+                files_deleted => f.files_deleted,
+                delete_failed => f.delete_failed,
+                bytes_in => format_size(f.bytes_in),
+                bytes_out => format_size(f.bytes_out),
+                average_rate => format_rate((moved as f64 / secs) as u64),
+                configured_rate => f.configured_rate.map(format_rate).unwrap_or_else(|| "unthrottled".into()),
+                errors => f.errors,
+                errors_more => f.errors_more,
+            }
+        })
+        .collect();
     let ctx = context! {
-        client => f.client,
-        customer => cust.name,
-        reseller => cust.reseller.map(|r| cfg.reseller(r).name.clone()),
-        schedule => f.schedule,
-        intent => f.intent,
-        started => local(cfg, started),
-        ended => local(cfg, ended),
-        duration => format!("{:.0} s", secs),
-        result => f.result,
-        result_text => result_text,
-        result_class => if f.ok() { "ok" } else { "failed" },
-        files_ok => f.files_ok,
-        files_failed => f.files_failed,
-        files_deleted => f.files_deleted,
-        bytes_in => format_size(f.bytes_in),
-        bytes_out => format_size(f.bytes_out),
-        average_rate => format_rate((moved as f64 / secs) as u64),
-        configured_rate => f.configured_rate.map(format_rate).unwrap_or_else(|| "unthrottled".into()),
-        errors => f.errors,
-        errors_more => f.errors_more,
+        client => last.client,
+        customer => last.customer,
+        reseller => last.reseller,
+        count => sessions.len(),
+        sessions => items,
         server => server_name(),
         timezone => zone_name(cfg),
     };
-    let status = if f.ok() { "OK" } else { "FAILED" };
-    let subject = format!(
-        "[tollgate] {} {} of {} ({}): {}",
-        status,
-        f.intent,
-        f.client,
-        cust.name,
-        local(cfg, ended)
-    );
+    let subject = if let [f] = sessions {
+        format!(
+            "[tollgate] {} {} of {} ({}): {}",
+            f.outcome().as_str(),
+            f.did(),
+            f.client,
+            f.customer,
+            when(f.ended)
+        )
+    } else {
+        let mut tally = Vec::new();
+        for o in [Outcome::Ok, Outcome::Partial, Outcome::Failed] {
+            let n = sessions.iter().filter(|f| f.outcome() == o).count();
+            if n > 0 {
+                tally.push(format!("{n} {}", o.as_str()));
+            }
+        }
+        format!(
+            "[tollgate] {} sessions of {} ({}): {}; last {}",
+            sessions.len(),
+            last.client,
+            last.customer,
+            tally.join(", "),
+            when(last.ended)
+        )
+    };
     build(
         cfg,
         "session_report",
-        to,
+        &[to.to_string()],
         subject,
         render("session.txt", &ctx)?,
         render("session.html", &ctx)?,
@@ -350,27 +481,85 @@ mod tests {
         .unwrap()
     }
 
+    /// Issue 12: what a report calls a session, by what it did.
+    #[test]
+    fn outcomes_and_activities() {
+        let f = |ok, failed, restored, deleted, del_failed, result: &str| SessionFacts {
+            files_ok: ok,
+            files_failed: failed,
+            restored,
+            files_deleted: deleted,
+            delete_failed: del_failed,
+            result: result.into(),
+            ..Default::default()
+        };
+        let cases = [
+            (f(3, 0, 0, 0, 0, "ok"), "OK", "backup"),
+            (f(0, 1, 0, 0, 0, "ok"), "FAILED", "backup"),
+            (f(2, 1, 0, 0, 0, "ok"), "PARTIAL", "backup"),
+            (f(2, 0, 0, 0, 0, "idle_timeout"), "PARTIAL", "backup"),
+            (
+                f(0, 0, 0, 0, 0, "customer_deactivated"),
+                "FAILED",
+                "session",
+            ),
+            (f(0, 0, 4, 0, 0, "disconnected"), "OK", "restore"),
+            (f(0, 0, 0, 0, 1, "ok"), "FAILED", "delete"),
+            (f(1, 0, 1, 1, 0, "ok"), "OK", "backup, restore and delete"),
+        ];
+        for (facts, outcome, did) in cases {
+            assert_eq!(
+                (facts.outcome().as_str(), facts.did().as_str()),
+                (outcome, did),
+                "{facts:?}"
+            );
+        }
+        assert!(
+            f(0, 0, 0, 0, 0, "ok").activities().is_empty(),
+            "a LIST-only session"
+        );
+        assert_eq!(
+            f(2, 1, 0, 0, 0, "ok").result_text(),
+            "Completed in part: 2 of 3 file(s) stored, 1 failed"
+        );
+        assert_eq!(
+            f(0, 0, 0, 0, 0, "shutting_down").result_text(),
+            "Failed; the server ended the session (shutting down)"
+        );
+    }
+
     #[test]
     fn every_template_renders_and_html_is_escaped() {
         let cfg = cfg();
         let c = cfg.customer_by_name("A<b>&co").unwrap();
         let f = SessionFacts {
             client: "PC-1".into(),
-            customer: c,
+            customer: "A<b>&co".into(),
             schedule: "nightly".into(),
-            intent: "backup".into(),
             result: "ok".into(),
             files_failed: 1,
             errors: vec!["bad_path: <script>".into()],
             ..Default::default()
         };
         let at = Timestamp::from_second(1_800_000_000).unwrap();
-        let m = session_report(&cfg, &f, &["a@example.com".into()], at).unwrap();
+        let m = session_digest(&cfg, "a@example.com", std::slice::from_ref(&f), at).unwrap();
         let text = String::from_utf8_lossy(&m.message).to_string();
         assert!(m.subject.contains("FAILED backup of PC-1"), "{}", m.subject);
         assert!(text.contains("multipart/alternative"), "{text}");
         assert!(text.contains("&lt;script&gt;"), "HTML part escapes: {text}");
         assert!(!text.contains("<li><script>"), "{text}");
+        let ok = SessionFacts {
+            files_ok: 2,
+            files_failed: 0,
+            ..f.clone()
+        };
+        let m = session_digest(&cfg, "a@example.com", &[f, ok], at).unwrap();
+        assert!(
+            m.subject
+                .contains("2 sessions of PC-1 (A<b>&co): 1 OK, 1 FAILED"),
+            "{}",
+            m.subject
+        );
         let p = Period::last_complete(crate::config::Frequency::Weekly, &cfg.server.timezone, at);
         let rows = vec![ClientPeriod {
             id: "PC-1".into(),

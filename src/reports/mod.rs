@@ -18,7 +18,7 @@ pub mod deliver;
 use crate::config::{Config, CustomerId, Frequency, McalLimit};
 use crate::policy::period::{self, Period};
 use crate::policy::space::{self, Debits, Node, Usage};
-use crate::state::{Outgoing, State, StateError};
+use crate::state::{PendingReport, State, StateError};
 use jiff::Timestamp;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -26,7 +26,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
-pub use compose::SessionFacts;
+pub use compose::{Outcome, SessionFacts};
 pub use deliver::Transport;
 
 /// Why a message could not be made or delivered.
@@ -65,19 +65,17 @@ pub fn frequency_name(f: Frequency) -> &'static str {
     }
 }
 
-/// The reports of a finished session, one per recipient, for the customer
-/// and the reseller that have `email_reports` on. The caller stores them
-/// with the session's end, in one transaction (`State::end_session`), so a
-/// crash cannot lose a report of a session that was recorded as ended.
-pub fn session_mail(
-    cfg: &Config,
-    f: &SessionFacts,
-    now: Timestamp,
-) -> Result<Vec<Outgoing>, MailError> {
-    if cfg.server.email.is_none() {
-        return Ok(Vec::new());
+/// The reports of a finished session, one per recipient (the customer and
+/// the reseller that have `email_reports` on), waiting for their digest.
+/// None for a session that did nothing to report (it only listed). The
+/// caller stores them with the session's end, in one transaction
+/// (`State::end_session`), so a crash cannot lose a report of a session
+/// that was recorded as ended.
+pub fn session_reports(cfg: &Config, customer: CustomerId, f: &SessionFacts) -> Vec<PendingReport> {
+    if cfg.server.email.is_none() || f.activities().is_empty() {
+        return Vec::new();
     }
-    let cust = cfg.customer(f.customer);
+    let cust = cfg.customer(customer);
     let mut to: Vec<String> = Vec::new();
     if cust.email_reports
         && let Some(e) = &cust.email
@@ -93,9 +91,43 @@ pub fn session_mail(
     }
     // One message per recipient: a customer should not see its reseller's
     // address, nor the reseller the customer's.
-    to.iter()
-        .map(|addr| compose::session_report(cfg, f, std::slice::from_ref(addr), now))
+    let facts = serde_json::to_string(f).unwrap_or_default();
+    to.into_iter()
+        .map(|recipient| PendingReport {
+            recipient,
+            client: f.client.clone(),
+            facts: facts.clone(),
+        })
         .collect()
+}
+
+/// Queues the session digests that are due: for each (recipient, client)
+/// with waiting reports and no mail within `report_interval`, one message
+/// listing every session since. Returns how many.
+pub async fn queue_digests(
+    state: &State,
+    cfg: &Config,
+    now: Timestamp,
+) -> Result<usize, MailError> {
+    let Some(email) = &cfg.server.email else {
+        return Ok(0);
+    };
+    let mut queued = 0;
+    for d in state.due_digests(now, email.report_interval).await? {
+        let sessions: Vec<SessionFacts> = d
+            .reports
+            .iter()
+            .filter_map(|(_, json)| serde_json::from_str(json).ok())
+            .collect();
+        if sessions.is_empty() {
+            continue;
+        }
+        let m = compose::session_digest(cfg, &d.recipient, &sessions, now)?;
+        state.enqueue_digest(&d, &m, now).await?;
+        debug!(to = %d.recipient, client = %d.client, sessions = sessions.len(), "session report queued");
+        queued += 1;
+    }
+    Ok(queued)
 }
 
 /// Queues every consolidated report that is due at `now`. Returns how many.
@@ -424,31 +456,86 @@ pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result
     Ok(queued)
 }
 
-/// The background mail task: queues due reports and alerts, and delivers
-/// the outbox. `cfg` gives the configuration in force; `wake` is notified
-/// when a message was queued or a session ended.
-pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake: Arc<Notify>) {
+/// The background mail tasks: one queues what is due (session digests,
+/// consolidated reports, alerts), the other delivers the outbox, so a relay
+/// that hangs never holds up the queuing. `cfg` gives the configuration in
+/// force; `wake` is notified when a message was queued or a session ended.
+pub async fn run(
+    state: State,
+    cfg: impl Fn() -> Arc<Config> + Send + Sync + Clone + 'static,
+    wake: Arc<Notify>,
+) {
+    let outbox = Arc::new(Notify::new());
+    let deliverer = tokio::spawn(deliver_loop(state.clone(), cfg.clone(), outbox.clone()));
+    schedule_loop(state, cfg, wake, outbox).await;
+    deliverer.abort();
+}
+
+/// Queues session digests, consolidated reports and alerts when due.
+async fn schedule_loop(
+    state: State,
+    cfg: impl Fn() -> Arc<Config> + Send + Sync,
+    wake: Arc<Notify>,
+    outbox: Arc<Notify>,
+) {
     let mut next_schedule = tokio::time::Instant::now();
     let mut last_alerts: Option<tokio::time::Instant> = None;
     let mut woken = false;
-    let mut transport: Option<(Arc<Config>, Option<Transport>)> = None;
     loop {
         let c = cfg();
         let now = crate::clock::now();
+        let mut queued = 0;
+        match queue_digests(&state, &c, now).await {
+            Ok(n) => queued += n,
+            Err(e) => warn!(error = %e, "queuing session reports failed"),
+        }
         if tokio::time::Instant::now() >= next_schedule {
-            if let Err(e) = queue_due_reports(&state, &c, now).await {
-                warn!(error = %e, "queuing consolidated reports failed");
+            match queue_due_reports(&state, &c, now).await {
+                Ok(n) => queued += n,
+                Err(e) => warn!(error = %e, "queuing consolidated reports failed"),
             }
             next_schedule = tokio::time::Instant::now() + SCHEDULE_EVERY;
             woken = true;
         }
         if woken && last_alerts.is_none_or(|t| t.elapsed() >= ALERT_MIN_GAP) {
-            if let Err(e) = queue_alerts(&state, &c, now).await {
-                warn!(error = %e, "checking alerts failed");
+            match queue_alerts(&state, &c, now).await {
+                Ok(n) => queued += n,
+                Err(e) => warn!(error = %e, "checking alerts failed"),
             }
             last_alerts = Some(tokio::time::Instant::now());
             woken = false;
         }
+        if queued > 0 {
+            outbox.notify_one();
+        }
+        // Sleep until the next digest is due, the next schedule check, or a
+        // wake-up; never longer than the schedule interval.
+        let mut sleep = next_schedule.saturating_duration_since(tokio::time::Instant::now());
+        if let Some(email) = &c.server.email
+            && let Ok(Some(due)) = state.next_digest_due(email.report_interval).await
+        {
+            let secs = (due - crate::clock::now().as_second()).max(0) as u64;
+            sleep = sleep.min(Duration::from_secs(secs).max(Duration::from_millis(200)));
+        }
+        if woken {
+            sleep = sleep.min(ALERT_MIN_GAP);
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(sleep) => {}
+            _ = wake.notified() => woken = true,
+        }
+    }
+}
+
+/// Delivers the outbox, with retries, as messages come due.
+async fn deliver_loop(
+    state: State,
+    cfg: impl Fn() -> Arc<Config> + Send + Sync,
+    outbox: Arc<Notify>,
+) {
+    let mut transport: Option<(Arc<Config>, Option<Transport>)> = None;
+    loop {
+        let c = cfg();
         // The transport (and its SMTP connection pool) lives until a reload
         // changes the config; a bad setting is reported once per config.
         if !transport
@@ -466,19 +553,14 @@ pub async fn run(state: State, cfg: impl Fn() -> Arc<Config> + Send + Sync, wake
         {
             warn!(error = %e, "delivering mail failed");
         }
-        // Sleep until the next message is due, the next schedule check, or
-        // a wake-up; never longer than the schedule interval.
-        let mut sleep = next_schedule.saturating_duration_since(tokio::time::Instant::now());
+        let mut sleep = SCHEDULE_EVERY;
         if let Ok(Some(due)) = state.next_mail_due().await {
             let secs = (due - crate::clock::now().as_second()).max(0) as u64;
             sleep = sleep.min(Duration::from_secs(secs).max(Duration::from_millis(200)));
         }
-        if woken {
-            sleep = sleep.min(ALERT_MIN_GAP);
-        }
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
-            _ = wake.notified() => woken = true,
+            _ = outbox.notified() => {}
         }
     }
 }

@@ -67,6 +67,28 @@ pub struct ClientPeriod {
     pub mcal: i64,
 }
 
+/// A finished session's report for one recipient, waiting for its digest.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PendingReport {
+    /// Who gets it.
+    pub recipient: String,
+    /// The client it is about.
+    pub client: String,
+    /// The session's facts, JSON.
+    pub facts: String,
+}
+
+/// The session reports of one (recipient, client) that are due.
+#[derive(Clone, Debug)]
+pub struct DueDigest {
+    /// Who gets it.
+    pub recipient: String,
+    /// The client it is about.
+    pub client: String,
+    /// (row id, facts JSON), oldest first.
+    pub reports: Vec<(i64, String)>,
+}
+
 pub(super) fn insert_outbox<'a>(
     m: &'a Outgoing,
     at: Timestamp,
@@ -93,6 +115,85 @@ fn insert_outbox_due<'a>(
 }
 
 impl State {
+    /// The (recipient, client) pairs whose waiting session reports may go
+    /// out at `now`: none went to that pair within `interval`.
+    pub async fn due_digests(
+        &self,
+        now: Timestamp,
+        interval: std::time::Duration,
+    ) -> Result<Vec<DueDigest>, StateError> {
+        let cutoff = secs(now) - interval.as_secs() as i64;
+        let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
+            "SELECT r.recipient, r.client, r.id, r.facts FROM session_reports r
+             LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client
+             WHERE d.sent_at IS NULL OR d.sent_at <= ?
+             ORDER BY r.recipient, r.client, r.id",
+        )
+        .bind(cutoff)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out: Vec<DueDigest> = Vec::new();
+        for (recipient, client, id, facts) in rows {
+            match out.last_mut() {
+                Some(d) if d.recipient == recipient && d.client == client => {
+                    d.reports.push((id, facts))
+                }
+                _ => out.push(DueDigest {
+                    recipient,
+                    client,
+                    reports: vec![(id, facts)],
+                }),
+            }
+        }
+        Ok(out)
+    }
+
+    /// When the next waiting session report may go out (Unix seconds).
+    pub async fn next_digest_due(
+        &self,
+        interval: std::time::Duration,
+    ) -> Result<Option<i64>, StateError> {
+        Ok(sqlx::query_scalar(
+            "SELECT MIN(COALESCE(d.sent_at + ?, 0)) FROM session_reports r
+             LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client",
+        )
+        .bind(interval.as_secs() as i64)
+        .fetch_one(&self.pool)
+        .await?)
+    }
+
+    /// Queues a digest and retires the session reports it covers, in one
+    /// transaction: nothing is sent twice, nothing lost.
+    pub async fn enqueue_digest(
+        &self,
+        d: &DueDigest,
+        m: &Outgoing,
+        at: Timestamp,
+    ) -> Result<i64, StateError> {
+        let (_lane, mut tx) = immediate(self).await?;
+        let id = insert_outbox(m, at)
+            .execute(&mut *tx)
+            .await?
+            .last_insert_rowid();
+        for (row, _) in &d.reports {
+            sqlx::query("DELETE FROM session_reports WHERE id = ?")
+                .bind(row)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(
+            "INSERT INTO session_digests (recipient, client, sent_at) VALUES (?, ?, ?)
+             ON CONFLICT (recipient, client) DO UPDATE SET sent_at = excluded.sent_at",
+        )
+        .bind(&d.recipient)
+        .bind(&d.client)
+        .bind(secs(at))
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
     /// Queues a message; returns its outbox id.
     pub async fn enqueue(&self, m: &Outgoing, at: Timestamp) -> Result<i64, StateError> {
         let (_lane, mut tx) = immediate(self).await?;

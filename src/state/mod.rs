@@ -17,7 +17,7 @@ mod retention;
 mod views;
 
 pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
-pub use mail::{ClientPeriod, Outgoing, Queued};
+pub use mail::{ClientPeriod, DueDigest, Outgoing, PendingReport, Queued};
 pub use ops::{
     ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed, SessionEnd,
     SessionStart,

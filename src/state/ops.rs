@@ -26,6 +26,26 @@ pub(super) type Tx = Transaction<'static, Sqlite>;
 pub struct QuotaExceeded {
     /// Bytes that were still free at the tightest level.
     pub left: u64,
+    /// That level: `client`, `customer`, `reseller` or `server`.
+    pub level: &'static str,
+    /// Its allotment.
+    pub allotted: u64,
+    /// Bytes taken there, uploads in flight included.
+    pub taken: u64,
+}
+
+impl std::fmt::Display for QuotaExceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        use crate::config::units::format_size;
+        write!(
+            f,
+            "the {}'s space is full: {} of {} used, {} left",
+            self.level,
+            format_size(self.taken),
+            format_size(self.allotted),
+            format_size(self.left)
+        )
+    }
 }
 
 /// A commit about to rename its temporary file into place.
@@ -397,9 +417,12 @@ impl State {
         let rec = known_client(&mut tx, cfg, client).await?;
         let usage = level_usage(&mut tx, cfg, client, rec.customer).await?;
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
-        if !space::fits(&levels, size) {
+        if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
             return Ok(Err(QuotaExceeded {
                 left: space::space_left(&levels).unwrap_or(0),
+                level,
+                allotted,
+                taken,
             }));
         }
         let id: i64 = sqlx::query_scalar("INSERT INTO reservations (client, customer, size, created_at) VALUES (?, ?, ?, ?) RETURNING id")
@@ -774,12 +797,13 @@ impl State {
     }
 
     /// Records the end of a session with its totals and result code.
-    /// `mail` (its e-mail reports) is queued in the same transaction.
+    /// `reports` (its e-mail reports, waiting for their digest) are stored
+    /// in the same transaction.
     pub async fn end_session(
         &self,
         id: &str,
         e: &SessionEnd<'_>,
-        mail: &[super::Outgoing],
+        reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
         let (_lane, mut tx) = immediate(self).await?;
         sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ? WHERE id = ?")
@@ -792,10 +816,16 @@ impl State {
             .bind(id)
             .execute(&mut *tx)
             .await?;
-        for m in mail {
-            super::mail::insert_outbox(m, e.at)
-                .execute(&mut *tx)
-                .await?;
+        for r in reports {
+            sqlx::query(
+                "INSERT INTO session_reports (recipient, client, facts, ended_at) VALUES (?, ?, ?, ?)",
+            )
+            .bind(&r.recipient)
+            .bind(&r.client)
+            .bind(&r.facts)
+            .bind(secs(e.at))
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
         Ok(())

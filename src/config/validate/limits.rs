@@ -8,7 +8,7 @@ use crate::config::raw::{RawLimits, RawRetention};
 
 impl V<'_> {
     /// A duration that may be 0 (a penalty of "0s" switches it off).
-    fn duration_or_zero(
+    pub(super) fn duration_or_zero(
         &mut self,
         v: &Sp<String>,
         key: impl fmt::Display + Copy,

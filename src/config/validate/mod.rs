@@ -1025,7 +1025,18 @@ fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
             }
         });
         let spool = r.spool.as_ref().map(|p| v.path(p.get_ref()));
-        Email { from, admin, smtp, spool }
+        let report_interval = v.duration_or_zero(
+            &r.report_interval,
+            "server.email.report_interval",
+            DEFAULT_REPORT_INTERVAL,
+        );
+        Email {
+            from,
+            admin,
+            smtp,
+            spool,
+            report_interval,
+        }
     });
 
     let _ = span;

@@ -301,12 +301,12 @@ where
     active.decrement(1.0);
     drop(a.joined);
     drop(a.slot);
-    s.abandon_upload().await;
+    s.drop_in_flight().await;
     if !s.closed {
         let _ = timeout(LAST_WORD, s.conn.close()).await;
     }
     drop(a.permit);
-    s.finish(&a.session, &a.hello, intent, a.at, &result, started_at)
+    s.finish(&a.session, &a.hello, a.at, &result, started_at)
         .await;
     Some(result)
 }
@@ -318,7 +318,10 @@ struct Stats {
     bytes_out: u64,
     files_ok: u64,
     files_failed: u64,
+    restored: u64,
+    restore_failed: u64,
     files_deleted: u64,
+    delete_failed: u64,
     /// What the client was told went wrong, for the e-mail report.
     errors: Vec<String>,
     errors_more: u64,
@@ -505,7 +508,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// discarded and BYE says why (PROTOCOL.md Session 4). Returns the
     /// result code, which is the reason.
     async fn end(&mut self, reason: &'static str) -> String {
-        self.abandon_upload().await;
+        self.drop_in_flight().await;
         self.last_word(bye(Some(reason))).await;
         reason.into()
     }
@@ -538,10 +541,32 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     f.kind
                 )))
             }
-            Kind::Put => self.put(&f.payload).await,
+            // What a request did, for the session's report (issue 12):
+            // a refused PUT is a failed file like a failed upload.
+            Kind::Put => {
+                let r = self.put(&f.payload).await;
+                if r.is_err() {
+                    self.stats.files_failed += 1;
+                }
+                r
+            }
             Kind::List => self.list(&f.payload).await,
-            Kind::Get => self.get(&f.payload).await,
-            Kind::Delete => self.delete(&f.payload).await,
+            Kind::Get => {
+                let r = self.get(&f.payload).await;
+                match r {
+                    Ok(Flow::Continue) => self.stats.restored += 1,
+                    _ => self.stats.restore_failed += 1,
+                }
+                r
+            }
+            Kind::Delete => {
+                let r = self.delete(&f.payload).await;
+                match r {
+                    Err(_) => self.stats.delete_failed += 1,
+                    _ => self.stats.files_deleted += 1,
+                }
+                r
+            }
             Kind::Bye => Ok(Flow::Bye),
             Kind::Hello => Err(SessionError::BadRequest(
                 "HELLO was already answered".into(),
@@ -587,7 +612,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         &mut self,
         id: &str,
         h: &crate::policy::Hello,
-        intent: &str,
         started: jiff::Timestamp,
         result: &str,
         started_at: Instant,
@@ -611,6 +635,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         };
         info!(
             result = %result,
+            outcome = outcome_of(&self.stats, result),
             bytes_in = end.bytes_in,
             files_ok = end.files_ok,
             files_failed = end.files_failed,
@@ -625,37 +650,59 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         // CONFIG.md "Email reports": composed after the BYE and stored with
         // the session's end, so mail never holds a client up and a crash
         // cannot lose a report.
+        let cfg = &self.bind.cfg;
+        let cust = cfg.customer(self.bind.customer());
         let facts = crate::reports::SessionFacts {
+            session: id.to_string(),
             client: h.client_id.clone(),
-            customer: self.bind.customer(),
+            customer: cust.name.clone(),
+            reseller: cust.reseller.map(|r| cfg.reseller(r).name.clone()),
             schedule: h.schedule.clone(),
-            intent: intent.to_string(),
-            started: Some(started),
-            ended: Some(end.at),
+            started: started.as_second(),
+            ended: end.at.as_second(),
             result: result.to_string(),
             files_ok: end.files_ok,
             files_failed: end.files_failed,
+            restored: self.stats.restored,
+            restore_failed: self.stats.restore_failed,
             files_deleted: self.stats.files_deleted,
+            delete_failed: self.stats.delete_failed,
             bytes_in: end.bytes_in,
             bytes_out: end.bytes_out,
             configured_rate,
             errors: std::mem::take(&mut self.stats.errors),
             errors_more: self.stats.errors_more,
         };
-        let mail =
-            crate::reports::session_mail(&self.bind.cfg, &facts, end.at).unwrap_or_else(|e| {
-                warn!(error = %e, "composing the session report failed");
-                Vec::new()
-            });
-        if let Err(e) = ctx.state.end_session(id, &end, &mail).await {
+        let reports = crate::reports::session_reports(cfg, self.bind.customer(), &facts);
+        if let Err(e) = ctx.state.end_session(id, &end, &reports).await {
             warn!(error = %e, "recording the session end failed");
         }
-        if !mail.is_empty() {
-            debug!(reports = mail.len(), "session report queued");
+        if !reports.is_empty() {
+            debug!(
+                reports = reports.len(),
+                "session report waiting for its digest"
+            );
         }
         // Deliver the report, and look at the alerts.
         ctx.mail_wake.notify_one();
     }
+}
+
+/// OK, PARTIAL or FAILED, as the report will say (issue 12: the log said
+/// `result=ok` for a session whose one file was refused).
+fn outcome_of(s: &Stats, result: &str) -> &'static str {
+    crate::reports::SessionFacts {
+        result: result.into(),
+        files_ok: s.files_ok,
+        files_failed: s.files_failed,
+        restored: s.restored,
+        restore_failed: s.restore_failed,
+        files_deleted: s.files_deleted,
+        delete_failed: s.delete_failed,
+        ..Default::default()
+    }
+    .outcome()
+    .as_str()
 }
 
 /// A fresh session id: 12 random bytes, hex.

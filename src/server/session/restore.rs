@@ -166,7 +166,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             }
             freed
         };
-        self.stats.files_deleted += 1;
         self.send(Frame::json(
             Kind::Deleted,
             &wire::Deleted {

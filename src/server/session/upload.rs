@@ -52,7 +52,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .state
             .reserve_space(cfg, &self.bind.client, put.size, crate::clock::now())
             .await?;
-        let reservation = res.map_err(|q| SessionError::Quota(format!("{} bytes left", q.left)))?;
+        let reservation = res.map_err(|q| {
+            SessionError::Quota(format!(
+                "{q}; this file needs {}",
+                crate::config::units::format_size(put.size)
+            ))
+        })?;
         let temp = match PipedTemp::create(&storage::temp_dir(cfg, self.bind.customer())) {
             Ok(t) => t,
             Err(e) => {
@@ -207,6 +212,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         self.abandon_upload().await;
         self.stats.files_failed += 1;
         self.discarding = before_end;
+    }
+
+    /// Discards an upload cut short by the session's end (a BYE, a closed
+    /// connection, a notice): it counts as a failed file.
+    pub(super) async fn drop_in_flight(&mut self) {
+        if self.upload.is_some() {
+            self.stats.files_failed += 1;
+            self.abandon_upload().await;
+        }
     }
 
     /// Discards the upload in flight, if any: temp file and reservation.
