@@ -50,6 +50,9 @@ pub enum ClientError {
     /// TLS setup.
     #[error("{0}")]
     Tls(#[from] crate::tls::TlsError),
+    /// The server's certificate is not the pinned one.
+    #[error("{0}")]
+    Pin(crate::tls::PinMismatch),
 }
 
 impl ClientError {
@@ -259,6 +262,24 @@ pub fn apply_meta(path: &Path, mode: Option<u32>, mtime: Option<&str>) -> std::i
     Ok(())
 }
 
+/// A failed handshake because the certificate is not the pinned one
+/// becomes [`ClientError::Pin`], whose text says so plainly.
+fn pin_mismatch(e: std::io::Error) -> ClientError {
+    let pin = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .and_then(|r| match r {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.downcast_ref::<crate::tls::PinMismatch>().cloned()
+            }
+            _ => None,
+        });
+    match pin {
+        Some(p) => ClientError::Pin(p),
+        None => ClientError::Io(e),
+    }
+}
+
 /// The send buffer the client asks the kernel for. Progress counts bytes
 /// that left for the socket; a small buffer keeps that close to what the
 /// server has taken, which a throttled upload takes slowly.
@@ -303,7 +324,8 @@ impl Session {
         tcp.set_nodelay(true)?;
         let stream = TlsConnector::from(Arc::clone(&tls))
             .connect(name, tcp)
-            .await?;
+            .await
+            .map_err(pin_mismatch)?;
         let mut conn = Framed::new(stream, FrameCodec::new(CLIENT_MAX_FRAME));
         let secret = std::fs::read_to_string(&o.secret_file)
             .ok()

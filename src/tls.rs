@@ -166,6 +166,19 @@ pub fn server_tls(cfg: &Config) -> Result<ServerTls, TlsError> {
 }
 
 /// A client verifier that accepts exactly one server certificate, by its
+/// The server's certificate is not the pinned one (`--pin`); its `Display`
+/// is what the client prints.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "the server's certificate does not match the pin: the server presents {server}, --pin is {pinned}; if the server's certificate was replaced, pin the new fingerprint (the daemon prints it at start)"
+)]
+pub struct PinMismatch {
+    /// The certificate the server presented.
+    pub server: String,
+    /// The pin.
+    pub pinned: String,
+}
+
 /// SHA-256 (`--pin`); signatures are still checked.
 #[derive(Debug)]
 pub struct PinVerifier {
@@ -195,11 +208,12 @@ impl rustls::client::danger::ServerCertVerifier for PinVerifier {
         if fingerprint(end_entity) == self.pin {
             Ok(rustls::client::danger::ServerCertVerified::assertion())
         } else {
-            Err(rustls::Error::General(format!(
-                "the server's certificate is {}, not the pinned {}",
-                fingerprint(end_entity),
-                self.pin
-            )))
+            Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::Other(rustls::OtherError(Arc::new(PinMismatch {
+                    server: fingerprint(end_entity),
+                    pinned: self.pin.clone(),
+                }))),
+            ))
         }
     }
 

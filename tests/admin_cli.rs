@@ -336,3 +336,54 @@ async fn a_move_without_room_is_refused_with_the_reason() {
         "nothing moved"
     );
 }
+
+/// Issue 12, item 10: `clients list --json | head` is not an error.
+#[tokio::test]
+async fn a_reader_that_leaves_early_is_not_an_error() {
+    use std::io::Read;
+    let dir = TempDir::new().unwrap();
+    let path = write_config(dir.path());
+    let cfg = Config::load(&path).unwrap();
+    seed(&cfg).await;
+    let st = State::open(&cfg).await.unwrap();
+    let contoso = cfg.customer_by_name("Contoso").unwrap();
+    // Enough output to fill the pipe.
+    for i in 0..38 {
+        st.register_client(
+            &cfg,
+            &format!("FILLER-{i:04}-{}", "x".repeat(40)),
+            contoso,
+            Kind::Desktop,
+            None,
+            now(),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    }
+    st.close().await;
+    for args in [
+        &["clients", "list", "--json"][..],
+        &["clients", "list"],
+        &["status", "--json"],
+    ] {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .env("TOLLGATE_CONFIG", &path)
+            .env("TOLLGATE_FAKE_NOW", NOW)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut first = [0u8; 16];
+        child.stdout.take().unwrap().read_exact(&mut first).unwrap();
+        // The reader goes (like `head -c 16`) while the command still writes.
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !err.contains("Broken pipe") && !err.contains("panicked"),
+            "{args:?}: {err}"
+        );
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+    }
+}

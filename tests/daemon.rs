@@ -813,6 +813,32 @@ async fn the_reference_client_reports_refusals_and_exits_non_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stored 1 of 1 file(s)"));
+    // Issue 12, item 10: a wrong pin says so, with both fingerprints.
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args([
+            "client",
+            "list",
+            "--id",
+            "CLI-1",
+            "--server",
+            &d.addr,
+            "--pin",
+            &wrong,
+            "--secret-file",
+        ])
+        .arg(t.path().join("cli.secret"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("does not match the pin")
+            && err.contains(&d.pin)
+            && err.contains(&wrong)
+            && !err.contains("unexpected error"),
+        "{err}"
+    );
     let out = run(&["delete", "--id", "CLI-1", "nope.txt"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not_found"));

@@ -278,14 +278,29 @@ async fn list(o: Options, prefix: Option<String>, json: bool) -> ExitCode {
         Err(e) => return fail(e),
     };
     let _ = s.bye().await;
-    if json {
-        println!("{}", serde_json::json!({ "entries": entries }));
-    } else {
-        for e in entries {
-            println!("{:>10}  {}  {}", format_size(e.size), e.modified, e.path);
+    let printed = (|| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", serde_json::json!({ "entries": entries }))?;
+        } else {
+            for e in entries {
+                writeln!(
+                    out,
+                    "{:>10}  {}  {}",
+                    format_size(e.size),
+                    e.modified,
+                    e.path
+                )?;
+            }
         }
+        out.flush()
+    })();
+    match printed {
+        // `| head` closed the pipe: not an error.
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => fail(e.into()),
+        _ => ExitCode::SUCCESS,
     }
-    ExitCode::SUCCESS
 }
 
 async fn delete(o: Options, paths: &[String]) -> ExitCode {
