@@ -833,12 +833,16 @@ async fn reports_tell_what_each_session_did() {
     );
     assert_eq!(upload("PC", &[("b.bin", 1000)]).await, 1);
     let db = d.db().await;
-    let waiting: i64 =
+    // Each session's end (and its waiting report) is recorded just after
+    // its BYE: wait for both.
+    let waiting = async || -> i64 {
         sqlx::query_scalar("SELECT COUNT(*) FROM session_reports WHERE client = 'PC'")
             .fetch_one(&db)
             .await
-            .unwrap();
-    assert_eq!(waiting, 2, "coalesced, not sent");
+            .unwrap()
+    };
+    let both = until(Duration::from_secs(10), async || waiting().await == 2).await;
+    assert!(both, "coalesced, not sent: {} waiting", waiting().await);
     let lister: i64 =
         sqlx::query_scalar("SELECT COUNT(*) FROM session_reports WHERE client = 'LISTER'")
             .fetch_one(&db)
