@@ -51,11 +51,12 @@ async fn two_mib_per_second_holds_end_to_end() {
         .unwrap();
     let took = t0.elapsed();
     // Issue 12: the progress counts bytes that left for the socket, which
-    // the server takes at 2 MiB/s; it may lead by a socket buffer and a
-    // frame (the bucket's burst and one 1 MiB DATA frame), never by the
-    // file. Before, the whole file counted as sent within a second.
+    // the server takes at 2 MiB/s; it may lead by what sits between (the
+    // client's send buffer, the server's receive buffer, the 1 MiB frame
+    // the server reads before it pays, the bucket's burst), never by the
+    // file. Before, the whole file counted as sent at once.
     for &(t, n) in seen.lock().unwrap().iter() {
-        let bound = (2.0 * t.as_secs_f64() + 2.5) * (1 << 20) as f64;
+        let bound = (2.0 * t.as_secs_f64() + 4.0) * (1 << 20) as f64;
         assert!(
             (n as f64) <= bound,
             "progress showed {n} bytes after {t:?}, at most {bound} could have gone"
