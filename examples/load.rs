@@ -132,7 +132,7 @@ async fn main() {
     std::fs::write(
         dir.path().join("tollgate.toml"),
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\nmax_connections = 100000\n[server.limits]\nhandshakes = 10000\nper_source_connections = 100000\nregistrations_per_minute = 1000000\n[default_customer]\nauto_add_clients = true\nbackup_location = \"{}/backup\"\n",
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"UTC\"\nmax_connections = 100000\n[server.limits]\nhandshakes = 10000\nper_source_connections = 100000\nregistrations_per_minute = 1000000\n[default_customer]\nauto_add_clients = true\nbackup_location = \"{}/backup\"\n",
             dir.path().display()
         ),
     )

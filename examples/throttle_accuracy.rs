@@ -113,7 +113,7 @@ async fn main() {
     let secs = args.get(1).copied().unwrap_or(10);
     let dir = tempfile::TempDir::new().unwrap();
     let mut cfg = format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\nmax_connections = 20000\n[server.limits]\nhandshakes = 10000\nper_source_connections = 100000\nregistrations_per_minute = 1000000\n[default_customer]\nbackup_location = \"{}/d\"\n[[reseller]]\nname = \"r\"\n",
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"UTC\"\nmax_connections = 20000\n[server.limits]\nhandshakes = 10000\nper_source_connections = 100000\nregistrations_per_minute = 1000000\n[default_customer]\nbackup_location = \"{}/d\"\n[[reseller]]\nname = \"r\"\n",
         dir.path().display()
     );
     for (name, extra) in [

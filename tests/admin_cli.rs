@@ -26,7 +26,7 @@ fn write_config(dir: &Path) -> std::path::PathBuf {
         r#"
 [server]
 timezone = "Europe/Berlin"
-state = "sqlite://state.db"
+state = "sqlite://state/state.db"
 total_space = "20 TiB"
 [server.mcal]
 pool = 1000

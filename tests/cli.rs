@@ -60,7 +60,7 @@ fn check_config_warns_about_open_auto_add_on_a_public_address() {
     for (listen, warned) in [("0.0.0.0:7443", true), ("127.0.0.1:7443", false)] {
         std::fs::write(
             &path,
-            format!("[server]\nlisten = [\"{listen}\"]\nstate = \"sqlite://s.db\"\n{body}"),
+            format!("[server]\nlisten = [\"{listen}\"]\nstate = \"sqlite://s/s.db\"\n{body}"),
         )
         .unwrap();
         let out = tollgate(&["check-config", "--config", path.to_str().unwrap()], None);

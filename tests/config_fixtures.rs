@@ -102,8 +102,8 @@ fn relative_paths_resolve_against_the_file() {
     let tollgate::config::StateUrl::Sqlite(db) = &cfg.server.state else {
         panic!("quickstart uses SQLite");
     };
-    assert_eq!(db, &root.join("var/state.db"));
-    assert_eq!(cfg.server.state_dir, root.join("var"));
+    assert_eq!(db, &root.join("var/state/state.db"));
+    assert_eq!(cfg.server.state_dir, root.join("var/state"));
     assert_eq!(
         cfg.customers[0].backup_location,
         root.join("var/backup/default")

@@ -24,7 +24,7 @@ fn write_config(dir: &Path) -> PathBuf {
     let path = dir.join("tollgate.toml");
     std::fs::write(
         &path,
-        "[server]\ntimezone = \"UTC\"\nstate = \"sqlite://state.db\"\n[default_customer]\nbackup_location = \"./backup\"\nauto_add_clients = true\n",
+        "[server]\ntimezone = \"UTC\"\nstate = \"sqlite://state/state.db\"\n[default_customer]\nbackup_location = \"./backup\"\nauto_add_clients = true\n",
     )
     .unwrap();
     path

@@ -221,7 +221,7 @@ fn report_config(dir: &Path, smtp: u16, weekly: bool) {
     std::fs::write(
         dir.join("tollgate.toml"),
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"Europe/Berlin\"\n{}\
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"Europe/Berlin\"\n{}\
              [[reseller]]\nname = \"north\"\n\
              [[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\n\
              backup_location = \"{}/acme\"\nauto_add_clients = true\n{report}",

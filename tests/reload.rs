@@ -18,7 +18,7 @@ use tollgate::wire::{Frame, Kind};
 fn config(dir: &Path, acme_active: bool, acme_rate: &str) -> String {
     let d = dir.display();
     format!(
-        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\nmetrics_listen = \"127.0.0.1:0\"\n\
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"UTC\"\nmetrics_listen = \"127.0.0.1:0\"\n\
          [[reseller]]\nname = \"r\"\n\
          [[customer]]\nname = \"Acme\"\nreseller = \"r\"\nemail = \"it@acme.example\"\nbackup_location = \"{d}/acme\"\nauto_add_clients = true\nactivated = {acme_active}\nthrottle = {{ enabled = true, rate = \"{acme_rate}\" }}\n\
          [[customer]]\nname = \"Other\"\nreseller = \"r\"\nemail = \"it@other.example\"\nbackup_location = \"{d}/other\"\nauto_add_clients = true\n"
@@ -359,7 +359,7 @@ async fn listen_and_certificate_changes_apply_without_dropping_sessions() {
     let pin_a = write_pair(dir.path());
     let cfg = |port: u16| {
         format!(
-            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\n\
+            "[server]\nlisten = [\"127.0.0.1:{port}\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"UTC\"\n\
              [server.tls]\ncert = \"server.crt\"\nkey = \"server.key\"\n\
              [default_customer]\nbackup_location = \"{}/b\"\nauto_add_clients = true\n",
             dir.path().display()

@@ -12,7 +12,7 @@ const MIB: u64 = 1 << 20;
 
 fn config(dir: &Path, body: &str) -> Config {
     let src = format!(
-        "[server]\ntimezone = \"Europe/Berlin\"\nstate = \"sqlite://{}/state.db\"\n{body}",
+        "[server]\ntimezone = \"Europe/Berlin\"\nstate = \"sqlite://{}/state/state.db\"\n{body}",
         dir.display()
     );
     Config::from_str(&src, &dir.join("tollgate.toml")).unwrap_or_else(|e| panic!("{e:#?}"))

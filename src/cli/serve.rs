@@ -289,19 +289,22 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         });
     }
 
-    loop {
+    let signal = loop {
         tokio::select! {
-            _ = term.recv() => { info!("SIGTERM: shutting down"); break; }
-            _ = int.recv() => { info!("SIGINT: shutting down"); break; }
+            _ = term.recv() => break "SIGTERM",
+            _ = int.recv() => break "SIGINT",
             _ = hup.recv() => { info!("SIGHUP: reloading the configuration"); let _ = reload_tx.send(()); }
             r = &mut server => {
                 warn!("the listener ended on its own: {r:?}");
                 return Ok(ExitCode::FAILURE);
             }
         }
-    }
-    notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
+    };
+    // Draining first, then the line: whoever reads the line may rely on
+    // every later HELLO being refused with `shutting_down`.
     let _ = phase_tx.send(Phase::Draining);
+    info!("{signal}: shutting down");
+    notify(&[NotifyState::Stopping, NotifyState::Status("shutting down")]);
     let grace = ctx.cfg.load().server.shutdown_grace;
     if tokio::time::timeout(grace, &mut server).await.is_err() {
         info!(?grace, "grace period over; ending the remaining sessions");

@@ -472,7 +472,7 @@ mod tests {
 
     fn cfg() -> Config {
         Config::from_str(
-            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/x.db\"\ntimezone = \"Europe/Berlin\"\n\
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/tollgate-unit/x.db\"\ntimezone = \"Europe/Berlin\"\n\
              [server.email]\nfrom = \"tollgate@example.com\"\nspool = \"/tmp/spool\"\n\
              [[reseller]]\nname = \"r\"\n\
              [[customer]]\nname = \"A<b>&co\"\nreseller = \"r\"\nemail = \"a@example.com\"\nbackup_location = \"/tmp/a\"\n",

@@ -574,7 +574,7 @@ mod tests {
 
     fn cfg() -> Config {
         Config::from_str(
-            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/x.db\"\ntimezone = \"UTC\"\ntotal_space = \"100 MiB\"\n\
+            "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/tollgate-unit/x.db\"\ntimezone = \"UTC\"\ntotal_space = \"100 MiB\"\n\
              [server.mcal]\npool = 10\n\
              [server.email]\nfrom = \"t@x.example\"\nadmin = \"noc@x.example\"\nspool = \"/tmp/s\"\n\
              [default_customer]\nspace = \"0 B\"\n\

@@ -47,7 +47,7 @@ pub fn write_config(dir: &Path, server_extra: &str, body: &str) -> PathBuf {
     std::fs::write(
         &path,
         format!(
-            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state.db\"\ntimezone = \"UTC\"\n{server_extra}\n{body}"
+            "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"sqlite://state/state.db\"\ntimezone = \"UTC\"\n{server_extra}\n{body}"
         ),
     )
     .unwrap();
@@ -225,7 +225,7 @@ impl Daemon {
 
     /// The size of the state database with its write-ahead log, in bytes.
     pub fn db_bytes(&self) -> u64 {
-        ["state.db", "state.db-wal"]
+        ["state/state.db", "state/state.db-wal"]
             .iter()
             .filter_map(|f| std::fs::metadata(self.dir.join(f)).ok())
             .map(|m| m.len())
@@ -234,9 +234,12 @@ impl Daemon {
 
     /// Opens the daemon's database read-only-ish for checks.
     pub async fn db(&self) -> sqlx::SqlitePool {
-        sqlx::SqlitePool::connect(&format!("sqlite://{}", self.dir.join("state.db").display()))
-            .await
-            .unwrap()
+        sqlx::SqlitePool::connect(&format!(
+            "sqlite://{}",
+            self.dir.join("state/state.db").display()
+        ))
+        .await
+        .unwrap()
     }
 }
 

@@ -13,6 +13,7 @@ use std::ops::Range;
 use toml::Spanned;
 
 mod limits;
+mod locations;
 
 /// The rule a [`ConfigError`] breaks; each has a fixture in
 /// `tests/fixtures/config/invalid/`.
@@ -76,13 +77,15 @@ pub enum Rule {
     Throttle,
     /// `[server.limits]` values that contradict each other or the protocol.
     Limits,
+    /// Backup locations that are equal, nested, or inside `state_dir`.
+    Overlap,
     /// A network in `penalties.exempt` that does not parse.
     Cidr,
 }
 
 impl Rule {
     /// Every rule, for tests that prove each has a fixture.
-    pub const ALL: [Rule; 30] = [
+    pub const ALL: [Rule; 31] = [
         Rule::Syntax,
         Rule::UnknownKey,
         Rule::Required,
@@ -113,6 +116,7 @@ impl Rule {
         Rule::Throttle,
         Rule::Limits,
         Rule::Cidr,
+        Rule::Overlap,
     ];
 
     /// A stable kebab-case name, used in `--json` output and fixtures.
@@ -148,6 +152,7 @@ impl Rule {
             Rule::Throttle => "throttle",
             Rule::Limits => "limits",
             Rule::Cidr => "cidr",
+            Rule::Overlap => "overlap",
         }
     }
 }
@@ -494,6 +499,17 @@ fn line_col(src: &str, at: usize) -> (usize, usize) {
     (line, src[line_start..at].chars().count() + 1)
 }
 
+/// The Default Customer's `backup_location` when the file names none:
+/// `<state_dir>-backup/default`, beside `state_dir` and never inside it.
+pub(crate) fn default_location(state_dir: &Path) -> PathBuf {
+    let name = state_dir
+        .file_name()
+        .map(|n| format!("{}-backup", n.to_string_lossy()))
+        .unwrap_or_else(|| "tollgate-backup".into());
+    let parent = state_dir.parent().unwrap_or(Path::new("/"));
+    normalize(&parent.join(name).join("default"))
+}
+
 /// Folds `.` and `..` without touching the file system.
 fn normalize(p: &Path) -> PathBuf {
     use std::path::Component;
@@ -824,6 +840,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         client_by_id,
     };
     check_nesting(v, doc, &config);
+    locations::check_locations(v, doc, &config);
     Some(config)
 }
 
@@ -1094,9 +1111,11 @@ fn customer(
             }
             v.path(s)
         }
+        // Beside state_dir, never inside it (CONFIG.md Additions):
+        // /var/lib/tollgate → /var/lib/tollgate-backup/default.
         None if is_default => server
             .as_ref()
-            .map(|s| s.state_dir.join("default"))
+            .map(|s| default_location(&s.state_dir))
             .unwrap_or_default(),
         None => {
             v.err(

@@ -99,7 +99,7 @@ fn config_text(server_keys: &str, tables: &str, acme_active: bool) -> String {
     format!(
         r#"
 [server]
-state = "sqlite://state.db"
+state = "sqlite://state/state.db"
 timezone = "UTC"
 idle_timeout = "60s"
 hello_timeout = "10s"
