@@ -13,6 +13,7 @@ use crate::state::{PendingCommit, State, StateError};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Directory under each backup location that holds uploads in progress.
@@ -171,6 +172,22 @@ pub enum Step {
     Indexed,
 }
 
+/// Makes every file and directory this process creates from now on its
+/// owner's alone (umask 077), as CONFIG.md asks of the daemon's files.
+pub fn private_umask() {
+    use rustix::fs::Mode;
+    rustix::process::umask(Mode::from_bits_truncate(0o077));
+}
+
+/// `create_dir_all` with mode 0700 for each directory it makes.
+pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+}
+
 /// An upload being written to its temporary file, hashed as it goes.
 pub struct TempFile {
     path: PathBuf,
@@ -182,7 +199,7 @@ pub struct TempFile {
 impl TempFile {
     /// Creates a fresh temporary file in `dir` (created if missing).
     pub fn create(dir: &Path) -> io::Result<TempFile> {
-        fs::create_dir_all(dir)?;
+        create_private_dirs(dir)?;
         let mut rnd = [0u8; 12];
         getrandom::fill(&mut rnd).map_err(|e| io::Error::other(e.to_string()))?;
         let name: String = rnd.iter().map(|b| format!("{b:02x}")).collect();
@@ -190,6 +207,7 @@ impl TempFile {
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
+            .mode(0o600)
             .open(&path)?;
         Ok(TempFile {
             path,
@@ -414,7 +432,7 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
     // creating it and the rename: make it again and retry.
     let mut tries = 0;
     let first = loop {
-        fs::create_dir_all(parent)?;
+        create_private_dirs(parent)?;
         match fs::rename(from, to) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 && from.exists() => {
                 tries += 1;
@@ -425,7 +443,7 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
     match first {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-            fs::create_dir_all(staging)?;
+            create_private_dirs(staging)?;
             let staged = staging.join(format!(
                 "xdev-{:016x}",
                 getrandom::u64().unwrap_or_default()
@@ -461,7 +479,6 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
 /// it (created with `mode`), fsync, rename over `path`, fsync the
 /// directory. A crash leaves the old file or the new one, never a torn one.
 pub fn write_durably(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -554,7 +571,7 @@ pub fn move_dir(from: &Path, to: &Path) -> io::Result<()> {
         ));
     }
     if let Some(p) = to.parent() {
-        fs::create_dir_all(p)?;
+        create_private_dirs(p)?;
     }
     match fs::rename(from, to) {
         Ok(()) => Ok(()),
@@ -569,7 +586,7 @@ pub fn move_dir(from: &Path, to: &Path) -> io::Result<()> {
 }
 
 fn copy_tree(from: &Path, to: &Path) -> io::Result<()> {
-    fs::create_dir_all(to)?;
+    create_private_dirs(to)?;
     for e in fs::read_dir(from)? {
         let e = e?;
         let dest = to.join(e.file_name());

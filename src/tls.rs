@@ -106,7 +106,7 @@ fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
         move |source| TlsError::Io { path, source }
     };
     let dir = cert.parent().expect("the pair lives in a directory");
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    crate::storage::create_private_dirs(dir).map_err(io(dir))?;
     let names = vec![
         "localhost".to_string(),
         "127.0.0.1".to_string(),
@@ -115,7 +115,7 @@ fn self_signed(state_dir: &Path) -> Result<(PathBuf, PathBuf), TlsError> {
     let pair =
         rcgen::generate_simple_self_signed(names).map_err(|e| TlsError::Generate(e.to_string()))?;
     write_private(&key, pair.signing_key.serialize_pem().as_bytes()).map_err(io(&key))?;
-    crate::storage::write_durably(&cert, pair.cert.pem().as_bytes(), 0o644).map_err(io(&cert))?;
+    write_private(&cert, pair.cert.pem().as_bytes()).map_err(io(&cert))?;
     Ok((cert, key))
 }
 

@@ -378,3 +378,114 @@ async fn the_reference_client_gives_back_paths_modes_and_times() {
         0o644
     );
 }
+
+fn mode(p: &Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+/// CONFIG.md Additions: every file the daemon makes is 0600 and every
+/// directory 0700, whatever the umask it was started with; a backup
+/// location made by hand that others can open draws a warning at start.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_file_the_daemon_makes_is_its_own() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new().unwrap();
+    let d0 = dir.path();
+    // An admin's mkdir with umask 022.
+    std::fs::create_dir_all(d0.join("backup/alpha")).unwrap();
+    std::fs::set_permissions(
+        d0.join("backup/alpha"),
+        std::fs::Permissions::from_mode(0o755),
+    )
+    .unwrap();
+    let spool = d0.join("spool/mail");
+    let text = config(d0, "Alpha").replacen(
+        "metrics_listen = \"127.0.0.1:0\"\n",
+        &format!(
+            "metrics_listen = \"127.0.0.1:0\"\n\n[server.email]\nfrom = \"t@x.example\"\nadmin = \"noc@x.example\"\nspool = \"{}\"\nreport_interval = \"0s\"\n",
+            spool.display()
+        ),
+        1,
+    )
+    .replacen(
+        "email = \"a@x.example\"\n",
+        "email = \"a@x.example\"\nemail_reports = true\n",
+        1,
+    );
+    std::fs::write(d0.join("tollgate.toml"), text).unwrap();
+    // The daemon inherits a permissive umask, as from a login shell.
+    rustix::process::umask(rustix::fs::Mode::from_bits_truncate(0o022));
+    let d = Daemon::start(d0);
+    let log = d.log();
+    let warned = log
+        .lines()
+        .find(|l| l.contains("backup_location is open to other users"))
+        .unwrap_or_else(|| panic!("no warning about backup/alpha:\n{log}"));
+    assert!(
+        warned.contains("Alpha") && warned.contains("0755"),
+        "{warned}"
+    );
+    assert!(
+        !log.lines()
+            .any(|l| l.contains("open to other users") && l.contains("Beta")),
+        "Beta's location was made by the daemon: {log}"
+    );
+
+    let src = d0.join("src/a.bin");
+    make_file(&src, 10_000, 1);
+    std::fs::set_permissions(&src, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let mut s = Session::connect(&d.opts("DECL")).await.unwrap();
+    let up = Upload::new(src.clone(), "deep/er/a.bin".into()).unwrap();
+    assert!(s.upload(&[up], &|_| {}).await.unwrap()[0].is_ok());
+    s.bye().await.unwrap();
+    assert!(
+        wait_until(Duration::from_secs(20), || std::fs::read_dir(&spool)
+            .map(|r| r
+                .flatten()
+                .any(|e| e.file_name().to_string_lossy().ends_with(".eml")))
+            .unwrap_or(false)),
+        "a report reached the spool:\n{}",
+        d.log()
+    );
+
+    let mut files = vec![
+        d0.join("backup/alpha/DECL/deep/er/a.bin"),
+        d0.join("state/state.db"),
+        d0.join("state/applied-config.toml"),
+    ];
+    let mut dirs = vec![
+        d0.join("backup/alpha/DECL"),
+        d0.join("backup/alpha/DECL/deep"),
+        d0.join("backup/alpha/DECL/deep/er"),
+        d0.join("backup/beta"),
+        d0.join("backup/default"),
+        d0.join("spool/mail"),
+        d0.join("spool"),
+    ];
+    let mut todo = vec![d0.join("state")];
+    while let Some(dir) = todo.pop() {
+        for e in std::fs::read_dir(&dir).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p.clone());
+                dirs.push(p);
+            } else {
+                files.push(p);
+            }
+        }
+    }
+    for e in std::fs::read_dir(&spool).unwrap().flatten() {
+        files.push(e.path());
+    }
+    assert!(
+        files.iter().any(|p| p.to_string_lossy().ends_with(".key")),
+        "the self-signed key is among them: {files:?}"
+    );
+    for f in &files {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    for p in &dirs {
+        assert_eq!(mode(p), 0o700, "{}", p.display());
+    }
+}

@@ -127,6 +127,12 @@ pub enum ClientsAction {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    if !matches!(cli.command, Command::Client { .. }) {
+        // Everything the daemon and the admin commands create is the
+        // service user's alone (CONFIG.md Additions: files 0600,
+        // directories 0700), whatever mode each call site asks for.
+        crate::storage::private_umask();
+    }
     match cli.command {
         Command::CheckConfig { json } => check_config(&cli.config, json),
         Command::HashSecret => hash_secret(),

@@ -90,10 +90,16 @@ fn redact(s: &str) -> String {
 
 /// Writes `<spool>/<id>.eml` atomically: a reader never sees half a file.
 fn spool(dir: &Path, id: i64, bytes: &[u8]) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    crate::storage::create_private_dirs(dir)?;
     let name = format!("tollgate-{id:010}.eml");
     let tmp = dir.join(format!(".{name}.tmp"));
-    let mut f = std::fs::File::create(&tmp)?;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);

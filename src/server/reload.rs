@@ -192,6 +192,13 @@ pub enum SetupError {
     Move(#[from] crate::state::MoveRefused),
 }
 
+/// The mode of `dir` when its group or others have any access to it.
+fn open_to_others(dir: &Path) -> Option<u32> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir).ok()?.permissions().mode() & 0o7777;
+    (mode & 0o077 != 0).then_some(mode)
+}
+
 /// Creates every customer's backup location (mode 0700) and proves it is
 /// writable (CONFIG.md: else the daemon refuses to start, or the reload).
 pub fn prepare_locations(cfg: &Config) -> Result<(), SetupError> {
@@ -214,9 +221,18 @@ pub fn prepare_locations(cfg: &Config) -> Result<(), SetupError> {
                 .mode(0o700)
                 .create(dir)
                 .map_err(fail("cannot create backup_location", dir))?;
+        } else if let Some(mode) = open_to_others(dir) {
+            // Made by hand with the admin's umask: say so, but serve on.
+            warn!(
+                customer = %c.name,
+                path = %dir.display(),
+                mode = %format!("{mode:04o}"),
+                "backup_location is open to other users (group or others have access); its clients' files may be read by them. Run: chmod 700 {}",
+                dir.display()
+            );
         }
         let tmp = storage::temp_dir(cfg, crate::config::CustomerId(i as u32));
-        std::fs::create_dir_all(&tmp).map_err(fail("cannot create", &tmp))?;
+        storage::create_private_dirs(&tmp).map_err(fail("cannot create", &tmp))?;
         let probe = tmp.join(".write-probe");
         std::fs::write(&probe, b"").map_err(fail("backup_location is not writable:", dir))?;
         let _ = std::fs::remove_file(probe);
@@ -247,9 +263,9 @@ pub async fn apply_declared(state: &State, cfg: &Config) -> Result<(), SetupErro
 /// logged: it costs the fallback, not the daemon.
 pub fn save_applied(cfg: &Config) {
     let path = cfg.applied_copy();
-    // Readable by the group that may read the state (it holds hashes, like
-    // the config file itself, never a plaintext secret).
-    if let Err(e) = storage::write_durably(&path, cfg.source.0.as_bytes(), 0o640) {
+    // 0600 like every file the daemon makes (CONFIG.md Additions); it
+    // holds hashes, like the config file itself, never a plaintext secret.
+    if let Err(e) = storage::write_durably(&path, cfg.source.0.as_bytes(), 0o600) {
         warn!(error = %e, path = %path.display(), "saving the applied configuration failed");
     }
 }

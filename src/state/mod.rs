@@ -95,10 +95,35 @@ impl State {
     /// Opens (creating if needed) the SQLite file at `path`.
     pub async fn open_sqlite(path: &Path) -> Result<State, StateError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).map_err(|e| StateError::Io {
-                context: format!("creating {}", dir.display()),
-                source: e,
-            })?;
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+                .map_err(|e| StateError::Io {
+                    context: format!("creating {}", dir.display()),
+                    source: e,
+                })?;
+        }
+        // Created 0600 here rather than by SQLite (which follows the
+        // umask); its -wal and -shm files copy the database's mode.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            let made = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(path);
+            match made {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+                Err(e) => {
+                    return Err(StateError::Io {
+                        context: format!("creating {}", path.display()),
+                        source: e,
+                    });
+                }
+            }
         }
         // WAL lets readers run beside the writer; synchronous=FULL makes every
         // commit durable before it returns, which STORED relies on.
