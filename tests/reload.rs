@@ -417,3 +417,104 @@ async fn listen_and_certificate_changes_apply_without_dropping_sessions() {
         "{log}"
     );
 }
+
+/// Issue 12, item 14: a reload names what it changed, the daemon logs the
+/// admin commands' changes when it sees them, and JSON log times carry the
+/// offset of the server's zone.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_log_names_what_changed_and_when_in_which_zone() {
+    let dir = TempDir::new().unwrap();
+    let paris = |text: String| text.replace("timezone = \"UTC\"", "timezone = \"Europe/Paris\"");
+    std::fs::write(
+        dir.path().join("tollgate.toml"),
+        paris(config(dir.path(), true, "8 MiB/s")),
+    )
+    .unwrap();
+    let d = Daemon::start_with(dir.path(), &[], &["--log-format", "json"]);
+    let mut o = d.opts("PC-A");
+    o.customer = Some("Acme".into());
+    Session::connect(&o).await.unwrap().bye().await.unwrap();
+
+    // Acme's rate changes, Other goes, Third and a declared client come.
+    let edited = paris(config(dir.path(), true, "4 MiB/s"))
+        .replace(
+            "[[customer]]\nname = \"Other\"",
+            "[[customer]]\nname = \"Third\"",
+        )
+        .replace("it@other.example", "it@third.example")
+        .replace("/other\"", "/third\"")
+        + "[[client]]\nid = \"DECL-1\"\ncustomer = \"Acme\"\n";
+    replace_config(dir.path(), &edited);
+    let messages = || -> Vec<serde_json::Value> {
+        d.log()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    };
+    let said = |m: &str| {
+        messages().iter().any(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains(m))
+        })
+    };
+    for line in [
+        "reload: customer \"Acme\" changed: throttle",
+        "reload: customer \"Third\" added",
+        "reload: customer \"Other\" removed",
+        "reload: client \"DECL-1\" added",
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(10), || said(line)),
+            "no {line:?} in:\n{}",
+            d.log()
+        );
+    }
+    assert!(!said("reload: reseller"), "the reseller did not change");
+
+    admin_ok(
+        &d.config,
+        &["clients", "move", "PC-A", "--to", "Third"],
+        &[],
+    );
+    admin_ok(&d.config, &["clients", "readmit", "PC-A"], &[]);
+    admin_ok(&d.config, &["clients", "remove", "PC-A"], &[]);
+    for line in [
+        "`tollgate clients move` moved the client",
+        "`tollgate clients readmit` gave the client a one-time readmit key",
+        "`tollgate clients remove` removed the client (its files are kept)",
+    ] {
+        assert!(
+            wait_until(Duration::from_secs(10), || said(line)),
+            "no {line:?} in:\n{}",
+            d.log()
+        );
+    }
+    let moved = messages()
+        .into_iter()
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|s| s.contains("clients move"))
+        })
+        .unwrap();
+    assert_eq!(
+        (
+            moved["fields"]["client"].as_str(),
+            moved["fields"]["to"].as_str()
+        ),
+        (Some("PC-A"), Some("Third")),
+        "{moved}"
+    );
+
+    // Every line's time says its offset, the server zone's at that instant.
+    let tz = jiff::tz::TimeZone::get("Europe/Paris").unwrap();
+    for v in messages() {
+        let t = v["timestamp"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no time: {v}"));
+        let at: jiff::Timestamp = t.parse().unwrap_or_else(|e| panic!("{t}: {e}"));
+        let want = at.to_zoned_datetime(tz.clone()).strftime("%:z").to_string();
+        assert!(t.ends_with(&want), "{t} does not end with {want}");
+    }
+}

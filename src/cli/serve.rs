@@ -30,19 +30,41 @@ pub enum LogFormat {
     Json,
 }
 
+/// The zone log times are written in: `server.timezone` once the config
+/// is loaded, the system's before.
+static LOG_ZONE: std::sync::OnceLock<jiff::tz::TimeZone> = std::sync::OnceLock::new();
+
+/// Log times as RFC 3339 with the offset of the server's zone, to the
+/// microsecond (`2026-11-30T10:04:54.282740+01:00`): a line read beside a
+/// report or a client's log says which wall clock it means (issue 12).
+/// The real clock, never `TOLLGATE_FAKE_NOW`'s shifted one.
+struct ZonedTime;
+
+impl tracing_subscriber::fmt::time::FormatTime for ZonedTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let tz = LOG_ZONE
+            .get()
+            .cloned()
+            .unwrap_or_else(jiff::tz::TimeZone::system);
+        let now = jiff::Timestamp::now().to_zoned_datetime(tz);
+        write!(w, "{}", now.strftime("%Y-%m-%dT%H:%M:%S%.6f%:z"))
+    }
+}
+
 /// Sets up logging to stderr; `RUST_LOG` overrides the level. Under
-/// systemd (JOURNAL_STREAM set) the journal adds its own timestamps.
+/// systemd (JOURNAL_STREAM set) text lines leave the time to the journal;
+/// JSON objects always carry theirs, for the log shippers that read them.
 pub fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
-        .with_ansi(false);
+        .with_ansi(false)
+        .with_timer(ZonedTime);
     let journal = std::env::var_os("JOURNAL_STREAM").is_some();
     let _ = match (format, journal) {
-        (LogFormat::Json, true) => builder.json().without_time().try_init(),
-        (LogFormat::Json, false) => builder.json().try_init(),
+        (LogFormat::Json, _) => builder.json().try_init(),
         (LogFormat::Text, true) => builder.without_time().try_init(),
         (LogFormat::Text, false) => builder.try_init(),
     };
@@ -59,6 +81,7 @@ fn notify(states: &[NotifyState]) {
 pub fn serve(path: &Path, format: LogFormat) -> anyhow::Result<ExitCode> {
     init_tracing(format);
     let cfg = Arc::new(super::load(path)?);
+    let _ = LOG_ZONE.set(cfg.server.timezone.clone());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -7,6 +7,7 @@
 //! [`Config`]. A `Config` is therefore always valid: callers never re-check.
 //! This module does no I/O beyond reading the file it is given.
 
+pub mod diff;
 pub mod limits;
 mod raw;
 pub mod units;

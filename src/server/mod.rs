@@ -30,7 +30,7 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 /// Longest pause of an accept loop after an accept error (EMFILE …).
 pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
@@ -140,13 +140,43 @@ async fn watch_client_events(ctx: Arc<Context>) {
                 continue;
             }
         };
-        for (seq, client, ev) in events {
-            seen = seq;
+        for row in events {
+            seen = row.seq;
             let live = ctx.live.lock().unwrap_or_else(|p| p.into_inner());
-            for (_, tx) in live.get(&client).into_iter().flatten() {
-                let _ = tx.send(Notice::Client(ev.clone()));
+            let sessions = live.get(&row.client).map_or(0, Vec::len);
+            for (_, tx) in live.get(&row.client).into_iter().flatten() {
+                let _ = tx.send(Notice::Client(row.event.clone()));
             }
+            drop(live);
+            log_event(&row, sessions);
         }
+    }
+}
+
+/// Logs an admin command's change to a client when the daemon sees it
+/// (issue 12): the command ran in another process, so this is the
+/// daemon's own record of what it now acts on.
+fn log_event(row: &crate::state::EventRow, sessions: usize) {
+    let client = crate::config::escape_log(&row.client, 64);
+    match (row.kind.as_str(), &row.event) {
+        // The reload that applied it has logged it already.
+        ("moved-by-config", _) => {}
+        (_, ClientEvent::Moved(to)) => info!(
+            %client, to = %to, live_sessions = sessions,
+            "`tollgate clients move` moved the client and its files; live sessions follow it"
+        ),
+        ("purged", _) => info!(
+            %client, live_sessions = sessions,
+            "`tollgate clients remove --purge` removed the client and deleted its files; live sessions end"
+        ),
+        (_, ClientEvent::Removed) => info!(
+            %client, live_sessions = sessions,
+            "`tollgate clients remove` removed the client (its files are kept); live sessions end"
+        ),
+        (_, ClientEvent::Readmitted) => info!(
+            %client,
+            "`tollgate clients readmit` gave the client a one-time readmit key"
+        ),
     }
 }
 

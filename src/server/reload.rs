@@ -86,8 +86,13 @@ pub async fn reload(ctx: &Arc<Context>, path: &Path) -> Result<String, ReloadErr
     apply_declared(&ctx.state, &new).await?;
     save_applied(&new);
 
+    let changes = crate::config::diff::diff(&old, &new);
     let new = Arc::new(new);
     ctx.cfg.store(new.clone());
+    // What changed, by name, one line each: the audit trail of live edits.
+    for c in &changes {
+        info!(what = c.what, name = %c.name, "reload: {c}");
+    }
     if let Some(t) = tls {
         ctx.tls.store(t.config);
         info!(fingerprint = %t.fingerprint, "new handshakes use this certificate");
@@ -96,11 +101,16 @@ pub async fn reload(ctx: &Arc<Context>, path: &Path) -> Result<String, ReloadErr
     let told = ctx.notify_all(Notice::Reloaded);
     apply_listen(ctx, &old.server.listen, &new.server.listen).await;
     let summary = format!(
-        "reloaded {}: {} resellers, {} customers, {} declared clients; {told} sessions told",
+        "reloaded {}: {} resellers, {} customers, {} declared clients; {} change(s); {told} sessions told",
         path.display(),
         new.resellers.len(),
         new.customers.len() - 1,
-        new.clients.len()
+        new.clients.len(),
+        if changes.is_empty() {
+            "no".to_string()
+        } else {
+            changes.len().to_string()
+        },
     );
     Ok(summary)
 }

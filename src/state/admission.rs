@@ -408,6 +408,7 @@ impl State {
             .bind(&row.id)
             .execute(&mut *tx)
             .await?;
+        super::ops::record_event(&mut tx, at, &row.id, "readmitted", None).await?;
         tx.commit().await?;
         Ok(Readmit::Key {
             id: row.id,

@@ -19,8 +19,8 @@ mod views;
 pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
 pub use mail::{ClientPeriod, DueDigest, Outgoing, PendingReport, Queued};
 pub use ops::{
-    ClientEvent, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed, SessionEnd,
-    SessionStart,
+    ClientEvent, EventRow, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed,
+    SessionEnd, SessionStart,
 };
 pub use refusals::{INVALID_ID, MAX_STORED, truncate};
 pub use retention::Pruned;

@@ -608,7 +608,7 @@ impl State {
             let tname = cfg.customer(target).name.clone();
             return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
         }
-        if let Err(why) = move_in(&mut tx, cfg, &row, &rec, target, at, move_data).await? {
+        if let Err(why) = move_in(&mut tx, cfg, &row, &rec, target, at, "moved", move_data).await? {
             return Ok(Err(why));
         }
         tx.commit().await?;
@@ -659,7 +659,8 @@ impl State {
                 .execute(&mut *tx)
                 .await?;
         }
-        record_event(&mut tx, at, id, "removed", None).await?;
+        let kind = if purge { "purged" } else { "removed" };
+        record_event(&mut tx, at, id, kind, None).await?;
         if purge && !row.declared {
             sqlx::query("DELETE FROM clients WHERE id = ?")
                 .bind(id)
@@ -725,9 +726,16 @@ impl State {
                         c.id, row.customer
                     ))));
                 };
-                let refused = move_in(&mut tx, cfg, &row, &rec, c.customer, at, |id, f, t| {
-                    move_data(id, f, t)
-                })
+                let refused = move_in(
+                    &mut tx,
+                    cfg,
+                    &row,
+                    &rec,
+                    c.customer,
+                    at,
+                    "moved-by-config",
+                    |id, f, t| move_data(id, f, t),
+                )
                 .await?;
                 if let Err(why) = refused {
                     return Ok(Err(why));
@@ -874,6 +882,7 @@ pub struct SessionEnd<'a> {
 /// next monthly debit; otherwise `move_data` moves the files (while the
 /// write lock is held), then the usage follows and an event tells the
 /// daemon's live sessions. Debits already made stay where they were made.
+#[allow(clippy::too_many_arguments)] // one transaction's inputs; a struct would only rename them
 pub(super) async fn move_in(
     tx: &mut Tx,
     cfg: &Config,
@@ -881,6 +890,7 @@ pub(super) async fn move_in(
     rec: &ClientRecord,
     target: CustomerId,
     at: Timestamp,
+    kind: &str,
     move_data: impl FnOnce(&str, CustomerId, CustomerId) -> std::io::Result<()>,
 ) -> Result<Result<(), MoveRefused>, StateError> {
     let id = row.id.as_str();
@@ -932,11 +942,13 @@ pub(super) async fn move_in(
         .execute(&mut **tx)
         .await?;
     add_usage(tx, id, needed as i64).await?;
-    record_event(tx, at, id, "moved", Some(&tname)).await?;
+    record_event(tx, at, id, kind, Some(&tname)).await?;
     Ok(Ok(()))
 }
 
-/// Records a move or removal for the running daemon.
+/// Records a move, removal or readmit for the running daemon, which logs
+/// it and tells the client's live sessions. `kind` is one of
+/// [`ClientEvent::parse`]'s.
 pub(super) async fn record_event(
     tx: &mut Tx,
     at: Timestamp,
@@ -954,13 +966,44 @@ pub(super) async fn record_event(
     Ok(())
 }
 
-/// A move or removal made by an admin command.
+/// A move, removal or readmit, made by an admin command or (a move) by
+/// the daemon applying the config.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClientEvent {
     /// The client now belongs to this customer.
     Moved(String),
     /// The client was unregistered.
     Removed,
+    /// The client was given a readmit key.
+    Readmitted,
+}
+
+/// One row of `client_events`, as the daemon sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRow {
+    /// Its sequence number.
+    pub seq: i64,
+    /// The client id.
+    pub client: String,
+    /// How it was recorded: `moved`, `moved-by-config`, `removed`,
+    /// `purged` or `readmitted`.
+    pub kind: String,
+    /// What the client's live sessions must follow.
+    pub event: ClientEvent,
+}
+
+impl ClientEvent {
+    /// The event a stored `kind` stands for; `None` for a kind this
+    /// version does not know (a newer node's), which is then ignored
+    /// rather than guessed.
+    pub fn parse(kind: &str, customer: Option<String>) -> Option<ClientEvent> {
+        match (kind, customer) {
+            ("moved" | "moved-by-config", Some(c)) => Some(ClientEvent::Moved(c)),
+            ("removed" | "purged", _) => Some(ClientEvent::Removed),
+            ("readmitted", _) => Some(ClientEvent::Readmitted),
+            _ => None,
+        }
+    }
 }
 
 impl State {
@@ -973,11 +1016,8 @@ impl State {
         )
     }
 
-    /// Events after `seq`, oldest first: (seq, client, event).
-    pub async fn events_after(
-        &self,
-        seq: i64,
-    ) -> Result<Vec<(i64, String, ClientEvent)>, StateError> {
+    /// Events after `seq`, oldest first.
+    pub async fn events_after(&self, seq: i64) -> Result<Vec<EventRow>, StateError> {
         let rows: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
             "SELECT seq, client, kind, customer FROM client_events WHERE seq > ? ORDER BY seq",
         )
@@ -986,12 +1026,14 @@ impl State {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(seq, client, kind, customer)| {
-                let ev = match (kind.as_str(), customer) {
-                    ("moved", Some(c)) => ClientEvent::Moved(c),
-                    _ => ClientEvent::Removed,
-                };
-                (seq, client, ev)
+            .filter_map(|(seq, client, kind, customer)| {
+                let event = ClientEvent::parse(&kind, customer)?;
+                Some(EventRow {
+                    seq,
+                    client,
+                    kind,
+                    event,
+                })
             })
             .collect())
     }

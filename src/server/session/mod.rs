@@ -355,6 +355,8 @@ impl Binding {
         let cfg = self.ctx.cfg.load_full();
         let customer = match n {
             Notice::Client(ClientEvent::Removed) => return Some("client_removed"),
+            // A new secret is on its way; this session proved the old one.
+            Notice::Client(ClientEvent::Readmitted) => return None,
             Notice::Client(ClientEvent::Moved(name)) => {
                 info!(customer = %name, "client moved; following it");
                 cfg.customer_by_name(&name)
