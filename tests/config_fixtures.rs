@@ -17,14 +17,19 @@ fn toml_files(dir: &str) -> Vec<PathBuf> {
     files
 }
 
-/// `#! rule key` markers: (rule name, key path, 1-based line).
-fn markers(src: &str) -> Vec<(String, String, usize)> {
+/// `#! rule key` markers, optionally `#! rule key | words the message
+/// must contain`: (rule name, key path, 1-based line, words).
+fn markers(src: &str) -> Vec<(String, String, usize, Option<String>)> {
     src.lines()
         .enumerate()
         .filter_map(|(i, line)| {
             let (_, m) = line.split_once("#! ")?;
+            let (m, words) = match m.split_once(" | ") {
+                Some((m, w)) => (m, Some(w.trim().to_string())),
+                None => (m, None),
+            };
             let (rule, key) = m.trim().split_once(' ')?;
-            Some((rule.to_string(), key.trim().to_string(), i + 1))
+            Some((rule.to_string(), key.trim().to_string(), i + 1, words))
         })
         .collect()
 }
@@ -44,7 +49,7 @@ fn invalid_fixtures_report_each_marked_error() {
             Err(e) => panic!("{}: {e}", path.display()),
         };
         assert_eq!(errors.len(), want.len(), "{}: {errors:#?}", path.display());
-        for (rule, key, line) in &want {
+        for (rule, key, line, words) in &want {
             let hit = errors
                 .iter()
                 .find(|e| e.rule.name() == rule && &e.key == key && e.line == *line);
@@ -55,6 +60,13 @@ fn invalid_fixtures_report_each_marked_error() {
                 );
             };
             let shown = e.to_string();
+            if let Some(w) = words {
+                assert!(
+                    shown.contains(w.as_str()),
+                    "{}: the message lacks {w:?}: {shown}",
+                    path.display()
+                );
+            }
             assert!(
                 shown.contains(&format!(":{line}:")) && shown.contains(key.as_str()),
                 "{}: message lacks line or key: {shown}",

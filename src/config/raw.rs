@@ -19,12 +19,164 @@ pub enum Seg {
     Index(usize),
 }
 
-/// Parses `src`, returning the raw document and the paths of unknown keys.
-pub fn parse(src: &str) -> Result<(RawConfig, Vec<Vec<Seg>>), toml::de::Error> {
-    let mut unknown = Vec::new();
-    let de = toml::de::Deserializer::parse(src)?;
-    let raw = serde_ignored::deserialize(de, |path| unknown.push(segments(&path)))?;
-    Ok((raw, unknown))
+/// A value of the wrong TOML type (a string where a number belongs, …).
+/// It is reported, set aside, and the rest of the file is still checked.
+#[derive(Debug, Clone)]
+pub struct TypeError {
+    /// The value's span in the file.
+    pub span: std::ops::Range<usize>,
+    /// Its key path, as errors name it (`customer[Acme].max_clients`).
+    pub key: String,
+    /// The parser's words, e.g. `invalid type: string "2", expected i64`.
+    pub message: String,
+}
+
+/// What [`parse`] gives back.
+pub struct Parsed {
+    /// The document without the values of the wrong type.
+    pub raw: RawConfig,
+    /// Paths of keys the format does not have.
+    pub unknown: Vec<Vec<Seg>>,
+    /// The values set aside.
+    pub type_errors: Vec<TypeError>,
+}
+
+/// At most this many values of the wrong type are set aside; beyond it the
+/// file is not worth checking further.
+const MAX_TYPE_ERRORS: usize = 100;
+
+/// Parses `src`, returning the raw document, the paths of unknown keys and
+/// the values of the wrong type. A TOML syntax error is returned as it is
+/// (with the type errors found before it, if any): the text is not a
+/// document. A value of the wrong type is blanked out (its key and value
+/// become spaces, so every other span stays where it was) and the parse is
+/// run again, so one bad value does not hide the rest (issue 12).
+pub fn parse(src: &str) -> Result<Parsed, (toml::de::Error, Vec<TypeError>)> {
+    let mut text = std::borrow::Cow::Borrowed(src);
+    let mut type_errors = Vec::new();
+    loop {
+        let mut unknown = Vec::new();
+        let de = match toml::de::Deserializer::parse(&text) {
+            Ok(de) => de,
+            Err(e) => return Err((e, type_errors)),
+        };
+        let e = match serde_ignored::deserialize(de, |path| unknown.push(segments(&path))) {
+            Ok(raw) => {
+                return Ok(Parsed {
+                    raw,
+                    unknown,
+                    type_errors,
+                });
+            }
+            Err(e) => e,
+        };
+        let Some(span) = e.span().filter(|_| type_errors.len() < MAX_TYPE_ERRORS) else {
+            return Err((e, type_errors));
+        };
+        let entries = entries_at(&text, span.start);
+        let Some((_, key)) = entries.last().cloned() else {
+            return Err((e, type_errors));
+        };
+        // The innermost entry that can go without breaking the document:
+        // `enabled = "yes"` inside `{ … }` cannot, the whole `throttle = { … }`
+        // can. Never a header-made table: that would take its neighbours.
+        let blanked = entries.iter().rev().find_map(|(range, _)| {
+            let cut = &text[range.clone()];
+            if cut.lines().skip(1).any(|l| l.trim_start().starts_with('[')) {
+                return None;
+            }
+            let mut next = text.to_string();
+            let spaces: String = cut
+                .bytes()
+                .map(|b| {
+                    if b == b'\n' || b == b'\r' {
+                        b as char
+                    } else {
+                        ' '
+                    }
+                })
+                .collect();
+            next.replace_range(range.clone(), &spaces);
+            toml::de::DeTable::parse(&next).is_ok().then_some(next)
+        });
+        let Some(next) = blanked else {
+            return Err((e, type_errors));
+        };
+        type_errors.push(TypeError {
+            span,
+            key,
+            message: e.message().trim().to_string(),
+        });
+        text = std::borrow::Cow::Owned(next);
+    }
+}
+
+/// The entries (`key = value`) that enclose byte `at`, outermost first:
+/// each one's span from its key to the end of its value, and its key path
+/// (array-of-table elements named by their `name` or `id`). Parses with
+/// recovery, so it also serves for a document with a syntax error.
+pub fn entries_at(src: &str, at: usize) -> Vec<(std::ops::Range<usize>, String)> {
+    entries(src, Some(at))
+}
+
+/// Every entry in the file, in document order (see [`entries_at`]).
+pub fn all_entries(src: &str) -> Vec<(std::ops::Range<usize>, String)> {
+    entries(src, None)
+}
+
+fn entries(src: &str, at: Option<usize>) -> Vec<(std::ops::Range<usize>, String)> {
+    use toml::de::{DeTable, DeValue};
+    fn walk_value(
+        v: &Spanned<DeValue<'_>>,
+        at: Option<usize>,
+        label: &str,
+        out: &mut Vec<(std::ops::Range<usize>, String)>,
+    ) {
+        match v.get_ref() {
+            DeValue::Table(t) => walk_table(t, at, label, out),
+            DeValue::Array(a) => {
+                // A header-made table's span is its header alone: look
+                // inside every element, keep only entries that hold `at`.
+                for (i, e) in a.iter().enumerate() {
+                    let name = e.get_ref().as_table().and_then(|t| {
+                        t.iter()
+                            .find(|(k, _)| matches!(k.get_ref().as_ref(), "name" | "id"))
+                            .and_then(|(_, v)| v.get_ref().as_str().map(str::to_string))
+                    });
+                    let label = match name {
+                        Some(n) => format!("{label}[{n}]"),
+                        None => format!("{label}[#{}]", i + 1),
+                    };
+                    walk_value(e, at, &label, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    fn walk_table(
+        t: &DeTable<'_>,
+        at: Option<usize>,
+        label: &str,
+        out: &mut Vec<(std::ops::Range<usize>, String)>,
+    ) {
+        for (k, v) in t.iter() {
+            let (ks, vs) = (k.span(), v.span());
+            let range = ks.start.min(vs.start)..ks.end.max(vs.end);
+            let label = if label.is_empty() {
+                k.get_ref().to_string()
+            } else {
+                format!("{label}.{}", k.get_ref())
+            };
+            if at.is_none_or(|at| range.contains(&at)) {
+                out.push((range, label.clone()));
+            }
+            walk_value(v, at, &label, out);
+        }
+    }
+    let (root, _) = DeTable::parse_recoverable(src);
+    let mut out = Vec::new();
+    walk_table(root.get_ref(), at, "", &mut out);
+    out
 }
 
 fn segments(path: &serde_ignored::Path<'_>) -> Vec<Seg> {
@@ -156,25 +308,39 @@ pub const KNOWN_KEYS: &[&str] = &[
 
 /// The known key closest to `unknown`, if it is a plausible typo.
 pub fn suggest(unknown: &str) -> Option<&'static str> {
-    fn distance(a: &str, b: &str) -> usize {
-        let b: Vec<char> = b.chars().collect();
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.chars().enumerate() {
-            let mut cur = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                let sub = prev[j] + usize::from(ca != *cb);
-                cur.push(sub.min(prev[j + 1] + 1).min(cur[j] + 1));
-            }
-            prev = cur;
-        }
-        prev[b.len()]
+    closest(unknown, KNOWN_KEYS.iter().copied())
+}
+
+/// The candidate closest to `wrong`, when it is a plausible typo of it:
+/// within two edits (a quarter of the length for long names), compared
+/// without regard to case; ties go to the first.
+pub fn closest<'a>(wrong: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let w = wrong.to_lowercase();
+    candidates
+        .map(|c| (strsim::damerau_levenshtein(&w, &c.to_lowercase()), c))
+        .filter(|(d, c)| *d <= 2.max(c.chars().count() / 4) && *d < c.chars().count())
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, c)| c)
+}
+
+/// " (did you mean \"x\"?)" for a wrong reference, or the names there are
+/// when there are few, so the admin sees what would fit.
+pub fn hint_for(wrong: &str, names: &[&str]) -> String {
+    if let Some(c) = closest(wrong, names.iter().copied()) {
+        return format!("; did you mean {c:?}?");
     }
-    KNOWN_KEYS
-        .iter()
-        .map(|k| (distance(unknown, k), *k))
-        .filter(|(d, k)| *d <= 2.max(k.len() / 4) && *d < k.len())
-        .min()
-        .map(|(_, k)| k)
+    match names.len() {
+        0 => String::new(),
+        1..=6 => format!(
+            "; the names are {}",
+            names
+                .iter()
+                .map(|n| format!("{n:?}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        _ => String::new(),
+    }
 }
 
 /// The top level of the file.
@@ -478,7 +644,12 @@ mod tests {
     #[test]
     fn collects_every_unknown_key_with_its_span() {
         let src = "[server]\nlisten = [\"127.0.0.1:1\"]\nlisen = 1\n\n[[customer]]\nname = \"a\"\nthrottle = { enabled = true, rte = \"1 MB/s\" }\ncolour = \"red\"\n";
-        let (raw, mut unknown) = parse(src).unwrap();
+        let Ok(Parsed {
+            raw, mut unknown, ..
+        }) = parse(src)
+        else {
+            panic!("parses")
+        };
         assert_eq!(raw.customer.len(), 1);
         unknown.sort_by_key(|p| locate(src, p).map(|(s, _)| s.start));
         let k = |s: &str| Seg::Key(s.into());

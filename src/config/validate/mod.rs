@@ -205,13 +205,23 @@ impl V<'_> {
         key: impl fmt::Display,
         msg: impl Into<String>,
     ) {
+        let key = key.to_string();
+        // One problem per key: a value already reported as invalid (or of
+        // the wrong type, and so set aside) does not also count as missing.
+        let secondary = |e: &ConfigError| {
+            e.key == key
+                && (e.rule == Rule::Syntax || matches!(rule, Rule::Required | Rule::SpaceMissing))
+        };
+        if key != "(document)" && self.errors.iter().any(secondary) {
+            return;
+        }
         let (line, column) = line_col(self.src, span.start);
         self.errors.push(ConfigError {
             rule,
             file: self.file.to_path_buf(),
             line,
             column,
-            key: key.to_string(),
+            key,
             message: msg.into(),
         });
     }
@@ -567,16 +577,26 @@ pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError
         dir,
         errors: Vec::new(),
     };
-    let (doc, unknown) = match raw::parse(src) {
-        Ok(x) => x,
-        Err(e) => {
+    let parsed = raw::parse(src);
+    let type_errors = match &parsed {
+        Ok(p) => &p.type_errors,
+        Err((_, t)) => t,
+    };
+    for t in type_errors {
+        v.err(
+            Rule::Syntax,
+            t.span.clone(),
+            &t.key,
+            type_message(&t.message),
+        );
+    }
+    let (doc, unknown) = match parsed {
+        Ok(p) => (p.raw, p.unknown),
+        Err((e, _)) => {
             let span = e.span().unwrap_or(0..0);
-            v.err(
-                Rule::Syntax,
-                span,
-                "(document)",
-                e.message().trim().to_string(),
-            );
+            let (key, message) = syntax_message(src, span.clone(), e.message().trim());
+            v.err(Rule::Syntax, span, key, message);
+            v.errors.sort_by_key(|e| (e.line, e.column));
             return Err(v.errors);
         }
     };
@@ -604,6 +624,71 @@ pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError
         v.errors.sort_by_key(|e| (e.line, e.column));
         Err(v.errors)
     }
+}
+
+/// serde's "invalid type: string \"2\", expected i64", in the file's terms.
+fn type_message(m: &str) -> String {
+    let Some(rest) = m.strip_prefix("invalid type: ") else {
+        return m.to_string();
+    };
+    let Some((found, expected)) = rest.split_once(", expected ") else {
+        return m.to_string();
+    };
+    let expected = match expected {
+        "i64" | "u64" | "u32" | "i32" | "an integer" => "a whole number (no quotes)",
+        "a boolean" => "true or false (no quotes)",
+        "a string" => "a quoted string",
+        "a sequence" => "an array, e.g. [\"…\"]",
+        other => other,
+    };
+    format!("expected {expected}, found {found}; the value is ignored while the rest is checked")
+}
+
+/// A TOML syntax error's key and message; a duplicate key is named, with
+/// the line of its first definition.
+fn syntax_message(src: &str, span: Range<usize>, m: &str) -> (String, String) {
+    if m.starts_with("duplicate key") {
+        let name = src.get(span.clone()).unwrap_or("").trim();
+        // The table it sits in: the one of the entry just before it, unless
+        // a header comes between them.
+        let entries = raw::all_entries(src);
+        let prev = entries
+            .iter()
+            .filter(|(r, _)| r.end <= span.start)
+            .max_by_key(|(r, _)| r.end);
+        let header = src[..span.start]
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| l.starts_with('['))
+            .map(|l| l.trim_matches(|c| c == '[' || c == ']').trim().to_string());
+        let between = |from: usize| {
+            src[from..span.start]
+                .lines()
+                .any(|l| l.trim().starts_with('['))
+        };
+        let table = match (prev, header) {
+            (Some((r, k)), _) if !between(r.end) => k.rsplit_once('.').map(|(t, _)| t.to_string()),
+            (_, h) => h,
+        };
+        let key = match &table {
+            Some(t) => format!("{t}.{name}"),
+            None => name.to_string(),
+        };
+        let first = entries
+            .iter()
+            .find(|(r, k)| *k == key && r.start < span.start)
+            .map(|(r, _)| (r.start, ()));
+        let message = match first {
+            Some((at, _)) => format!(
+                "duplicate key `{name}`: it is already set on line {}; keep one",
+                line_col(src, at).0
+            ),
+            None => format!("duplicate key `{name}`; keep one"),
+        };
+        return (key, message);
+    }
+    ("(document)".to_string(), m.to_string())
 }
 
 fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
@@ -719,11 +804,16 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             Some(r) => match reseller_by_name.get(r.get_ref()) {
                 Some(&rid) => Some(rid),
                 None => {
+                    let names: Vec<&str> = resellers.iter().map(|r| r.name.as_str()).collect();
                     v.err(
                         Rule::Reference,
                         r.span(),
                         K(&key, "reseller"),
-                        format!("no [[reseller]] is named {:?}", r.get_ref()),
+                        format!(
+                            "no [[reseller]] is named {:?}{}",
+                            r.get_ref(),
+                            raw::hint_for(r.get_ref(), &names)
+                        ),
                     );
                     None
                 }
@@ -777,11 +867,16 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             Some(n) => match customer_by_name.get(&n.get_ref().to_lowercase()) {
                 Some(&cid) => Some(cid),
                 None => {
+                    let names: Vec<&str> = customers.iter().map(|c| c.name.as_str()).collect();
                     v.err(
                         Rule::Reference,
                         n.span(),
                         K(&key, "customer"),
-                        format!("no customer is named {:?}", n.get_ref()),
+                        format!(
+                            "no customer is named {:?}{}",
+                            n.get_ref(),
+                            raw::hint_for(n.get_ref(), &names)
+                        ),
                     );
                     None
                 }
@@ -1237,6 +1332,24 @@ fn customer(
     }
 }
 
+/// The children that add up in an over-allocation, largest first:
+/// `"north" 60 GiB + "south" 50 GiB` (at most eight named).
+fn addends<'a>(items: impl Iterator<Item = (&'a str, Option<u64>)>) -> String {
+    let mut items: Vec<(&str, u64)> = items
+        .filter_map(|(n, s)| s.filter(|s| *s > 0).map(|s| (n, s)))
+        .collect();
+    items.sort_by_key(|i| std::cmp::Reverse(i.1));
+    let mut parts: Vec<String> = items
+        .iter()
+        .take(8)
+        .map(|(n, s)| format!("{n:?} {}", units::format_size(*s)))
+        .collect();
+    if items.len() > 8 {
+        parts.push(format!("{} more", items.len() - 8));
+    }
+    parts.join(" + ")
+}
+
 /// CONFIG.md "Space allotments nest", plus declared clients against
 /// `max_clients`.
 fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
@@ -1271,7 +1384,17 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
                 Rule::SpaceOverAllocated,
                 server_span,
                 "server.total_space",
-                format!("the resellers and the Default Customer are allotted {} together, more than the server's total_space of {}", fs(sum), fs(total)),
+                format!(
+                    "the resellers and the Default Customer are allotted {} together ({}), more than the server's total_space of {}",
+                    fs(sum),
+                    addends(
+                        cfg.resellers
+                            .iter()
+                            .map(|r| (r.name.as_str(), r.space))
+                            .chain([(cfg.customers[0].name.as_str(), cfg.customers[0].space)])
+                    ),
+                    fs(total)
+                ),
             );
         }
     }
@@ -1301,8 +1424,12 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
                 span,
                 format!("reseller[{}].space", r.name),
                 format!(
-                    "its customers are allotted {} together, more than reseller {:?}'s space of {}",
+                    "its customers are allotted {} together ({}), more than reseller {:?}'s space of {}",
                     fs(sum),
+                    addends(r.customers.iter().map(|&c| {
+                        let c = cfg.customer(c);
+                        (c.name.as_str(), c.space)
+                    })),
                     r.name,
                     fs(space)
                 ),
@@ -1331,7 +1458,16 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
                     Rule::SpaceOverAllocated,
                     span,
                     K(&key, "space"),
-                    format!("its declared clients are allotted {} together, more than customer {:?}'s space of {}", fs(sum), c.name, fs(space)),
+                    format!(
+                        "its declared clients are allotted {} together ({}), more than customer {:?}'s space of {}",
+                        fs(sum),
+                        addends(c.clients.iter().map(|&d| {
+                            let d = cfg.client(d);
+                            (d.id.as_str(), d.space)
+                        })),
+                        c.name,
+                        fs(space)
+                    ),
                 );
             }
         }
