@@ -1,8 +1,11 @@
 //! Prometheus metrics and the health check, served on `metrics_listen`
 //! (CONFIG.md `[server]`). Counters are recorded where things happen, via
-//! the `metrics` facade; the gauges that come from state (space, MCAL pool)
-//! are read at scrape time. Labels are bounded: result codes, throttle
-//! levels, reload results and reseller names — never a client.
+//! the `metrics` facade. The gauges that come from state and config (space,
+//! MCAL pool, outbox) are written fresh at each scrape, so a reseller or
+//! customer removed from the config leaves no stale series behind. The
+//! standard `process_*` series come from `metrics-process`. Labels are
+//! bounded: result codes, throttle levels, reload results and the names of
+//! configured resellers and customers — never a client.
 
 use crate::config::Config;
 use crate::policy::space::{self, Node, Usage};
@@ -38,9 +41,10 @@ pub const RELOAD_FAILED: &str = "tollgate_reload_failed";
 pub const MCAL_POOL_AVAILABLE: &str = "tollgate_mcal_pool_available";
 /// Messages in the outbox not yet delivered.
 pub const MAIL_PENDING: &str = "tollgate_mail_outbox_pending";
-/// Bytes committed, by `reseller` ("" = customers directly under the server).
+/// Bytes committed, by `level` (`server`, `reseller`, `customer`) and the
+/// node's name: `{level="server"}` is every customer together.
 pub const SPACE_USED: &str = "tollgate_space_used_bytes";
-/// Bytes allotted, by `reseller`; absent when unlimited.
+/// Bytes allotted, labelled as [`SPACE_USED`]; absent when unlimited.
 pub const SPACE_ALLOTTED: &str = "tollgate_space_allotted_bytes";
 /// Connections closed right after accept, before TLS, by `reason`
 /// (`penalized`, `per_source`, `overflow`).
@@ -57,6 +61,7 @@ pub const RESERVATIONS_LEAKED: &str = "tollgate_reservations_leaked_total";
 pub const PRUNED_ROWS: &str = "tollgate_pruned_rows_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
 /// Installs the process-wide recorder (once; later calls are no-ops).
 pub fn install() -> PrometheusHandle {
@@ -67,6 +72,9 @@ pub fn install() -> PrometheusHandle {
                 .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
             describe();
             zero();
+            PROCESS
+                .get_or_init(metrics_process::Collector::default)
+                .describe();
             h
         })
         .clone()
@@ -83,10 +91,6 @@ fn describe() {
     describe_counter!(STORAGE_ERRORS, "Storage I/O failures");
     describe_counter!(RELOADS, "Configuration reloads by result");
     describe_gauge!(RELOAD_FAILED, "1 if the last reload attempt was refused");
-    describe_gauge!(MCAL_POOL_AVAILABLE, "MCALs left in the global pool");
-    describe_gauge!(SPACE_USED, "Bytes committed per reseller");
-    describe_gauge!(MAIL_PENDING, "Messages waiting in the outbox");
-    describe_gauge!(SPACE_ALLOTTED, "Bytes allotted per reseller");
     describe_counter!(
         CONNECTIONS_DROPPED,
         "Connections closed right after accept, before TLS, by reason"
@@ -159,43 +163,156 @@ fn add_seconds(i: usize, level: &'static str, d: std::time::Duration) {
     metrics::counter!(THROTTLE_WAIT, "level" => level).increment(whole as u64);
 }
 
-/// Sets the gauges that come from state and config.
-async fn refresh(ctx: &Context) {
+/// Appends one gauge family in the text format (version 0.0.4).
+struct Family<'a> {
+    out: &'a mut String,
+}
+
+impl<'a> Family<'a> {
+    fn new(out: &'a mut String, name: &str, help: &str) -> Self {
+        use std::fmt::Write;
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+        Family { out }
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, &str)], v: u64) {
+        use std::fmt::Write;
+        self.out.push_str(name);
+        if !labels.is_empty() {
+            self.out.push('{');
+            for (i, (k, val)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.out.push(',');
+                }
+                let _ = write!(self.out, "{k}=\"{}\"", escape(val));
+            }
+            self.out.push('}');
+        }
+        let _ = writeln!(self.out, " {v}");
+    }
+}
+
+/// Label values are names from the config file: escape what the format
+/// reserves.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The gauges that come from state and config, as of now.
+async fn state_text(ctx: &Context) -> String {
     let cfg: Arc<Config> = ctx.cfg.load_full();
+    let mut out = String::new();
+    if let Ok(n) = ctx.state.mail_pending().await {
+        Family::new(&mut out, MAIL_PENDING, "Messages waiting in the outbox").sample(
+            MAIL_PENDING,
+            &[],
+            n.max(0) as u64,
+        );
+    }
     let d = match ctx.state.totals(&cfg, crate::clock::now()).await {
         Ok(d) => d,
         Err(e) => {
             warn!(error = %e, "metrics: reading usage failed");
-            return;
+            return out;
         }
     };
-    if let Ok(n) = ctx.state.mail_pending().await {
-        metrics::gauge!(MAIL_PENDING).set(n as f64);
-    }
     if let Some(m) = &cfg.server.mcal {
         let p = space::pool_snapshot(m, d.global_debits);
-        metrics::gauge!(MCAL_POOL_AVAILABLE).set(p.available as f64);
+        Family::new(
+            &mut out,
+            MCAL_POOL_AVAILABLE,
+            "MCALs left in the global pool",
+        )
+        .sample(MCAL_POOL_AVAILABLE, &[], p.available);
     }
-    let mut used: Vec<u64> = vec![0; cfg.resellers.len() + 1];
-    for (i, c) in cfg.customers.iter().enumerate() {
-        let u = d
-            .customers
-            .get(&c.name.to_lowercase())
-            .copied()
-            .unwrap_or(Usage::default());
-        let slot = cfg.customers[i].reseller.map_or(0, |r| r.0 as usize + 1);
-        used[slot] += u.used;
-    }
-    metrics::gauge!(SPACE_USED, "reseller" => "").set(used[0] as f64);
-    if let Some(a) = space::allotted(&cfg, Node::Server) {
-        metrics::gauge!(SPACE_ALLOTTED, "reseller" => "").set(a as f64);
-    }
+    let customer_used: Vec<u64> = cfg
+        .customers
+        .iter()
+        .map(|c| {
+            d.customers
+                .get(&c.name.to_lowercase())
+                .copied()
+                .unwrap_or(Usage::default())
+                .used
+        })
+        .collect();
+    let reseller_used = |r: usize| -> u64 {
+        cfg.customers
+            .iter()
+            .zip(&customer_used)
+            .filter(|(c, _)| c.reseller.is_some_and(|x| x.0 as usize == r))
+            .map(|(_, u)| *u)
+            .sum()
+    };
+    // One meaning per label set (issue 12 item 7): `level` says which node
+    // of the tree the figure is for.
+    let mut f = Family::new(
+        &mut out,
+        SPACE_USED,
+        "Bytes committed, by level of the allotment tree",
+    );
+    f.sample(
+        SPACE_USED,
+        &[("level", "server")],
+        customer_used.iter().sum(),
+    );
     for (i, r) in cfg.resellers.iter().enumerate() {
-        metrics::gauge!(SPACE_USED, "reseller" => r.name.clone()).set(used[i + 1] as f64);
+        f.sample(
+            SPACE_USED,
+            &[("level", "reseller"), ("reseller", &r.name)],
+            reseller_used(i),
+        );
+    }
+    for (c, u) in cfg.customers.iter().zip(&customer_used) {
+        f.sample(
+            SPACE_USED,
+            &[("level", "customer"), ("customer", &c.name)],
+            *u,
+        );
+    }
+    let mut f = Family::new(
+        &mut out,
+        SPACE_ALLOTTED,
+        "Bytes allotted, by level of the allotment tree (absent when unlimited)",
+    );
+    if let Some(a) = space::allotted(&cfg, Node::Server) {
+        f.sample(SPACE_ALLOTTED, &[("level", "server")], a);
+    }
+    for r in &cfg.resellers {
         if let Some(a) = r.space {
-            metrics::gauge!(SPACE_ALLOTTED, "reseller" => r.name.clone()).set(a as f64);
+            f.sample(
+                SPACE_ALLOTTED,
+                &[("level", "reseller"), ("reseller", &r.name)],
+                a,
+            );
         }
     }
+    for c in &cfg.customers {
+        if let Some(a) = c.space {
+            f.sample(
+                SPACE_ALLOTTED,
+                &[("level", "customer"), ("customer", &c.name)],
+                a,
+            );
+        }
+    }
+    out
+}
+
+/// The whole exposition: the recorder's series, the process's, and the
+/// state gauges.
+async fn render(ctx: &Context, handle: &PrometheusHandle) -> String {
+    if let Some(p) = PROCESS.get() {
+        p.collect();
+    }
+    let mut text = handle.render();
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    text.push_str(&state_text(ctx).await);
+    text
 }
 
 /// Serves `/metrics` and `/healthz` on `listener` until the task is dropped.
@@ -206,10 +323,9 @@ pub async fn serve(listener: TcpListener, ctx: Arc<Context>, handle: PrometheusH
             get({
                 let ctx = ctx.clone();
                 move || async move {
-                    refresh(&ctx).await;
                     (
                         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                        handle.render(),
+                        render(&ctx, &handle).await,
                     )
                 }
             }),

@@ -1,6 +1,8 @@
 //! `/metrics` and `/healthz` on the real daemon: the exposition parses as
-//! Prometheus text (a strict line-by-line check), counts the admissions this
-//! test made, and carries no per-client series.
+//! Prometheus text (a strict line-by-line check, then Prometheus's own
+//! `promtool check metrics`), counts the admissions this test made, gives
+//! each label set one meaning, carries the `process_*` series and no
+//! per-client series.
 
 mod common;
 
@@ -205,18 +207,38 @@ async fn metrics_parse_and_count_admissions() {
         Some(7.0),
         "three desktops' first backups debited one MCAL each"
     );
-    assert_eq!(
-        v("tollgate_space_used_bytes", &[("reseller", "north")]),
-        Some(300_000.0)
-    );
-    assert_eq!(
-        v("tollgate_space_allotted_bytes", &[("reseller", "north")]),
-        Some((100u64 << 20) as f64)
-    );
-    assert_eq!(
-        v("tollgate_space_allotted_bytes", &[("reseller", "")]),
-        Some((1u64 << 30) as f64)
-    );
+    // Each label set means one node of the tree: the server's figures are
+    // the whole server's, used beside allotted.
+    let used = |l: &[(&str, &str)]| v("tollgate_space_used_bytes", l);
+    let allotted = |l: &[(&str, &str)]| v("tollgate_space_allotted_bytes", l);
+    assert_eq!(used(&[("level", "server")]), Some(300_000.0), "{text}");
+    assert_eq!(allotted(&[("level", "server")]), Some((1u64 << 30) as f64));
+    let north = [("level", "reseller"), ("reseller", "north")];
+    assert_eq!(used(&north), Some(300_000.0));
+    assert_eq!(allotted(&north), Some((100u64 << 20) as f64));
+    let acme = [("level", "customer"), ("customer", "Acme")];
+    assert_eq!(used(&acme), Some(300_000.0));
+    assert_eq!(allotted(&acme), Some((50u64 << 20) as f64));
+    let default = [("level", "customer"), ("customer", "Default Customer")];
+    assert_eq!((used(&default), allotted(&default)), (Some(0.0), Some(0.0)));
+    for s in &samples {
+        if s.0.starts_with("tollgate_space_") {
+            let level = s.1.iter().find(|(k, _)| k == "level").map(|l| &l.1);
+            assert!(level.is_some(), "a space series without a level: {s:?}");
+        }
+    }
+    // The standard process series.
+    for name in [
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+    ] {
+        let got = v(name, &[]).unwrap_or_else(|| panic!("no {name}:\n{text}"));
+        assert!(got >= 0.0);
+    }
+    assert!(v("process_resident_memory_bytes", &[]).unwrap() > 1e6);
+    assert!(v("process_open_fds", &[]).unwrap() >= 3.0);
+    promtool_check(&text);
     // Sessions have ended (the gauge falls back once the daemon logs it).
     assert!(wait_until(Duration::from_secs(5), || {
         let t = http_get(&m, "/metrics").1;
@@ -225,4 +247,53 @@ async fn metrics_parse_and_count_admissions() {
     assert_eq!(v("tollgate_mail_outbox_pending", &[]), Some(0.0));
     // Bounded cardinality: no client id appears anywhere.
     assert!(!text.contains("M-ONE") && !text.contains("M-TWO"));
+}
+
+/// Prometheus's own linter. scripts/test provides it (TOLLGATE_PROMTOOL,
+/// or unpacked under target/tools); a run without it fails rather than
+/// skipping the check.
+fn promtool_check(text: &str) {
+    use std::io::Write;
+    let unpacked = concat!(env!("CARGO_MANIFEST_DIR"), "/target/tools/usr/bin/promtool");
+    let tool = std::env::var("TOLLGATE_PROMTOOL").unwrap_or_else(|_| {
+        if std::path::Path::new(unpacked).exists() {
+            unpacked.into()
+        } else {
+            "promtool".into()
+        }
+    });
+    let mut child = std::process::Command::new(&tool)
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| {
+            panic!("cannot run {tool} ({e}): run the tests with scripts/test, which provides it")
+        });
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.trim().is_empty(),
+        "promtool check metrics: {said}\n{text}"
+    );
+}
+
+#[test]
+fn promtool_finds_what_it_should() {
+    // The check can fail: a counter without `_total` is a lint problem.
+    let r = std::panic::catch_unwind(|| {
+        promtool_check("# HELP bad_counter x\n# TYPE bad_counter counter\nbad_counter 1\n")
+    });
+    assert!(r.is_err());
 }
