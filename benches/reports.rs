@@ -42,7 +42,7 @@ fn benches(c: &mut Criterion) {
         .map(|i| ClientPeriod {
             id: format!("CLIENT-{i:04}"),
             kind: "desktop".into(),
-            used: i * 1_000_000,
+            used: Some(i * 1_000_000),
             last_backup: Some(1_799_990_000),
             sessions_ok: i % 8,
             sessions_failed: i % 3,

@@ -299,12 +299,13 @@ async fn a_weekly_report_covers_monday_to_monday_local() {
         "{}",
         r.text
     );
-    // FIRST and LAST backed up inside; BEFORE and AFTER did not.
+    // FIRST and LAST backed up inside; BEFORE did not; AFTER did not
+    // exist yet when the week ended, so it is not in the report.
     let rows = html_client_rows(&r.html);
     assert_eq!(
         rows,
-        ["AFTER", "BEFORE", "FIRST", "LAST"],
-        "a row per client"
+        ["BEFORE", "FIRST", "LAST"],
+        "a row per client that existed by the period's end"
     );
     let line = |id: &str| {
         let at = r.text.find(&format!("  {id}")).unwrap();
@@ -317,17 +318,13 @@ async fn a_weekly_report_covers_monday_to_monday_local() {
         "{}",
         r.text
     );
+    assert!(!r.text.contains("AFTER"), "{}", r.text);
     assert!(
-        line("AFTER").contains("[no backup]") && line("AFTER").contains("sessions OK: 0"),
+        r.text.contains("NO BACKUP IN THIS PERIOD (1)"),
         "{}",
         r.text
     );
-    assert!(
-        r.text.contains("NO BACKUP IN THIS PERIOD (2)"),
-        "{}",
-        r.text
-    );
-    assert!(r.subject.contains("(2 without backup)"));
+    assert!(r.subject.contains("(1 without backup)"));
     drop(d);
 
     // On demand: `tollgate report send` delivers the same period again.
@@ -342,6 +339,186 @@ async fn a_weekly_report_covers_monday_to_monday_local() {
     )
     .len()
         == 2));
+}
+
+/// The text of the report's line for client `id` (two lines).
+fn client_line(text: &str, id: &str) -> String {
+    let at = text
+        .find(&format!("  {id}"))
+        .unwrap_or_else(|| panic!("no {id} in:\n{text}"));
+    text[at..].lines().take(2).collect::<Vec<_>>().join(" ")
+}
+
+/// Issue 12 item 5: no report for time before the customer existed in
+/// state; clients and stored bytes as of the period's end; `report send`
+/// with `--from/--to` and `--current`.
+#[tokio::test(flavor = "multi_thread")]
+async fn consolidated_reports_cover_real_time() {
+    let dir = TempDir::new().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
+    let config = dir.path().join("tollgate.toml");
+    report_config(dir.path(), smtp.port, true);
+    // First start, Wednesday 2 Dec: last week (23–29 Nov) is before Acme
+    // existed, so nothing is sent.
+    let d = daemon_at(dir.path(), "2026-12-02T10:00:00Z");
+    assert!(wait_until(Duration::from_secs(10), || d
+        .log()
+        .contains("consolidated reports checked")));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(weekly_reports(&smtp).is_empty(), "{}", d.log());
+    stop(d);
+    // Tue 8 Dec: A stores 4096 bytes. Tue 15 Dec (after the week of
+    // 7 Dec): A stores 8192 more and B registers.
+    let small = dir.path().join("small.bin");
+    let big = dir.path().join("big.bin");
+    make_file(&small, 4096, 1);
+    make_file(&big, 8192, 2);
+    let d = daemon_at(dir.path(), "2026-12-08T10:00:00Z");
+    backup(&d, "A", "Acme", &small, "small.bin").await;
+    stop(d);
+    let d = daemon_at(dir.path(), "2026-12-15T08:00:00Z");
+    backup(&d, "A", "Acme", &big, "big.bin").await;
+    backup(&d, "B", "Acme", &small, "small.bin").await;
+    stop(d);
+    // The Tuesday daemon sent the week of 7 Dec, not the week of 30 Nov
+    // (it began before 2 Dec). As of 14 Dec 00:00, A stored 4096 bytes
+    // and B did not exist.
+    let reports = weekly_reports(&smtp);
+    let subjects: Vec<&str> = reports.iter().map(|m| m.subject.as_str()).collect();
+    assert_eq!(subjects.len(), 1, "{subjects:?}");
+    assert!(
+        subjects[0].contains("2026-12-07 – 2026-12-13"),
+        "{subjects:?}"
+    );
+    let r = &reports[0];
+    assert_eq!(html_client_rows(&r.html), ["A"], "{}", r.text);
+    assert!(
+        client_line(&r.text, "A").contains("stored: 4 KiB"),
+        "{}",
+        r.text
+    );
+    assert!(
+        r.text.contains("figures as of 2026-12-14 00:00:00 CET"),
+        "{}",
+        r.text
+    );
+
+    // On demand, days that began before Acme existed are refused, with the
+    // first day that may be asked for.
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .envs(pinned(&[("TOLLGATE_FAKE_NOW", "2026-12-16T12:00:00Z")]))
+            .output()
+            .unwrap()
+    };
+    let out = run(&[
+        "report",
+        "send",
+        "--customer",
+        "Acme",
+        "--from",
+        "2026-12-01",
+        "--to",
+        "2026-12-05",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("customer Acme first appeared in state at 2026-12-02 11:00:00 CET")
+            && err.contains("try --from 2026-12-03"),
+        "{err}"
+    );
+    let out = run(&[
+        "report",
+        "send",
+        "--customer",
+        "Acme",
+        "--period",
+        "monthly",
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("monthly report 2026-11-01 – 2026-11-30")
+    );
+
+    let ok = |args: &[&str]| {
+        admin_ok(
+            &config,
+            args,
+            &[("TOLLGATE_FAKE_NOW", "2026-12-16T12:00:00Z")],
+        )
+    };
+    let out = ok(&[
+        "report",
+        "send",
+        "--customer",
+        "Acme",
+        "--from",
+        "2026-12-03",
+        "--to",
+        "2026-12-08",
+    ]);
+    assert!(
+        out.contains("custom report of Acme for 2026-12-03 – 2026-12-08"),
+        "{out}"
+    );
+    let out = ok(&[
+        "report",
+        "send",
+        "--customer",
+        "Acme",
+        "--period",
+        "weekly",
+        "--current",
+    ]);
+    assert!(out.contains("2026-12-14 – 2026-12-20 (so far)"), "{out}");
+    assert!(wait_until(Duration::from_secs(10), || smtp
+        .messages()
+        .len()
+        >= 3));
+    let all: Vec<Mail> = smtp.messages().iter().map(|m| parse(m)).collect();
+    let custom = all
+        .iter()
+        .find(|m| m.subject.contains("custom report"))
+        .expect("the custom report");
+    assert_eq!(html_client_rows(&custom.html), ["A"]);
+    assert!(
+        client_line(&custom.text, "A").contains("stored: 4 KiB"),
+        "{}",
+        custom.text
+    );
+    assert!(
+        client_line(&custom.text, "A").contains("sessions OK: 1"),
+        "{}",
+        custom.text
+    );
+    let current = all
+        .iter()
+        .find(|m| m.subject.contains("(so far)"))
+        .expect("the current week's report");
+    assert_eq!(html_client_rows(&current.html), ["A", "B"]);
+    assert!(
+        client_line(&current.text, "A").contains("stored: 12 KiB"),
+        "{}",
+        current.text
+    );
+    // Up to now (the clock is at 13:00 CET, give or take a second).
+    let period = current
+        .text
+        .lines()
+        .find(|l| l.starts_with("Period: "))
+        .unwrap_or_default()
+        .trim_end();
+    let (span, asof) = period.split_once("; figures as of ").unwrap_or_default();
+    assert!(
+        span.ends_with(&format!("to {asof} (Europe/Berlin)"))
+            && (asof.starts_with("2026-12-16 12:59:") || asof.starts_with("2026-12-16 13:00:")),
+        "{}",
+        current.text
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -380,6 +557,13 @@ async fn missed_periods_are_sent_after_downtime_once_and_only_once() {
         db.close().await;
         assert!(ok, "the outbox was not delivered:\n{}", d.log());
     };
+    // Acme first appears in state on Friday 20 Nov (nothing is due: the
+    // last complete week began before that).
+    let d = daemon_at(dir.path(), "2026-11-20T10:00:00Z");
+    assert!(wait_until(Duration::from_secs(10), || d
+        .log()
+        .contains("consolidated reports checked")));
+    drop(d);
     // Wednesday 2 Dec: last week's report.
     let d = daemon_at(dir.path(), "2026-12-02T10:00:00Z");
     wait_reports(1);

@@ -435,31 +435,44 @@ pub enum PeriodArg {
     Monthly,
 }
 
-/// `tollgate report send --customer NAME --period …`.
-pub fn report_send(cfg: &Config, customer: &str, period: PeriodArg) -> anyhow::Result<ExitCode> {
-    use crate::config::Frequency;
+impl PeriodArg {
+    /// The configured frequency it names.
+    pub fn frequency(self) -> crate::config::Frequency {
+        use crate::config::Frequency;
+        match self {
+            PeriodArg::Daily => Frequency::Daily,
+            PeriodArg::Weekly => Frequency::Weekly,
+            PeriodArg::Monthly => Frequency::Monthly,
+        }
+    }
+}
+
+/// `tollgate report send --customer NAME (--period P [--current] | --from D --to D)`.
+pub fn report_send(
+    cfg: &Config,
+    customer: &str,
+    ask: crate::reports::ReportAsk,
+) -> anyhow::Result<ExitCode> {
     let Some(c) = cfg.customer_by_name(customer) else {
         anyhow::bail!("no customer {customer:?} in the configuration");
-    };
-    let freq = match period {
-        PeriodArg::Daily => Frequency::Daily,
-        PeriodArg::Weekly => Frequency::Weekly,
-        PeriodArg::Monthly => Frequency::Monthly,
     };
     let at = crate::clock::now();
     let (p, to, sent) = runtime()?.block_on(async {
         let st = open(cfg).await?;
-        let r = crate::reports::send_report_now(&st, cfg, c, freq, at).await;
+        let r = crate::reports::send_report_now(&st, cfg, c, &ask, at).await;
         st.close().await;
-        r.context("making the report")
+        match r {
+            Err(crate::reports::MailError::Span(e)) => Err(anyhow::anyhow!("{e}")),
+            r => r.context("making the report"),
+        }
     })?;
     let name = &cfg.customer(c).name;
     match sent {
         Ok(()) => {
             println!(
                 "sent the {} report of {name} for {} to {}",
-                crate::reports::frequency_name(freq),
-                p.label(),
+                p.name,
+                p.label,
                 to.join(", ")
             );
             Ok(ExitCode::SUCCESS)
@@ -467,8 +480,7 @@ pub fn report_send(cfg: &Config, customer: &str, period: PeriodArg) -> anyhow::R
         Err(e) => {
             eprintln!(
                 "tollgate: the {} report of {name} for {} is queued, but delivery failed: {e}; the daemon will retry it",
-                crate::reports::frequency_name(freq),
-                p.label()
+                p.name, p.label
             );
             Ok(ExitCode::from(1))
         }

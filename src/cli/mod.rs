@@ -79,15 +79,27 @@ pub enum Command {
 /// `tollgate report …`.
 #[derive(Debug, Subcommand)]
 pub enum ReportAction {
-    /// Queue and send a consolidated report of the most recent complete
-    /// period now, to the customer's report recipients (else its email).
+    /// Queue and send a consolidated report now, to the customer's report
+    /// recipients (else its email): of the most recent complete period,
+    /// the period in progress (--current), or local days --from to --to.
+    /// A report may not cover time before the customer first appeared in
+    /// state.
     Send {
         /// The customer.
         #[arg(long)]
         customer: String,
         /// daily, weekly or monthly.
-        #[arg(long, value_enum)]
-        period: admin::PeriodArg,
+        #[arg(long, value_enum, required_unless_present = "from", conflicts_with_all = ["from", "to"])]
+        period: Option<admin::PeriodArg>,
+        /// With --period: the period in progress, up to now.
+        #[arg(long, requires = "period")]
+        current: bool,
+        /// The first local day (YYYY-MM-DD, server.timezone).
+        #[arg(long, requires = "to")]
+        from: Option<jiff::civil::Date>,
+        /// The last local day, included (up to now if it is today).
+        #[arg(long, requires = "from")]
+        to: Option<jiff::civil::Date>,
     },
 }
 
@@ -140,8 +152,24 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Client { action } => client::run(action),
         Command::Status { json } => admin::status(&load_for_reading(&cli.config)?, json),
         Command::Report {
-            action: ReportAction::Send { customer, period },
-        } => admin::report_send(&load(&cli.config)?, &customer, period),
+            action:
+                ReportAction::Send {
+                    customer,
+                    period,
+                    current,
+                    from,
+                    to,
+                },
+        } => {
+            use crate::reports::ReportAsk;
+            let ask = match (period, from, to) {
+                (Some(p), _, _) if current => ReportAsk::Current(p.frequency()),
+                (Some(p), _, _) => ReportAsk::LastComplete(p.frequency()),
+                (None, Some(f), Some(t)) => ReportAsk::Days(f, t),
+                _ => anyhow::bail!("give --period, or --from and --to"),
+            };
+            admin::report_send(&load(&cli.config)?, &customer, ask)
+        }
         Command::Clients { action } => {
             let cfg = || load(&cli.config);
             match action {

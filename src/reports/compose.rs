@@ -5,7 +5,6 @@
 use super::MailError;
 use crate::config::units::{format_rate, format_size};
 use crate::config::{Config, CustomerId};
-use crate::policy::period::Period;
 use crate::state::{ClientPeriod, Outgoing};
 use jiff::Timestamp;
 use lettre::Message;
@@ -359,11 +358,12 @@ pub fn session_digest(
 pub fn consolidated_report(
     cfg: &Config,
     customer: CustomerId,
-    period: &Period,
+    period: impl Into<super::ReportSpan>,
     rows: &[ClientPeriod],
     to: &[String],
     at: Timestamp,
 ) -> Result<Outgoing, MailError> {
+    let period: super::ReportSpan = period.into();
     let cust = cfg.customer(customer);
     let space_of = |id: &str| {
         cfg.declared_client(id)
@@ -386,7 +386,7 @@ pub fn consolidated_report(
                 sessions_ok => r.sessions_ok,
                 sessions_failed => r.sessions_failed,
                 bytes_in => format_size(r.bytes_in.max(0) as u64),
-                used => format_size(r.used.max(0) as u64),
+                used => r.used.map_or_else(|| "unknown".into(), |u| format_size(u.max(0) as u64)),
                 space => space_of(&r.id),
                 mcal => r.mcal,
             }
@@ -398,12 +398,13 @@ pub fn consolidated_report(
         .filter(|c| c.get_attr("idle").map(|v| v.is_true()).unwrap_or(false))
         .cloned()
         .collect();
-    let used: i64 = rows.iter().map(|r| r.used.max(0)).sum();
-    let freq = super::frequency_name(period.frequency);
+    let used: i64 = rows.iter().filter_map(|r| r.used).map(|u| u.max(0)).sum();
+    let unknown = rows.iter().any(|r| r.used.is_none());
+    let freq = period.name.as_str();
     let ctx = context! {
         customer => cust.name,
         frequency => freq,
-        period => period.label(),
+        period => period.label,
         start => local(cfg, period.start),
         end => local(cfg, period.end),
         timezone => zone_name(cfg),
@@ -412,7 +413,7 @@ pub fn consolidated_report(
         total_ok => rows.iter().map(|r| r.sessions_ok).sum::<i64>(),
         total_failed => rows.iter().map(|r| r.sessions_failed).sum::<i64>(),
         total_in => format_size(rows.iter().map(|r| r.bytes_in.max(0) as u64).sum()),
-        space_used => format_size(used as u64),
+        space_used => if unknown { format!("at least {}", format_size(used as u64)) } else { format_size(used as u64) },
         space_allotted => cust.space.map(format_size).unwrap_or_else(|| "unlimited".into()),
         server => server_name(),
     };
@@ -420,7 +421,7 @@ pub fn consolidated_report(
         "[tollgate] {} report for {}: {}{}",
         freq,
         cust.name,
-        period.label(),
+        period.label,
         if idle.is_empty() {
             String::new()
         } else {
@@ -560,11 +561,15 @@ mod tests {
             "{}",
             m.subject
         );
-        let p = Period::last_complete(crate::config::Frequency::Weekly, &cfg.server.timezone, at);
+        let p = crate::policy::period::Period::last_complete(
+            crate::config::Frequency::Weekly,
+            &cfg.server.timezone,
+            at,
+        );
         let rows = vec![ClientPeriod {
             id: "PC-1".into(),
             kind: "desktop".into(),
-            used: 10,
+            used: Some(10),
             last_backup: None,
             sessions_ok: 0,
             sessions_failed: 1,

@@ -47,6 +47,9 @@ pub enum MailError {
     /// The outbox failed.
     #[error(transparent)]
     State(#[from] StateError),
+    /// A report cannot cover the span asked for.
+    #[error(transparent)]
+    Span(SpanError),
 }
 
 /// How often reports and alerts are looked for.
@@ -130,6 +133,155 @@ pub async fn queue_digests(
     Ok(queued)
 }
 
+/// What a consolidated report covers: `[start, end)`, with the figures as
+/// of `end`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReportSpan {
+    /// `daily`, `weekly`, `monthly`; `weekly (so far)` for the period in
+    /// progress; `custom` for dates given.
+    pub name: String,
+    /// For people: "2026-11-23 – 2026-11-29".
+    pub label: String,
+    /// The first instant covered.
+    pub start: Timestamp,
+    /// The first instant after; the figures are as of this.
+    pub end: Timestamp,
+}
+
+impl From<&Period> for ReportSpan {
+    fn from(p: &Period) -> ReportSpan {
+        ReportSpan {
+            name: frequency_name(p.frequency).into(),
+            label: p.label(),
+            start: p.start,
+            end: p.end,
+        }
+    }
+}
+
+/// What `tollgate report send` is asked to cover.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ReportAsk {
+    /// The most recent complete period.
+    LastComplete(Frequency),
+    /// The period in progress, up to now.
+    Current(Frequency),
+    /// Local days `from` to `to`, both included (up to now if `to` is today).
+    Days(jiff::civil::Date, jiff::civil::Date),
+}
+
+/// Why a report cannot cover what was asked.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SpanError {
+    /// `--from` after `--to`, or a span that has not begun.
+    #[error("{0}")]
+    Invalid(String),
+    /// The span begins before the customer first appeared in state.
+    #[error(
+        "customer {customer} first appeared in state at {first_seen}; a report may not cover time before that ({what} begins at {start}){hint}"
+    )]
+    BeforeFirstSeen {
+        /// The customer.
+        customer: String,
+        /// When it first appeared (local, RFC 3339).
+        first_seen: String,
+        /// The span's start (local).
+        start: String,
+        /// "the weekly period 2026-11-23 – 2026-11-29".
+        what: String,
+        /// A way out.
+        hint: String,
+    },
+}
+
+/// The span `ask` names at `now`, in `tz` (a pure function).
+pub fn span_for(
+    ask: &ReportAsk,
+    tz: &jiff::tz::TimeZone,
+    now: Timestamp,
+) -> Result<ReportSpan, SpanError> {
+    match ask {
+        ReportAsk::LastComplete(f) => Ok((&Period::last_complete(*f, tz, now)).into()),
+        ReportAsk::Current(f) => {
+            let p = Period::containing(*f, tz, now);
+            Ok(ReportSpan {
+                name: format!("{} (so far)", frequency_name(*f)),
+                label: format!("{} (so far)", p.label()),
+                start: p.start,
+                end: now,
+            })
+        }
+        ReportAsk::Days(from, to) => {
+            if from > to {
+                return Err(SpanError::Invalid(format!(
+                    "--from {from} is after --to {to}"
+                )));
+            }
+            let midnight = |d: jiff::civil::Date| {
+                tz.to_timestamp(jiff::civil::DateTime::from(d))
+                    .map_err(|e| SpanError::Invalid(format!("{d}: {e}")))
+            };
+            let start = midnight(*from)?;
+            let after = to
+                .tomorrow()
+                .map_err(|e| SpanError::Invalid(format!("{to}: {e}")))?;
+            let end = midnight(after)?.min(now);
+            if start >= now {
+                return Err(SpanError::Invalid(format!(
+                    "--from {from} has not begun yet"
+                )));
+            }
+            let label = if from == to {
+                from.to_string()
+            } else {
+                format!("{from} – {to}")
+            };
+            Ok(ReportSpan {
+                name: "custom".into(),
+                label,
+                start,
+                end,
+            })
+        }
+    }
+}
+
+/// Refuses a span that begins before the customer first appeared in
+/// state (`first_seen`; None = not yet: it appears now).
+pub fn check_span(
+    cfg: &Config,
+    customer: &str,
+    span: &ReportSpan,
+    first_seen: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<(), SpanError> {
+    let first = first_seen.unwrap_or(now);
+    if span.start >= first {
+        return Ok(());
+    }
+    let local = |t: Timestamp| compose::local(cfg, t);
+    let next_day = cfg
+        .server
+        .timezone
+        .to_datetime(first)
+        .date()
+        .tomorrow()
+        .ok();
+    let hint = match next_day {
+        Some(d) if d <= cfg.server.timezone.to_datetime(now).date() => {
+            format!("; try --from {d}")
+        }
+        _ => String::new(),
+    };
+    Err(SpanError::BeforeFirstSeen {
+        customer: customer.to_string(),
+        first_seen: local(first),
+        start: local(span.start),
+        what: format!("the {} report {}", span.name, span.label),
+        hint,
+    })
+}
+
 /// Queues every consolidated report that is due at `now`. Returns how many.
 pub async fn queue_due_reports(
     state: &State,
@@ -140,6 +292,8 @@ pub async fn queue_due_reports(
         return Ok(0);
     }
     let tz = &cfg.server.timezone;
+    let names: Vec<&str> = cfg.customers.iter().map(|c| c.name.as_str()).collect();
+    state.note_customers(&names, now).await?;
     let mut queued = 0;
     for (i, c) in cfg.customers.iter().enumerate() {
         let Some(rep) = &c.consolidated_report else {
@@ -150,7 +304,12 @@ pub async fn queue_due_reports(
             .last_report(&c.name, freq)
             .await?
             .and_then(|d| d.parse().ok());
+        // Never a period that began before the customer was in state.
+        let first_seen = state.customer_first_seen(&c.name).await?.unwrap_or(now);
         for p in period::due(rep.frequency, tz, last, now, MAX_CATCH_UP) {
+            if p.start < first_seen {
+                continue;
+            }
             let rows = state.client_periods(&c.name, p.start, p.end).await?;
             let m = compose::consolidated_report(
                 cfg,
@@ -173,25 +332,29 @@ pub async fn queue_due_reports(
     Ok(queued)
 }
 
-/// `tollgate report send`: queues the most recent complete period's report
-/// for `customer` and delivers it now. It does not count as the scheduled
-/// one. If delivery fails, the message stays in the outbox and the daemon
-/// retries it; the error is returned with the period and recipients.
+/// `tollgate report send`: queues the report `ask` names for `customer`
+/// and delivers it now. It does not count as the scheduled one. A span
+/// that begins before the customer first appeared in state is refused. If
+/// delivery fails, the message stays in the outbox and the daemon retries
+/// it; the error is returned with the span and recipients.
 pub async fn send_report_now(
     state: &State,
     cfg: &Config,
     customer: CustomerId,
-    frequency: Frequency,
+    ask: &ReportAsk,
     now: Timestamp,
-) -> Result<(Period, Vec<String>, Result<(), MailError>), MailError> {
+) -> Result<(ReportSpan, Vec<String>, Result<(), MailError>), MailError> {
     let c = cfg.customer(customer);
-    let p = Period::last_complete(frequency, &cfg.server.timezone, now);
+    let p = span_for(ask, &cfg.server.timezone, now).map_err(MailError::Span)?;
+    state.note_customers(&[c.name.as_str()], now).await?;
+    let first_seen = state.customer_first_seen(&c.name).await?;
+    check_span(cfg, &c.name, &p, first_seen, now).map_err(MailError::Span)?;
     let to = match &c.consolidated_report {
         Some(r) => r.recipients.clone(),
         None => c.email.iter().cloned().collect(),
     };
     let rows = state.client_periods(&c.name, p.start, p.end).await?;
-    let m = compose::consolidated_report(cfg, customer, &p, &rows, &to, now)?;
+    let m = compose::consolidated_report(cfg, customer, p.clone(), &rows, &to, now)?;
     let t = Transport::from_config(cfg)?.ok_or(MailError::NotConfigured)?;
     // Leased, so a running daemon does not deliver it at the same time.
     let lease = now + jiff::SignedDuration::from_secs(120);
@@ -651,6 +814,77 @@ mod tests {
         // The pool has 10 and 9 are debited.
         let v = run(0, 0, 0, 0, 9);
         assert_eq!(v, [("mcal:pool".into(), "noc@x.example".into())]);
+    }
+
+    #[test]
+    fn report_spans_are_real_time() {
+        let tz = jiff::tz::TimeZone::get("Europe/Berlin").unwrap();
+        let now: Timestamp = "2026-12-16T12:00:00Z".parse().unwrap();
+        let d = |s: &str| s.parse::<jiff::civil::Date>().unwrap();
+        let t = |s: &str| s.parse::<Timestamp>().unwrap();
+        // (ask, Ok((start, end, label)) or the error's start)
+        type Want = Result<(&'static str, &'static str, &'static str), &'static str>;
+        let cases: Vec<(ReportAsk, Want)> = vec![
+            (
+                ReportAsk::LastComplete(Frequency::Weekly),
+                Ok((
+                    "2026-12-06T23:00:00Z",
+                    "2026-12-13T23:00:00Z",
+                    "2026-12-07 – 2026-12-13",
+                )),
+            ),
+            (
+                ReportAsk::Current(Frequency::Monthly),
+                Ok((
+                    "2026-11-30T23:00:00Z",
+                    "2026-12-16T12:00:00Z",
+                    "2026-12-01 – 2026-12-31 (so far)",
+                )),
+            ),
+            (
+                ReportAsk::Days(d("2026-12-01"), d("2026-12-01")),
+                Ok(("2026-11-30T23:00:00Z", "2026-12-01T23:00:00Z", "2026-12-01")),
+            ),
+            // To today: up to now.
+            (
+                ReportAsk::Days(d("2026-12-10"), d("2026-12-16")),
+                Ok((
+                    "2026-12-09T23:00:00Z",
+                    "2026-12-16T12:00:00Z",
+                    "2026-12-10 – 2026-12-16",
+                )),
+            ),
+            (
+                ReportAsk::Days(d("2026-12-05"), d("2026-12-01")),
+                Err("is after"),
+            ),
+            (
+                ReportAsk::Days(d("2026-12-17"), d("2026-12-18")),
+                Err("has not begun"),
+            ),
+        ];
+        for (ask, want) in cases {
+            match (span_for(&ask, &tz, now), want) {
+                (Ok(s), Ok((a, b, l))) => {
+                    assert_eq!(
+                        (s.start, s.end, s.label.as_str()),
+                        (t(a), t(b), l),
+                        "{ask:?}"
+                    )
+                }
+                (Err(e), Err(w)) => assert!(e.to_string().contains(w), "{ask:?}: {e}"),
+                (got, want) => panic!("{ask:?}: {got:?}, wanted {want:?}"),
+            }
+        }
+        // A span that began before the customer first appeared is refused.
+        let c = cfg();
+        let span = span_for(&ReportAsk::LastComplete(Frequency::Weekly), &tz, now).unwrap();
+        assert!(check_span(&c, "A", &span, Some(span.start), now).is_ok());
+        let later = span.start + jiff::SignedDuration::from_secs(1);
+        let e = check_span(&c, "A", &span, Some(later), now).unwrap_err();
+        assert!(e.to_string().contains("first appeared in state"), "{e}");
+        // Not in state yet: it appears now, so any past span is refused.
+        assert!(check_span(&c, "A", &span, None, now).is_err());
     }
 
     #[test]

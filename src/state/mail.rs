@@ -51,8 +51,10 @@ pub struct ClientPeriod {
     pub id: String,
     /// Its kind.
     pub kind: String,
-    /// Bytes stored now.
-    pub used: i64,
+    /// Bytes stored as of the period's end: after the last session that
+    /// ended before it, or now when none has ended since. None when that
+    /// session predates the record (a database older than issue 12).
+    pub used: Option<i64>,
     /// End of its last successful backup before the period's end (Unix s).
     pub last_backup: Option<i64>,
     /// Backup sessions in the period that ended `ok` with no failed file.
@@ -115,6 +117,38 @@ fn insert_outbox_due<'a>(
 }
 
 impl State {
+    /// Records every name in `customers` not seen before as first seen at
+    /// `at` (the daemon calls it with the configured customers).
+    pub async fn note_customers(
+        &self,
+        customers: &[&str],
+        at: Timestamp,
+    ) -> Result<(), StateError> {
+        let (_lane, mut tx) = super::ops::immediate(self).await?;
+        for name in customers {
+            sqlx::query("INSERT OR IGNORE INTO customers_seen (name, first_seen) VALUES (?1, ?2)")
+                .bind(name)
+                .bind(secs(at))
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// When `customer` first appeared in state, if it has.
+    pub async fn customer_first_seen(
+        &self,
+        customer: &str,
+    ) -> Result<Option<Timestamp>, StateError> {
+        let s: Option<i64> =
+            sqlx::query_scalar("SELECT first_seen FROM customers_seen WHERE name = ?1")
+                .bind(customer)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(s.and_then(|s| Timestamp::from_second(s).ok()))
+    }
+
     /// The (recipient, client) pairs whose waiting session reports may go
     /// out at `now`: none went to that pair within `interval`.
     pub async fn due_digests(
@@ -393,7 +427,8 @@ impl State {
         )
     }
 
-    /// Each client of `customer` with its figures for `[start, end)`.
+    /// Each client of `customer` that was registered before `end`, with
+    /// its figures for `[start, end)` as of `end`.
     pub async fn client_periods(
         &self,
         customer: &str,
@@ -401,7 +436,12 @@ impl State {
         end: Timestamp,
     ) -> Result<Vec<ClientPeriod>, StateError> {
         Ok(sqlx::query_as::<_, ClientPeriod>(
-            "SELECT c.id, c.kind, c.used,
+            "SELECT c.id, c.kind,
+                CASE WHEN NOT EXISTS (SELECT 1 FROM sessions s WHERE s.client = c.id AND s.ended_at >= ?2)
+                     THEN c.used
+                     ELSE (SELECT s.stored_after FROM sessions s WHERE s.client = c.id AND s.ended_at < ?2
+                            ORDER BY s.ended_at DESC LIMIT 1)
+                END AS used,
                 (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup'
                     AND s.result = 'ok' AND s.files_failed = 0 AND s.ended_at < ?2) AS last_backup,
                 (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2
@@ -411,7 +451,7 @@ impl State {
                 COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_in,
                 COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_out,
                 COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.debited_at >= ?1 AND d.debited_at < ?2), 0) AS mcal
-             FROM clients c WHERE c.customer = ?3 ORDER BY c.id",
+             FROM clients c WHERE c.customer = ?3 AND COALESCE(c.registered_at, 0) < ?2 ORDER BY c.id",
         )
         .bind(secs(start))
         .bind(secs(end))

@@ -814,7 +814,7 @@ impl State {
         reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
         let (_lane, mut tx) = immediate(self).await?;
-        sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ? WHERE id = ?")
+        sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ?, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = ?")
             .bind(secs(e.at))
             .bind(e.bytes_in as i64)
             .bind(e.bytes_out as i64)
