@@ -142,14 +142,15 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
         .unwrap();
     s.bye().await.unwrap();
 
-    // 2 sessions × (customer + reseller) + space alert + MCAL pool alert.
-    let all = smtp.wait_for(6, Duration::from_secs(30));
+    // 2 sessions × (customer + reseller) + the customer's space alert (to
+    // it and to its reseller) + the MCAL pool alert.
+    let all = smtp.wait_for(7, Duration::from_secs(30));
     let mails: Vec<Mail> = all.iter().map(|m| parse(m)).collect();
     let subjects: Vec<(&str, &str)> = mails
         .iter()
         .map(|m| (m.rcpt.as_str(), m.subject.as_str()))
         .collect();
-    assert_eq!(mails.len(), 6, "{subjects:#?}\n{}", d.log());
+    assert_eq!(mails.len(), 7, "{subjects:#?}\n{}", d.log());
     for m in &mails {
         assert_eq!(m.from, "tollgate@backup.example");
     }
@@ -185,6 +186,10 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
     let space = find("it@acme.example", "ALERT: Acme has used 93% of its space");
     assert!(space.text.contains("What to do"), "{}", space.text);
     html_client_rows(&space.html);
+    find(
+        "reports@north.example",
+        "ALERT: Acme has used 93% of its space",
+    );
     find("noc@backup.example", "ALERT: the MCAL pool has 0 left");
 
     // Another backup the same day: reports again, but no second alert.
@@ -193,8 +198,8 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
     let checks = |d: &Daemon| d.log().matches("alerts checked").count();
     let before = checks(&d);
     backup(&d, "PC-1", "Acme", &small, "small.bin").await;
-    let more = smtp.wait_for(8, Duration::from_secs(30));
-    assert_eq!(more.len(), 8);
+    let more = smtp.wait_for(9, Duration::from_secs(30));
+    assert_eq!(more.len(), 9);
     // The alert check that follows the session (at most 5 s apart) ran,
     // and queued nothing new.
     assert!(
@@ -207,7 +212,222 @@ async fn session_reports_and_alerts_reach_the_right_addresses() {
         .map(|m| parse(m))
         .filter(|m| m.subject.contains("ALERT"))
         .count();
-    assert_eq!(alerts, 2, "at most one alert per subject per day");
+    assert_eq!(alerts, 3, "at most one alert per subject per day");
+}
+
+/// Issue 12 item 6: an alert about a customer's allotment also reaches
+/// who can raise it (its reseller; the admin for the Default Customer),
+/// and the refusals only they can fix reach them as a daily digest.
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_and_refusal_digests_reach_who_can_act() {
+    let dir = TempDir::new().unwrap();
+    let smtp = Smtp::start(&dir.path().join("maildir"), free_port());
+    write_config(
+        dir.path(),
+        &format!(
+            "[server.mcal]\npool = 100\n{}",
+            email_table(Some(smtp.port), &dir.path().join("spool"))
+        ),
+        &format!(
+            "[default_customer]\nbackup_location = \"{d}/default\"\nauto_add_clients = true\nspace = \"100 KiB\"\n\
+             [[reseller]]\nname = \"north\"\nemail = \"reports@north.example\"\n\
+             [[customer]]\nname = \"Acme\"\nreseller = \"north\"\nemail = \"it@acme.example\"\n\
+             backup_location = \"{d}/acme\"\nauto_add_clients = true\nspace = \"1 MiB\"\nmcal_limit = 1\n\
+             [[reseller]]\nname = \"south\"\n\
+             [[customer]]\nname = \"Tiny\"\nreseller = \"north\"\nemail = \"it@tiny.example\"\nbackup_location = \"{d}/tiny\"\nauto_add_clients = true\nmax_clients = 1\n\
+             [[customer]]\nname = \"Gone\"\nreseller = \"south\"\nemail = \"it@gone.example\"\nbackup_location = \"{d}/gone\"\nauto_add_clients = true\nactivated = false\n",
+            d = dir.path().display()
+        ),
+    );
+    let d = Daemon::start_with_env(dir.path(), &[("RUST_LOG", "info,tollgate::reports=debug")]);
+    let (part, small) = (dir.path().join("part.bin"), dir.path().join("small.bin"));
+    make_file(&part, 600 << 10, 1);
+    make_file(&small, 95 << 10, 2);
+    // Acme: PC-1 takes its one MCAL, then a second file does not fit
+    // (quota_exceeded) and PC-2 finds no MCAL left (mcal_exhausted).
+    backup(&d, "PC-1", "Acme", &part, "a.bin").await;
+    let mut o = d.opts("PC-1");
+    o.customer = Some("Acme".into());
+    let mut s = Session::connect(&o).await.unwrap();
+    let r = s
+        .upload(
+            &[Upload {
+                local: part.clone(),
+                remote: "b.bin".into(),
+                ..Default::default()
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r[0].as_ref().err().and_then(|e| e.code()),
+        Some("quota_exceeded")
+    );
+    s.bye().await.unwrap();
+    let refused = async |id: &str, customer: &str| {
+        let mut o = d.opts(id);
+        o.customer = Some(customer.into());
+        Session::connect(&o)
+            .await
+            .err()
+            .and_then(|e| e.code().map(String::from))
+    };
+    assert_eq!(
+        refused("PC-2", "Acme").await.as_deref(),
+        Some("mcal_exhausted")
+    );
+    // Tiny: one client at most. Gone: deactivated.
+    backup(&d, "T-1", "Tiny", &small, "t.bin").await;
+    assert_eq!(
+        refused("T-2", "Tiny").await.as_deref(),
+        Some("client_limit")
+    );
+    assert_eq!(
+        refused("G-1", "Gone").await.as_deref(),
+        Some("customer_deactivated")
+    );
+    // The Default Customer at 95% of its space; a second file does not fit.
+    let mut o = d.opts("D-1");
+    o.customer = None;
+    let mut s = Session::connect(&o).await.unwrap();
+    let r = s
+        .upload(
+            &[
+                Upload {
+                    local: small.clone(),
+                    remote: "d.bin".into(),
+                    ..Default::default()
+                },
+                Upload {
+                    local: small.clone(),
+                    remote: "e.bin".into(),
+                    ..Default::default()
+                },
+            ],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    assert_eq!(
+        r[1].as_ref().err().and_then(|e| e.code()),
+        Some("quota_exceeded")
+    );
+    s.bye().await.unwrap();
+
+    // Alerts: Acme's MCAL allotment to Acme and to north; the Default
+    // Customer's space to the admin.
+    let all = smtp.wait_for(3, Duration::from_secs(30));
+    let mails: Vec<Mail> = all.iter().map(|m| parse(m)).collect();
+    let list: Vec<(&str, &str)> = mails
+        .iter()
+        .map(|m| (m.rcpt.as_str(), m.subject.as_str()))
+        .collect();
+    let has = |rcpt: &str, needle: &str| {
+        mails
+            .iter()
+            .any(|m| m.rcpt == rcpt && m.subject.contains(needle))
+    };
+    assert!(
+        has("it@acme.example", "ALERT: Acme's MCAL allotment has 0 left"),
+        "{list:#?}"
+    );
+    assert!(
+        has(
+            "reports@north.example",
+            "ALERT: Acme's MCAL allotment has 0 left"
+        ),
+        "{list:#?}"
+    );
+    assert!(
+        has(
+            "noc@backup.example",
+            "ALERT: Default Customer has used 95% of its space"
+        ),
+        "{list:#?}\n{}",
+        d.log()
+    );
+    // The refusals are in state (written once a second) before the stop.
+    let db = d.db().await;
+    assert!(
+        until(Duration::from_secs(10), async || refusals(&db, "").await
+            >= 4)
+        .await,
+        "{}",
+        d.log()
+    );
+    db.close().await;
+    stop(d);
+
+    // The next day: one digest to north (Acme's and Tiny's refusals), one
+    // to the admin (the Default Customer's, and Gone's: its reseller has no
+    // e-mail), none to the customers.
+    let before = smtp.messages().len();
+    let d = daemon_at(dir.path(), "2026-06-11T10:00:00Z");
+    let digests = |smtp: &Smtp| -> Vec<Mail> {
+        smtp.messages()
+            .iter()
+            .map(|m| parse(m))
+            .filter(|m| m.subject.contains("refusal(s) on 2026-06-10"))
+            .collect()
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || digests(&smtp).len() >= 2),
+        "{}",
+        d.log()
+    );
+    let got = digests(&smtp);
+    assert_eq!(got.len(), 2, "{}", d.log());
+    let north = got
+        .iter()
+        .find(|m| m.rcpt == "reports@north.example")
+        .expect("north's digest");
+    assert!(
+        north
+            .subject
+            .contains("[tollgate] 3 refusal(s) on 2026-06-10"),
+        "{}",
+        north.subject
+    );
+    for line in [
+        "Acme:",
+        "mcal_exhausted: 1 time(s), last by PC-2",
+        "quota_exceeded: 1 time(s), last by PC-1",
+        "Tiny:",
+        "client_limit: 1 time(s), last by T-2",
+    ] {
+        assert!(north.text.contains(line), "{line:?} in:\n{}", north.text);
+    }
+    assert!(!north.text.contains("Gone"), "{}", north.text);
+    let admin = got
+        .iter()
+        .find(|m| m.rcpt == "noc@backup.example")
+        .expect("the admin's digest");
+    for line in [
+        "Gone:",
+        "customer_deactivated: 1 time(s), last by G-1",
+        "Default Customer:",
+        "quota_exceeded: 1 time(s), last by D-1",
+    ] {
+        assert!(admin.text.contains(line), "{line:?} in:\n{}", admin.text);
+    }
+    assert!(!admin.text.contains("Acme"), "{}", admin.text);
+    assert_eq!(
+        admin.html.matches("<tr class=\"refusal\">").count(),
+        2,
+        "{}",
+        admin.html
+    );
+    assert!(smtp.messages().len() >= before + 2);
+    stop(d);
+    // Started again the same day: no second digest.
+    let d = daemon_at(dir.path(), "2026-06-11T10:05:00Z");
+    assert!(wait_until(Duration::from_secs(10), || d
+        .log()
+        .contains("consolidated reports checked")));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(digests(&smtp).len(), 2, "{}", d.log());
 }
 
 /// Config for the report tests: Europe/Berlin, customer Acme with a

@@ -875,7 +875,7 @@ async fn refusals_are_aggregated_and_bounded() {
             Some(src),
             Some(&id),
             Some(&long_customer),
-            RejectCode::UnknownCustomer,
+            RejectCode::UnknownCustomer.as_str(),
         ));
     }
     assert_eq!(st.flush_refusals().await.unwrap(), 1000);

@@ -32,6 +32,8 @@ fn env() -> &'static Environment<'static> {
             ),
             ("alert.txt", include_str!("templates/alert.txt")),
             ("alert.html", include_str!("templates/alert.html")),
+            ("refusals.txt", include_str!("templates/refusals.txt")),
+            ("refusals.html", include_str!("templates/refusals.html")),
         ] {
             // The templates are part of the binary and tested: a broken one
             // is a build defect, caught by the unit tests below.
@@ -462,6 +464,64 @@ pub fn alert(
         format!("[tollgate] ALERT: {headline}"),
         render("alert.txt", &ctx)?,
         render("alert.html", &ctx)?,
+        at,
+    )
+}
+
+/// What to do about a refusal the digest lists.
+fn refusal_advice(code: &str) -> &'static str {
+    match code {
+        "mcal_exhausted" => "raise the customer's or reseller's mcal_limit, or server.mcal.pool",
+        "client_limit" => "raise the customer's max_clients, or remove clients it no longer has",
+        "quota_exceeded" => "raise the space of the level that is full, or free space",
+        "customer_deactivated" => {
+            "set the customer's activated = true if its clients should back up"
+        }
+        _ => "see docs/email.md",
+    }
+}
+
+/// The daily refusal digest to a reseller or the admin: `rows` are
+/// (customer, code, last client, count), for local day `day`.
+pub fn refusal_digest(
+    cfg: &Config,
+    to: &[String],
+    day: &str,
+    rows: &[crate::state::RefusalCount],
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let mut customers: Vec<(String, Vec<Value>)> = Vec::new();
+    for r in rows {
+        let row = context! {
+            code => r.code,
+            count => r.count,
+            client => r.client,
+            advice => refusal_advice(&r.code),
+        };
+        match customers.iter_mut().find(|(n, _)| *n == r.customer) {
+            Some((_, v)) => v.push(row),
+            None => customers.push((r.customer.clone(), vec![row])),
+        }
+    }
+    let total: i64 = rows.iter().map(|r| r.count).sum();
+    let ctx = context! {
+        day => day,
+        timezone => zone_name(cfg),
+        total => total,
+        customers => customers
+            .into_iter()
+            .map(|(name, rows)| context! { name => name, rows => rows })
+            .collect::<Vec<_>>(),
+        server => server_name(),
+        at => local(cfg, at),
+    };
+    build(
+        cfg,
+        "refusal_digest",
+        to,
+        format!("[tollgate] {total} refusal(s) on {day}: clients turned away"),
+        render("refusals.txt", &ctx)?,
+        render("refusals.html", &ctx)?,
         at,
     )
 }

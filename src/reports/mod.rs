@@ -380,8 +380,10 @@ type AlertSpec = (String, String, String, String, &'static str);
 /// The alerts that hold at this snapshot (CONFIG.md "Alerts"): usage at or
 /// over 90% of space at any level, and MCAL allotments or the pool with
 /// less left than one more month of their clients' costs. Client and
-/// customer alerts go to the customer's `email`, reseller alerts to the
-/// reseller's, server and pool alerts to `server.email.admin`.
+/// customer alerts go to the customer's `email`; customer alerts also go
+/// to its reseller's `email` (or `server.email.admin` for a customer
+/// directly under the server), who can raise the allotment. Reseller
+/// alerts go to the reseller's, server and pool alerts to the admin.
 pub fn alerts_for(
     cfg: &Config,
     usage: &HashMap<String, Usage>,
@@ -463,20 +465,34 @@ pub fn alerts_for(
         }
     }
     let at = |m: &PerNode, n: Node| m.get(n);
+    let admin = cfg.server.email.as_ref().and_then(|e| e.admin.as_deref());
     for (i, c) in cfg.customers.iter().enumerate() {
-        let (n, Some(to)) = (Node::Customer(CustomerId(i as u32)), &c.email) else {
-            continue;
+        let n = Node::Customer(CustomerId(i as u32));
+        // A customer cannot raise its own allotment: who can (its reseller,
+        // or the admin for customers directly under the server) gets a
+        // copy, under its own subject key so each is sent once a day.
+        let up: Option<(&str, &str)> = match c.reseller.map(|r| cfg.reseller(r)) {
+            Some(r) => r.email.as_deref().map(|e| (e, "reseller")),
+            None => admin.map(|e| (e, "admin")),
         };
+        let recipients: Vec<(String, &str)> = c
+            .email
+            .iter()
+            .map(|e| (String::new(), e.as_str()))
+            .chain(up.map(|(e, who)| (format!(":to-{who}"), e)))
+            .collect();
         let long = format!("Customer {}", c.name);
-        space_alert(
-            &mut out,
-            format!("customer:{}", c.name),
-            to,
-            &c.name,
-            &long,
-            at(&used, n),
-            c.space,
-        );
+        for (suffix, to) in &recipients {
+            space_alert(
+                &mut out,
+                format!("customer:{}{suffix}", c.name),
+                to,
+                &c.name,
+                &long,
+                at(&used, n),
+                c.space,
+            );
+        }
         if let McalLimit::Fixed(_) = c.mcal_limit {
             let d = customer_debits
                 .get(&c.name.to_lowercase())
@@ -484,15 +500,17 @@ pub fn alerts_for(
                 .unwrap_or_default();
             let left = space::allotment_snapshot(c.mcal_limit, d, u64::MAX).available;
             let what = format!("{}'s MCAL allotment", c.name);
-            mcal_alert(
-                &mut out,
-                &format!("customer:{}", c.name),
-                to,
-                &what,
-                left,
-                at(&cost, n),
-                "raise the customer's mcal_limit",
-            );
+            for (suffix, to) in &recipients {
+                mcal_alert(
+                    &mut out,
+                    &format!("customer:{}{suffix}", c.name),
+                    to,
+                    &what,
+                    left,
+                    at(&cost, n),
+                    "raise the customer's mcal_limit",
+                );
+            }
         }
     }
     for (i, r) in cfg.resellers.iter().enumerate() {
@@ -530,7 +548,7 @@ pub fn alerts_for(
             );
         }
     }
-    if let Some(to) = cfg.server.email.as_ref().and_then(|e| e.admin.as_deref()) {
+    if let Some(to) = admin {
         let n = Node::Server;
         space_alert(
             &mut out,
@@ -619,6 +637,50 @@ pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result
     Ok(queued)
 }
 
+/// Queues the refusal digest of the last complete local day (docs/email.md
+/// "Refusal digest"): per reseller, the refusals of its customers that only
+/// it can fix; to `server.email.admin`, those of customers directly under
+/// the server (or of a reseller without an `email`). Once per recipient per
+/// day, and only when there was a refusal. Returns how many.
+pub async fn queue_refusal_digests(
+    state: &State,
+    cfg: &Config,
+    now: Timestamp,
+) -> Result<usize, MailError> {
+    let Some(email) = &cfg.server.email else {
+        return Ok(0);
+    };
+    let day = Period::last_complete(Frequency::Daily, &cfg.server.timezone, now);
+    let rows = state.refusal_counts(day.start, day.end).await?;
+    let mut by_recipient: Vec<(String, Vec<crate::state::RefusalCount>)> = Vec::new();
+    for r in rows {
+        let Some(c) = cfg.customer_by_name(&r.customer) else {
+            continue;
+        };
+        let to = match cfg.customer(c).reseller.map(|x| cfg.reseller(x)) {
+            Some(res) if res.email.is_some() => res.email.clone(),
+            _ => email.admin.clone(),
+        };
+        let Some(to) = to else { continue };
+        match by_recipient.iter_mut().find(|(t, _)| *t == to) {
+            Some((_, v)) => v.push(r),
+            None => by_recipient.push((to, vec![r])),
+        }
+    }
+    let mut queued = 0;
+    for (to, rows) in by_recipient {
+        let m = compose::refusal_digest(cfg, std::slice::from_ref(&to), &day.label(), &rows, now)?;
+        if state
+            .enqueue_alert(&format!("refusals:{to}"), &day.key(), &m, now)
+            .await?
+        {
+            info!(to = %to, day = %day.label(), "refusal digest queued");
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
 /// The background mail tasks: one queues what is due (session digests,
 /// consolidated reports, alerts), the other delivers the outbox, so a relay
 /// that hangs never holds up the queuing. `cfg` gives the configuration in
@@ -656,6 +718,10 @@ async fn schedule_loop(
             match queue_due_reports(&state, &c, now).await {
                 Ok(n) => queued += n,
                 Err(e) => warn!(error = %e, "queuing consolidated reports failed"),
+            }
+            match queue_refusal_digests(&state, &c, now).await {
+                Ok(n) => queued += n,
+                Err(e) => warn!(error = %e, "queuing refusal digests failed"),
             }
             next_schedule = tokio::time::Instant::now() + SCHEDULE_EVERY;
             woken = true;
@@ -791,23 +857,33 @@ mod tests {
         v
     }
 
-    fn subjects(v: &[(String, String)]) -> Vec<&str> {
-        v.iter().map(|(s, _)| s.as_str()).collect()
-    }
-
     #[test]
     fn alerts_fire_at_ninety_percent_and_under_one_month_of_costs() {
         // Quiet: under 90% everywhere; MCALs left ≥ one month (cost 2).
         assert!(run(8 * MIB, 4 * MIB, 0, 0, 0).is_empty());
         // Exactly 90% of the customer's 10 MiB (9 MiB), and of the client's 5 MiB (4.5 MiB).
+        // The customer's alert also goes to its reseller, who can raise
+        // the allotment; the client's does not.
         let v = run(9 * MIB, 9 * MIB / 2, 0, 0, 0);
-        assert_eq!(subjects(&v), ["space:client:PC", "space:customer:A"]);
-        assert!(v.iter().all(|(_, to)| to == "a@x.example"));
+        assert_eq!(
+            v,
+            [
+                ("space:client:PC".into(), "a@x.example".into()),
+                ("space:customer:A".into(), "a@x.example".into()),
+                ("space:customer:A:to-reseller".into(), "r@x.example".into()),
+            ]
+        );
         // Just under 90%.
         assert!(run(9 * MIB - 1, 9 * MIB / 2 - 1, 0, 0, 0).is_empty());
         // The customer has 3 and debited 2: 1 left < 2 a month.
         let v = run(0, 0, 2, 2, 2);
-        assert_eq!(v, [("mcal:customer:A".into(), "a@x.example".into())]);
+        assert_eq!(
+            v,
+            [
+                ("mcal:customer:A".into(), "a@x.example".into()),
+                ("mcal:customer:A:to-reseller".into(), "r@x.example".into()),
+            ]
+        );
         // The reseller has 4 and debited 3: 1 left.
         let v = run(0, 0, 1, 3, 3);
         assert_eq!(v, [("mcal:reseller:r".into(), "r@x.example".into())]);
@@ -896,6 +972,7 @@ mod tests {
             v,
             [
                 ("space:customer:A".into(), "a@x.example".into()),
+                ("space:customer:A:to-reseller".into(), "r@x.example".into()),
                 ("space:reseller:r".into(), "r@x.example".into()),
             ]
         );

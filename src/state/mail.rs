@@ -116,7 +116,58 @@ fn insert_outbox_due<'a>(
     .bind(secs(due))
 }
 
+/// Refusals of one code for one customer over a span (the daily digest).
+#[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
+pub struct RefusalCount {
+    /// The configured customer.
+    pub customer: String,
+    /// The REJECT or ERROR code.
+    pub code: String,
+    /// The last client refused (a valid id), or empty.
+    pub client: String,
+    /// How many times.
+    pub count: i64,
+}
+
+/// The refusals only a reseller or the admin can fix (docs/email.md
+/// "Refusal digest").
+pub const DIGEST_CODES: [&str; 4] = [
+    "mcal_exhausted",
+    "client_limit",
+    "quota_exceeded",
+    "customer_deactivated",
+];
+
 impl State {
+    /// Refusals of [`DIGEST_CODES`] in `[start, end)`, per customer and
+    /// code, with the last client refused.
+    pub async fn refusal_counts(
+        &self,
+        start: Timestamp,
+        end: Timestamp,
+    ) -> Result<Vec<RefusalCount>, StateError> {
+        Ok(sqlx::query_as::<_, RefusalCount>(
+            "SELECT r.customer, r.code,
+                    COALESCE((SELECT l.client FROM refusals l WHERE l.customer = r.customer AND l.code = r.code
+                      AND l.at >= ?1 AND l.at < ?2 AND l.client <> '(invalid)'
+                      ORDER BY l.at DESC LIMIT 1), '') AS client,
+                    SUM(r.count) AS count
+               FROM refusals r
+              WHERE r.at >= ?1 AND r.at < ?2 AND r.customer <> ''
+                AND r.code IN (?3, ?4, ?5, ?6)
+              GROUP BY r.customer, r.code
+              ORDER BY r.customer, r.code",
+        )
+        .bind(secs(start))
+        .bind(secs(end))
+        .bind(DIGEST_CODES[0])
+        .bind(DIGEST_CODES[1])
+        .bind(DIGEST_CODES[2])
+        .bind(DIGEST_CODES[3])
+        .fetch_all(&self.pool)
+        .await?)
+    }
+
     /// Records every name in `customers` not seen before as first seen at
     /// `at` (the daemon calls it with the configured customers).
     pub async fn note_customers(

@@ -17,7 +17,9 @@ mod retention;
 mod views;
 
 pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
-pub use mail::{ClientPeriod, DueDigest, Outgoing, PendingReport, Queued};
+pub use mail::{
+    ClientPeriod, DIGEST_CODES, DueDigest, Outgoing, PendingReport, Queued, RefusalCount,
+};
 pub use ops::{
     ClientEvent, EventRow, MoveRefused, PendingCommit, QuotaExceeded, ReconcileReport, Removed,
     SessionEnd, SessionStart,

@@ -1,4 +1,4 @@
-//! Refused HELLOs, stored bounded (CONFIG.md Additions, "State
+//! Refused HELLOs (and PUTs refused with `quota_exceeded`), stored bounded (CONFIG.md Additions, "State
 //! retention"): one row per (source, code, customer, minute) with a count;
 //! the client id only when it is a valid id, else `(invalid)`; nothing a
 //! peer sent beyond 256 bytes.
@@ -63,14 +63,14 @@ impl State {
         source: Option<IpAddr>,
         client: Option<&str>,
         customer: Option<&str>,
-        code: RejectCode,
+        code: &'static str,
     ) -> bool {
         let key = Key {
             minute: secs(at).div_euclid(60) * 60,
             source: source
                 .map(|ip| crate::config::source_of(ip).to_string())
                 .unwrap_or_default(),
-            code: code.as_str(),
+            code,
             customer: truncate(customer.unwrap_or_default(), MAX_STORED).to_string(),
         };
         let client = match client {
@@ -163,7 +163,7 @@ impl State {
             source,
             Some(client).filter(|c| !c.is_empty()),
             customer,
-            code,
+            code.as_str(),
         );
         self.flush_refusals().await.map(|_| ())
     }

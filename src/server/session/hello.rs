@@ -159,7 +159,7 @@ where
         Some(acc.peer.ip()),
         r.client,
         r.customer,
-        code,
+        code.as_str(),
     );
     if !noted {
         warn!(

@@ -288,6 +288,7 @@ where
             view,
             adm: a.adm,
             client: a.hello.client_id.clone(),
+            peer: acc.peer.ip(),
             throttle,
         },
         upload: None,
@@ -344,6 +345,8 @@ struct Binding {
     view: Arc<ArcSwap<View>>,
     adm: Admitted,
     client: String,
+    /// The peer's address, for the refusals a PUT records.
+    peer: std::net::IpAddr,
     throttle: SessionThrottle,
 }
 

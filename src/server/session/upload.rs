@@ -52,6 +52,21 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .state
             .reserve_space(cfg, &self.bind.client, put.size, crate::clock::now())
             .await?;
+        if res.is_err() {
+            // Counted with the refused HELLOs, for the daily digest to the
+            // reseller or admin (docs/email.md "Refusal digest").
+            let st = &self.bind.ctx.state;
+            let name = &cfg.customer(self.bind.customer()).name;
+            if !st.note_refusal(
+                crate::clock::now(),
+                Some(self.bind.peer),
+                Some(&self.bind.client),
+                Some(name),
+                crate::wire::ErrorCode::QuotaExceeded.as_str(),
+            ) {
+                metrics::counter!(crate::metrics::REFUSALS_UNRECORDED).increment(1);
+            }
+        }
         let reservation = res.map_err(|q| {
             SessionError::Quota(format!(
                 "{q}; this file needs {}",
