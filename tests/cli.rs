@@ -28,12 +28,29 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// The bundled example with its directories moved under `dir`, so the
+/// disk checks pass as any user.
+fn example_in(dir: &Path) -> String {
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.example.toml"),
+    )
+    .unwrap();
+    let d = dir.display();
+    let text = text
+        .replace("\"/var/lib/", &format!("\"{d}/var/lib/"))
+        .replace("sqlite:///var/lib/", &format!("sqlite://{d}/var/lib/"))
+        .replace("\"/srv/", &format!("\"{d}/srv/"))
+        .replace("\"/var/spool/", &format!("\"{d}/var/spool/"));
+    let path = dir.join("tollgate.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
 #[test]
 fn check_config_prints_snapshots_for_the_example() {
-    let out = tollgate(
-        &["check-config", "--config", "config/tollgate.example.toml"],
-        None,
-    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let example = example_in(dir.path());
+    let out = tollgate(&["check-config", "--config", &example], None);
     let stdout = text(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
     for want in [
@@ -89,15 +106,9 @@ fn check_config_warns_about_open_auto_add_on_a_public_address() {
 
 #[test]
 fn check_config_json_is_one_document() {
-    let out = tollgate(
-        &[
-            "check-config",
-            "--json",
-            "--config",
-            "config/tollgate.example.toml",
-        ],
-        None,
-    );
+    let dir = tempfile::TempDir::new().unwrap();
+    let example = example_in(dir.path());
+    let out = tollgate(&["check-config", "--json", "--config", &example], None);
     assert_eq!(out.status.code(), Some(0));
     let doc: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stdout is JSON");
     assert_eq!(doc["ok"], true);
@@ -208,4 +219,111 @@ fn wrong_usage_exits_2() {
         Some(2)
     );
     assert_eq!(tollgate(&["no-such-command"], None).status.code(), Some(2));
+}
+
+/// Issue 12 item 12: check-config checks what the file names on disk:
+/// TLS files that exist, can be read and match; directories that exist
+/// and are writable, or can be made.
+#[test]
+fn check_config_checks_the_files_and_directories_it_names() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let d = dir.path();
+    std::fs::write(d.join("not-a-dir"), "x").unwrap();
+    std::fs::write(d.join("garbage.crt"), "not PEM").unwrap();
+    let config = d.join("t.toml");
+    let write = |tls: &str, acme: &str| {
+        std::fs::write(
+            &config,
+            format!(
+                "[server]\nlisten = [\"127.0.0.1:7443\"]\nstate = \"sqlite://{d}/state/s.db\"\n{tls}\n\
+                 [default_customer]\nbackup_location = \"{d}/default\"\n\
+                 [[reseller]]\nname = \"r\"\n[[customer]]\nname = \"Acme\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"{acme}\"\n",
+                d = d.display()
+            ),
+        )
+        .unwrap();
+    };
+    // Missing certificate files, and a location under a regular file.
+    write(
+        &format!(
+            "[server.tls]\ncert = \"{d}/tls/server.crt\"\nkey = \"{d}/tls/server.key\"",
+            d = d.display()
+        ),
+        &format!("{}/not-a-dir/acme", d.display()),
+    );
+    let out = tollgate(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    for want in [
+        format!(
+            "server.tls.cert: cannot read {}/tls/server.crt: No such file or directory",
+            d.display()
+        ),
+        format!(
+            "server.tls.key: cannot read {}/tls/server.key: No such file or directory",
+            d.display()
+        ),
+        format!(
+            "customer[Acme].backup_location: {d}/not-a-dir/acme does not exist and cannot be made: {d}/not-a-dir is not a directory",
+            d = d.display()
+        ),
+        "3 problems found on disk".to_string(),
+    ] {
+        assert!(err.contains(&want), "missing {want:?} in:\n{err}");
+    }
+    let json = tollgate(
+        &[
+            "check-config",
+            "--json",
+            "--config",
+            config.to_str().unwrap(),
+        ],
+        None,
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(doc["ok"], false);
+    assert_eq!(doc["errors"].as_array().unwrap().len(), 3, "{doc}");
+    assert_eq!(doc["errors"][0]["rule"], "disk");
+
+    // A file that exists but is no certificate.
+    write(
+        &format!(
+            "[server.tls]\ncert = \"{d}/garbage.crt\"\nkey = \"{d}/garbage.crt\"",
+            d = d.display()
+        ),
+        &format!("{}/acme", d.display()),
+    );
+    let out = tollgate(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("server.tls: ") && err.contains("garbage.crt"),
+        "{err}"
+    );
+
+    // A real pair passes; the check itself makes nothing.
+    let tls = d.join("tls-real");
+    std::fs::create_dir_all(&tls).unwrap();
+    let cert = rcgen::generate_simple_self_signed(vec!["backup.example".into()]).unwrap();
+    std::fs::write(tls.join("c.pem"), cert.cert.pem()).unwrap();
+    std::fs::write(tls.join("k.pem"), cert.signing_key.serialize_pem()).unwrap();
+    write(
+        &format!(
+            "[server.tls]\ncert = \"{t}/c.pem\"\nkey = \"{t}/k.pem\"",
+            t = tls.display()
+        ),
+        &format!("{}/acme", d.display()),
+    );
+    let out = tollgate(
+        &["check-config", "--config", config.to_str().unwrap()],
+        None,
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(!d.join("acme").exists() && !d.join("state").exists());
 }

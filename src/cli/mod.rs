@@ -5,6 +5,7 @@
 
 mod admin;
 mod client;
+mod disk;
 mod serve;
 
 use crate::config::units::format_size;
@@ -242,6 +243,37 @@ fn check_config(path: &std::path::Path, json: bool) -> anyhow::Result<ExitCode> 
             let report = Report::new(&cfg);
             for w in &report.warnings {
                 eprintln!("{}: warning: {w}", path.display());
+            }
+            // The file is valid; what it names must also be usable.
+            let disk = disk::problems(&cfg);
+            if !disk.is_empty() {
+                if json {
+                    let doc = serde_json::json!({
+                        "ok": false,
+                        "file": path,
+                        "errors": disk.iter().map(|(k, m)| serde_json::json!({
+                            "rule": "disk",
+                            "file": path,
+                            "key": k,
+                            "message": m,
+                        })).collect::<Vec<_>>(),
+                    });
+                    serde_json::to_writer_pretty(&mut out, &doc)?;
+                    writeln!(out)?;
+                } else {
+                    let mut err = std::io::stderr().lock();
+                    for (k, m) in &disk {
+                        writeln!(err, "{}: {k}: {m}", path.display())?;
+                    }
+                    writeln!(
+                        err,
+                        "{}: {} problem{} found on disk; the daemon would not start or could not store backups",
+                        path.display(),
+                        disk.len(),
+                        if disk.len() == 1 { "" } else { "s" }
+                    )?;
+                }
+                return Ok(ExitCode::FAILURE);
             }
             if json {
                 serde_json::to_writer_pretty(&mut out, &report)?;

@@ -161,8 +161,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         }
     } else {
         for addr in &cfg.server.listen {
-            let l = TcpListener::bind(addr)
-                .await
+            let l = crate::server::bind_listener(*addr, &cfg.server.listen)
                 .with_context(|| format!("binding {addr}"))?;
             listeners.push((*addr, l));
         }

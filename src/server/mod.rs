@@ -32,6 +32,26 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
+/// Binds one `server.listen` address. The IPv6 wildcard `[::]` takes IPv4
+/// too (IPV6_V6ONLY off, whatever the host's `bindv6only`), so one
+/// `"[::]:7443"` serves both families; when `all` also lists an IPv4
+/// address on the same port, `[::]` takes IPv6 only, so both binds succeed
+/// instead of "Address already in use" (issue 12 item 12).
+pub fn bind_listener(addr: SocketAddr, all: &[SocketAddr]) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if let SocketAddr::V6(v6) = addr {
+        let ipv4_too = all.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
+        socket.set_only_v6(!v6.ip().is_unspecified() || ipv4_too)?;
+    }
+    // As tokio's TcpListener::bind: a restart may rebind at once.
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
 /// Longest pause of an accept loop after an accept error (EMFILE …).
 pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
 

@@ -163,7 +163,7 @@ async fn apply_listen(ctx: &Arc<Context>, old: &[SocketAddr], new: &[SocketAddr]
     }
     let serving = ctx.listeners.configured();
     for a in new.iter().filter(|a| !serving.contains(a)) {
-        match tokio::net::TcpListener::bind(a).await {
+        match super::bind_listener(*a, new) {
             Ok(l) => {
                 info!(addr = %l.local_addr().unwrap_or(*a), "listening (added by reload)");
                 ctx.listeners.add(ctx, *a, l);
