@@ -31,10 +31,12 @@ fn text(b: &[u8]) -> String {
 /// The bundled example with its directories moved under `dir`, so the
 /// disk checks pass as any user.
 fn example_in(dir: &Path) -> String {
-    let text = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tollgate.example.toml"),
-    )
-    .unwrap();
+    bundled_in("config/tollgate.example.toml", dir)
+}
+
+/// A bundled config with its absolute directories moved under `dir`.
+fn bundled_in(file: &str, dir: &Path) -> String {
+    let text = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join(file)).unwrap();
     let d = dir.display();
     let text = text
         .replace("\"/var/lib/", &format!("\"{d}/var/lib/"))
@@ -326,4 +328,16 @@ fn check_config_checks_the_files_and_directories_it_names() {
     );
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     assert!(!d.join("acme").exists() && !d.join("state").exists());
+}
+
+/// The config the Debian package installs passes check-config, disk
+/// checks included, and listens on one dual-stack socket.
+#[test]
+fn the_packaged_config_passes_check_config() {
+    let dir = tempfile::TempDir::new().unwrap();
+    let config = bundled_in("config/tollgate.deb.toml", dir.path());
+    let out = tollgate(&["check-config", "--config", &config], None);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("listen = [\"[::]:7443\"]"));
 }
