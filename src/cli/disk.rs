@@ -15,28 +15,28 @@ pub type Problem = (String, String);
 pub fn problems(cfg: &Config) -> Vec<Problem> {
     let mut out = Vec::new();
     let tls = &cfg.server.tls;
-    // Without a pair, the self-signed one is made in state_dir, checked
-    // below.
-    if let (Some(cert), Some(key)) = (&tls.cert, &tls.key) {
+    let mut readable = true;
+    let files = [
+        ("server.tls.cert", tls.cert.as_ref()),
+        ("server.tls.key", tls.key.as_ref()),
+        ("server.tls.client_ca", tls.client_ca.as_ref()),
+    ];
+    for (k, path) in files {
+        if let Some(p) = path
+            && let Err(e) = std::fs::File::open(p)
         {
-            let mut readable = true;
-            let files = [
-                ("server.tls.cert", Some(cert)),
-                ("server.tls.key", Some(key)),
-                ("server.tls.client_ca", tls.client_ca.as_ref()),
-            ];
-            for (k, path) in files {
-                if let Some(p) = path
-                    && let Err(e) = std::fs::File::open(p)
-                {
-                    out.push((k.into(), format!("cannot read {}: {e}", p.display())));
-                    readable = false;
-                }
-            }
-            if readable && let Err(e) = crate::tls::server_tls(cfg) {
-                out.push(("server.tls".into(), e.to_string()));
-            }
+            out.push((k.into(), format!("cannot read {}: {e}", p.display())));
+            readable = false;
         }
+    }
+    // Without a pair, the self-signed one is made in state_dir (checked
+    // below); building it here would make it.
+    if readable
+        && tls.cert.is_some()
+        && tls.key.is_some()
+        && let Err(e) = crate::tls::server_tls(cfg)
+    {
+        out.push(("server.tls".into(), e.to_string()));
     }
     out.extend(dir_problem("server.state_dir", &cfg.server.state_dir));
     if let StateUrl::Sqlite(db) = &cfg.server.state
