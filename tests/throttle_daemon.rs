@@ -52,16 +52,21 @@ async fn two_mib_per_second_holds_end_to_end() {
     let took = t0.elapsed();
     // Issue 12: the progress counts bytes that left for the socket, which
     // the server takes at 2 MiB/s; it may lead by what sits between (the
-    // client's send buffer, the server's receive buffer, the 1 MiB frame
-    // the server reads before it pays, the bucket's burst), never by the
-    // file. Before, the whole file counted as sent at once.
-    for &(t, n) in seen.lock().unwrap().iter() {
-        let bound = (2.0 * t.as_secs_f64() + 4.0) * (1 << 20) as f64;
-        assert!(
-            (n as f64) <= bound,
-            "progress showed {n} bytes after {t:?}, at most {bound} could have gone"
-        );
-    }
+    // client's 256 KiB send buffer, the 1 MiB frame the server reads before
+    // it pays, the bucket's burst, and the server's kernel receive buffer,
+    // which Linux autotunes up to tcp_rmem's maximum and grows further on a
+    // loaded machine: about 3 MiB here, seen at 4+ MiB under the full
+    // suite). It may never lead by the file: before, the whole 10 MiB
+    // counted as sent at once, which this bound refuses for the first 2 s.
+    let samples = seen.lock().unwrap().clone();
+    let lead = samples
+        .iter()
+        .map(|&(t, n)| n as f64 / (1 << 20) as f64 - 2.0 * t.as_secs_f64())
+        .fold(f64::MIN, f64::max);
+    assert!(
+        lead <= 6.0,
+        "progress led the 2 MiB/s the server takes by {lead:.2} MiB: {samples:?}"
+    );
     assert!(r[0].is_ok(), "{:?}", r[0]);
     s.bye().await.unwrap();
     assert!(
