@@ -140,9 +140,7 @@ async fn declare_back_up_move_restore_and_read_the_truth() {
     // 2. The admin moves it to Beta by editing the config.
     replace_config(d0, &config(d0, "Beta"));
     assert!(
-        wait_until(Duration::from_secs(10), || d
-            .log()
-            .contains("declared client moved by the config")),
+        wait_until(Duration::from_secs(10), || moved_and_reloaded(&d.log())),
         "{}",
         d.log()
     );

@@ -99,9 +99,7 @@ async fn a_declared_client_moved_in_the_config_moves_with_its_files() {
 
     replace_config(d0, &config(d0, "Beta"));
     assert!(
-        wait_until(Duration::from_secs(10), || d
-            .log()
-            .contains("declared client moved by the config")),
+        wait_until(Duration::from_secs(10), || moved_and_reloaded(&d.log())),
         "the daemon applied the move:\n{}",
         d.log()
     );

@@ -576,3 +576,11 @@ impl Drop for Smtp {
         let _ = self.child.wait();
     }
 }
+
+/// The daemon moved a declared client by the config and then finished the
+/// reload (the new config is in force only once "reloaded" is logged; a
+/// HELLO between the two is admitted under the old one).
+pub fn moved_and_reloaded(log: &str) -> bool {
+    log.find("declared client moved by the config")
+        .is_some_and(|i| log[i..].contains("reloaded "))
+}
