@@ -8,6 +8,10 @@
 //! file or the new one, never a partial one, and `State::reconcile` plus
 //! [`sweep_temp`] put index and disk back in agreement at startup.
 
+mod pool;
+
+pub use pool::{PIPE_DEPTH, PipedTemp, pool_threads};
+
 use crate::config::{Config, CustomerId};
 use crate::state::{PendingCommit, State, StateError};
 use sha2::{Digest, Sha256};
@@ -240,99 +244,20 @@ impl TempFile {
         })
     }
 
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes go to `file` from now on (a full device, in tests).
+    #[cfg(test)]
+    pub(crate) fn replace_file_for_test(&mut self, file: File) {
+        self.file = file;
+    }
+
     /// Removes the temporary file (an upload that failed).
     pub fn discard(self) {
         let _ = fs::remove_file(&self.path);
-    }
-}
-
-/// Chunks queued between a session and its writer thread.
-pub const PIPE_DEPTH: usize = 4;
-
-/// An upload's temporary file written by a blocking thread, so hashing and
-/// disk writes overlap with reading the next frames off the socket. The
-/// bounded queue keeps backpressure: a slow disk slows the reads.
-pub struct PipedTemp {
-    tx: Option<tokio::sync::mpsc::Sender<bytes::Bytes>>,
-    abort: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    handle: Option<tokio::task::JoinHandle<io::Result<SyncedTemp>>>,
-    queued: u64,
-}
-
-impl PipedTemp {
-    /// Creates the temporary file in `dir` and starts its writer.
-    pub fn create(dir: &Path) -> io::Result<PipedTemp> {
-        use std::sync::atomic::Ordering;
-        let mut temp = TempFile::create(dir)?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(PIPE_DEPTH);
-        let abort = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let stop = abort.clone();
-        let handle = tokio::task::spawn_blocking(move || {
-            while let Some(b) = rx.blocking_recv() {
-                if let Err(e) = temp.write(&b) {
-                    temp.discard();
-                    return Err(e);
-                }
-            }
-            if stop.load(Ordering::SeqCst) {
-                temp.discard();
-                return Err(io::Error::new(
-                    io::ErrorKind::Interrupted,
-                    "upload discarded",
-                ));
-            }
-            temp.sync()
-        });
-        Ok(PipedTemp {
-            tx: Some(tx),
-            abort,
-            handle: Some(handle),
-            queued: 0,
-        })
-    }
-
-    /// Bytes handed to the writer so far.
-    pub fn size(&self) -> u64 {
-        self.queued
-    }
-
-    /// Queues a chunk; fails with the writer's error if it has failed.
-    pub async fn write(&mut self, b: bytes::Bytes) -> io::Result<()> {
-        self.queued += b.len() as u64;
-        let sent = match &self.tx {
-            Some(tx) => tx.send(b).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            return Ok(());
-        }
-        self.tx = None;
-        match self.handle.take() {
-            Some(h) => match h.await {
-                Ok(Err(e)) => Err(e),
-                Ok(Ok(_)) => Err(io::Error::other("the writer stopped early")),
-                Err(e) => Err(io::Error::other(e.to_string())),
-            },
-            None => Err(io::Error::other("the writer is gone")),
-        }
-    }
-
-    /// Waits for every byte to be written and fsynced.
-    pub async fn sync(mut self) -> io::Result<SyncedTemp> {
-        self.tx = None;
-        match self.handle.take() {
-            Some(h) => h.await.map_err(|e| io::Error::other(e.to_string()))?,
-            None => Err(io::Error::other("the writer is gone")),
-        }
-    }
-
-    /// Stops the writer and removes the temporary file.
-    pub async fn discard(mut self) {
-        self.abort.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.tx = None;
-        if let Some(h) = self.handle.take() {
-            let _ = h.await;
-        }
     }
 }
 

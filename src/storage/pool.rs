@@ -1,0 +1,354 @@
+//! The writer pool (issue 13 item 3): a fixed set of threads writes, hashes
+//! and fsyncs the temporary files of every upload. An upload holds no
+//! thread. Its chunks wait in its own queue, and whichever pool thread is
+//! free takes the upload's next run of chunks; an upload is run by one
+//! thread at a time, so its bytes stay in order. At most [`PIPE_DEPTH`]
+//! chunks wait per upload, so a slow disk slows that upload's reads
+//! (backpressure) without holding a thread another upload needs.
+//!
+//! Before, each upload held a `spawn_blocking` thread until its END, and
+//! tokio has 512 of them: upload 513 waited for a thread another upload
+//! held, and with every client waiting for its next chunk to be taken, they
+//! could wait for each other for good.
+
+use super::{SyncedTemp, TempFile};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::io;
+use std::path::Path;
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
+
+/// Chunks queued per upload before its writes wait.
+pub const PIPE_DEPTH: usize = 4;
+/// Chunks one pool thread writes for an upload before it lets others run.
+const RUN: usize = 8;
+
+/// What a pool thread does for an upload, in order.
+enum Op {
+    /// Append and hash; the permit is returned once written.
+    Write(Bytes, OwnedSemaphorePermit),
+    /// Fsync and hand back the file.
+    Sync(oneshot::Sender<io::Result<SyncedTemp>>),
+    /// Remove the file (a failed or abandoned upload).
+    Discard(Option<oneshot::Sender<()>>),
+}
+
+/// One upload's file and queue.
+struct Slot {
+    inner: Mutex<SlotInner>,
+}
+
+struct SlotInner {
+    /// None while a pool thread works on it, or once synced or discarded.
+    temp: Option<TempFile>,
+    ops: VecDeque<Op>,
+    /// Queued on the pool or being run.
+    scheduled: bool,
+    /// The first write error; later writes and the sync report it.
+    failed: Option<(io::ErrorKind, String)>,
+}
+
+/// The threads and the uploads that have work for them.
+struct Pool {
+    ready: Mutex<VecDeque<Arc<Slot>>>,
+    wake: Condvar,
+}
+
+static POOL: OnceLock<Arc<Pool>> = OnceLock::new();
+
+/// Threads in the pool: two per core (a thread blocked in fsync leaves
+/// the other busy), at least 4 and at most 64.
+pub fn pool_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+    (cores * 2).clamp(4, 64)
+}
+
+fn pool() -> &'static Arc<Pool> {
+    POOL.get_or_init(|| {
+        let pool = Arc::new(Pool {
+            ready: Mutex::new(VecDeque::new()),
+            wake: Condvar::new(),
+        });
+        for i in 0..pool_threads() {
+            let p = pool.clone();
+            std::thread::Builder::new()
+                .name(format!("tollgate-writer-{i}"))
+                .spawn(move || p.work())
+                .expect("the writer pool's threads start");
+        }
+        pool
+    })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Pool {
+    /// Queues `op` for `slot` and makes sure a thread will run it.
+    fn push(&self, slot: &Arc<Slot>, op: Op) {
+        let mut s = lock(&slot.inner);
+        s.ops.push_back(op);
+        if !s.scheduled {
+            s.scheduled = true;
+            drop(s);
+            lock(&self.ready).push_back(slot.clone());
+            self.wake.notify_one();
+        }
+    }
+
+    fn work(&self) {
+        loop {
+            let slot = {
+                let mut q = lock(&self.ready);
+                loop {
+                    if let Some(s) = q.pop_front() {
+                        break s;
+                    }
+                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
+                }
+            };
+            let (mut temp, ops, mut failed) = {
+                let mut s = lock(&slot.inner);
+                let n = s.ops.len().min(RUN);
+                (
+                    s.temp.take(),
+                    s.ops.drain(..n).collect::<Vec<_>>(),
+                    s.failed.clone(),
+                )
+            };
+            // The file I/O runs without the slot's lock: the session may
+            // queue more meanwhile.
+            for op in ops {
+                match op {
+                    Op::Write(b, permit) => {
+                        if failed.is_none()
+                            && let Some(t) = temp.as_mut()
+                            && let Err(e) = t.write(&b)
+                        {
+                            failed = Some((e.kind(), e.to_string()));
+                            if let Some(t) = temp.take() {
+                                t.discard();
+                            }
+                        }
+                        drop(permit);
+                    }
+                    Op::Sync(reply) => {
+                        let r = match (&failed, temp.take()) {
+                            (Some((k, m)), t) => {
+                                if let Some(t) = t {
+                                    t.discard();
+                                }
+                                Err(io::Error::new(*k, m.clone()))
+                            }
+                            (None, Some(t)) => t.sync(),
+                            (None, None) => Err(io::Error::other("the upload is gone")),
+                        };
+                        let _ = reply.send(r);
+                    }
+                    Op::Discard(reply) => {
+                        if let Some(t) = temp.take() {
+                            t.discard();
+                        }
+                        if let Some(r) = reply {
+                            let _ = r.send(());
+                        }
+                    }
+                }
+            }
+            let mut s = lock(&slot.inner);
+            s.temp = temp;
+            s.failed = failed;
+            if s.ops.is_empty() {
+                s.scheduled = false;
+            } else {
+                // More came meanwhile: back of the line, so one busy
+                // upload cannot keep a thread to itself.
+                drop(s);
+                lock(&self.ready).push_back(slot);
+                self.wake.notify_one();
+            }
+        }
+    }
+}
+
+/// An upload's temporary file, written by the pool. Its API is async; no
+/// call blocks the runtime on disk I/O except `create`'s open.
+pub struct PipedTemp {
+    slot: Arc<Slot>,
+    room: Arc<Semaphore>,
+    queued: u64,
+    /// Synced or discarded: Drop has nothing to do.
+    done: bool,
+}
+
+impl PipedTemp {
+    /// Creates the temporary file in `dir`.
+    pub fn create(dir: &Path) -> io::Result<PipedTemp> {
+        let temp = TempFile::create(dir)?;
+        Ok(PipedTemp {
+            slot: Arc::new(Slot {
+                inner: Mutex::new(SlotInner {
+                    temp: Some(temp),
+                    ops: VecDeque::new(),
+                    scheduled: false,
+                    failed: None,
+                }),
+            }),
+            room: Arc::new(Semaphore::new(PIPE_DEPTH)),
+            queued: 0,
+            done: false,
+        })
+    }
+
+    /// Bytes handed to the pool so far.
+    pub fn size(&self) -> u64 {
+        self.queued
+    }
+
+    /// Queues a chunk, waiting while [`PIPE_DEPTH`] are queued; fails with
+    /// the write error if an earlier chunk failed.
+    pub async fn write(&mut self, b: Bytes) -> io::Result<()> {
+        let permit = self
+            .room
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| io::Error::other("the upload is closed"))?;
+        if let Some((k, m)) = lock(&self.slot.inner).failed.clone() {
+            return Err(io::Error::new(k, m));
+        }
+        self.queued += b.len() as u64;
+        pool().push(&self.slot, Op::Write(b, permit));
+        Ok(())
+    }
+
+    /// Waits for every byte to be written and fsynced.
+    pub async fn sync(mut self) -> io::Result<SyncedTemp> {
+        self.done = true;
+        let (tx, rx) = oneshot::channel();
+        pool().push(&self.slot, Op::Sync(tx));
+        rx.await
+            .map_err(|_| io::Error::other("the writer pool dropped the upload"))?
+    }
+
+    /// Removes the temporary file, once what is queued is done.
+    pub async fn discard(mut self) {
+        self.done = true;
+        let (tx, rx) = oneshot::channel();
+        pool().push(&self.slot, Op::Discard(Some(tx)));
+        let _ = rx.await;
+    }
+}
+
+impl Drop for PipedTemp {
+    /// An upload dropped mid-way (its session ended) leaves no file behind.
+    fn drop(&mut self) {
+        if !self.done {
+            pool().push(&self.slot, Op::Discard(None));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+    use std::time::Duration;
+
+    fn chunk(upload: usize, i: usize) -> Bytes {
+        Bytes::from(vec![(upload * 31 + i) as u8; 1000 + i])
+    }
+
+    fn digest(upload: usize, chunks: usize) -> String {
+        let mut h = Sha256::new();
+        for i in 0..chunks {
+            h.update(chunk(upload, i));
+        }
+        h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// 1,000 uploads open at once, more than tokio's 512 blocking threads
+    /// and far more than the pool's, each fed more chunks than its queue
+    /// holds, round-robin: every client waits for its next chunk to be
+    /// taken. With a thread per upload, upload 513 never got one and the
+    /// round stalled for good; with the pool every upload completes, in
+    /// order, byte-exact.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_thousand_uploads_share_the_pool_in_order() {
+        let dir = tempfile::TempDir::new().unwrap();
+        const UPLOADS: usize = 1000;
+        const CHUNKS: usize = 3 * PIPE_DEPTH;
+        assert!(pool_threads() < UPLOADS);
+        let run = async {
+            let mut temps: Vec<PipedTemp> = (0..UPLOADS)
+                .map(|_| PipedTemp::create(dir.path()).unwrap())
+                .collect();
+            for i in 0..CHUNKS {
+                for (u, t) in temps.iter_mut().enumerate() {
+                    t.write(chunk(u, i)).await.unwrap();
+                }
+            }
+            let mut out = Vec::new();
+            for t in temps {
+                out.push(t.sync().await.unwrap());
+            }
+            out
+        };
+        let synced = tokio::time::timeout(Duration::from_secs(120), run)
+            .await
+            .expect("the uploads finished");
+        for (u, s) in synced.iter().enumerate() {
+            assert_eq!(s.sha256, digest(u, CHUNKS), "upload {u}");
+            let want: u64 = (0..CHUNKS).map(|i| chunk(u, i).len() as u64).sum();
+            assert_eq!(s.size, want);
+            assert_eq!(std::fs::metadata(&s.path).unwrap().len(), want);
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn discarded_and_dropped_uploads_leave_no_file() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let count = || std::fs::read_dir(dir.path()).unwrap().count();
+        let mut a = PipedTemp::create(dir.path()).unwrap();
+        a.write(chunk(0, 0)).await.unwrap();
+        a.discard().await;
+        assert_eq!(count(), 0);
+        let mut b = PipedTemp::create(dir.path()).unwrap();
+        b.write(chunk(1, 0)).await.unwrap();
+        drop(b);
+        let gone = async {
+            while count() > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), gone)
+            .await
+            .expect("a dropped upload's file is removed");
+    }
+
+    /// A write that fails (the file's directory is a full device here:
+    /// /dev/full) is reported by a later write or by the sync, and the
+    /// temporary file is removed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_write_is_reported_and_nothing_is_left() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let mut t = PipedTemp::create(dir.path()).unwrap();
+        let path = {
+            let mut s = lock(&t.slot.inner);
+            let temp = s.temp.as_mut().unwrap();
+            temp.replace_file_for_test(
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open("/dev/full")
+                    .unwrap(),
+            );
+            temp.path().to_path_buf()
+        };
+        t.write(Bytes::from(vec![1u8; 100_000])).await.unwrap();
+        let e = t.sync().await.unwrap_err();
+        assert!(e.to_string().contains("No space left"), "{e}");
+        assert!(!path.exists());
+    }
+}
