@@ -242,3 +242,57 @@ async fn crash_after_index_update() {
     crash_at(Step::Indexed, true).await;
     crash_at(Step::Indexed, false).await;
 }
+
+/// A commit interrupted after its rename, whose file was then changed by
+/// hand: reconcile hashes the file outside its transaction and indexes what
+/// is there, and usage follows the real size.
+#[tokio::test]
+async fn a_file_changed_after_the_rename_is_indexed_as_found() {
+    let dir = TempDir::new().unwrap();
+    let cfg = Config::load(&write_config(dir.path())).unwrap();
+    let st = State::open(&cfg).await.unwrap();
+    st.register_client(&cfg, "PC", CustomerId::DEFAULT, Kind::Desktop, None, now())
+        .await
+        .unwrap()
+        .unwrap();
+    let data = new_content();
+    let res = st
+        .reserve_space(&cfg, "PC", data.len() as u64, now())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut tmp = TempFile::create(&storage::temp_dir(&cfg, CustomerId::DEFAULT)).unwrap();
+    tmp.write(&data).unwrap();
+    let synced = tmp.sync().unwrap();
+    let client_dir = storage::client_dir(&cfg, CustomerId::DEFAULT, "PC");
+    let fin = client_dir.join("big.bin");
+    std::fs::create_dir_all(&client_dir).unwrap();
+    st.begin_commit(&tollgate::state::PendingCommit {
+        client: "PC".into(),
+        path: "big.bin".into(),
+        temp_path: synced.path.clone(),
+        final_path: fin.clone(),
+        size: synced.size,
+        sha256: synced.sha256.clone(),
+        modified: now(),
+        reservation: Some(res),
+        mode: None,
+        mtime: None,
+    })
+    .await
+    .unwrap();
+    std::fs::rename(&synced.path, &fin).unwrap();
+    std::fs::write(&fin, b"changed by hand").unwrap();
+    st.close().await;
+
+    let st = State::open(&cfg).await.unwrap();
+    let r = st.reconcile().await.unwrap();
+    assert_eq!((r.rolled_forward, r.rolled_back), (1, 0));
+    let files = st.list_files("PC", "", None, 10).await.unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].size, 15);
+    assert_eq!(files[0].sha256, on_disk(&client_dir)["big.bin"].1);
+    let rows = st.clients(&cfg, now()).await.unwrap();
+    assert_eq!((rows[0].used, rows[0].reserved), (15, 0));
+    st.close().await;
+}

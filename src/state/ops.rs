@@ -518,6 +518,13 @@ impl State {
     /// Resolves pending commits left by a crash and drops stale
     /// reservations. Run at startup, before serving.
     pub async fn reconcile(&self) -> Result<ReconcileReport, StateError> {
+        /// What a pending commit's files say happened.
+        enum Verdict {
+            /// Not renamed (the temp, if still there, is removed after).
+            RollBack(Option<PathBuf>),
+            /// Renamed; with the size and digest found when they differ.
+            Forward(Option<(i64, String)>),
+        }
         let mut report = ReconcileReport::default();
         let pending: Vec<(i64, String, String, i64)> = sqlx::query_as(
             "SELECT id, temp_path, final_path, size FROM pending_commits ORDER BY id",
@@ -525,47 +532,60 @@ impl State {
         .fetch_all(&self.pool)
         .await?;
         for (id, temp, fin, size) in pending {
-            let temp = Path::new(&temp);
-            let (_lane, mut tx) = immediate(self).await?;
-            if temp.exists() {
-                // Not renamed: the old file (if any) still stands.
-                std::fs::remove_file(temp).map_err(|e| StateError::Io {
-                    context: format!("removing {}", temp.display()),
-                    source: e,
-                })?;
-                sqlx::query("DELETE FROM pending_commits WHERE id = ?")
-                    .bind(id)
-                    .execute(&mut *tx)
-                    .await?;
-                report.rolled_back += 1;
-            } else {
+            // What the disk says, found before the transaction (hashing a
+            // changed file can take long; the write lane waits for no
+            // file work, issue 13).
+            let verdict = tokio::task::spawn_blocking(move || -> Result<Verdict, StateError> {
+                let temp = PathBuf::from(temp);
+                if temp.exists() {
+                    // Not renamed: the old file (if any) still stands.
+                    return Ok(Verdict::RollBack(Some(temp)));
+                }
                 match std::fs::metadata(&fin) {
-                    Ok(m) if m.len() as i64 == size => {
-                        apply_pending(&mut tx, id, None).await?;
-                        report.rolled_forward += 1;
-                    }
+                    Ok(m) if m.len() as i64 == size => Ok(Verdict::Forward(None)),
                     Ok(m) => {
-                        // The file in place is not the one recorded (changed
-                        // by hand): index what is there.
+                        // The file in place is not the one recorded
+                        // (changed by hand): index what is there.
                         let sha = crate::storage::sha256_file(Path::new(&fin)).map_err(|e| {
                             StateError::Io {
                                 context: format!("hashing {fin}"),
                                 source: e,
                             }
                         })?;
-                        apply_pending(&mut tx, id, Some((m.len() as i64, sha))).await?;
-                        report.rolled_forward += 1;
+                        Ok(Verdict::Forward(Some((m.len() as i64, sha))))
                     }
-                    Err(_) => {
-                        sqlx::query("DELETE FROM pending_commits WHERE id = ?")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
-                        report.rolled_back += 1;
-                    }
+                    Err(_) => Ok(Verdict::RollBack(None)),
+                }
+            })
+            .await
+            .map_err(|e| StateError::Io {
+                context: "reconcile".into(),
+                source: std::io::Error::other(e.to_string()),
+            })??;
+            let (_lane, mut tx) = immediate(self).await?;
+            match &verdict {
+                Verdict::RollBack(_) => {
+                    sqlx::query("DELETE FROM pending_commits WHERE id = ?")
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await?;
+                    report.rolled_back += 1;
+                }
+                Verdict::Forward(found) => {
+                    apply_pending(&mut tx, id, found.clone()).await?;
+                    report.rolled_forward += 1;
                 }
             }
             tx.commit().await?;
+            // The temporary file goes only after its row: a crash between
+            // the two leaves it to the temp sweep, never a row whose temp is
+            // gone (which would read as "renamed" and index the old file).
+            if let Verdict::RollBack(Some(temp)) = verdict {
+                std::fs::remove_file(&temp).map_err(|e| StateError::Io {
+                    context: format!("removing {}", temp.display()),
+                    source: e,
+                })?;
+            }
         }
         report.reservations_dropped = sqlx::query("DELETE FROM reservations")
             .execute(&self.pool)
