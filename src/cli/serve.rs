@@ -177,6 +177,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    crate::storage::start_pool().context("starting the writer pool")?;
     let handle = crate::metrics::install();
     // One machine-readable line each, for people and for tests that bind port 0.
     let mut out = std::io::stdout().lock();

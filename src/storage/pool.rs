@@ -4,7 +4,9 @@
 //! free takes the upload's next run of chunks; an upload is run by one
 //! thread at a time, so its bytes stay in order. At most [`PIPE_DEPTH`]
 //! chunks wait per upload, so a slow disk slows that upload's reads
-//! (backpressure) without holding a thread another upload needs.
+//! (backpressure) without holding a thread another upload needs. No
+//! device (filesystem) may keep more than half the threads busy, so a
+//! slow or hung backup disk stalls its own uploads, not everyone's.
 //!
 //! Before, each upload held a `spawn_blocking` thread until its END, and
 //! tokio has 512 of them: upload 513 waited for a thread another upload
@@ -36,6 +38,8 @@ enum Op {
 
 /// One upload's file and queue.
 struct Slot {
+    /// The device its file is on.
+    dev: u64,
     inner: Mutex<SlotInner>,
 }
 
@@ -51,8 +55,17 @@ struct SlotInner {
 
 /// The threads and the uploads that have work for them.
 struct Pool {
-    ready: Mutex<VecDeque<Arc<Slot>>>,
+    queue: Mutex<Queue>,
     wake: Condvar,
+    /// Most threads one device may keep busy.
+    per_device: usize,
+}
+
+#[derive(Default)]
+struct Queue {
+    ready: VecDeque<Arc<Slot>>,
+    /// Threads busy per device.
+    busy: std::collections::HashMap<u64, usize>,
 }
 
 static POOL: OnceLock<Arc<Pool>> = OnceLock::new();
@@ -64,19 +77,42 @@ pub fn pool_threads() -> usize {
     (cores * 2).clamp(4, 64)
 }
 
+fn new_pool() -> Arc<Pool> {
+    Arc::new(Pool {
+        queue: Mutex::new(Queue::default()),
+        wake: Condvar::new(),
+        per_device: (pool_threads() / 2).max(1),
+    })
+}
+
+fn spawn_threads(pool: &Arc<Pool>) -> io::Result<()> {
+    for i in 0..pool_threads() {
+        let p = pool.clone();
+        std::thread::Builder::new()
+            .name(format!("tollgate-writer-{i}"))
+            .spawn(move || p.work())?;
+    }
+    Ok(())
+}
+
+/// Starts the pool's threads (the daemon does at start, so a failure is
+/// an error there rather than in the first upload).
+pub fn start_pool() -> io::Result<()> {
+    if POOL.get().is_some() {
+        return Ok(());
+    }
+    let pool = new_pool();
+    spawn_threads(&pool)?;
+    // Another caller may have won the race; its pool serves, and these
+    // threads wait on a queue nobody feeds.
+    let _ = POOL.set(pool);
+    Ok(())
+}
+
 fn pool() -> &'static Arc<Pool> {
     POOL.get_or_init(|| {
-        let pool = Arc::new(Pool {
-            ready: Mutex::new(VecDeque::new()),
-            wake: Condvar::new(),
-        });
-        for i in 0..pool_threads() {
-            let p = pool.clone();
-            std::thread::Builder::new()
-                .name(format!("tollgate-writer-{i}"))
-                .spawn(move || p.work())
-                .expect("the writer pool's threads start");
-        }
+        let pool = new_pool();
+        spawn_threads(&pool).expect("the writer pool's threads start");
         pool
     })
 }
@@ -93,22 +129,29 @@ impl Pool {
         if !s.scheduled {
             s.scheduled = true;
             drop(s);
-            lock(&self.ready).push_back(slot.clone());
+            lock(&self.queue).ready.push_back(slot.clone());
             self.wake.notify_one();
+        }
+    }
+
+    /// The next upload whose device has a thread to spare, waiting for one.
+    fn next(&self) -> Arc<Slot> {
+        let mut q = lock(&self.queue);
+        loop {
+            let free =
+                |q: &Queue, s: &Slot| q.busy.get(&s.dev).copied().unwrap_or(0) < self.per_device;
+            if let Some(i) = q.ready.iter().position(|s| free(&q, s)) {
+                let slot = q.ready.remove(i).expect("the position is in the queue");
+                *q.busy.entry(slot.dev).or_default() += 1;
+                return slot;
+            }
+            q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
         }
     }
 
     fn work(&self) {
         loop {
-            let slot = {
-                let mut q = lock(&self.ready);
-                loop {
-                    if let Some(s) = q.pop_front() {
-                        break s;
-                    }
-                    q = self.wake.wait(q).unwrap_or_else(|p| p.into_inner());
-                }
-            };
+            let slot = self.next();
             let (mut temp, ops, mut failed) = {
                 let mut s = lock(&slot.inner);
                 let n = s.ops.len().min(RUN);
@@ -145,7 +188,11 @@ impl Pool {
                             (None, Some(t)) => t.sync(),
                             (None, None) => Err(io::Error::other("the upload is gone")),
                         };
-                        let _ = reply.send(r);
+                        // Nobody waits any more (the session ended): the
+                        // file is nobody's.
+                        if let Err(Ok(synced)) = reply.send(r) {
+                            let _ = std::fs::remove_file(&synced.path);
+                        }
                     }
                     Op::Discard(reply) => {
                         if let Some(t) = temp.take() {
@@ -157,18 +204,28 @@ impl Pool {
                     }
                 }
             }
-            let mut s = lock(&slot.inner);
-            s.temp = temp;
-            s.failed = failed;
-            if s.ops.is_empty() {
-                s.scheduled = false;
-            } else {
+            let again = {
+                let mut s = lock(&slot.inner);
+                s.temp = temp;
+                s.failed = failed;
                 // More came meanwhile: back of the line, so one busy
                 // upload cannot keep a thread to itself.
-                drop(s);
-                lock(&self.ready).push_back(slot);
-                self.wake.notify_one();
+                s.scheduled = !s.ops.is_empty();
+                s.scheduled
+            };
+            let mut q = lock(&self.queue);
+            if let Some(n) = q.busy.get_mut(&slot.dev) {
+                *n -= 1;
+                if *n == 0 {
+                    q.busy.remove(&slot.dev);
+                }
             }
+            if again {
+                q.ready.push_back(slot);
+            }
+            drop(q);
+            // A thread of this device is free: any waiter may now run.
+            self.wake.notify_all();
         }
     }
 }
@@ -186,9 +243,12 @@ pub struct PipedTemp {
 impl PipedTemp {
     /// Creates the temporary file in `dir`.
     pub fn create(dir: &Path) -> io::Result<PipedTemp> {
+        use std::os::unix::fs::MetadataExt;
         let temp = TempFile::create(dir)?;
+        let dev = std::fs::metadata(dir)?.dev();
         Ok(PipedTemp {
             slot: Arc::new(Slot {
+                dev,
                 inner: Mutex::new(SlotInner {
                     temp: Some(temp),
                     ops: VecDeque::new(),
@@ -196,6 +256,30 @@ impl PipedTemp {
                     failed: None,
                 }),
             }),
+            room: Arc::new(Semaphore::new(PIPE_DEPTH)),
+            queued: 0,
+            done: false,
+        })
+    }
+
+    /// As [`PipedTemp::create`], with the device given (tests).
+    #[cfg(test)]
+    fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
+        let t = PipedTemp::create(dir)?;
+        let slot = Arc::new(Slot {
+            dev,
+            inner: Mutex::new(SlotInner {
+                temp: lock(&t.slot.inner).temp.take(),
+                ops: VecDeque::new(),
+                scheduled: false,
+                failed: None,
+            }),
+        });
+        let mut t = t;
+        t.done = true;
+        drop(t);
+        Ok(PipedTemp {
+            slot,
             room: Arc::new(Semaphore::new(PIPE_DEPTH)),
             queued: 0,
             done: false,
@@ -350,5 +434,61 @@ mod tests {
         let e = t.sync().await.unwrap_err();
         assert!(e.to_string().contains("No space left"), "{e}");
         assert!(!path.exists());
+    }
+
+    /// A hung backup disk (here: writes into FIFOs nobody reads) keeps at
+    /// most half the pool busy; uploads to other disks go on.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_disk_holds_at_most_half_the_pool() {
+        let dir = tempfile::TempDir::new().unwrap();
+        const HUNG_DEV: u64 = u64::MAX - 7;
+        let mut hung = Vec::new();
+        let mut fifos = Vec::new();
+        for i in 0..pool_threads() {
+            let fifo = dir.path().join(format!("fifo-{i}"));
+            rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &fifo,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_bits_truncate(0o600),
+                0,
+            )
+            .unwrap();
+            // Read-write, so the open does not wait for a reader.
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&fifo)
+                .unwrap();
+            let mut t = PipedTemp::create_on(dir.path(), HUNG_DEV).unwrap();
+            lock(&t.slot.inner)
+                .temp
+                .as_mut()
+                .unwrap()
+                .replace_file_for_test(f);
+            // More than a pipe holds: the write blocks.
+            t.write(Bytes::from(vec![0u8; 1 << 20])).await.unwrap();
+            hung.push(t);
+            fifos.push(fifo);
+        }
+        let mut ok = PipedTemp::create(dir.path()).unwrap();
+        ok.write(chunk(3, 0)).await.unwrap();
+        let synced = tokio::time::timeout(Duration::from_secs(30), ok.sync())
+            .await
+            .expect("an upload to another disk is not held up")
+            .unwrap();
+        assert_eq!(synced.sha256, digest(3, 1));
+        // Unblock the hung writers: drain the FIFOs.
+        for fifo in fifos {
+            std::thread::spawn(move || {
+                use std::io::Read;
+                let mut f = std::fs::File::open(fifo).unwrap();
+                let mut buf = vec![0u8; 1 << 16];
+                while f.read(&mut buf).is_ok_and(|n| n > 0) {}
+            });
+        }
+        for t in hung {
+            t.discard().await;
+        }
     }
 }

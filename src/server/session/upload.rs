@@ -241,7 +241,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     /// Discards the upload in flight, if any: temp file and reservation.
     pub(super) async fn abandon_upload(&mut self) {
         if let Some(up) = self.upload.take() {
-            up.temp.discard().await;
+            // Not awaited: the pool removes the file when it gets to it,
+            // and a slow disk must not hold the session (dropping queues
+            // the discard).
+            drop(up.temp);
             self.release(up.reservation).await;
         }
     }
