@@ -245,9 +245,16 @@ async fn crash_after_index_update() {
 
 /// A commit interrupted after its rename, whose file was then changed by
 /// hand: reconcile hashes the file outside its transaction and indexes what
-/// is there, and usage follows the real size.
+/// is there, and usage follows the real size. Also when the size is the
+/// same: the digest decides, not the size.
 #[tokio::test]
 async fn a_file_changed_after_the_rename_is_indexed_as_found() {
+    changed_after_rename(b"changed by hand".to_vec()).await;
+    let same_size = vec![7u8; new_content().len()];
+    changed_after_rename(same_size).await;
+}
+
+async fn changed_after_rename(replacement: Vec<u8>) {
     let dir = TempDir::new().unwrap();
     let cfg = Config::load(&write_config(dir.path())).unwrap();
     let st = State::open(&cfg).await.unwrap();
@@ -282,7 +289,7 @@ async fn a_file_changed_after_the_rename_is_indexed_as_found() {
     .await
     .unwrap();
     std::fs::rename(&synced.path, &fin).unwrap();
-    std::fs::write(&fin, b"changed by hand").unwrap();
+    std::fs::write(&fin, &replacement).unwrap();
     st.close().await;
 
     let st = State::open(&cfg).await.unwrap();
@@ -290,9 +297,12 @@ async fn a_file_changed_after_the_rename_is_indexed_as_found() {
     assert_eq!((r.rolled_forward, r.rolled_back), (1, 0));
     let files = st.list_files("PC", "", None, 10).await.unwrap();
     assert_eq!(files.len(), 1);
-    assert_eq!(files[0].size, 15);
+    assert_eq!(files[0].size as usize, replacement.len());
     assert_eq!(files[0].sha256, on_disk(&client_dir)["big.bin"].1);
     let rows = st.clients(&cfg, now()).await.unwrap();
-    assert_eq!((rows[0].used, rows[0].reserved), (15, 0));
+    assert_eq!(
+        (rows[0].used as usize, rows[0].reserved),
+        (replacement.len(), 0)
+    );
     st.close().await;
 }

@@ -520,41 +520,49 @@ impl State {
     pub async fn reconcile(&self) -> Result<ReconcileReport, StateError> {
         /// What a pending commit's files say happened.
         enum Verdict {
-            /// Not renamed (the temp, if still there, is removed after).
-            RollBack(Option<PathBuf>),
+            /// Not renamed.
+            RollBack,
             /// Renamed; with the size and digest found when they differ.
             Forward(Option<(i64, String)>),
         }
         let mut report = ReconcileReport::default();
-        let pending: Vec<(i64, String, String, i64)> = sqlx::query_as(
-            "SELECT id, temp_path, final_path, size FROM pending_commits ORDER BY id",
+        let pending: Vec<(i64, String, String, i64, String)> = sqlx::query_as(
+            "SELECT id, temp_path, final_path, size, sha256 FROM pending_commits ORDER BY id",
         )
         .fetch_all(&self.pool)
         .await?;
-        for (id, temp, fin, size) in pending {
-            // What the disk says, found before the transaction (hashing a
-            // changed file can take long; the write lane waits for no
-            // file work, issue 13).
+        for (id, temp, fin, size, sha) in pending {
+            let temp = PathBuf::from(temp);
+            let probe = temp.clone();
+            // What the disk says, found before the transaction (hashing can
+            // take long; the write lane waits for no file work, issue 13).
+            // The final file is judged by its digest, not its size: an old
+            // file of the same size is not the new one.
             let verdict = tokio::task::spawn_blocking(move || -> Result<Verdict, StateError> {
-                let temp = PathBuf::from(temp);
-                if temp.exists() {
-                    // Not renamed: the old file (if any) still stands.
-                    return Ok(Verdict::RollBack(Some(temp)));
-                }
-                match std::fs::metadata(&fin) {
-                    Ok(m) if m.len() as i64 == size => Ok(Verdict::Forward(None)),
-                    Ok(m) => {
-                        // The file in place is not the one recorded
-                        // (changed by hand): index what is there.
-                        let sha = crate::storage::sha256_file(Path::new(&fin)).map_err(|e| {
-                            StateError::Io {
-                                context: format!("hashing {fin}"),
-                                source: e,
-                            }
-                        })?;
-                        Ok(Verdict::Forward(Some((m.len() as i64, sha))))
+                let digest = |p: &Path| {
+                    crate::storage::sha256_file(p).map_err(|e| StateError::Io {
+                        context: format!("hashing {}", p.display()),
+                        source: e,
+                    })
+                };
+                let fin = Path::new(&fin);
+                let Ok(m) = std::fs::metadata(fin) else {
+                    return Ok(Verdict::RollBack);
+                };
+                let found = digest(fin)?;
+                if probe.exists() {
+                    // Not renamed, unless the new file is in place and only
+                    // the temp's removal was cut short (cross-device).
+                    if m.len() as i64 == size && found == sha {
+                        return Ok(Verdict::Forward(None));
                     }
-                    Err(_) => Ok(Verdict::RollBack(None)),
+                    return Ok(Verdict::RollBack);
+                }
+                if m.len() as i64 == size && found == sha {
+                    Ok(Verdict::Forward(None))
+                } else {
+                    // Renamed, then changed by hand: index what is there.
+                    Ok(Verdict::Forward(Some((m.len() as i64, found))))
                 }
             })
             .await
@@ -564,7 +572,7 @@ impl State {
             })??;
             let (_lane, mut tx) = immediate(self).await?;
             match &verdict {
-                Verdict::RollBack(_) => {
+                Verdict::RollBack => {
                     sqlx::query("DELETE FROM pending_commits WHERE id = ?")
                         .bind(id)
                         .execute(&mut *tx)
@@ -579,12 +587,11 @@ impl State {
             tx.commit().await?;
             // The temporary file goes only after its row: a crash between
             // the two leaves it to the temp sweep, never a row whose temp is
-            // gone (which would read as "renamed" and index the old file).
-            if let Verdict::RollBack(Some(temp)) = verdict {
-                std::fs::remove_file(&temp).map_err(|e| StateError::Io {
-                    context: format!("removing {}", temp.display()),
-                    source: e,
-                })?;
+            // gone. A failure here is the sweep's to finish.
+            if temp.exists()
+                && let Err(e) = std::fs::remove_file(&temp)
+            {
+                tracing::warn!(file = %temp.display(), error = %e, "reconcile: removing a temporary file failed; the sweep retries");
             }
         }
         report.reservations_dropped = sqlx::query("DELETE FROM reservations")

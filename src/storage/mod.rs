@@ -10,7 +10,7 @@
 
 mod pool;
 
-pub use pool::{PIPE_DEPTH, PipedTemp, pool_threads};
+pub use pool::{PIPE_DEPTH, PipedTemp, pool_threads, start_pool};
 
 use crate::config::{Config, CustomerId};
 use crate::state::{PendingCommit, State, StateError};
@@ -236,7 +236,10 @@ impl TempFile {
 
     /// Fsyncs the file; returns it with its size and digest.
     pub fn sync(self) -> io::Result<SyncedTemp> {
-        self.file.sync_all()?;
+        if let Err(e) = self.file.sync_all() {
+            let _ = fs::remove_file(&self.path);
+            return Err(e);
+        }
         Ok(SyncedTemp {
             path: self.path,
             size: self.size,
@@ -331,15 +334,37 @@ pub async fn commit(
     let renamed = tokio::task::spawn_blocking(move || rename_durably(&tp, &fp, &dir, &staging))
         .await
         .map_err(|e| io::Error::other(e.to_string()))?;
-    if let Err(e) = renamed {
-        let _ = fs::remove_file(&temp.path);
-        state.abort_commit(id).await?;
-        return Err(e.into());
+    match renamed {
+        Ok(()) => {}
+        Err(Renamed::No(e)) => {
+            // The row goes first: a crash between must not leave a row
+            // whose temp is gone, which would read as "renamed".
+            state.abort_commit(id).await?;
+            let _ = fs::remove_file(&temp.path);
+            return Err(e.into());
+        }
+        Err(Renamed::Yes(e)) => {
+            // The new file is in place, but a later step failed (a
+            // directory fsync): index what is on disk, and tell the client
+            // it is not known to be durable (it sends it again).
+            state.commit_file(id).await?;
+            return Err(e.into());
+        }
     }
     hook(Step::Renamed);
     let delta = state.commit_file(id).await?;
     hook(Step::Indexed);
     Ok(delta)
+}
+
+/// Why [`rename_durably`] failed: before the new file was in place, or
+/// after.
+#[derive(Debug)]
+enum Renamed {
+    /// Nothing changed at the destination.
+    No(io::Error),
+    /// The file is in place; a later step (a directory fsync) failed.
+    Yes(io::Error),
 }
 
 /// Renames `from` to `to`, creating `to`'s directories under `root`, and
@@ -349,15 +374,16 @@ pub async fn commit(
 /// to a customer whose backup location is elsewhere. Then it is first copied
 /// into `staging` (the destination's temporary directory, swept at start),
 /// fsynced, and renamed from there: the file still appears atomically.
-fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Result<()> {
+fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> Result<(), Renamed> {
+    let before = Renamed::No;
     let parent = to
         .parent()
-        .ok_or_else(|| io::Error::other("a stored file has no parent directory"))?;
+        .ok_or_else(|| before(io::Error::other("a stored file has no parent directory")))?;
     // A DELETE of another path may remove an emptied directory between
     // creating it and the rename: make it again and retry.
     let mut tries = 0;
     let first = loop {
-        create_private_dirs(parent)?;
+        create_private_dirs(parent).map_err(before)?;
         match fs::rename(from, to) {
             Err(e) if e.kind() == io::ErrorKind::NotFound && tries < 3 && from.exists() => {
                 tries += 1;
@@ -368,7 +394,7 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
     match first {
         Ok(()) => {}
         Err(e) if e.kind() == io::ErrorKind::CrossesDevices => {
-            create_private_dirs(staging)?;
+            create_private_dirs(staging).map_err(before)?;
             let staged = staging.join(format!(
                 "xdev-{:016x}",
                 getrandom::u64().unwrap_or_default()
@@ -376,16 +402,23 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
             let copied = fs::copy(from, &staged).and_then(|_| File::open(&staged)?.sync_all());
             if let Err(e) = copied {
                 let _ = fs::remove_file(&staged);
-                return Err(e);
+                return Err(before(e));
             }
-            fs::rename(&staged, to)?;
-            fs::remove_file(from)?;
+            if let Err(e) = fs::rename(&staged, to) {
+                let _ = fs::remove_file(&staged);
+                return Err(before(e));
+            }
+            // In place now; the temp's removal is tidying (the sweep does
+            // it at start otherwise, and reconcile sees the new file by its
+            // digest).
+            let _ = fs::remove_file(from);
         }
-        Err(e) => return Err(e),
+        Err(e) => return Err(before(e)),
     }
+    let after = Renamed::Yes;
     let mut dir = parent;
     loop {
-        File::open(dir)?.sync_all()?;
+        File::open(dir).and_then(|d| d.sync_all()).map_err(after)?;
         if dir == root {
             break;
         }
@@ -395,7 +428,7 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> io::Re
         }
     }
     if let Some(tdir) = from.parent() {
-        File::open(tdir)?.sync_all()?;
+        File::open(tdir).and_then(|d| d.sync_all()).map_err(after)?;
     }
     Ok(())
 }
