@@ -39,9 +39,22 @@ use tracing::{debug, info, warn};
 /// instead of "Address already in use" (issue 12 item 12).
 pub fn bind_listener(addr: SocketAddr, all: &[SocketAddr]) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    let ipv4_too = all.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
+    let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
+        // A host booted with IPv6 off (ipv6.disable=1): the wildcard still
+        // serves IPv4, rather than the daemon not starting.
+        Err(e)
+            if addr.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+                && !ipv4_too
+                && e.raw_os_error() == Some(rustix::io::Errno::AFNOSUPPORT.raw_os_error()) =>
+        {
+            let v4 = SocketAddr::from(([0, 0, 0, 0], addr.port()));
+            warn!(%addr, instead = %v4, "IPv6 is not available on this host; listening on IPv4 only");
+            return bind_listener(v4, &[]);
+        }
+        r => r?,
+    };
     if let SocketAddr::V6(v6) = addr {
-        let ipv4_too = all.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
         socket.set_only_v6(!v6.ip().is_unspecified() || ipv4_too)?;
     }
     // As tokio's TcpListener::bind: a restart may rebind at once.
