@@ -637,7 +637,8 @@ pub async fn queue_alerts(state: &State, cfg: &Config, now: Timestamp) -> Result
     Ok(queued)
 }
 
-/// Queues the refusal digest of the last complete local day (docs/email.md
+/// Queues the refusal digests of the last complete local day, and of the
+/// days before it a stopped daemon missed, up to a week (docs/email.md
 /// "Refusal digest"): per reseller, the refusals of its customers that only
 /// it can fix; to `server.email.admin`, those of customers directly under
 /// the server (or of a reseller without an `email`). Once per recipient per
@@ -650,7 +651,34 @@ pub async fn queue_refusal_digests(
     let Some(email) = &cfg.server.email else {
         return Ok(0);
     };
-    let day = Period::last_complete(Frequency::Daily, &cfg.server.timezone, now);
+    // What was noted in memory in the last second counts too.
+    state.flush_refusals().await?;
+    let tz = &cfg.server.timezone;
+    let mut queued = 0;
+    let mut day = Period::last_complete(Frequency::Daily, tz, now);
+    // The last complete day and the ones before it that a stopped daemon
+    // missed, up to a week back; each recipient's day is sent once.
+    for _ in 0..REFUSAL_DIGEST_DAYS {
+        queued += refusal_digest_for(state, cfg, email, &day, now).await?;
+        day = Period::containing(
+            Frequency::Daily,
+            tz,
+            day.start - jiff::SignedDuration::from_secs(1),
+        );
+    }
+    Ok(queued)
+}
+
+/// Days back the refusal digest catches up after downtime.
+pub const REFUSAL_DIGEST_DAYS: usize = 7;
+
+async fn refusal_digest_for(
+    state: &State,
+    cfg: &Config,
+    email: &crate::config::Email,
+    day: &Period,
+    now: Timestamp,
+) -> Result<usize, MailError> {
     let rows = state.refusal_counts(day.start, day.end).await?;
     let mut by_recipient: Vec<(String, Vec<crate::state::RefusalCount>)> = Vec::new();
     for r in rows {

@@ -493,15 +493,15 @@ impl State {
                      ELSE (SELECT s.stored_after FROM sessions s WHERE s.client = c.id AND s.ended_at < ?2
                             ORDER BY s.ended_at DESC LIMIT 1)
                 END AS used,
-                (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup'
+                (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.intent = 'backup'
                     AND s.result = 'ok' AND s.files_failed = 0 AND s.ended_at < ?2) AS last_backup,
-                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2
+                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2
                     AND s.result = 'ok' AND s.files_failed = 0) AS sessions_ok,
-                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2
+                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2
                     AND s.result IS NOT NULL AND (s.result <> 'ok' OR s.files_failed > 0)) AS sessions_failed,
-                COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_in,
-                COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_out,
-                COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.debited_at >= ?1 AND d.debited_at < ?2), 0) AS mcal
+                COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_in,
+                COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_out,
+                COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.customer = ?3 AND d.debited_at >= ?1 AND d.debited_at < ?2), 0) AS mcal
              FROM clients c WHERE c.customer = ?3 AND COALESCE(c.registered_at, 0) < ?2 ORDER BY c.id",
         )
         .bind(secs(start))
