@@ -162,6 +162,18 @@ async fn apply_listen(ctx: &Arc<Context>, old: &[SocketAddr], new: &[SocketAddr]
         return;
     }
     let serving = ctx.listeners.configured();
+    // Whether a kept `[::]` also takes IPv4 was fixed when it was bound
+    // (`bind_listener`); a change needs a restart.
+    let ipv4_beside = |list: &[SocketAddr], a: &SocketAddr| {
+        list.iter().any(|b| b.is_ipv4() && b.port() == a.port())
+    };
+    for a in new.iter().filter(|a| {
+        serving.contains(a)
+            && a.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)
+            && ipv4_beside(old, a) != ipv4_beside(new, a)
+    }) {
+        warn!(addr = %a, "whether this address also takes IPv4 changes only at a restart; it keeps its current setting");
+    }
     for a in new.iter().filter(|a| !serving.contains(a)) {
         match super::bind_listener(*a, new) {
             Ok(l) => {
