@@ -200,7 +200,11 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     ctx.listeners
         .socket_activated
         .store(socket_activated, Ordering::SeqCst);
-    let mut server = tokio::spawn(server::run(listeners, ctx.clone()));
+    // Accepting before READY=1 and its STATUS= (which lists these).
+    for (configured, l) in listeners {
+        ctx.listeners.add(&ctx, configured, l);
+    }
+    let mut server = tokio::spawn(server::run(ctx.clone()));
     if let Some(m) = metrics_listener {
         tokio::spawn(crate::metrics::serve(m, ctx.clone(), handle));
     }

@@ -329,16 +329,14 @@ impl Listeners {
     }
 }
 
-/// Serves `listeners` (each with the configured address it was bound for)
-/// until the phase leaves `Running`, then waits for the sessions to end
-/// (they follow the phase). Binding is the caller's, so tests can bind
-/// port 0 and systemd can hand sockets over.
-pub async fn run(listeners: Vec<(SocketAddr, TcpListener)>, ctx: Arc<Context>) {
+/// Runs the server's background tasks until the phase leaves `Running`,
+/// then waits for the accept loops and sessions to end (they follow the
+/// phase). The caller binds and adds the listeners (`Listeners::add`)
+/// before, so tests can bind port 0, systemd can hand sockets over, and
+/// READY=1 is sent only once they accept.
+pub async fn run(ctx: Arc<Context>) {
     let watcher = tokio::spawn(watch_client_events(ctx.clone()));
     let upkeep = tokio::spawn(maintenance::run(ctx.clone()));
-    for (configured, l) in listeners {
-        ctx.listeners.add(&ctx, configured, l);
-    }
     let mut phase = ctx.phase.clone();
     let _ = phase.wait_for(|p| *p != Phase::Running).await;
     ctx.listeners.accepting.close();
