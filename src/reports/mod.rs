@@ -479,7 +479,12 @@ pub fn alerts_for(
             .email
             .iter()
             .map(|e| (String::new(), e.as_str()))
-            .chain(up.map(|(e, who)| (format!(":to-{who}"), e)))
+            // One copy to an address that is both the customer's and the
+            // one above it.
+            .chain(
+                up.filter(|(e, _)| c.email.as_deref() != Some(*e))
+                    .map(|(e, who)| (format!(":to-{who}"), e)),
+            )
             .collect();
         let long = format!("Customer {}", c.name);
         for (suffix, to) in &recipients {
@@ -989,6 +994,37 @@ mod tests {
         assert!(e.to_string().contains("first appeared in state"), "{e}");
         // Not in state yet: it appears now, so any past span is refused.
         assert!(check_span(&c, "A", &span, None, now).is_err());
+    }
+
+    #[test]
+    fn one_copy_to_an_address_that_is_both_customer_and_reseller() {
+        let text = "[server]\nlisten = [\"127.0.0.1:1\"]\nstate = \"sqlite:///tmp/tollgate-unit/x.db\"\ntimezone = \"UTC\"\n\
+             [server.email]\nfrom = \"t@x.example\"\nspool = \"/tmp/s\"\n\
+             [[reseller]]\nname = \"r\"\nemail = \"same@x.example\"\n\
+             [[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"same@x.example\"\nbackup_location = \"/tmp/a\"\nspace = \"10 MiB\"\n";
+        let c = Config::from_str(text, Path::new("/etc/tollgate/t.toml")).unwrap();
+        let usage = HashMap::from([(
+            "a".to_string(),
+            Usage {
+                used: 10 * MIB as u64,
+                reserved: 0,
+            },
+        )]);
+        let v: Vec<(String, String)> = alerts_for(
+            &c,
+            &usage,
+            &[],
+            &HashMap::new(),
+            &HashMap::new(),
+            Debits::default(),
+        )
+        .into_iter()
+        .map(|(s, to, ..)| (s, to))
+        .collect();
+        assert_eq!(
+            v,
+            [("space:customer:A".to_string(), "same@x.example".to_string())]
+        );
     }
 
     #[test]

@@ -38,6 +38,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         }
         let max = self.bind.cfg.server.limits.max_file_size;
         if put.size > max {
+            self.note_quota_refusal();
             return Err(SessionError::Quota(format!(
                 "a file of {} bytes is larger than the {max} bytes a file may have",
                 put.size
@@ -53,19 +54,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             .reserve_space(cfg, &self.bind.client, put.size, crate::clock::now())
             .await?;
         if res.is_err() {
-            // Counted with the refused HELLOs, for the daily digest to the
-            // reseller or admin (docs/email.md "Refusal digest").
-            let st = &self.bind.ctx.state;
-            let name = &cfg.customer(self.bind.customer()).name;
-            if !st.note_refusal(
-                crate::clock::now(),
-                Some(self.bind.peer),
-                Some(&self.bind.client),
-                Some(name),
-                crate::wire::ErrorCode::QuotaExceeded.as_str(),
-            ) {
-                metrics::counter!(crate::metrics::REFUSALS_UNRECORDED).increment(1);
-            }
+            self.note_quota_refusal();
         }
         let reservation = res.map_err(|q| {
             SessionError::Quota(format!(
@@ -235,6 +224,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         if self.upload.is_some() {
             self.stats.files_failed += 1;
             self.abandon_upload().await;
+        }
+    }
+
+    /// Records a PUT refused with `quota_exceeded` with the refused HELLOs,
+    /// for the daily digest to the reseller or admin (docs/email.md
+    /// "Refusal digest").
+    fn note_quota_refusal(&self) {
+        let name = &self.bind.cfg.customer(self.bind.customer()).name;
+        if !self.bind.ctx.state.note_refusal(
+            crate::clock::now(),
+            Some(self.bind.peer),
+            Some(&self.bind.client),
+            Some(name),
+            crate::wire::ErrorCode::QuotaExceeded.as_str(),
+        ) {
+            metrics::counter!(crate::metrics::REFUSALS_UNRECORDED).increment(1);
         }
     }
 
