@@ -104,13 +104,7 @@ async fn declare_back_up_move_restore_and_read_the_truth() {
     for (i, (rel, size, mode)) in files.iter().enumerate() {
         let p = work.join(rel);
         make_file(&p, *size, i as u64 + 7);
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(*mode)).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        set_mode_and_mtime(&p, *mode, old);
     }
     let client = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))

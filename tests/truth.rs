@@ -299,13 +299,7 @@ async fn the_reference_client_gives_back_paths_modes_and_times() {
         let p = work.join(folder).join("Documents/x.txt");
         std::fs::create_dir_all(p.parent().unwrap()).unwrap();
         std::fs::write(&p, body).unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
-        std::fs::File::options()
-            .write(true)
-            .open(&p)
-            .unwrap()
-            .set_modified(old)
-            .unwrap();
+        set_mode_and_mtime(&p, mode, old);
     }
     let client = |args: &[&str]| {
         let out = Command::new(env!("CARGO_BIN_EXE_tollgate"))

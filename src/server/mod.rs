@@ -39,7 +39,7 @@ use tracing::{debug, info, warn};
 /// instead of "Address already in use" (issue 12 item 12).
 pub fn bind_listener(addr: SocketAddr, all: &[SocketAddr]) -> std::io::Result<TcpListener> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let ipv4_too = all.iter().any(|a| a.is_ipv4() && a.port() == addr.port());
+    let ipv4_too = ipv4_on_port(all, addr.port());
     let socket = match Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)) {
         // A host booted with IPv6 off (ipv6.disable=1): the wildcard still
         // serves IPv4, rather than the daemon not starting.
@@ -63,6 +63,12 @@ pub fn bind_listener(addr: SocketAddr, all: &[SocketAddr]) -> std::io::Result<Tc
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// Whether `list` has an IPv4 address on `port` (then `[::]` on that port
+/// takes IPv6 only).
+pub(crate) fn ipv4_on_port(list: &[SocketAddr], port: u16) -> bool {
+    list.iter().any(|a| a.is_ipv4() && a.port() == port)
 }
 
 /// Longest pause of an accept loop after an accept error (EMFILE …).

@@ -164,9 +164,7 @@ async fn apply_listen(ctx: &Arc<Context>, old: &[SocketAddr], new: &[SocketAddr]
     let serving = ctx.listeners.configured();
     // Whether a kept `[::]` also takes IPv4 was fixed when it was bound
     // (`bind_listener`); a change needs a restart.
-    let ipv4_beside = |list: &[SocketAddr], a: &SocketAddr| {
-        list.iter().any(|b| b.is_ipv4() && b.port() == a.port())
-    };
+    let ipv4_beside = |list: &[SocketAddr], a: &SocketAddr| super::ipv4_on_port(list, a.port());
     for a in new.iter().filter(|a| {
         serving.contains(a)
             && a.ip() == std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED)

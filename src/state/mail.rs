@@ -175,8 +175,21 @@ impl State {
         customers: &[&str],
         at: Timestamp,
     ) -> Result<(), StateError> {
+        // A read first: the scheduler calls this every minute, and a write
+        // (with its fsync) is only needed when a name is new.
+        let seen: Vec<String> = sqlx::query_scalar("SELECT name FROM customers_seen")
+            .fetch_all(&self.pool)
+            .await?;
+        let new: Vec<&str> = customers
+            .iter()
+            .copied()
+            .filter(|n| !seen.iter().any(|s| s.eq_ignore_ascii_case(n)))
+            .collect();
+        if new.is_empty() {
+            return Ok(());
+        }
         let (_lane, mut tx) = super::ops::immediate(self).await?;
-        for name in customers {
+        for name in new {
             sqlx::query("INSERT OR IGNORE INTO customers_seen (name, first_seen) VALUES (?1, ?2)")
                 .bind(name)
                 .bind(secs(at))

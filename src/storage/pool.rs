@@ -246,7 +246,17 @@ impl PipedTemp {
         use std::os::unix::fs::MetadataExt;
         let temp = TempFile::create(dir)?;
         let dev = std::fs::metadata(dir)?.dev();
-        Ok(PipedTemp {
+        Ok(PipedTemp::on(temp, dev))
+    }
+
+    /// As [`PipedTemp::create`], with the device given (tests).
+    #[cfg(test)]
+    fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
+        Ok(PipedTemp::on(TempFile::create(dir)?, dev))
+    }
+
+    fn on(temp: TempFile, dev: u64) -> PipedTemp {
+        PipedTemp {
             slot: Arc::new(Slot {
                 dev,
                 inner: Mutex::new(SlotInner {
@@ -259,31 +269,7 @@ impl PipedTemp {
             room: Arc::new(Semaphore::new(PIPE_DEPTH)),
             queued: 0,
             done: false,
-        })
-    }
-
-    /// As [`PipedTemp::create`], with the device given (tests).
-    #[cfg(test)]
-    fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
-        let t = PipedTemp::create(dir)?;
-        let slot = Arc::new(Slot {
-            dev,
-            inner: Mutex::new(SlotInner {
-                temp: lock(&t.slot.inner).temp.take(),
-                ops: VecDeque::new(),
-                scheduled: false,
-                failed: None,
-            }),
-        });
-        let mut t = t;
-        t.done = true;
-        drop(t);
-        Ok(PipedTemp {
-            slot,
-            room: Arc::new(Semaphore::new(PIPE_DEPTH)),
-            queued: 0,
-            done: false,
-        })
+        }
     }
 
     /// Bytes handed to the pool so far.

@@ -584,3 +584,15 @@ pub fn moved_and_reloaded(log: &str) -> bool {
     log.find("declared client moved by the config")
         .is_some_and(|i| log[i..].contains("reloaded "))
 }
+
+/// Gives `p` permission bits `mode` and modification time `mtime`.
+pub fn set_mode_and_mtime(p: &Path, mode: u32, mtime: std::time::SystemTime) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(p)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+}
