@@ -8,7 +8,7 @@
 //! `clients readmit` and its one-time key (PROTOCOL.md Additions).
 
 use super::ops::{
-    Tx, client_db, immediate, insert_debit, level_usage, mcal_state, record, slot_count,
+    Conn, client_db, immediate, insert_debit, level_usage, mcal_state, record, slot_count,
     upsert_registration,
 };
 use super::{State, StateError, customer_key, new_secret, secs};
@@ -67,7 +67,7 @@ pub enum Decision {
 
 /// The recent registration times of `customer`, oldest first.
 async fn recent_registrations(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     customer: CustomerId,
     at: Timestamp,
@@ -77,7 +77,7 @@ async fn recent_registrations(
     )
     .bind(customer_key(cfg, customer))
     .bind(secs(at) - REGISTRATION_WINDOW_SECS)
-    .fetch_all(&mut **tx)
+    .fetch_all(&mut *tx)
     .await?)
 }
 
@@ -108,7 +108,7 @@ impl State {
         shutting_down: bool,
     ) -> Result<Decision, StateError> {
         let secret = new_secret()?;
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let row = client_db(&mut tx, &hello.client_id).await?;
         let rec = match &row {
             Some(r) => match record(cfg, r) {
@@ -363,7 +363,7 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<String, Rejection>, StateError> {
         let secret = new_secret()?;
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         if let Some(row) = client_db(&mut tx, id).await?
             && (row.secret_sha256.is_some() || row.id != id)
         {
@@ -395,7 +395,7 @@ impl State {
     /// its secret. A new key replaces an unused one.
     pub async fn readmit(&self, id: &str, at: Timestamp) -> Result<Readmit, StateError> {
         let key = new_secret()?;
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(Readmit::NoSuchClient);
         };

@@ -188,7 +188,7 @@ impl State {
         if new.is_empty() {
             return Ok(());
         }
-        let (_lane, mut tx) = super::ops::immediate(self).await?;
+        let mut tx = super::ops::immediate(self).await?;
         for name in new {
             sqlx::query("INSERT OR IGNORE INTO customers_seen (name, first_seen) VALUES (?1, ?2)")
                 .bind(name)
@@ -268,7 +268,7 @@ impl State {
         m: &Outgoing,
         at: Timestamp,
     ) -> Result<i64, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let id = insert_outbox(m, at)
             .execute(&mut *tx)
             .await?
@@ -294,7 +294,7 @@ impl State {
 
     /// Queues a message; returns its outbox id.
     pub async fn enqueue(&self, m: &Outgoing, at: Timestamp) -> Result<i64, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let id = insert_outbox(m, at)
             .execute(&mut *tx)
             .await?
@@ -311,7 +311,7 @@ impl State {
         at: Timestamp,
         lease_until: Timestamp,
     ) -> Result<Queued, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let id = insert_outbox_due(m, at, lease_until)
             .execute(&mut *tx)
             .await?
@@ -354,7 +354,7 @@ impl State {
         );
         // Only the static table and column names above are spliced in; every
         // value is bound.
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(exists));
         for (_, v) in keys {
             q = q.bind(*v);
@@ -451,7 +451,7 @@ impl State {
 
     /// Marks a message delivered.
     pub async fn mail_sent(&self, id: i64, at: Timestamp) -> Result<(), StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         sqlx::query("UPDATE outbox SET sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?")
             .bind(secs(at))
             .bind(id)
@@ -468,7 +468,7 @@ impl State {
         error: &str,
         retry_at: Timestamp,
     ) -> Result<(), StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         sqlx::query(
             "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ?",
         )

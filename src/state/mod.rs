@@ -4,10 +4,11 @@
 //! backend; every SQL statement lives in this module (and `ops`, `views`),
 //! so a PostgreSQL backend can be added behind the same methods.
 //!
-//! Each operation that checks and writes is one `BEGIN IMMEDIATE`
-//! transaction that reads a snapshot, asks `policy` for the decision and
-//! applies it: concurrent sessions are serialized by SQLite's write lock,
-//! so "100 first backups for 10 MCALs" admits exactly 10.
+//! Each operation that checks and writes reads a snapshot, asks `policy`
+//! for the decision and applies it on the one write connection (`writer`):
+//! operations run one at a time, in batches that share one durable commit
+//! (group commit), so "100 first backups for 10 MCALs" admits exactly 10.
+//! Reads use their own pool.
 
 mod admission;
 mod mail;
@@ -15,6 +16,7 @@ mod ops;
 mod refusals;
 mod retention;
 mod views;
+pub mod writer;
 
 pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
 pub use mail::{
@@ -73,12 +75,11 @@ pub enum StateError {
 /// The state store.
 #[derive(Clone, Debug)]
 pub struct State {
+    /// Readers.
     pool: SqlitePool,
-    /// Same file, synchronous=NORMAL: for reservations, which never
-    /// outlive the process and so need no fsync per commit.
-    volatile: SqlitePool,
     path: PathBuf,
-    writer: std::sync::Arc<tokio::sync::Mutex<()>>,
+    /// Every write of this process; `None` when opened read-only.
+    writer: Option<writer::Writer>,
     /// Refusals noted since the last flush (`refusals`).
     refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
 }
@@ -142,16 +143,11 @@ impl State {
             .connect_with(opts.clone())
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
-        let volatile = SqlitePoolOptions::new()
-            .max_connections(2)
-            .acquire_timeout(BUSY_TIMEOUT)
-            .connect_with(opts.synchronous(SqliteSynchronous::Normal))
-            .await?;
+        let writer = writer::Writer::start(opts, writer::Limits::default()).await?;
         Ok(State {
             pool,
-            volatile,
             path: path.to_path_buf(),
-            writer: Default::default(),
+            writer: Some(writer),
             refusals: Default::default(),
         })
     }
@@ -218,10 +214,9 @@ impl State {
             )));
         }
         Ok(State {
-            volatile: pool.clone(),
             pool,
             path,
-            writer: Default::default(),
+            writer: None,
             refusals: Default::default(),
         })
     }
@@ -237,10 +232,17 @@ impl State {
         Ok(())
     }
 
-    /// Closes the pool, waiting for connections to finish.
+    /// Commits what is queued, then closes the writer and the readers.
     pub async fn close(&self) {
-        self.volatile.close().await;
+        if let Some(w) = &self.writer {
+            w.close().await;
+        }
         self.pool.close().await;
+    }
+
+    /// The group-commit writer's counters (`None` when read-only).
+    pub fn writer_stats(&self) -> Option<&writer::Stats> {
+        self.writer.as_ref().map(|w| w.stats())
     }
 }
 

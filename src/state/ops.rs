@@ -16,10 +16,13 @@ use crate::config::{Config, CustomerId, Kind};
 use crate::policy::admission::{self, ClientRecord, McalState, RejectCode, Rejection};
 use crate::policy::space::{self, LevelUsage, Month, Usage};
 use jiff::Timestamp;
-use sqlx::{Row, Sqlite, Transaction};
+use sqlx::Row;
 use std::path::{Path, PathBuf};
 
-pub(super) type Tx = Transaction<'static, Sqlite>;
+/// The write connection, lent by the group-commit writer for one operation.
+pub(super) type Tx = super::writer::Lease;
+/// A connection, inside a lent write or a read transaction.
+pub(super) type Conn = sqlx::SqliteConnection;
 
 /// A reservation that does not fit.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,39 +155,35 @@ pub(super) struct ClientDb {
 /// The columns of [`ClientDb`].
 pub(super) const CLIENT_COLUMNS: &str = "id, customer, kind, secret_sha256, declared, used, removed_at, readmit_sha256, readmit_expires";
 
-/// Starts a write transaction. Writers of this process queue on an async
-/// mutex first: SQLite's own busy handler sleeps in growing steps, which
-/// collapses throughput when many tasks contend; other processes (the admin
-/// CLI) still meet the database lock and its busy timeout.
-pub(super) async fn immediate(
-    state: &State,
-) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
-    let lane = state.writer.clone().lock_owned().await;
-    Ok((lane, state.pool.begin_with("BEGIN IMMEDIATE").await?))
-}
-
-/// Like [`immediate`], on the synchronous=NORMAL pool: for what never
-/// needs to survive a crash (reservations, refusal counts).
-pub(super) async fn immediate_volatile(
-    state: &State,
-) -> Result<(tokio::sync::OwnedMutexGuard<()>, Tx), StateError> {
-    let lane = state.writer.clone().lock_owned().await;
-    Ok((lane, state.volatile.begin_with("BEGIN IMMEDIATE").await?))
+/// Waits for the write connection (`writer`): the operation runs in a
+/// savepoint of the open batch, and its `commit` returns once the batch
+/// is durable.
+pub(super) async fn immediate(state: &State) -> Result<Tx, StateError> {
+    match &state.writer {
+        Some(w) => w.lease().await,
+        None => Err(StateError::Inconsistent(
+            "the state database was opened read-only".into(),
+        )),
+    }
 }
 
 /// The client whose id equals `id` without regard to case (ids are
 /// unique that way; PROTOCOL.md Additions, issue 11).
-pub(super) async fn client_db(tx: &mut Tx, id: &str) -> Result<Option<ClientDb>, StateError> {
+pub(super) async fn client_db(tx: &mut Conn, id: &str) -> Result<Option<ClientDb>, StateError> {
     Ok(sqlx::query_as::<_, ClientDb>(sqlx::AssertSqlSafe(format!(
         "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ? COLLATE NOCASE"
     )))
     .bind(id)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *tx)
     .await?)
 }
 
 /// The record of a client that must exist under a customer the config has.
-async fn known_client(tx: &mut Tx, cfg: &Config, client: &str) -> Result<ClientRecord, StateError> {
+async fn known_client(
+    tx: &mut Conn,
+    cfg: &Config,
+    client: &str,
+) -> Result<ClientRecord, StateError> {
     let row = client_db(tx, client).await?;
     row.as_ref().and_then(|r| record(cfg, r)).ok_or_else(|| {
         StateError::Inconsistent(format!(
@@ -217,7 +216,7 @@ pub(super) fn u(used: i64, reserved: i64) -> Usage {
 
 /// Usage and reservations at every level above `client` of `customer`.
 pub(super) async fn level_usage(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     client: &str,
     customer: CustomerId,
@@ -234,7 +233,7 @@ pub(super) async fn level_usage(
     )
     .bind(client)
     .bind(name)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     let reseller = match cfg.customer(customer).reseller {
         None => Usage::default(),
@@ -256,7 +255,7 @@ pub(super) async fn level_usage(
                     q = q.bind(*n);
                 }
             }
-            let r = q.fetch_one(&mut **tx).await?;
+            let r = q.fetch_one(&mut *tx).await?;
             u(r.get(0), r.get(1))
         }
     };
@@ -270,7 +269,7 @@ pub(super) async fn level_usage(
 
 /// Debits that bear on one more debit for `client` under `customer`.
 pub(super) async fn mcal_state(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     client: &str,
     customer: CustomerId,
@@ -291,7 +290,7 @@ pub(super) async fn mcal_state(
     .bind(month.to_string())
     .bind(customer_key(cfg, customer))
     .bind(reseller)
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     Ok(McalState {
         client_debited_this_month: row.get::<bool, _>(0),
@@ -303,7 +302,7 @@ pub(super) async fn mcal_state(
 
 /// Clients holding a slot of `customer`: registered ones and declared ones.
 pub(super) async fn slot_count(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     customer: CustomerId,
 ) -> Result<u32, StateError> {
@@ -311,13 +310,13 @@ pub(super) async fn slot_count(
         "SELECT COUNT(*) FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1)",
     )
     .bind(customer_key(cfg, customer))
-    .fetch_one(&mut **tx)
+    .fetch_one(&mut *tx)
     .await?;
     Ok(n as u32)
 }
 
 pub(super) async fn insert_debit(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     client: &str,
     customer: CustomerId,
@@ -336,14 +335,14 @@ pub(super) async fn insert_debit(
         .bind(customer_key(cfg, customer))
         .bind(reseller)
         .bind(secs(at))
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn upsert_registration(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     id: &str,
     customer: CustomerId,
@@ -370,11 +369,11 @@ pub(super) async fn upsert_registration(
     .bind(declared)
     .bind(hostname)
     .bind(secs(at))
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
         .bind(name)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -388,7 +387,7 @@ impl State {
         client: &str,
         at: Timestamp,
     ) -> Result<Result<u32, Rejection>, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let rec = known_client(&mut tx, cfg, client).await?;
         let month = Month::of(at, &cfg.server.timezone);
         let m = mcal_state(&mut tx, cfg, client, rec.customer, month).await?;
@@ -413,7 +412,7 @@ impl State {
         size: u64,
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
-        let (_lane, mut tx) = immediate_volatile(self).await?;
+        let mut tx = immediate(self).await?;
         let rec = known_client(&mut tx, cfg, client).await?;
         let usage = level_usage(&mut tx, cfg, client, rec.customer).await?;
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
@@ -446,16 +445,18 @@ impl State {
 
     /// Releases a reservation whose upload failed or was abandoned.
     pub async fn release_reservation(&self, id: i64) -> Result<(), StateError> {
+        let mut tx = immediate(self).await?;
         sqlx::query("DELETE FROM reservations WHERE id = ?")
             .bind(id)
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Durably records a commit before its rename; returns its id.
     pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
-        Ok(sqlx::query_scalar(
+        let mut tx = immediate(self).await?;
+        let id = sqlx::query_scalar(
             "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
              VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
         )
@@ -470,13 +471,15 @@ impl State {
         .bind(secs(p.modified))
         .bind(p.mode.map(i64::from))
         .bind(p.mtime.as_deref())
-        .fetch_one(&self.pool)
-        .await?)
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
     }
 
     /// Drops a pending commit whose rename did not happen, with its reservation.
     pub async fn abort_commit(&self, pending: i64) -> Result<(), StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         sqlx::query("DELETE FROM reservations WHERE id = (SELECT reservation FROM pending_commits WHERE id = ?)")
             .bind(pending)
             .execute(&mut *tx)
@@ -493,7 +496,7 @@ impl State {
     /// usage changes by the size difference), consumes the reservation and
     /// deletes the pending record, atomically. Returns the usage change.
     pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let delta = apply_pending(&mut tx, pending, None).await?;
         tx.commit().await?;
         Ok(delta)
@@ -502,7 +505,7 @@ impl State {
     /// Removes `path` of `client` from the index; returns the bytes freed,
     /// or `None` when it is not there.
     pub async fn delete_file(&self, client: &str, path: &str) -> Result<Option<u64>, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let size: Option<i64> =
             sqlx::query_scalar("DELETE FROM files WHERE client = ? AND path = ? RETURNING size")
                 .bind(client)
@@ -570,7 +573,7 @@ impl State {
                 context: "reconcile".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-            let (_lane, mut tx) = immediate(self).await?;
+            let mut tx = immediate(self).await?;
             match &verdict {
                 Verdict::RollBack => {
                     sqlx::query("DELETE FROM pending_commits WHERE id = ?")
@@ -594,10 +597,12 @@ impl State {
                 tracing::warn!(file = %temp.display(), error = %e, "reconcile: removing a temporary file failed; the sweep retries");
             }
         }
+        let mut tx = immediate(self).await?;
         report.reservations_dropped = sqlx::query("DELETE FROM reservations")
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?
             .rows_affected();
+        tx.commit().await?;
         Ok(report)
     }
 
@@ -620,7 +625,7 @@ impl State {
         if cfg.declared_client(id).is_some() {
             return Ok(Err(MoveRefused::Declared(id.into())));
         }
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(Err(MoveRefused::UnknownClient(id.into())));
         };
@@ -656,7 +661,7 @@ impl State {
         at: Timestamp,
         purge_data: impl FnOnce(&str, &str) -> std::io::Result<()>,
     ) -> Result<Option<Removed>, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(None);
         };
@@ -731,7 +736,7 @@ impl State {
         at: Timestamp,
         mut move_data: impl FnMut(&str, CustomerId, CustomerId) -> std::io::Result<()>,
     ) -> Result<Result<Vec<(String, String, String)>, MoveRefused>, StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         let mut moved = Vec::new();
         for c in &cfg.clients {
             let name = customer_key(cfg, c.customer);
@@ -818,6 +823,7 @@ impl State {
 
     /// Records the start of an admitted session.
     pub async fn start_session(&self, s: &SessionStart<'_>) -> Result<(), StateError> {
+        let mut tx = immediate(self).await?;
         sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
             .bind(s.id)
             .bind(s.client)
@@ -826,9 +832,9 @@ impl State {
             .bind(s.intent)
             .bind(s.peer)
             .bind(secs(s.at))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await?;
-        Ok(())
+        tx.commit().await
     }
 
     /// Records the end of a session with its totals and result code.
@@ -840,7 +846,7 @@ impl State {
         e: &SessionEnd<'_>,
         reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
-        let (_lane, mut tx) = immediate(self).await?;
+        let mut tx = immediate(self).await?;
         sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ?, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = ?")
             .bind(secs(e.at))
             .bind(e.bytes_in as i64)
@@ -911,7 +917,7 @@ pub struct SessionEnd<'a> {
 /// daemon's live sessions. Debits already made stay where they were made.
 #[allow(clippy::too_many_arguments)] // one transaction's inputs; a struct would only rename them
 pub(super) async fn move_in(
-    tx: &mut Tx,
+    tx: &mut Conn,
     cfg: &Config,
     row: &ClientDb,
     rec: &ClientRecord,
@@ -924,7 +930,7 @@ pub(super) async fn move_in(
     let tname = cfg.customer(target).name.clone();
     let in_flight: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations WHERE client = ?")
         .bind(id)
-        .fetch_one(&mut **tx)
+        .fetch_one(&mut *tx)
         .await?;
     if in_flight > 0 {
         return Ok(Err(MoveRefused::Busy(id.into())));
@@ -962,11 +968,11 @@ pub(super) async fn move_in(
     sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
         .bind(&tname)
         .bind(id)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
         .bind(&tname)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     add_usage(tx, id, needed as i64).await?;
     record_event(tx, at, id, kind, Some(&tname)).await?;
@@ -977,7 +983,7 @@ pub(super) async fn move_in(
 /// it and tells the client's live sessions. `kind` is one of
 /// [`ClientEvent::parse`]'s.
 pub(super) async fn record_event(
-    tx: &mut Tx,
+    tx: &mut Conn,
     at: Timestamp,
     client: &str,
     kind: &str,
@@ -988,7 +994,7 @@ pub(super) async fn record_event(
         .bind(client)
         .bind(kind)
         .bind(customer)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -1067,19 +1073,19 @@ impl State {
 }
 
 /// Adds `delta` bytes to a client's usage and its customer's.
-pub(super) async fn add_usage(tx: &mut Tx, client: &str, delta: i64) -> Result<(), StateError> {
+pub(super) async fn add_usage(tx: &mut Conn, client: &str, delta: i64) -> Result<(), StateError> {
     if delta == 0 {
         return Ok(());
     }
     sqlx::query("UPDATE clients SET used = used + ? WHERE id = ?")
         .bind(delta)
         .bind(client)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     sqlx::query("UPDATE customer_usage SET used = used + ? WHERE customer = (SELECT customer FROM clients WHERE id = ?)")
         .bind(delta)
         .bind(client)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(())
 }
@@ -1087,7 +1093,7 @@ pub(super) async fn add_usage(tx: &mut Tx, client: &str, delta: i64) -> Result<(
 /// The index half of a commit; `actual` overrides the recorded size and
 /// digest when reconcile found a different file in place.
 async fn apply_pending(
-    tx: &mut Tx,
+    tx: &mut Conn,
     pending: i64,
     actual: Option<(i64, String)>,
 ) -> Result<i64, StateError> {
@@ -1106,7 +1112,7 @@ async fn apply_pending(
         "SELECT client, path, size, sha256, modified, reservation, mode, mtime FROM pending_commits WHERE id = ?",
     )
     .bind(pending)
-    .fetch_optional(&mut **tx)
+    .fetch_optional(&mut *tx)
     .await?
     .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
     let Pending {
@@ -1124,7 +1130,7 @@ async fn apply_pending(
         sqlx::query_scalar("SELECT size FROM files WHERE client = ? AND path = ?")
             .bind(&client)
             .bind(&path)
-            .fetch_optional(&mut **tx)
+            .fetch_optional(&mut *tx)
             .await?;
     sqlx::query(
         "INSERT INTO files (client, path, size, sha256, modified, mode, mtime) VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -1138,19 +1144,19 @@ async fn apply_pending(
     .bind(modified)
     .bind(mode)
     .bind(mtime)
-    .execute(&mut **tx)
+    .execute(&mut *tx)
     .await?;
     let delta = size - old.unwrap_or(0);
     add_usage(tx, &client, delta).await?;
     if let Some(r) = reservation {
         sqlx::query("DELETE FROM reservations WHERE id = ?")
             .bind(r)
-            .execute(&mut **tx)
+            .execute(&mut *tx)
             .await?;
     }
     sqlx::query("DELETE FROM pending_commits WHERE id = ?")
         .bind(pending)
-        .execute(&mut **tx)
+        .execute(&mut *tx)
         .await?;
     Ok(delta)
 }

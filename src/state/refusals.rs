@@ -113,7 +113,7 @@ impl State {
     }
 
     async fn write_refusals(&self, batch: &[(Key, (String, i64))]) -> Result<(), StateError> {
-        let (_lane, mut tx) = super::ops::immediate_volatile(self).await?;
+        let mut tx = super::ops::immediate(self).await?;
         for (k, (client, n)) in batch {
             sqlx::query(
                 "INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, ?, ?, ?, ?, ?)

@@ -72,7 +72,7 @@ impl State {
             let before = cutoff(now, *keep);
             let sql = format!("DELETE FROM {table} WHERE rowid IN ({select})");
             loop {
-                let (_lane, mut tx) = super::ops::immediate(self).await?;
+                let mut tx = super::ops::immediate(self).await?;
                 let n = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
                     .bind(before)
                     .bind(PRUNE_BATCH)
