@@ -81,6 +81,22 @@ async fn count(st: &State, sql: &str) -> i64 {
     n
 }
 
+/// The running MCAL totals admission reads agree with the debits.
+async fn assert_totals_match(st: &State) {
+    let mismatches = count(
+        st,
+        "SELECT COUNT(*) FROM (
+           SELECT 'global' AS scope, '' AS name, SUM(cost) AS sum FROM mcal_debits HAVING COUNT(*) > 0
+           UNION ALL SELECT 'customer', customer, SUM(cost) FROM mcal_debits GROUP BY customer
+           UNION ALL SELECT 'reseller', reseller, SUM(cost) FROM mcal_debits WHERE reseller IS NOT NULL GROUP BY reseller
+         ) d FULL JOIN (SELECT * FROM mcal_totals WHERE total <> 0) t
+           ON t.scope = d.scope AND t.name = d.name
+         WHERE d.sum IS NOT t.total",
+    )
+    .await;
+    assert_eq!(mismatches, 0, "mcal_totals differ from the debits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
     let dir = TempDir::new().unwrap();
@@ -126,6 +142,7 @@ async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
     }
     assert_eq!((admitted, refused), (10, 90));
     assert_eq!(count(&st, "SELECT SUM(cost) FROM mcal_debits").await, 10);
+    assert_totals_match(&st).await;
     // Refused first HELLOs registered nothing, and each was recorded.
     assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 10);
     assert_eq!(
@@ -670,6 +687,7 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
         .await,
         0
     );
+    assert_totals_match(&st).await;
     assert!(
         st.remove_client(&cfg, "PURGE", true, t, |_, _| Ok(()))
             .await

@@ -282,9 +282,9 @@ pub(super) async fn mcal_state(
     let row = sqlx::query(
         "SELECT
            EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?2),
-           COALESCE((SELECT SUM(cost) FROM mcal_debits WHERE customer = ?3), 0),
-           COALESCE((SELECT SUM(cost) FROM mcal_debits WHERE reseller = ?4), 0),
-           COALESCE((SELECT SUM(cost) FROM mcal_debits), 0)",
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = ?3), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'reseller' AND name = ?4), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0)",
     )
     .bind(client)
     .bind(month.to_string())
@@ -300,16 +300,23 @@ pub(super) async fn mcal_state(
     })
 }
 
-/// Clients holding a slot of `customer`: registered ones and declared ones.
+/// Clients holding a slot of `customer` (registered ones and declared
+/// ones), counted up to its `max_clients`: the only use of the count is
+/// that comparison, and a customer without a limit is not counted at all
+/// (an admission must not scan every client, issue 13).
 pub(super) async fn slot_count(
     tx: &mut Conn,
     cfg: &Config,
     customer: CustomerId,
 ) -> Result<u32, StateError> {
+    let Some(max) = cfg.customer(customer).max_clients else {
+        return Ok(0);
+    };
     let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1)",
+        "SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1) LIMIT ?)",
     )
     .bind(customer_key(cfg, customer))
+    .bind(i64::from(max))
     .fetch_one(&mut *tx)
     .await?;
     Ok(n as u32)

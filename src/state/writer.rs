@@ -257,6 +257,10 @@ async fn run(
 /// One batch: `BEGIN IMMEDIATE`, a savepoint per caller, one `COMMIT`.
 /// Returns the connection (unless a caller lost it) and a close request
 /// that arrived meanwhile.
+///
+/// Each step between two callers is one round trip to SQLite (the end of
+/// one savepoint and the start of the next, or the commit): a round trip
+/// costs about as much as a small statement.
 async fn batch(
     mut conn: SqliteConnection,
     first: Ask,
@@ -264,22 +268,21 @@ async fn batch(
     limits: &Limits,
     stats: &Stats,
 ) -> (Option<SqliteConnection>, Option<oneshot::Sender<()>>) {
-    if let Err(e) = conn.execute("BEGIN IMMEDIATE").await {
+    if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE; SAVEPOINT op")
+        .execute(&mut conn)
+        .await
+    {
+        // Nothing began, or the savepoint failed inside a fresh transaction.
+        let _ = conn.execute("ROLLBACK").await;
         let _ = first.send(Err(Arc::new(e)));
         return (Some(conn), None);
     }
     let opened = Instant::now();
     let mut waiters: Vec<oneshot::Sender<Outcome>> = Vec::new();
-    let mut ops = 0usize;
-    let mut kept = 0u64;
-    let mut next = Some(first);
+    let (mut ops, mut kept) = (0usize, 0u64);
+    let mut ask = first;
     let mut stop = None;
-    let mut broken: Option<sqlx::Error> = None;
-    while let Some(ask) = next.take() {
-        if let Err(e) = conn.execute("SAVEPOINT op").await {
-            let _ = ask.send(Err(Arc::new(e)));
-            break;
-        }
+    let outcome = loop {
         let (back, returned) = oneshot::channel();
         // A caller that gave up waiting drops the lease unsent, which
         // gives the connection straight back.
@@ -299,53 +302,54 @@ async fn batch(
         };
         conn = c;
         ops += 1;
+        if keep {
+            kept += 1;
+        } else {
+            stats.undone.fetch_add(1, Ordering::Relaxed);
+        }
+        // A refusal is answered with its batch too, so it never outruns
+        // the work it saw.
+        waiters.extend(waiter);
         let end = if keep {
             "RELEASE op"
         } else {
             "ROLLBACK TO op; RELEASE op"
         };
-        match sqlx::raw_sql(end).execute(&mut conn).await {
-            Ok(_) if keep => {
-                kept += 1;
-                if let Some(w) = waiter {
-                    waiters.push(w);
+        let next = if ops < limits.max_ops && opened.elapsed() < limits.max_span {
+            match rx.try_recv() {
+                Ok(Msg::Ask(a)) => Some(a),
+                Ok(Msg::Close(done)) => {
+                    stop = Some(done);
+                    None
                 }
+                Err(_) => None,
             }
-            Ok(_) => {
-                stats.undone.fetch_add(1, Ordering::Relaxed);
-                if let Some(w) = waiter {
-                    // Answered with the batch, so a refusal never outruns
-                    // the work it saw.
-                    waiters.push(w);
-                }
-            }
-            Err(e) => {
-                // SQLite ended the transaction itself (an I/O error, a
-                // full disk): the batch is gone.
-                if let Some(w) = waiter {
-                    waiters.push(w);
-                }
-                broken = Some(e);
-                break;
-            }
-        }
-        if ops >= limits.max_ops || opened.elapsed() >= limits.max_span {
-            break;
-        }
-        next = match rx.try_recv() {
-            Ok(Msg::Ask(a)) => Some(a),
-            Ok(Msg::Close(done)) => {
-                stop = Some(done);
-                None
-            }
-            Err(_) => None,
+        } else {
+            None
         };
-    }
-    stats.batches.fetch_add(1, Ordering::Relaxed);
-    let outcome = match broken {
-        Some(e) => Err(e),
-        None => conn.execute("COMMIT").await.map(|_| ()),
+        let Some(a) = next else {
+            let sql = format!("{end}; COMMIT");
+            break sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&mut conn)
+                .await
+                .map(|_| ())
+                .map_err(Arc::new);
+        };
+        let sql = format!("{end}; SAVEPOINT op");
+        if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+        {
+            // SQLite ended the transaction itself (an I/O error, a full
+            // disk): the batch is gone, and the next caller is not lent a
+            // connection outside a savepoint.
+            let e = Arc::new(e);
+            let _ = a.send(Err(e.clone()));
+            break Err(e);
+        }
+        ask = a;
     };
+    stats.batches.fetch_add(1, Ordering::Relaxed);
     match outcome {
         Ok(()) => {
             stats.committed.fetch_add(kept, Ordering::Relaxed);
@@ -356,7 +360,6 @@ async fn batch(
         Err(e) => {
             tracing::error!(error = %e, "state database: a batch of writes failed to commit; each of its callers is told");
             let _ = conn.execute("ROLLBACK").await;
-            let e = Arc::new(e);
             for w in waiters {
                 let _ = w.send(Err(e.clone()));
             }
