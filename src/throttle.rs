@@ -11,6 +11,8 @@
 //! truncate to 9 ns and run 6% fast. A bucket starts empty, so even the first
 //! second holds the rate; afterwards, over any interval T, at most
 //! `rate × T + burst` bytes pass, with `burst = max(100 ms of rate, 64 KiB)`.
+//! A session's own bucket is emptied again at each PUT, so idle time is
+//! never banked as a burst.
 //!
 //! Time comes from tokio, so tests run on its paused clock; the wall-clock
 //! instant handed to `policy` is derived from the same clock.
@@ -335,6 +337,17 @@ impl SessionThrottle {
         self.caps = lanes;
         self.next_change = next.map(|t| self.time.instant(t));
         self.generation = self.registry.generation();
+    }
+
+    /// An upload starts with the session's own bucket empty: time spent
+    /// idle (between WELCOME and PUT, between files) is not banked as a
+    /// burst, so a file takes its size ÷ the rate from PUT to STORED
+    /// (issue 13: sessions opened one by one and started together ran up
+    /// to 11% fast). Shared aggregate buckets are left as they are.
+    pub fn start_upload(&mut self) {
+        if let Some(own) = self.own.as_mut() {
+            own.bucket = Arc::new(Bucket::new(own.bucket.rate()));
+        }
     }
 
     /// Re-resolves before the next payment (the client moved).

@@ -47,6 +47,17 @@ async fn ten_mib_at_two_mib_per_second_takes_five_seconds() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn idle_time_before_an_upload_is_not_banked() {
+    // WELCOME, then 5 s idle (other sessions being opened), then PUT: the
+    // 640 KiB still take 10 s at 64 KiB/s, not 9.
+    let mut t = SessionThrottle::new(fixed(Some(64 << 10)), Arc::default(), TimeBase::now());
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    t.start_upload();
+    let took = transfer(&mut t, 640 << 10, 64 << 10).await;
+    assert!(within(took, Duration::from_secs(10), 0.01), "{took:?}");
+}
+
+#[tokio::test(start_paused = true)]
 async fn accuracy_across_rates_and_frame_sizes() {
     for rate in [64 << 10, MIB, 10 * MIB, 100 * MIB, 12_500_000] {
         for frame in [1024, 64 << 10, MIB] {

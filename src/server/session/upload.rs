@@ -24,6 +24,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
     pub(super) async fn put(&mut self, payload: &[u8]) -> Result<Flow, SessionError> {
         // Until this PUT is accepted, its DATA and END are to be swallowed.
         self.discarding = true;
+        self.bind.throttle.start_upload();
         let put: wire::Put = wire::parse(payload).map_err(SessionError::BadRequest)?;
         if self.bind.adm.intent == Intent::Restore {
             return Err(SessionError::BadRequest(
