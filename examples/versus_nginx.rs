@@ -108,7 +108,9 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
         }
         let mut r = Results::default();
         for w in ["C", "A", "B"] {
-            let run_dir = dir.path().join(format!("{}-{w}", if nginx { "nginx" } else { "tollgate" }));
+            let run_dir = dir
+                .path()
+                .join(format!("{}-{w}", if nginx { "nginx" } else { "tollgate" }));
             std::fs::create_dir_all(&run_dir).unwrap();
             let (procs, server) = if nginx {
                 start_nginx(&run_dir, &a, &b).unwrap()
@@ -120,8 +122,12 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
             }
             match w {
                 "C" => r.registrations = registrations(&server, regs).await,
-                "A" => r.uploads.push((a.title(), uploads(&server, &server.a, &a, true).await)),
-                _ => r.uploads.push((b.title(), uploads(&server, &server.b, &b, true).await)),
+                "A" => r
+                    .uploads
+                    .push((a.title(), uploads(&server, &server.a, &a, true).await)),
+                _ => r
+                    .uploads
+                    .push((b.title(), uploads(&server, &server.b, &b, true).await)),
             }
             stop(procs, (server.pids)());
         }
@@ -129,7 +135,9 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
     }
 
     println!();
-    println!("| workload | server | median rate error | worst | failed | CPU s | RSS per connection |");
+    println!(
+        "| workload | server | median rate error | worst | failed | CPU s | RSS per connection |"
+    );
     println!("|---|---|---|---|---|---|---|");
     for (name, rows) in &results {
         for (w, r) in rows.uploads.iter() {
@@ -146,7 +154,9 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
         }
     }
     println!();
-    println!("| C: {regs} new clients at once | per second | p50 connect→WELCOME | p99 | failed | CPU s |");
+    println!(
+        "| C: {regs} new clients at once | per second | p50 connect→WELCOME | p99 | failed | CPU s |"
+    );
     println!("|---|---|---|---|---|---|");
     for (name, rows) in &results {
         let c = &rows.registrations;
@@ -236,7 +246,11 @@ async fn registrations(s: &Server, n: usize) -> Regs {
     }
     let wall = t0.elapsed().as_secs_f64();
     lat.sort_by(f64::total_cmp);
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0.0);
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
     let r = Regs {
         per_second: lat.len() as f64 / wall,
         p50_ms: pct(0.5),
@@ -435,8 +449,14 @@ fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) 
         dir.display()
     );
     for (name, extra) in [
-        (a.customer, format!("throttle = {{ rate = \"{} KiB/s\" }}", a.rate / KIB)),
-        (b.customer, format!("throttle = {{ rate = \"{} KiB/s\" }}", b.rate / KIB)),
+        (
+            a.customer,
+            format!("throttle = {{ rate = \"{} KiB/s\" }}", a.rate / KIB),
+        ),
+        (
+            b.customer,
+            format!("throttle = {{ rate = \"{} KiB/s\" }}", b.rate / KIB),
+        ),
         ("C", String::new()),
     ] {
         cfg += &format!(
@@ -565,7 +585,9 @@ fn sink() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         println!("{}", l.local_addr().unwrap());
         loop {
-            let Ok((s, _)) = l.accept().await else { continue };
+            let Ok((s, _)) = l.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let mut f = tokio_util::codec::Framed::new(s, FrameCodec::new(16 << 20));
                 while let Some(Ok(frame)) = f.next().await {
@@ -611,7 +633,12 @@ fn children(pid: u32) -> Vec<u32> {
         let Ok(s) = std::fs::read_to_string(format!("/proc/{p}/stat")) else {
             continue;
         };
-        let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+        let f: Vec<&str> = s
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
         if f.get(1).and_then(|x| x.parse::<u32>().ok()) == Some(pid) {
             v.push(p);
         }
@@ -625,7 +652,12 @@ fn cpu(pids: &[u32]) -> f64 {
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
         .map(|s| {
-            let f: Vec<&str> = s.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let f: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
             (n(11) + n(12)) as f64 / tick
         })
@@ -648,7 +680,12 @@ fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
             let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
                 continue;
             };
-            let f: Vec<&str> = stat.rsplit(')').next().unwrap_or("").split_whitespace().collect();
+            let f: Vec<&str> = stat
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
             let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
             *m.entry(name).or_insert(0.0) += (n(11) + n(12)) as f64 / 100.0;
         }

@@ -1095,3 +1095,69 @@ async fn ids_differing_in_case_are_one_id() {
     .await;
     assert!(dup.is_err(), "the NOCASE unique index");
 }
+
+#[tokio::test]
+async fn noted_session_starts_are_written_together_and_before_their_end() {
+    use tollgate::state::{SessionEnd, SessionStart};
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let ids: Vec<String> = (0..450).map(|i| format!("s{i}")).collect();
+    for id in &ids {
+        st.note_session_start(&SessionStart {
+            id,
+            client: "PC",
+            customer: "Default Customer",
+            schedule: "nightly",
+            intent: "backup",
+            peer: None,
+            at: t,
+        });
+    }
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM sessions").await, 0);
+    let batches = st
+        .writer_stats()
+        .unwrap()
+        .batches
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(st.flush_session_starts().await.unwrap(), 450);
+    assert_eq!(
+        st.writer_stats()
+            .unwrap()
+            .batches
+            .load(std::sync::atomic::Ordering::Relaxed),
+        batches + 1,
+        "450 starts are one operation"
+    );
+    assert_eq!(count(&st, "SELECT COUNT(*) FROM sessions").await, 450);
+    assert_eq!(st.flush_session_starts().await.unwrap(), 0);
+
+    // A session that ends before the next flush still has its row.
+    st.note_session_start(&SessionStart {
+        id: "short",
+        client: "PC",
+        customer: "Default Customer",
+        schedule: "nightly",
+        intent: "backup",
+        peer: None,
+        at: t,
+    });
+    let end = SessionEnd {
+        at: t,
+        bytes_in: 7,
+        bytes_out: 0,
+        files_ok: 1,
+        files_failed: 0,
+        result: "ok",
+    };
+    st.end_session("short", &end, &[]).await.unwrap();
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM sessions WHERE id = 'short' AND ended_at IS NOT NULL AND bytes_in = 7"
+        )
+        .await,
+        1
+    );
+}

@@ -1,5 +1,6 @@
 //! The daemon's housekeeping: refusals noted in memory are written once a
-//! second, expired penalties are swept, and old history is pruned daily
+//! second and session starts ten times a second, expired penalties are
+//! swept, and old history is pruned daily
 //! (CONFIG.md `[server.retention]`).
 
 use super::Context;
@@ -9,6 +10,8 @@ use tracing::{info, warn};
 
 /// How often noted refusals are written and penalties swept.
 pub const TICK: Duration = Duration::from_secs(1);
+/// How often noted session starts are written.
+pub const STARTS_TICK: Duration = Duration::from_millis(100);
 /// How often history is pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(86_400);
 /// The first pruning pass runs this long after start, off the start-up path.
@@ -20,8 +23,18 @@ pub(super) async fn run(ctx: Arc<Context>) {
     let _abort = AbortOnDrop(prune);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut starts = tokio::time::interval(STARTS_TICK);
+    starts.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = starts.tick() => {
+                if let Err(e) = ctx.state.flush_session_starts().await {
+                    warn!(error = %e, "recording session starts failed; they are kept for the next try");
+                }
+                continue;
+            }
+        }
         if let Err(e) = ctx.state.flush_refusals().await {
             warn!(error = %e, "writing refusals failed; they are kept for the next try");
         }

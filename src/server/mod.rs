@@ -351,6 +351,9 @@ pub async fn run(ctx: Arc<Context>) {
     ctx.listeners.sessions.wait().await;
     watcher.abort();
     upkeep.abort();
+    if let Err(e) = ctx.state.flush_session_starts().await {
+        warn!(error = %e, "recording the last session starts failed");
+    }
     // The last second of refusals.
     if let Err(e) = ctx.state.flush_refusals().await {
         warn!(error = %e, "writing the last refusals failed");

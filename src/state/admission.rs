@@ -8,10 +8,9 @@
 //! `clients readmit` and its one-time key (PROTOCOL.md Additions).
 
 use super::ops::{
-    Conn, client_db, immediate, insert_debit, level_usage, mcal_state, record, slot_count,
-    upsert_registration,
+    admission_reads, client_db, immediate, insert_debit, record, slot_count, upsert_registration,
 };
-use super::{State, StateError, customer_key, new_secret, secs};
+use super::{State, StateError, new_secret, secs};
 use crate::config::{Config, CustomerId, Kind, PhcHash};
 use crate::policy::admission::{
     self, Admitted, ClientRecord, EnrollVerdict, Hello, REGISTRATION_WINDOW_SECS, Registration,
@@ -63,22 +62,6 @@ pub enum Decision {
     /// HELLO's enroll key must first be verified against this customer's
     /// hash (the record changed since it was verified).
     Verify(CustomerId),
-}
-
-/// The recent registration times of `customer`, oldest first.
-async fn recent_registrations(
-    tx: &mut Conn,
-    cfg: &Config,
-    customer: CustomerId,
-    at: Timestamp,
-) -> Result<Vec<i64>, StateError> {
-    Ok(sqlx::query_scalar(
-        "SELECT registered_at FROM clients WHERE customer = ? AND registered_at > ? ORDER BY registered_at",
-    )
-    .bind(customer_key(cfg, customer))
-    .bind(secs(at) - REGISTRATION_WINDOW_SECS)
-    .fetch_all(&mut *tx)
-    .await?)
 }
 
 impl State {
@@ -135,15 +118,18 @@ impl State {
             Err(r) => Err(r),
             Ok(customer) => {
                 let month = Month::of(at, &cfg.server.timezone);
+                let since = secs(at) - REGISTRATION_WINDOW_SECS;
+                let (usage, mcal, customer_clients, recent_registrations) =
+                    admission_reads(&mut tx, cfg, &hello.client_id, customer, month, since).await?;
                 let snap = Snapshot {
                     client: rec.clone(),
-                    customer_clients: slot_count(&mut tx, cfg, customer).await?,
-                    mcal: mcal_state(&mut tx, cfg, &hello.client_id, customer, month).await?,
-                    usage: level_usage(&mut tx, cfg, &hello.client_id, customer).await?,
+                    customer_clients,
+                    mcal,
+                    usage,
                     connections_full,
                     shutting_down,
                     enroll,
-                    recent_registrations: recent_registrations(&mut tx, cfg, customer, at).await?,
+                    recent_registrations,
                 };
                 admission::admit(cfg, hello, &snap, at)
             }

@@ -82,6 +82,8 @@ pub struct State {
     writer: Option<writer::Writer>,
     /// Refusals noted since the last flush (`refusals`).
     refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
+    /// Session starts noted since the last flush (`ops`).
+    starts: std::sync::Arc<std::sync::Mutex<Vec<ops::StartRow>>>,
 }
 
 impl State {
@@ -149,6 +151,7 @@ impl State {
             path: path.to_path_buf(),
             writer: Some(writer),
             refusals: Default::default(),
+            starts: Default::default(),
         })
     }
 
@@ -218,6 +221,7 @@ impl State {
             path,
             writer: None,
             refusals: Default::default(),
+            starts: Default::default(),
         })
     }
 

@@ -267,6 +267,90 @@ pub(super) async fn level_usage(
     })
 }
 
+/// What admission reads for `client` under `customer`, in one statement
+/// (each statement is a round trip to SQLite's thread, and admissions run
+/// one at a time on the writer, issue 13): usage at every level, the MCAL
+/// debits, the client slots taken (counted up to `max_clients`, as
+/// [`slot_count`]) and the customer's registration times since `since`,
+/// oldest first.
+pub(super) async fn admission_reads(
+    tx: &mut Conn,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+    month: Month,
+    since: i64,
+) -> Result<(LevelUsage, McalState, u32, Vec<i64>), StateError> {
+    let cust = cfg.customer(customer);
+    let reseller = cust.reseller.map(|r| cfg.reseller(r));
+    let members: Vec<&str> = reseller
+        .map(|r| r.customers.iter().map(|&c| customer_key(cfg, c)).collect())
+        .unwrap_or_default();
+    let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 7 + i)).collect();
+    let marks = marks.join(",");
+    let reseller_sql = if members.is_empty() {
+        "0, 0".to_string()
+    } else {
+        format!(
+            "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({marks})), 0),
+             COALESCE((SELECT SUM(size) FROM reservations WHERE customer IN ({marks})), 0)"
+        )
+    };
+    let sql = format!(
+        "SELECT
+           COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
+           COALESCE((SELECT SUM(size) FROM reservations WHERE client = ?1), 0),
+           COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
+           COALESCE((SELECT SUM(size) FROM reservations WHERE customer = ?2), 0),
+           COALESCE((SELECT SUM(used) FROM customer_usage), 0),
+           COALESCE((SELECT SUM(size) FROM reservations), 0),
+           {reseller_sql},
+           EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?3),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = ?2), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'reseller' AND name = ?4), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0),
+           (SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = ?2
+              AND (secret_sha256 IS NOT NULL OR declared = 1) LIMIT ?6)),
+           COALESCE((SELECT group_concat(registered_at) FROM (SELECT registered_at FROM clients
+              WHERE customer = ?2 AND registered_at > ?5 ORDER BY registered_at)), '')"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(client)
+        .bind(customer_key(cfg, customer))
+        .bind(month.to_string())
+        .bind(reseller.map(|r| r.name.as_str()))
+        .bind(since)
+        .bind(i64::from(cust.max_clients.unwrap_or(0)));
+    for m in &members {
+        q = q.bind(*m);
+    }
+    let row = q.fetch_one(&mut *tx).await?;
+    let usage = LevelUsage {
+        client: u(row.get(0), row.get(1)),
+        customer: u(row.get(2), row.get(3)),
+        reseller: if members.is_empty() {
+            Usage::default()
+        } else {
+            u(row.get(6), row.get(7))
+        },
+        server: u(row.get(4), row.get(5)),
+    };
+    let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
+    let mcal = McalState {
+        client_debited_this_month: row.get::<bool, _>(8),
+        customer_total: n(9),
+        reseller_total: n(10),
+        global_total: n(11),
+    };
+    let slots = n(12) as u32;
+    let recent = row
+        .get::<String, _>(13)
+        .split(',')
+        .filter_map(|t| t.parse().ok())
+        .collect();
+    Ok((usage, mcal, slots, recent))
+}
+
 /// Debits that bear on one more debit for `client` under `customer`.
 pub(super) async fn mcal_state(
     tx: &mut Conn,
@@ -844,6 +928,69 @@ impl State {
         tx.commit().await
     }
 
+    /// Notes the start of an admitted session, to be written with others
+    /// by [`State::flush_session_starts`] (the daemon runs it ten times a
+    /// second, and a session's end writes whatever is noted first):
+    /// admissions do not each wait for a row of their own on the writer
+    /// (issue 13). A crash loses at most the starts noted since the last
+    /// flush.
+    pub fn note_session_start(&self, s: &SessionStart<'_>) {
+        let row = StartRow {
+            id: s.id.to_string(),
+            client: s.client.to_string(),
+            customer: s.customer.to_string(),
+            schedule: s.schedule.to_string(),
+            intent: s.intent.to_string(),
+            peer: s.peer.map(str::to_string),
+            at: secs(s.at),
+        };
+        self.starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(row);
+    }
+
+    /// Writes the noted session starts in one operation; returns how many.
+    /// On failure they are kept for the next try.
+    pub async fn flush_session_starts(&self) -> Result<u64, StateError> {
+        let rows = std::mem::take(&mut *self.starts.lock().unwrap_or_else(|p| p.into_inner()));
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let written = self.write_starts(&rows).await;
+        if written.is_err() {
+            let mut kept = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+            let newer = std::mem::replace(&mut *kept, rows);
+            kept.extend(newer);
+        }
+        written
+    }
+
+    async fn write_starts(&self, rows: &[StartRow]) -> Result<u64, StateError> {
+        let mut tx = immediate(self).await?;
+        // Many rows per statement: each statement is a round trip.
+        for chunk in rows.chunks(STARTS_PER_STATEMENT) {
+            let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let sql = format!(
+                "INSERT OR IGNORE INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES {values}"
+            );
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(&r.id)
+                    .bind(&r.client)
+                    .bind(&r.customer)
+                    .bind(&r.schedule)
+                    .bind(&r.intent)
+                    .bind(&r.peer)
+                    .bind(r.at);
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(rows.len() as u64)
+    }
+
     /// Records the end of a session with its totals and result code.
     /// `reports` (its e-mail reports, waiting for their digest) are stored
     /// in the same transaction.
@@ -853,6 +1000,15 @@ impl State {
         e: &SessionEnd<'_>,
         reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
+        // A short session's start may still be only noted.
+        if !self
+            .starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+        {
+            self.flush_session_starts().await?;
+        }
         let mut tx = immediate(self).await?;
         sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ?, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = ?")
             .bind(secs(e.at))
@@ -878,6 +1034,22 @@ impl State {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Session starts written per statement (7 parameters each; SQLite allows
+/// 32,766).
+const STARTS_PER_STATEMENT: usize = 200;
+
+/// A noted session start ([`State::note_session_start`]).
+#[derive(Debug, Clone)]
+pub(super) struct StartRow {
+    id: String,
+    client: String,
+    customer: String,
+    schedule: String,
+    intent: String,
+    peer: Option<String>,
+    at: i64,
 }
 
 /// A session row at its start.

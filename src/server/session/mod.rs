@@ -255,9 +255,7 @@ where
         peer: Some(&acc.peer.to_string()),
         at: a.at,
     };
-    if let Err(e) = ctx.state.start_session(&row).await {
-        warn!(error = %e, "recording the session failed");
-    }
+    ctx.state.note_session_start(&row);
     // The customer and config can change under a live session (`clients
     // move`, a reload); the resolver reads them together. Restore sessions
     // have a throttle too: the DATA they discard is paid for like uploads.
