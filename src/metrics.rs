@@ -59,6 +59,10 @@ pub const REFUSALS_UNRECORDED: &str = "tollgate_refusals_unrecorded_total";
 pub const RESERVATIONS_LEAKED: &str = "tollgate_reservations_leaked_total";
 /// Rows deleted by retention pruning.
 pub const PRUNED_ROWS: &str = "tollgate_pruned_rows_total";
+/// Uploads holding a reservation now (the in-memory ledger).
+pub const UPLOADS_IN_FLIGHT: &str = "tollgate_uploads_in_flight";
+/// Bytes reserved by uploads in flight now.
+pub const SPACE_RESERVED: &str = "tollgate_reserved_bytes";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
@@ -100,6 +104,8 @@ fn describe() {
     describe_counter!(REFUSALS_UNRECORDED, "Refusals that could not be recorded");
     describe_counter!(RESERVATIONS_LEAKED, "Reservations whose release failed");
     describe_counter!(PRUNED_ROWS, "Rows deleted by retention pruning");
+    describe_gauge!(UPLOADS_IN_FLIGHT, "Uploads holding a space reservation now");
+    describe_gauge!(SPACE_RESERVED, "Bytes reserved by uploads in flight now");
 }
 
 /// Makes the series exist from the start, so a fresh daemon's scrape
@@ -126,6 +132,8 @@ fn zero() {
     }
     metrics::gauge!(RELOAD_FAILED).set(0.0);
     metrics::gauge!(ACTIVE_SESSIONS).set(0.0);
+    metrics::gauge!(UPLOADS_IN_FLIGHT).set(0.0);
+    metrics::gauge!(SPACE_RESERVED).set(0.0);
     throttle_waits(&crate::throttle::Waits::default());
 }
 

@@ -170,12 +170,9 @@ async fn kill_9_during_a_large_upload_then_restart() {
         committed,
         "usage equals the committed bytes"
     );
-    let pool = d.db().await;
-    let reserved: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    assert_eq!(reserved, 0);
+    // Reservations live in memory and end with the killed process
+    // (issue 13); the space they held is free (usage equals the committed
+    // bytes above).
 }
 
 #[tokio::test(flavor = "multi_thread")]

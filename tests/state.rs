@@ -288,21 +288,10 @@ async fn race_last_mib(
         "only {granted} granted: refusals were not needed"
     );
     assert!(refused > 0);
-    assert_eq!(
-        count(&st, "SELECT SUM(size) FROM reservations").await as u64,
-        granted
-    );
+    assert_eq!(st.reserved_total().await.unwrap(), granted);
+    assert_eq!(st.ledger().total(), granted);
     for (customers, cap) in caps {
-        let list = customers
-            .iter()
-            .map(|c| format!("'{c}'"))
-            .collect::<Vec<_>>()
-            .join(",");
-        let held = count(
-            &st,
-            &format!("SELECT COALESCE(SUM(size), 0) FROM reservations WHERE customer IN ({list})"),
-        )
-        .await as u64;
+        let held: u64 = customers.iter().map(|c| st.ledger().customer(c)).sum();
         assert!(held <= *cap, "{customers:?} hold {held} bytes, over {cap}");
     }
 }
@@ -1160,4 +1149,66 @@ async fn noted_session_starts_are_written_together_and_before_their_end() {
         .await,
         1
     );
+}
+
+/// Reservations racing commits (issue 13: reservations live in memory and
+/// commits move bytes from them to committed usage): 200 uploads of 40 to
+/// 89 KiB each reserve and commit at once against a 4 MiB customer. What
+/// is committed never exceeds it (a reservation that missed a commit's
+/// bytes would let it), and the usage is exactly what was committed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reservations_racing_commits_never_overrun() {
+    let dir = TempDir::new().unwrap();
+    let cfg = Arc::new(config(
+        dir.path(),
+        "[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nspace = \"4 MiB\"\n",
+    ));
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    let cid = cfg.customer_by_name("C").unwrap();
+    for i in 0..8 {
+        st.register_client(&cfg, &format!("R{i}"), cid, Kind::Desktop, None, t)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let committed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for i in 0..200u64 {
+        let (st, cfg, committed) = (st.clone(), cfg.clone(), committed.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = format!("R{}", i % 8);
+            let size = (40 + i % 50) * 1024;
+            let Ok(r) = st.reserve_space(&cfg, &client, size, t).await.unwrap() else {
+                return;
+            };
+            let id = st
+                .begin_commit(&PendingCommit {
+                    client: client.clone(),
+                    path: format!("f{i}"),
+                    temp_path: "/nonexistent/tmp".into(),
+                    final_path: "/nonexistent/final".into(),
+                    size,
+                    sha256: "0".repeat(64),
+                    modified: t,
+                    reservation: Some(r),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            st.commit_file(id).await.unwrap();
+            committed.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let used = count(&st, "SELECT used FROM customer_usage WHERE customer = 'C'").await as u64;
+    assert_eq!(used, committed.load(std::sync::atomic::Ordering::Relaxed));
+    assert!(used <= 4 * MIB, "committed {used} bytes of 4 MiB");
+    assert!(
+        used > 4 * MIB - 89 * 1024,
+        "only {used} committed: refusals were not needed"
+    );
+    assert_eq!(st.ledger().total(), 0, "every reservation was released");
 }

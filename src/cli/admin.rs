@@ -8,8 +8,8 @@ use crate::config::units::{format_rate, format_size};
 use crate::config::{Config, CustomerId, McalLimit, ResellerId};
 use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
 use crate::policy::throttle;
+use crate::state::requests::{Change, Outcome};
 use crate::state::{ClientRow, Readmit, State, StatusData};
-use crate::storage;
 use anyhow::Context;
 use jiff::Timestamp;
 use serde::Serialize;
@@ -569,32 +569,82 @@ pub fn clients_list(cfg: &Config, json: bool) -> anyhow::Result<ExitCode> {
 
 /// `tollgate clients move ID --to CUSTOMER`.
 pub fn clients_move(cfg: &Config, id: &str, to: &str) -> anyhow::Result<ExitCode> {
-    let at = crate::clock::now();
-    let outcome = runtime()?.block_on(async {
-        let st = open(cfg).await?;
-        let r = st
-            .move_client(cfg, id, to, at, |id, from, to| {
-                storage::move_dir(
-                    &storage::client_dir(cfg, from, id),
-                    &storage::client_dir(cfg, to, id),
-                )
-            })
-            .await
-            .context("moving the client")?;
-        st.close().await;
-        anyhow::Ok(r)
-    })?;
-    match outcome {
-        Ok(()) => {
+    let change = Change::Move {
+        client: id.into(),
+        to: to.into(),
+    };
+    match change_clients(cfg, &change)? {
+        Outcome::Moved => {
             println!(
                 "moved client {id} to customer {to}: its usage and files moved; this month's licence stays where it was debited"
             );
             Ok(ExitCode::SUCCESS)
         }
-        Err(why) => {
-            eprintln!("tollgate: refused: {why}");
+        Outcome::Refused { reason } => {
+            eprintln!("tollgate: refused: {reason}");
             Ok(ExitCode::FAILURE)
         }
+        other => unexpected(other),
+    }
+}
+
+/// Applies a move or removal: itself when no daemon runs, else through the
+/// daemon, which alone sees the uploads in flight (`state::requests`).
+fn change_clients(cfg: &Config, change: &Change) -> anyhow::Result<Outcome> {
+    let at = crate::clock::now();
+    runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let outcome = match st.lock_daemon().context("locking the state")? {
+            Some(_lock) => crate::server::apply_change(&st, cfg, change, at)
+                .await
+                .context("changing the client")?,
+            None => through_daemon(&st, change).await?,
+        };
+        st.close().await;
+        anyhow::Ok(outcome)
+    })
+}
+
+/// How long a command waits for the daemon to take its request, and then
+/// for the change (moving files can take a while).
+const DAEMON_TAKES: std::time::Duration = std::time::Duration::from_secs(30);
+const DAEMON_APPLIES: std::time::Duration = std::time::Duration::from_secs(600);
+
+async fn through_daemon(st: &State, change: &Change) -> anyhow::Result<Outcome> {
+    let id = st
+        .request(change, crate::clock::now())
+        .await
+        .context("handing the change to the running daemon")?;
+    let start = std::time::Instant::now();
+    let mut cancelled_tried = false;
+    loop {
+        if let Some(o) = st.outcome(id).await? {
+            return Ok(o);
+        }
+        let waited = start.elapsed();
+        if waited > DAEMON_TAKES && !cancelled_tried {
+            cancelled_tried = true;
+            if st.cancel_request(id, crate::clock::now()).await? {
+                anyhow::bail!(
+                    "the running daemon did not take the change within {} s; nothing was changed (is it stuck? see its log)",
+                    DAEMON_TAKES.as_secs()
+                );
+            }
+        }
+        if waited > DAEMON_APPLIES {
+            anyhow::bail!(
+                "the running daemon took the change but has not finished it after {} s; see its log",
+                DAEMON_APPLIES.as_secs()
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+fn unexpected(o: Outcome) -> anyhow::Result<ExitCode> {
+    match o {
+        Outcome::Failed { error } => anyhow::bail!("{error}"),
+        other => anyhow::bail!("unexpected outcome {other:?}"),
     }
 }
 
@@ -634,24 +684,23 @@ pub fn clients_readmit(cfg: &Config, id: &str) -> anyhow::Result<ExitCode> {
 
 /// `tollgate clients remove ID [--purge]`.
 pub fn clients_remove(cfg: &Config, id: &str, purge: bool) -> anyhow::Result<ExitCode> {
-    let at = crate::clock::now();
-    let removed = runtime()?.block_on(async {
-        let st = open(cfg).await?;
-        let r = st
-            .remove_client(cfg, id, purge, at, |id, customer| {
-                let Some(c) = cfg.customer_by_name(customer) else {
-                    return Ok(());
-                };
-                match std::fs::remove_dir_all(storage::client_dir(cfg, c, id)) {
-                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
-                    _ => Ok(()),
-                }
-            })
-            .await
-            .context("removing the client")?;
-        st.close().await;
-        anyhow::Ok(r)
-    })?;
+    let change = Change::Remove {
+        client: id.into(),
+        purge,
+    };
+    let removed = match change_clients(cfg, &change)? {
+        Outcome::NoSuchClient => None,
+        Outcome::Removed {
+            customer,
+            freed_bytes,
+            freed_mcal,
+        } => Some(crate::state::Removed {
+            customer,
+            freed_bytes,
+            freed_mcal,
+        }),
+        other => return unexpected(other),
+    };
     match removed {
         None => {
             eprintln!("tollgate: no client {id:?} is registered");

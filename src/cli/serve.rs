@@ -129,6 +129,27 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     let state = State::open(&cfg)
         .await
         .context("opening the state database")?;
+    // One daemon per state: reservations live in its memory, and admin
+    // commands hand it their client changes while it holds this lock.
+    let _lock = {
+        let mut tries = 0;
+        loop {
+            match state.lock_daemon().context("locking the state")? {
+                Some(l) => break l,
+                // An admin command holds it for a moment; another daemon
+                // for good.
+                None if tries < 50 => {
+                    tries += 1;
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+                }
+                None => anyhow::bail!(
+                    "another tollgate daemon is serving the state database {} (its lock file {}.lock is held)",
+                    state.path().display(),
+                    state.path().display()
+                ),
+            }
+        }
+    };
     reload::apply_declared(&state, &cfg).await?;
     let rec = state
         .reconcile()

@@ -1,5 +1,6 @@
 //! The daemon's housekeeping: refusals noted in memory are written once a
-//! second and session starts ten times a second, expired penalties are
+//! second and session starts ten times a second (when admin commands'
+//! client moves and removals are applied too), expired penalties are
 //! swept, and old history is pruned daily
 //! (CONFIG.md `[server.retention]`).
 
@@ -32,6 +33,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
                 if let Err(e) = ctx.state.flush_session_starts().await {
                     warn!(error = %e, "recording session starts failed; they are kept for the next try");
                 }
+                super::requests::serve(&ctx).await;
                 continue;
             }
         }

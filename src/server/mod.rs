@@ -15,7 +15,10 @@
 
 mod maintenance;
 pub mod reload;
+mod requests;
 pub mod session;
+
+pub use requests::apply_change;
 
 use crate::config::Config;
 use crate::state::ClientEvent;

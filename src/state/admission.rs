@@ -119,8 +119,16 @@ impl State {
             Ok(customer) => {
                 let month = Month::of(at, &cfg.server.timezone);
                 let since = secs(at) - REGISTRATION_WINDOW_SECS;
-                let (usage, mcal, customer_clients, recent_registrations) =
-                    admission_reads(&mut tx, cfg, &hello.client_id, customer, month, since).await?;
+                let (usage, mcal, customer_clients, recent_registrations) = admission_reads(
+                    &mut tx,
+                    &self.ledger,
+                    cfg,
+                    &hello.client_id,
+                    customer,
+                    month,
+                    since,
+                )
+                .await?;
                 let snap = Snapshot {
                     client: rec.clone(),
                     customer_clients,

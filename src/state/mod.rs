@@ -11,9 +11,11 @@
 //! Reads use their own pool.
 
 mod admission;
+pub mod ledger;
 mod mail;
 mod ops;
 mod refusals;
+pub mod requests;
 mod retention;
 mod views;
 pub mod writer;
@@ -84,6 +86,8 @@ pub struct State {
     refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
     /// Session starts noted since the last flush (`ops`).
     starts: std::sync::Arc<std::sync::Mutex<Vec<ops::StartRow>>>,
+    /// Reservations of uploads in flight, in memory (`ledger`).
+    ledger: std::sync::Arc<ledger::Ledger>,
 }
 
 impl State {
@@ -152,6 +156,7 @@ impl State {
             writer: Some(writer),
             refusals: Default::default(),
             starts: Default::default(),
+            ledger: Default::default(),
         })
     }
 
@@ -222,6 +227,7 @@ impl State {
             writer: None,
             refusals: Default::default(),
             starts: Default::default(),
+            ledger: Default::default(),
         })
     }
 
@@ -242,6 +248,11 @@ impl State {
             w.close().await;
         }
         self.pool.close().await;
+    }
+
+    /// This process's reservations.
+    pub fn ledger(&self) -> &ledger::Ledger {
+        &self.ledger
     }
 
     /// The group-commit writer's counters (`None` when read-only).

@@ -11,6 +11,7 @@
 //! gone was renamed (apply the index update). Reservations never survive a
 //! restart.
 
+use super::ledger::Ledger;
 use super::{State, StateError, customer_key, secs};
 use crate::config::{Config, CustomerId, Kind};
 use crate::policy::admission::{self, ClientRecord, McalState, RejectCode, Rejection};
@@ -207,64 +208,61 @@ pub(super) fn record(cfg: &Config, row: &ClientDb) -> Option<ClientRecord> {
     })
 }
 
-pub(super) fn u(used: i64, reserved: i64) -> Usage {
-    Usage {
-        used: used.max(0) as u64,
-        reserved: reserved.max(0) as u64,
-    }
-}
-
 /// Usage and reservations at every level above `client` of `customer`.
+/// The ledger is read before the committed usage (`ledger`), so a commit
+/// in between is counted twice, never not at all.
 pub(super) async fn level_usage(
     tx: &mut Conn,
+    ledger: &Ledger,
     cfg: &Config,
     client: &str,
     customer: CustomerId,
 ) -> Result<LevelUsage, StateError> {
     let name = customer_key(cfg, customer);
-    let row = sqlx::query(
+    let members = reseller_members(cfg, customer);
+    let held = ledger.held(client, name, &members);
+    let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 3 + i)).collect();
+    let reseller_sql = if members.is_empty() {
+        "0".to_string()
+    } else {
+        format!(
+            "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({})), 0)",
+            marks.join(",")
+        )
+    };
+    let sql = format!(
         "SELECT
            COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
-           COALESCE((SELECT SUM(size) FROM reservations WHERE client = ?1), 0),
            COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
-           COALESCE((SELECT SUM(size) FROM reservations WHERE customer = ?2), 0),
            COALESCE((SELECT SUM(used) FROM customer_usage), 0),
-           COALESCE((SELECT SUM(size) FROM reservations), 0)",
-    )
-    .bind(client)
-    .bind(name)
-    .fetch_one(&mut *tx)
-    .await?;
-    let reseller = match cfg.customer(customer).reseller {
-        None => Usage::default(),
-        Some(r) => {
-            let names: Vec<&str> = cfg
-                .reseller(r)
-                .customers
-                .iter()
-                .map(|&c| customer_key(cfg, c))
-                .collect();
-            let marks = vec!["?"; names.len()].join(",");
-            let sql = format!(
-                "SELECT COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({marks})), 0),
-                        COALESCE((SELECT SUM(size) FROM reservations WHERE customer IN ({marks})), 0)"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for _ in 0..2 {
-                for n in &names {
-                    q = q.bind(*n);
-                }
-            }
-            let r = q.fetch_one(&mut *tx).await?;
-            u(r.get(0), r.get(1))
-        }
-    };
-    Ok(LevelUsage {
-        client: u(row.get(0), row.get(1)),
-        customer: u(row.get(2), row.get(3)),
-        reseller,
-        server: u(row.get(4), row.get(5)),
-    })
+           {reseller_sql}"
+    );
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(client)
+        .bind(name);
+    for m in &members {
+        q = q.bind(*m);
+    }
+    let row = q.fetch_one(&mut *tx).await?;
+    Ok(held.with_committed(
+        row.get(0),
+        row.get(1),
+        (!members.is_empty()).then(|| row.get(3)),
+        row.get(2),
+    ))
+}
+
+/// The customers sharing `customer`'s reseller (none without one).
+fn reseller_members(cfg: &Config, customer: CustomerId) -> Vec<&str> {
+    match cfg.customer(customer).reseller {
+        None => Vec::new(),
+        Some(r) => cfg
+            .reseller(r)
+            .customers
+            .iter()
+            .map(|&c| customer_key(cfg, c))
+            .collect(),
+    }
 }
 
 /// What admission reads for `client` under `customer`, in one statement
@@ -275,6 +273,7 @@ pub(super) async fn level_usage(
 /// oldest first.
 pub(super) async fn admission_reads(
     tx: &mut Conn,
+    ledger: &Ledger,
     cfg: &Config,
     client: &str,
     customer: CustomerId,
@@ -283,27 +282,23 @@ pub(super) async fn admission_reads(
 ) -> Result<(LevelUsage, McalState, u32, Vec<i64>), StateError> {
     let cust = cfg.customer(customer);
     let reseller = cust.reseller.map(|r| cfg.reseller(r));
-    let members: Vec<&str> = reseller
-        .map(|r| r.customers.iter().map(|&c| customer_key(cfg, c)).collect())
-        .unwrap_or_default();
+    let members = reseller_members(cfg, customer);
+    // Before the committed usage (`ledger`).
+    let held = ledger.held(client, customer_key(cfg, customer), &members);
     let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 7 + i)).collect();
-    let marks = marks.join(",");
     let reseller_sql = if members.is_empty() {
-        "0, 0".to_string()
+        "0".to_string()
     } else {
         format!(
-            "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({marks})), 0),
-             COALESCE((SELECT SUM(size) FROM reservations WHERE customer IN ({marks})), 0)"
+            "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({})), 0)",
+            marks.join(",")
         )
     };
     let sql = format!(
         "SELECT
            COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
-           COALESCE((SELECT SUM(size) FROM reservations WHERE client = ?1), 0),
            COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
-           COALESCE((SELECT SUM(size) FROM reservations WHERE customer = ?2), 0),
            COALESCE((SELECT SUM(used) FROM customer_usage), 0),
-           COALESCE((SELECT SUM(size) FROM reservations), 0),
            {reseller_sql},
            EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?3),
            COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = ?2), 0),
@@ -325,26 +320,22 @@ pub(super) async fn admission_reads(
         q = q.bind(*m);
     }
     let row = q.fetch_one(&mut *tx).await?;
-    let usage = LevelUsage {
-        client: u(row.get(0), row.get(1)),
-        customer: u(row.get(2), row.get(3)),
-        reseller: if members.is_empty() {
-            Usage::default()
-        } else {
-            u(row.get(6), row.get(7))
-        },
-        server: u(row.get(4), row.get(5)),
-    };
+    let usage = held.with_committed(
+        row.get(0),
+        row.get(1),
+        (!members.is_empty()).then(|| row.get(3)),
+        row.get(2),
+    );
     let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
     let mcal = McalState {
-        client_debited_this_month: row.get::<bool, _>(8),
-        customer_total: n(9),
-        reseller_total: n(10),
-        global_total: n(11),
+        client_debited_this_month: row.get::<bool, _>(4),
+        customer_total: n(5),
+        reseller_total: n(6),
+        global_total: n(7),
     };
-    let slots = n(12) as u32;
+    let slots = n(8) as u32;
     let recent = row
-        .get::<String, _>(13)
+        .get::<String, _>(9)
         .split(',')
         .filter_map(|t| t.parse().ok())
         .collect();
@@ -503,9 +494,14 @@ impl State {
         size: u64,
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
-        let mut tx = immediate(self).await?;
-        let rec = known_client(&mut tx, cfg, client).await?;
-        let usage = level_usage(&mut tx, cfg, client, rec.customer).await?;
+        let _ = at;
+        // Decided one at a time and held in memory (`ledger`): nothing is
+        // written, and the reads need neither the writer nor an fsync.
+        let _deciding = self.ledger.reserving().await;
+        let mut conn = self.pool.acquire().await?;
+        let rec = known_client(&mut conn, cfg, client).await?;
+        let usage = level_usage(&mut conn, &self.ledger, cfg, &rec.id, rec.customer).await?;
+        drop(conn);
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
         if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
             return Ok(Err(QuotaExceeded {
@@ -515,33 +511,22 @@ impl State {
                 taken,
             }));
         }
-        let id: i64 = sqlx::query_scalar("INSERT INTO reservations (client, customer, size, created_at) VALUES (?, ?, ?, ?) RETURNING id")
-            .bind(client)
-            .bind(customer_key(cfg, rec.customer))
-            .bind(size as i64)
-            .bind(secs(at))
-            .fetch_one(&mut *tx)
-            .await?;
-        tx.commit().await?;
-        Ok(Ok(id))
+        Ok(Ok(self.ledger.insert(
+            &rec.id,
+            customer_key(cfg, rec.customer),
+            size,
+        )))
     }
 
     /// Bytes held by reservations now, over every client.
     pub async fn reserved_total(&self) -> Result<u64, StateError> {
-        let n: i64 = sqlx::query_scalar("SELECT COALESCE(SUM(size), 0) FROM reservations")
-            .fetch_one(&self.pool)
-            .await?;
-        Ok(n.max(0) as u64)
+        Ok(self.ledger.total())
     }
 
     /// Releases a reservation whose upload failed or was abandoned.
     pub async fn release_reservation(&self, id: i64) -> Result<(), StateError> {
-        let mut tx = immediate(self).await?;
-        sqlx::query("DELETE FROM reservations WHERE id = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        self.ledger.release(id);
+        Ok(())
     }
 
     /// Durably records a commit before its rename; returns its id.
@@ -571,15 +556,16 @@ impl State {
     /// Drops a pending commit whose rename did not happen, with its reservation.
     pub async fn abort_commit(&self, pending: i64) -> Result<(), StateError> {
         let mut tx = immediate(self).await?;
-        sqlx::query("DELETE FROM reservations WHERE id = (SELECT reservation FROM pending_commits WHERE id = ?)")
-            .bind(pending)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query("DELETE FROM pending_commits WHERE id = ?")
-            .bind(pending)
-            .execute(&mut *tx)
-            .await?;
+        let reservation: Option<i64> =
+            sqlx::query_scalar("DELETE FROM pending_commits WHERE id = ? RETURNING reservation")
+                .bind(pending)
+                .fetch_optional(&mut *tx)
+                .await?
+                .flatten();
         tx.commit().await?;
+        if let Some(r) = reservation {
+            self.ledger.release(r);
+        }
         Ok(())
     }
 
@@ -588,8 +574,12 @@ impl State {
     /// deletes the pending record, atomically. Returns the usage change.
     pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
         let mut tx = immediate(self).await?;
-        let delta = apply_pending(&mut tx, pending, None).await?;
+        let (delta, reservation) = apply_pending(&mut tx, pending, None).await?;
         tx.commit().await?;
+        // Only once the usage is committed (`ledger`).
+        if let Some(r) = reservation {
+            self.ledger.release(r);
+        }
         Ok(delta)
     }
 
@@ -674,6 +664,7 @@ impl State {
                     report.rolled_back += 1;
                 }
                 Verdict::Forward(found) => {
+                    // A reservation of the process that crashed: not held here.
                     apply_pending(&mut tx, id, found.clone()).await?;
                     report.rolled_forward += 1;
                 }
@@ -716,6 +707,8 @@ impl State {
         if cfg.declared_client(id).is_some() {
             return Ok(Err(MoveRefused::Declared(id.into())));
         }
+        // No reservation is decided until the move is committed.
+        let _deciding = self.ledger.reserving().await;
         let mut tx = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(Err(MoveRefused::UnknownClient(id.into())));
@@ -731,7 +724,19 @@ impl State {
             let tname = cfg.customer(target).name.clone();
             return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
         }
-        if let Err(why) = move_in(&mut tx, cfg, &row, &rec, target, at, "moved", move_data).await? {
+        if let Err(why) = move_in(
+            &mut tx,
+            &self.ledger,
+            cfg,
+            &row,
+            &rec,
+            target,
+            at,
+            "moved",
+            move_data,
+        )
+        .await?
+        {
             return Ok(Err(why));
         }
         tx.commit().await?;
@@ -752,6 +757,7 @@ impl State {
         at: Timestamp,
         purge_data: impl FnOnce(&str, &str) -> std::io::Result<()>,
     ) -> Result<Option<Removed>, StateError> {
+        let _deciding = self.ledger.reserving().await;
         let mut tx = immediate(self).await?;
         let Some(row) = client_db(&mut tx, id).await? else {
             return Ok(None);
@@ -765,10 +771,6 @@ impl State {
         .bind(&month)
         .fetch_optional(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM reservations WHERE client = ?")
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
         let mut freed_bytes = 0;
         if purge {
             purge_data(id, &row.customer).map_err(|e| StateError::Io {
@@ -806,6 +808,9 @@ impl State {
             .await?;
         }
         tx.commit().await?;
+        // Its uploads in flight end with its sessions (the event tells
+        // them); their space is free now.
+        self.ledger.release_client(id);
         Ok(Some(Removed {
             customer: row.customer,
             freed_bytes,
@@ -827,6 +832,7 @@ impl State {
         at: Timestamp,
         mut move_data: impl FnMut(&str, CustomerId, CustomerId) -> std::io::Result<()>,
     ) -> Result<Result<Vec<(String, String, String)>, MoveRefused>, StateError> {
+        let _deciding = self.ledger.reserving().await;
         let mut tx = immediate(self).await?;
         let mut moved = Vec::new();
         for c in &cfg.clients {
@@ -851,6 +857,7 @@ impl State {
                 };
                 let refused = move_in(
                     &mut tx,
+                    &self.ledger,
                     cfg,
                     &row,
                     &rec,
@@ -1097,6 +1104,7 @@ pub struct SessionEnd<'a> {
 #[allow(clippy::too_many_arguments)] // one transaction's inputs; a struct would only rename them
 pub(super) async fn move_in(
     tx: &mut Conn,
+    ledger: &Ledger,
     cfg: &Config,
     row: &ClientDb,
     rec: &ClientRecord,
@@ -1107,15 +1115,13 @@ pub(super) async fn move_in(
 ) -> Result<Result<(), MoveRefused>, StateError> {
     let id = row.id.as_str();
     let tname = cfg.customer(target).name.clone();
-    let in_flight: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM reservations WHERE client = ?")
-        .bind(id)
-        .fetch_one(&mut *tx)
-        .await?;
-    if in_flight > 0 {
+    // The caller holds the ledger's reserving lock until it commits, so no
+    // upload reserves under the old customer meanwhile.
+    if ledger.in_flight(id) > 0 {
         return Ok(Err(MoveRefused::Busy(id.into())));
     }
     let needed = row.used.max(0) as u64;
-    let mut usage = level_usage(tx, cfg, "", target).await?;
+    let mut usage = level_usage(tx, ledger, cfg, "", target).await?;
     // The server level is unchanged by a move; so is a shared reseller.
     usage.server = Usage::default();
     if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
@@ -1270,12 +1276,14 @@ pub(super) async fn add_usage(tx: &mut Conn, client: &str, delta: i64) -> Result
 }
 
 /// The index half of a commit; `actual` overrides the recorded size and
-/// digest when reconcile found a different file in place.
+/// digest when reconcile found a different file in place. Returns the
+/// usage change and the reservation, which the caller releases once this
+/// is committed.
 async fn apply_pending(
     tx: &mut Conn,
     pending: i64,
     actual: Option<(i64, String)>,
-) -> Result<i64, StateError> {
+) -> Result<(i64, Option<i64>), StateError> {
     #[derive(sqlx::FromRow)]
     struct Pending {
         client: String,
@@ -1327,15 +1335,9 @@ async fn apply_pending(
     .await?;
     let delta = size - old.unwrap_or(0);
     add_usage(tx, &client, delta).await?;
-    if let Some(r) = reservation {
-        sqlx::query("DELETE FROM reservations WHERE id = ?")
-            .bind(r)
-            .execute(&mut *tx)
-            .await?;
-    }
     sqlx::query("DELETE FROM pending_commits WHERE id = ?")
         .bind(pending)
         .execute(&mut *tx)
         .await?;
-    Ok(delta)
+    Ok((delta, reservation))
 }

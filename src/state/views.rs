@@ -117,7 +117,7 @@ impl State {
         Ok(sqlx::query_as::<_, ClientRow>(
             "SELECT c.id, c.customer, c.kind, c.declared, c.secret_sha256 IS NOT NULL AS registered,
                     c.hostname, c.last_seen, c.used,
-                    COALESCE((SELECT SUM(size) FROM reservations r WHERE r.client = c.id), 0) AS reserved,
+                    0 AS reserved,
                     COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = ?1), 0) AS mcal_this_month,
                     (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
                     (SELECT COALESCE(SUM(f.count), 0) FROM refusals f WHERE f.client = c.id AND f.at >= ?2) AS refusals_24h
@@ -126,7 +126,14 @@ impl State {
         .bind(month)
         .bind(secs(at) - 86_400)
         .fetch_all(&self.pool)
-        .await?)
+        .await?
+        .into_iter()
+        .map(|mut r| {
+            // In flight here: the ledger is this process's (the daemon's).
+            r.reserved = self.ledger.client(&r.id).min(i64::MAX as u64) as i64;
+            r
+        })
+        .collect())
     }
 
     /// The figures `status` shows.
@@ -140,18 +147,16 @@ impl State {
     pub async fn totals(&self, cfg: &Config, at: Timestamp) -> Result<StatusData, StateError> {
         let month = Month::of(at, &cfg.server.timezone).to_string();
         let mut d = StatusData::default();
-        let usage: Vec<(String, i64, i64)> = sqlx::query_as(
-            "SELECT u.customer, u.used, COALESCE((SELECT SUM(size) FROM reservations r WHERE r.customer = u.customer), 0)
-             FROM customer_usage u",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let usage: Vec<(String, i64, i64)> =
+            sqlx::query_as("SELECT u.customer, u.used, 0 FROM customer_usage u")
+                .fetch_all(&self.pool)
+                .await?;
         for (c, used, reserved) in usage {
             d.customers.insert(
                 c.to_lowercase(),
                 Usage {
                     used: used.max(0) as u64,
-                    reserved: reserved.max(0) as u64,
+                    reserved: reserved.max(0) as u64 + self.ledger.customer(&c),
                 },
             );
         }

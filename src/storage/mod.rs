@@ -157,6 +157,30 @@ pub fn client_dir(cfg: &Config, customer: CustomerId, client: &str) -> PathBuf {
     cfg.customer(customer).backup_location.join(client)
 }
 
+/// Moves a client's files from customer `from`'s location to `to`'s
+/// (`clients move`).
+pub fn move_client_files(
+    cfg: &Config,
+    client: &str,
+    from: CustomerId,
+    to: CustomerId,
+) -> io::Result<()> {
+    move_dir(&client_dir(cfg, from, client), &client_dir(cfg, to, client))
+}
+
+/// Deletes a client's files under the customer named `customer` (`clients
+/// remove --purge`); nothing to do when that customer is gone or the
+/// client never stored anything.
+pub fn purge_client_files(cfg: &Config, client: &str, customer: &str) -> io::Result<()> {
+    let Some(c) = cfg.customer_by_name(customer) else {
+        return Ok(());
+    };
+    match std::fs::remove_dir_all(client_dir(cfg, c, client)) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 /// Where uploads under `customer` are written before their commit.
 pub fn temp_dir(cfg: &Config, customer: CustomerId) -> PathBuf {
     cfg.customer(customer).backup_location.join(TEMP_DIR)

@@ -1,0 +1,252 @@
+//! Moves and removals handed from an admin command to the running daemon
+//! (issue 13). Reservations of uploads in flight live in the daemon's
+//! memory (`ledger`), so only the daemon can tell whether a client has
+//! uploads in flight and how much space its customers really have free.
+//!
+//! The daemon holds an exclusive `flock` on `<state>.lock` for as long as
+//! it runs ([`State::lock_daemon`]). A command that changes clients tries
+//! the same lock: when it gets it, no daemon runs and nothing is in flight,
+//! so it applies the change itself (holding the lock, so a daemon cannot
+//! start meanwhile); when it cannot, it records a request
+//! ([`State::request`]), the daemon applies it within a tenth of a second
+//! and records the outcome, and the command prints it. A request the
+//! daemon has not claimed when the command gives up is cancelled, never
+//! applied later.
+
+use super::{Removed, State, StateError, secs};
+use jiff::Timestamp;
+use serde::{Deserialize, Serialize};
+use std::fs::File;
+use std::path::PathBuf;
+
+/// What a client change asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// `clients move ID --to CUSTOMER`.
+    Move {
+        /// The client.
+        client: String,
+        /// The customer it moves to.
+        to: String,
+    },
+    /// `clients remove ID [--purge]`.
+    Remove {
+        /// The client.
+        client: String,
+        /// Delete its files and free its space.
+        purge: bool,
+    },
+}
+
+/// How a change ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case", tag = "outcome")]
+pub enum Outcome {
+    /// The client moved.
+    Moved,
+    /// The move was refused; the reason, as `MoveRefused` words it.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// The client was removed.
+    Removed {
+        /// Its customer.
+        customer: String,
+        /// Bytes freed (purge).
+        freed_bytes: u64,
+        /// MCALs of the month refunded.
+        freed_mcal: u64,
+    },
+    /// No such client.
+    NoSuchClient,
+    /// The change failed; the daemon's log has the details.
+    Failed {
+        /// What failed.
+        error: String,
+    },
+}
+
+impl From<Removed> for Outcome {
+    fn from(r: Removed) -> Outcome {
+        Outcome::Removed {
+            customer: r.customer,
+            freed_bytes: r.freed_bytes,
+            freed_mcal: r.freed_mcal,
+        }
+    }
+}
+
+/// A request waiting for the daemon.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Its id.
+    pub id: i64,
+    /// What it asks.
+    pub change: Change,
+}
+
+/// The daemon's hold on the state (released when dropped, or when the
+/// process dies).
+#[derive(Debug)]
+pub struct DaemonLock {
+    _file: File,
+    path: PathBuf,
+}
+
+impl DaemonLock {
+    /// The lock file.
+    pub fn path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl State {
+    /// The lock file beside the database.
+    fn lock_path(&self) -> PathBuf {
+        let mut p = self.path.clone().into_os_string();
+        p.push(".lock");
+        PathBuf::from(p)
+    }
+
+    /// Takes the state's lock if nobody holds it: `None` while a daemon
+    /// (or another command changing clients) holds it.
+    pub fn lock_daemon(&self) -> Result<Option<DaemonLock>, StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = self.lock_path();
+        let io = |e: std::io::Error| StateError::Io {
+            context: format!("opening {}", path.display()),
+            source: e,
+        };
+        // Read-only is enough for flock: a lock file an administrator's
+        // command created (as root) still serves the daemon's user.
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o644)
+            .open(&path)
+        {
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                std::fs::File::open(&path).map_err(io)?
+            }
+            r => r.map_err(io)?,
+        };
+        match rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => Ok(Some(DaemonLock { _file: file, path })),
+            Err(rustix::io::Errno::WOULDBLOCK) => Ok(None),
+            Err(e) => Err(io(e.into())),
+        }
+    }
+
+    /// Records `change` for the daemon; returns the request's id.
+    pub async fn request(&self, change: &Change, at: Timestamp) -> Result<i64, StateError> {
+        let (kind, client, customer, purge) = match change {
+            Change::Move { client, to } => ("move", client, Some(to.as_str()), false),
+            Change::Remove { client, purge } => ("remove", client, None, *purge),
+        };
+        let mut tx = super::ops::immediate(self).await?;
+        let id: i64 = sqlx::query_scalar(
+            "INSERT INTO admin_requests (kind, client, customer, purge, requested_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
+        )
+        .bind(kind)
+        .bind(client)
+        .bind(customer)
+        .bind(purge)
+        .bind(secs(at))
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(id)
+    }
+
+    /// The request's outcome once the daemon has recorded it.
+    pub async fn outcome(&self, id: i64) -> Result<Option<Outcome>, StateError> {
+        let row: Option<Option<String>> = sqlx::query_scalar(
+            "SELECT outcome FROM admin_requests WHERE id = ? AND done_at IS NOT NULL",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.flatten().and_then(|j| serde_json::from_str(&j).ok()))
+    }
+
+    /// Withdraws a request the daemon has not claimed; false when it has
+    /// (it is being applied, or done).
+    pub async fn cancel_request(&self, id: i64, at: Timestamp) -> Result<bool, StateError> {
+        let mut tx = super::ops::immediate(self).await?;
+        let n = sqlx::query(
+            "UPDATE admin_requests SET done_at = ?, outcome = NULL WHERE id = ? AND claimed_at IS NULL AND done_at IS NULL",
+        )
+        .bind(secs(at))
+        .bind(id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+        tx.commit().await?;
+        Ok(n == 1)
+    }
+
+    /// Claims the oldest unclaimed request, if any (the daemon).
+    pub async fn claim_request(&self, at: Timestamp) -> Result<Option<Request>, StateError> {
+        // A read first: the daemon asks ten times a second, and a write
+        // (with its fsync) is only needed when there is something.
+        let waiting: Option<i64> = sqlx::query_scalar(
+            "SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1",
+        )
+        .fetch_optional(&self.pool)
+        .await?;
+        if waiting.is_none() {
+            return Ok(None);
+        }
+        let mut tx = super::ops::immediate(self).await?;
+        let row: Option<(i64, String, String, Option<String>, bool)> = sqlx::query_as(
+            "UPDATE admin_requests SET claimed_at = ?1
+              WHERE id = (SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1)
+              RETURNING id, kind, client, customer, purge",
+        )
+        .bind(secs(at))
+        .fetch_optional(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        let Some((id, kind, client, customer, purge)) = row else {
+            return Ok(None);
+        };
+        let change = match (kind.as_str(), customer) {
+            ("move", Some(to)) => Change::Move { client, to },
+            ("remove", _) => Change::Remove { client, purge },
+            _ => {
+                // A newer version's request: say so rather than guess.
+                self.finish_request(
+                    id,
+                    &Outcome::Failed {
+                        error: format!("this daemon does not know requests of kind {kind:?}"),
+                    },
+                    at,
+                )
+                .await?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(Request { id, change }))
+    }
+
+    /// Records a claimed request's outcome.
+    pub async fn finish_request(
+        &self,
+        id: i64,
+        outcome: &Outcome,
+        at: Timestamp,
+    ) -> Result<(), StateError> {
+        let json = serde_json::to_string(outcome).unwrap_or_else(|_| "{}".into());
+        let mut tx = super::ops::immediate(self).await?;
+        sqlx::query("UPDATE admin_requests SET done_at = ?, outcome = ? WHERE id = ?")
+            .bind(secs(at))
+            .bind(json)
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await
+    }
+}
