@@ -3,13 +3,16 @@
 //! them all at start), so it needs no SQLite round trip and no fsync.
 //!
 //! Exactness: space is checked against committed usage plus the ledger.
-//! [`State::reserve_space`](super::State::reserve_space) takes the
-//! reserving lock (reservations are decided one at a time), reads the
-//! ledger's sums *before* the committed usage, and inserts before letting
-//! go. A commit adds to committed usage first and releases its reservation
-//! after, so a concurrent check may count a file twice (refusing early,
-//! briefly) but never not at all. Moves and removals take the reserving
-//! lock for as long as their transaction runs.
+//! A commit adds to committed usage first, then bumps the usage generation,
+//! then releases its reservation. [`State::reserve_space`](super::State::reserve_space)
+//! reads committed usage (outside any lock, beside other reservations'
+//! reads), then takes the reserving lock (reservations are decided one at
+//! a time), reads the ledger's sums, and uses what it read only if the
+//! generation did not move since before its read; otherwise it reads
+//! committed usage again, after the ledger. Either way a commit in between
+//! is counted twice (refusing early, briefly) but never not at all. Moves
+//! and removals take the reserving lock for as long as their transaction
+//! runs and bump the generation before letting go.
 //!
 //! The PostgreSQL backend (next issue) keeps the same interface with rows
 //! per node, an expiry and a heartbeat instead of this map.
@@ -76,6 +79,11 @@ impl Held {
 pub struct Ledger {
     inner: Mutex<Inner>,
     reserving: tokio::sync::Mutex<()>,
+    /// Bumped after every committed change of usage or of a client's
+    /// customer, before its reservation is released: a reservation that
+    /// read committed usage outside the reserving lock reads it again when
+    /// this moved meanwhile.
+    usage_gen: std::sync::atomic::AtomicU64,
 }
 
 fn key(s: &str) -> String {
@@ -109,6 +117,7 @@ impl Default for Ledger {
                 ..Inner::default()
             }),
             reserving: tokio::sync::Mutex::new(()),
+            usage_gen: std::sync::atomic::AtomicU64::new(0),
         }
     }
 }
@@ -122,6 +131,19 @@ impl Ledger {
     /// removals run.
     pub async fn reserving(&self) -> tokio::sync::MutexGuard<'_, ()> {
         self.reserving.lock().await
+    }
+
+    /// Committed usage changed (called after the commit, before releasing
+    /// the reservation it consumed, and before letting go of the reserving
+    /// lock).
+    pub fn usage_changed(&self) {
+        self.usage_gen
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The count of committed usage changes so far.
+    pub fn usage_gen(&self) -> u64 {
+        self.usage_gen.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// What is held by `client`, `customer`, the `reseller_customers` and

@@ -11,7 +11,7 @@
 //! gone was renamed (apply the index update). Reservations never survive a
 //! restart.
 
-use super::ledger::Ledger;
+use super::ledger::{Held, Ledger};
 use super::{State, StateError, customer_key, secs};
 use crate::config::{Config, CustomerId, Kind};
 use crate::policy::admission::{self, ClientRecord, McalState, RejectCode, Rejection};
@@ -218,9 +218,37 @@ pub(super) async fn level_usage(
     client: &str,
     customer: CustomerId,
 ) -> Result<LevelUsage, StateError> {
+    let held = held_for(ledger, cfg, client, customer);
+    let c = level_committed(tx, cfg, client, customer).await?;
+    Ok(held.with_committed(c.client, c.customer, c.reseller, c.server))
+}
+
+/// What the ledger holds at every level above `client` of `customer`.
+fn held_for(ledger: &Ledger, cfg: &Config, client: &str, customer: CustomerId) -> Held {
+    ledger.held(
+        client,
+        customer_key(cfg, customer),
+        &reseller_members(cfg, customer),
+    )
+}
+
+/// Committed bytes at every level above `client` of `customer`.
+pub(super) struct Committed {
+    client: i64,
+    customer: i64,
+    /// `None` for a customer without a reseller.
+    reseller: Option<i64>,
+    server: i64,
+}
+
+async fn level_committed(
+    tx: &mut Conn,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+) -> Result<Committed, StateError> {
     let name = customer_key(cfg, customer);
     let members = reseller_members(cfg, customer);
-    let held = ledger.held(client, name, &members);
     let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 3 + i)).collect();
     let reseller_sql = if members.is_empty() {
         "0".to_string()
@@ -244,12 +272,12 @@ pub(super) async fn level_usage(
         q = q.bind(*m);
     }
     let row = q.fetch_one(&mut *tx).await?;
-    Ok(held.with_committed(
-        row.get(0),
-        row.get(1),
-        (!members.is_empty()).then(|| row.get(3)),
-        row.get(2),
-    ))
+    Ok(Committed {
+        client: row.get(0),
+        customer: row.get(1),
+        reseller: (!members.is_empty()).then(|| row.get(3)),
+        server: row.get(2),
+    })
 }
 
 /// The customers sharing `customer`'s reseller (none without one).
@@ -495,13 +523,27 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
         let _ = at;
-        // Decided one at a time and held in memory (`ledger`): nothing is
-        // written, and the reads need neither the writer nor an fsync.
-        let _deciding = self.ledger.reserving().await;
+        // Nothing is written, so neither the writer nor an fsync is needed
+        // (`ledger`). The committed usage is read first, beside other
+        // reservations' reads; the decision is taken one at a time. If
+        // committed usage changed meanwhile (a commit, a move), it is read
+        // again under the lock, after the ledger.
+        let seen = self.ledger.usage_gen();
         let mut conn = self.pool.acquire().await?;
         let rec = known_client(&mut conn, cfg, client).await?;
-        let usage = level_usage(&mut conn, &self.ledger, cfg, &rec.id, rec.customer).await?;
+        let committed = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
+        let _deciding = self.ledger.reserving().await;
+        let (rec, held, c) = if self.ledger.usage_gen() == seen {
+            let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
+            (rec, held, committed)
+        } else {
+            let rec = known_client(&mut conn, cfg, client).await?;
+            let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
+            let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
+            (rec, held, c)
+        };
         drop(conn);
+        let usage = held.with_committed(c.client, c.customer, c.reseller, c.server);
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
         if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
             return Ok(Err(QuotaExceeded {
@@ -576,7 +618,8 @@ impl State {
         let mut tx = immediate(self).await?;
         let (delta, reservation) = apply_pending(&mut tx, pending, None).await?;
         tx.commit().await?;
-        // Only once the usage is committed (`ledger`).
+        // Only once the usage is committed, and in this order (`ledger`).
+        self.ledger.usage_changed();
         if let Some(r) = reservation {
             self.ledger.release(r);
         }
@@ -596,6 +639,7 @@ impl State {
         let Some(size) = size else { return Ok(None) };
         add_usage(&mut tx, client, -size).await?;
         tx.commit().await?;
+        self.ledger.usage_changed();
         Ok(Some(size as u64))
     }
 
@@ -670,6 +714,7 @@ impl State {
                 }
             }
             tx.commit().await?;
+            self.ledger.usage_changed();
             // The temporary file goes only after its row: a crash between
             // the two leaves it to the temp sweep, never a row whose temp is
             // gone. A failure here is the sweep's to finish.
@@ -740,6 +785,8 @@ impl State {
             return Ok(Err(why));
         }
         tx.commit().await?;
+        // Before the reserving lock is let go (`ledger`).
+        self.ledger.usage_changed();
         Ok(Ok(()))
     }
 
@@ -808,6 +855,7 @@ impl State {
             .await?;
         }
         tx.commit().await?;
+        self.ledger.usage_changed();
         // Its uploads in flight end with its sessions (the event tells
         // them); their space is free now.
         self.ledger.release_client(id);
@@ -916,6 +964,7 @@ impl State {
             }
         }
         tx.commit().await?;
+        self.ledger.usage_changed();
         Ok(Ok(moved))
     }
 
