@@ -191,8 +191,15 @@ async fn main() {
     let multi = t0.elapsed().as_secs_f64();
 
     // The same frames into a bare rustls echo-sink.
-    let cert = dir.path().join("tls/self-signed.crt");
-    let key = dir.path().join("tls/self-signed.key");
+    // The daemon's self-signed pair, in its state directory.
+    let cert = dir
+        .path()
+        .join("state")
+        .join(tollgate::tls::SELF_SIGNED_CERT);
+    let key = dir
+        .path()
+        .join("state")
+        .join(tollgate::tls::SELF_SIGNED_KEY);
     use rustls::pki_types::pem::PemObject;
     let certs: Vec<_> = rustls::pki_types::CertificateDer::pem_file_iter(&cert)
         .unwrap()

@@ -165,6 +165,16 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
             c.per_second, c.p50_ms, c.p99_ms, c.failed, c.cpu
         );
     }
+    let failed: usize = results
+        .iter()
+        .map(|(_, r)| {
+            r.registrations.failed + r.uploads.iter().map(|(_, u)| u.failed).sum::<usize>()
+        })
+        .sum();
+    if failed > 0 {
+        eprintln!("versus_nginx: {failed} sessions or registrations failed");
+        std::process::exit(1);
+    }
 }
 
 impl Uploads {

@@ -43,10 +43,14 @@ pub fn j(kind: Kind, v: serde_json::Value) -> Frame {
     }
 }
 
-/// Starts `target/release/tollgate serve --config CONFIG`; returns the
+/// Starts `target/release/tollgate serve --config CONFIG` (or the binary
+/// `TOLLGATE_BIN` names: CI's smoke run uses the debug build); returns the
 /// process, its listening address and its certificate pin.
 pub fn start_release_daemon(config: &Path) -> (Child, String, String) {
-    let bin = concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate");
+    let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| {
+        concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate").to_string()
+    });
+    let bin = bin.as_str();
     let mut daemon = Command::new(bin)
         .args(["serve", "--config"])
         .arg(config)
