@@ -1217,3 +1217,99 @@ async fn reservations_racing_commits_never_overrun() {
     );
     assert_eq!(st.ledger().total(), 0, "every reservation was released");
 }
+
+/// A session that ends while the start flush is under way still ends up
+/// with one row that has its start and its end, whichever goes first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_session_ending_during_the_start_flush_keeps_its_row() {
+    use tollgate::state::{SessionEnd, SessionStart};
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "");
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    for i in 0..40 {
+        let id = format!("race{i}");
+        st.note_session_start(&SessionStart {
+            id: &id,
+            client: "PC",
+            customer: "Default Customer",
+            schedule: "nightly",
+            intent: "backup",
+            peer: None,
+            at: t,
+        });
+        let end = SessionEnd {
+            at: t,
+            bytes_in: 1,
+            bytes_out: 0,
+            files_ok: 1,
+            files_failed: 0,
+            result: "ok",
+        };
+        let (a, b) = tokio::join!(st.flush_session_starts(), st.end_session(&id, &end, &[]));
+        a.unwrap();
+        b.unwrap();
+    }
+    assert_eq!(
+        count(
+            &st,
+            "SELECT COUNT(*) FROM sessions WHERE id LIKE 'race%' AND ended_at IS NOT NULL AND started_at IS NOT NULL"
+        )
+        .await,
+        40
+    );
+    assert_eq!(
+        st.flush_session_starts().await.unwrap(),
+        0,
+        "nothing left noted"
+    );
+}
+
+/// A request an admin command left behind (it was killed before it could
+/// withdraw it) is never applied later.
+#[tokio::test]
+async fn an_old_admin_request_expires_instead_of_being_applied() {
+    use tollgate::state::requests::{Change, Outcome, REQUEST_VALID_SECS};
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path(), "");
+    let st = open(dir.path(), &cfg).await;
+    let change = Change::Remove {
+        client: "PC".into(),
+        purge: true,
+    };
+    let old = st.request(&change).await.unwrap();
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE admin_requests SET requested_at = requested_at - ? WHERE id = ?")
+        .bind(REQUEST_VALID_SECS + 1)
+        .bind(old)
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    let fresh = st.request(&change).await.unwrap();
+    let now = jiff::Timestamp::now();
+    let claimed = st.claim_request(now).await.unwrap().expect("the fresh one");
+    assert_eq!((claimed.id, claimed.change), (fresh, change));
+    assert!(matches!(
+        st.outcome(old).await.unwrap(),
+        Some(Outcome::Failed { .. })
+    ));
+    assert!(st.claim_request(now).await.unwrap().is_none());
+    // Claimed requests cannot be withdrawn; unclaimed ones can, once.
+    assert!(!st.cancel_request(fresh, now).await.unwrap());
+    let third = st
+        .request(&Change::Move {
+            client: "PC".into(),
+            to: "X".into(),
+        })
+        .await
+        .unwrap();
+    assert!(st.cancel_request(third, now).await.unwrap());
+    assert!(!st.cancel_request(third, now).await.unwrap());
+    assert!(
+        st.claim_request(now).await.unwrap().is_none(),
+        "a withdrawn request is not applied"
+    );
+}

@@ -612,7 +612,7 @@ const DAEMON_APPLIES: std::time::Duration = std::time::Duration::from_secs(600);
 
 async fn through_daemon(st: &State, change: &Change) -> anyhow::Result<Outcome> {
     let id = st
-        .request(change, crate::clock::now())
+        .request(change)
         .await
         .context("handing the change to the running daemon")?;
     let start = std::time::Instant::now();

@@ -143,7 +143,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
                 None => anyhow::bail!(
-                    "another tollgate daemon is serving the state database {} (its lock file {}.lock is held)",
+                    "another tollgate daemon is serving the state database {}, or an admin command has held its lock file {}.lock for 10 s",
                     state.path().display(),
                     state.path().display()
                 ),

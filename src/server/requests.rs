@@ -10,6 +10,16 @@ use crate::storage;
 use jiff::Timestamp;
 use tracing::{info, warn};
 
+/// Runs file work that may take long (a copy across filesystems) without
+/// stalling the other tasks of a worker thread.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current().map(|h| h.runtime_flavor()) {
+        Ok(RuntimeFlavor::MultiThread) => tokio::task::block_in_place(f),
+        _ => f(),
+    }
+}
+
 /// Applies `change` with `cfg`, moving or deleting the client's files.
 pub async fn apply_change(
     st: &State,
@@ -21,7 +31,7 @@ pub async fn apply_change(
         Change::Move { client, to } => {
             let r = st
                 .move_client(cfg, client, to, at, |id, from, to| {
-                    storage::move_client_files(cfg, id, from, to)
+                    blocking(|| storage::move_client_files(cfg, id, from, to))
                 })
                 .await?;
             match r {
@@ -34,7 +44,7 @@ pub async fn apply_change(
         Change::Remove { client, purge } => {
             let r = st
                 .remove_client(cfg, client, *purge, at, |id, customer| {
-                    storage::purge_client_files(cfg, id, customer)
+                    blocking(|| storage::purge_client_files(cfg, id, customer))
                 })
                 .await?;
             match r {

@@ -5,11 +5,12 @@
 //! Exactness: space is checked against committed usage plus the ledger.
 //! A commit adds to committed usage first, then bumps the usage generation,
 //! then releases its reservation. [`State::reserve_space`](super::State::reserve_space)
-//! reads committed usage (outside any lock, beside other reservations'
-//! reads), then takes the reserving lock (reservations are decided one at
-//! a time), reads the ledger's sums, and uses what it read only if the
-//! generation did not move since before its read; otherwise it reads
-//! committed usage again, after the ledger. Either way a commit in between
+//! notes the generation, reads committed usage (outside any lock, beside
+//! other reservations' reads), takes the reserving lock (reservations are
+//! decided one at a time), reads the ledger's sums, and only then checks
+//! the generation: if it did not move, any commit its read missed has not
+//! released its hold yet, so the ledger counted it; if it moved, committed
+//! usage is read again, after the ledger. Either way a commit in between
 //! is counted twice (refusing early, briefly) but never not at all. Moves
 //! and removals take the reserving lock for as long as their transaction
 //! runs and bump the generation before letting go.

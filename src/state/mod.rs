@@ -85,7 +85,7 @@ pub struct State {
     /// Refusals noted since the last flush (`refusals`).
     refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
     /// Session starts noted since the last flush (`ops`).
-    starts: std::sync::Arc<std::sync::Mutex<Vec<ops::StartRow>>>,
+    starts: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, ops::StartRow>>>,
     /// Reservations of uploads in flight, in memory (`ledger`).
     ledger: std::sync::Arc<ledger::Ledger>,
 }

@@ -502,10 +502,14 @@ impl State {
         let month = Month::of(at, &cfg.server.timezone);
         let m = mcal_state(&mut tx, cfg, client, rec.customer, month).await?;
         let cost = cfg.mcal_cost(rec.kind);
+        // Answers that rest on what this batch's earlier operations wrote
+        // wait for it to be durable (`writer`).
         if m.client_debited_this_month || cost == 0 {
+            tx.rollback().await?;
             return Ok(Ok(0));
         }
         if let Some(why) = admission::mcal_shortfall(cfg, rec.customer, rec.kind, &m) {
+            tx.rollback().await?;
             return Ok(Err(Rejection::new(RejectCode::McalExhausted, why)));
         }
         insert_debit(&mut tx, cfg, client, rec.customer, month, cost, at).await?;
@@ -529,20 +533,28 @@ impl State {
         // committed usage changed meanwhile (a commit, a move), it is read
         // again under the lock, after the ledger.
         let seen = self.ledger.usage_gen();
-        let mut conn = self.pool.acquire().await?;
-        let rec = known_client(&mut conn, cfg, client).await?;
-        let committed = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
+        let (rec, committed) = {
+            // Given back before waiting for the lock: a long move holds it,
+            // and waiting reservations must not hold every reader.
+            let mut conn = self.pool.acquire().await?;
+            let rec = known_client(&mut conn, cfg, client).await?;
+            let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
+            (rec, c)
+        };
         let _deciding = self.ledger.reserving().await;
+        // The ledger before the generation check: a commit that lands after
+        // the read above bumps the generation before it releases its hold,
+        // so either the check sees the bump or this read sees the hold.
+        let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
         let (rec, held, c) = if self.ledger.usage_gen() == seen {
-            let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
             (rec, held, committed)
         } else {
+            let mut conn = self.pool.acquire().await?;
             let rec = known_client(&mut conn, cfg, client).await?;
             let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
             let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
             (rec, held, c)
         };
-        drop(conn);
         let usage = held.with_committed(c.client, c.customer, c.reseller, c.server);
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
         if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
@@ -986,10 +998,11 @@ impl State {
 
     /// Notes the start of an admitted session, to be written with others
     /// by [`State::flush_session_starts`] (the daemon runs it ten times a
-    /// second, and a session's end writes whatever is noted first):
+    /// second; a session's end writes its own start if it is still noted):
     /// admissions do not each wait for a row of their own on the writer
     /// (issue 13). A crash loses at most the starts noted since the last
-    /// flush.
+    /// flush. Noted starts are bounded by the live sessions: each is
+    /// dropped once written or once its session ended.
     pub fn note_session_start(&self, s: &SessionStart<'_>) {
         let row = StartRow {
             id: s.id.to_string(),
@@ -1003,47 +1016,31 @@ impl State {
         self.starts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .push(row);
+            .insert(row.id.clone(), row);
     }
 
     /// Writes the noted session starts in one operation; returns how many.
-    /// On failure they are kept for the next try.
+    /// They stay noted until written (a failure is tried again), and a
+    /// session that ends meanwhile writes its own: both insert the same
+    /// row at most once, so the end never precedes its start.
     pub async fn flush_session_starts(&self) -> Result<u64, StateError> {
-        let rows = std::mem::take(&mut *self.starts.lock().unwrap_or_else(|p| p.into_inner()));
+        let rows: Vec<StartRow> = self
+            .starts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
         if rows.is_empty() {
             return Ok(0);
         }
-        let written = self.write_starts(&rows).await;
-        if written.is_err() {
-            let mut kept = self.starts.lock().unwrap_or_else(|p| p.into_inner());
-            let newer = std::mem::replace(&mut *kept, rows);
-            kept.extend(newer);
-        }
-        written
-    }
-
-    async fn write_starts(&self, rows: &[StartRow]) -> Result<u64, StateError> {
         let mut tx = immediate(self).await?;
-        // Many rows per statement: each statement is a round trip.
-        for chunk in rows.chunks(STARTS_PER_STATEMENT) {
-            let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-            let sql = format!(
-                "INSERT OR IGNORE INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES {values}"
-            );
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for r in chunk {
-                q = q
-                    .bind(&r.id)
-                    .bind(&r.client)
-                    .bind(&r.customer)
-                    .bind(&r.schedule)
-                    .bind(&r.intent)
-                    .bind(&r.peer)
-                    .bind(r.at);
-            }
-            q.execute(&mut *tx).await?;
-        }
+        insert_starts(&mut tx, &rows).await?;
         tx.commit().await?;
+        let mut noted = self.starts.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &rows {
+            noted.remove(&r.id);
+        }
         Ok(rows.len() as u64)
     }
 
@@ -1057,15 +1054,16 @@ impl State {
         reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
         // A short session's start may still be only noted.
-        if !self
+        let start = self
             .starts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
-        {
-            self.flush_session_starts().await?;
-        }
+            .get(id)
+            .cloned();
         let mut tx = immediate(self).await?;
+        if let Some(row) = &start {
+            insert_starts(&mut tx, std::slice::from_ref(row)).await?;
+        }
         sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ?, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = ?")
             .bind(secs(e.at))
             .bind(e.bytes_in as i64)
@@ -1088,8 +1086,38 @@ impl State {
             .await?;
         }
         tx.commit().await?;
+        if start.is_some() {
+            self.starts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(id);
+        }
         Ok(())
     }
+}
+
+/// Inserts session start rows, many per statement (each statement is a
+/// round trip); a row already there is left alone.
+async fn insert_starts(tx: &mut Conn, rows: &[StartRow]) -> Result<(), StateError> {
+    for chunk in rows.chunks(STARTS_PER_STATEMENT) {
+        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+        let sql = format!(
+            "INSERT OR IGNORE INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES {values}"
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(&r.id)
+                .bind(&r.client)
+                .bind(&r.customer)
+                .bind(&r.schedule)
+                .bind(&r.intent)
+                .bind(&r.peer)
+                .bind(r.at);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
 }
 
 /// Session starts written per statement (7 parameters each; SQLite allows

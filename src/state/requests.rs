@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 use std::fs::File;
 use std::path::PathBuf;
 
+/// How long a request may wait for the daemon (the command withdraws it
+/// after 30 s; this covers a command that was killed before it could).
+pub const REQUEST_VALID_SECS: i64 = 60;
+
 /// What a client change asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Change {
@@ -120,16 +124,24 @@ impl State {
         };
         // Read-only is enough for flock: a lock file an administrator's
         // command created (as root) still serves the daemon's user.
+        // Not through a symbolic link: a command run as root must not be
+        // led to create a file elsewhere.
+        let nofollow = rustix::fs::OFlags::NOFOLLOW.bits() as i32;
         let file = match std::fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(0o644)
+            .mode(0o600)
+            .custom_flags(nofollow)
             .open(&path)
         {
             Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                std::fs::File::open(&path).map_err(io)?
+                std::fs::OpenOptions::new()
+                    .read(true)
+                    .custom_flags(nofollow)
+                    .open(&path)
+                    .map_err(io)?
             }
             r => r.map_err(io)?,
         };
@@ -141,7 +153,7 @@ impl State {
     }
 
     /// Records `change` for the daemon; returns the request's id.
-    pub async fn request(&self, change: &Change, at: Timestamp) -> Result<i64, StateError> {
+    pub async fn request(&self, change: &Change) -> Result<i64, StateError> {
         let (kind, client, customer, purge) = match change {
             Change::Move { client, to } => ("move", client, Some(to.as_str()), false),
             Change::Remove { client, purge } => ("remove", client, None, *purge),
@@ -154,7 +166,9 @@ impl State {
         .bind(client)
         .bind(customer)
         .bind(purge)
-        .bind(secs(at))
+        // The real clock, as the daemon's expiry reads it: a shifted clock
+        // (TOLLGATE_FAKE_NOW) moves with each process's start.
+        .bind(secs(Timestamp::now()))
         .fetch_one(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -188,7 +202,11 @@ impl State {
         Ok(n == 1)
     }
 
-    /// Claims the oldest unclaimed request, if any (the daemon).
+    /// Claims the oldest unclaimed request, if any (the daemon). Requests
+    /// older than [`REQUEST_VALID_SECS`] are never applied: the command
+    /// that made them has given up (or was killed), and a change applied
+    /// days later (a purge) would surprise everyone; they are closed with
+    /// a `Failed` outcome instead.
     pub async fn claim_request(&self, at: Timestamp) -> Result<Option<Request>, StateError> {
         // A read first: the daemon asks ten times a second, and a write
         // (with its fsync) is only needed when there is something.
@@ -201,6 +219,19 @@ impl State {
             return Ok(None);
         }
         let mut tx = super::ops::immediate(self).await?;
+        let expired = serde_json::to_string(&Outcome::Failed {
+            error: "the request expired before the daemon took it".into(),
+        })
+        .unwrap_or_default();
+        sqlx::query(
+            "UPDATE admin_requests SET done_at = ?1, outcome = ?2
+              WHERE done_at IS NULL AND claimed_at IS NULL AND requested_at < ?3",
+        )
+        .bind(secs(at))
+        .bind(expired)
+        .bind(secs(Timestamp::now()) - REQUEST_VALID_SECS)
+        .execute(&mut *tx)
+        .await?;
         let row: Option<(i64, String, String, Option<String>, bool)> = sqlx::query_as(
             "UPDATE admin_requests SET claimed_at = ?1
               WHERE id = (SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1)

@@ -10,8 +10,13 @@
 //! the connection to whoever asked next, until the queue is empty, the
 //! batch holds [`Limits::max_ops`] operations or it has been open
 //! [`Limits::max_span`]; then it commits once (synchronous=FULL) and only
-//! then answers every caller that kept its work. A failed commit fails
-//! every one of them: nothing is acknowledged that is not on disk.
+//! then answers every caller that kept its work, or undid it with
+//! [`Lease::rollback`] (an answer resting on what earlier operations of
+//! the batch wrote: admission's refusals, an MCAL debit found already
+//! made). A failed commit fails every one of them: nothing is acknowledged
+//! that is not on disk. An operation that drops its lease instead (an
+//! error, or a refusal that can only err on the safe side) is answered by
+//! itself, at once.
 //!
 //! Operations run one after another on one connection, so each sees every
 //! earlier operation of its batch: decisions that must be exact (MCAL

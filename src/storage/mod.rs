@@ -349,7 +349,18 @@ pub async fn commit(
         modified: at,
         reservation,
     };
-    let id = state.begin_commit(&pending).await?;
+    let id = match state.begin_commit(&pending).await {
+        Ok(id) => id,
+        Err(e) => {
+            // Nothing refers to the reservation yet. (Once a pending row
+            // does, a failure keeps it held until restart: the rename may
+            // have happened, and reconcile decides.)
+            if let Some(r) = reservation {
+                state.release_reservation(r).await?;
+            }
+            return Err(e.into());
+        }
+    };
     let (tp, fp, staging) = (
         temp.path.clone(),
         final_path.clone(),
