@@ -14,12 +14,11 @@ mod support;
 
 use support::{Conn, Target, connect, j};
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Instant;
-use tollgate::wire::{Frame, Kind};
+use tollgate::wire::Kind;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1 << 20;
@@ -43,64 +42,8 @@ async fn open(t: &Target, id: &str, customer: &str) -> Conn {
 }
 
 /// Uploads `size` bytes in 64 KiB frames; returns bytes per second.
-async fn measure(mut c: Conn, size: u64) -> f64 {
-    let frame = 64 * KIB;
-    let chunk = Bytes::from(vec![0xA5u8; frame as usize]);
-    let digest = {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        let mut n = 0;
-        while n < size {
-            let k = frame.min(size - n);
-            h.update(&chunk[..k as usize]);
-            n += k;
-        }
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let t0 = Instant::now();
-    c.send(j(Kind::Put, json!({"path": "bench.bin", "size": size})))
-        .await
-        .unwrap();
-    let mut n = 0;
-    while n < size {
-        let k = frame.min(size - n);
-        c.send(Frame {
-            kind: Kind::Data,
-            payload: chunk.slice(..k as usize),
-        })
-        .await
-        .unwrap();
-        n += k;
-    }
-    c.send(j(Kind::End, json!({"sha256": digest})))
-        .await
-        .unwrap();
-    let r = c.next().await.unwrap().unwrap();
-    assert_eq!(
-        r.kind,
-        Kind::Stored,
-        "{}",
-        String::from_utf8_lossy(&r.payload)
-    );
-    size as f64 / t0.elapsed().as_secs_f64()
-}
-
-fn cpu_ticks(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let f: Vec<&str> = s.rsplit(')').next().unwrap().split_whitespace().collect();
-    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|n| n.parse().ok())
-        .unwrap()
+async fn measure(c: Conn, size: u64) -> f64 {
+    support::upload(c, size).await.unwrap()
 }
 
 #[tokio::main]
@@ -149,13 +92,13 @@ async fn main() {
     }
 
     println!("2. {many} sessions at 64 KiB/s, {secs} s");
-    let rss0 = rss_kib(pid);
+    let rss0 = support::rss_kib(&[pid]);
     let mut conns = Vec::new();
     for i in 0..many {
         conns.push(open(&t, &format!("small-{i}"), "Small").await);
     }
-    let rss1 = rss_kib(pid);
-    let cpu0 = cpu_ticks(pid);
+    let rss1 = support::rss_kib(&[pid]);
+    let cpu0 = support::cpu(&[pid]);
     let w0 = Instant::now();
     let tasks: Vec<_> = conns
         .into_iter()
@@ -167,7 +110,7 @@ async fn main() {
         errs.push(100.0 * (r - (64 * KIB) as f64) / (64 * KIB) as f64);
     }
     let wall = w0.elapsed().as_secs_f64();
-    let cpu = (cpu_ticks(pid) - cpu0) as f64 / 100.0 / wall;
+    let cpu = (support::cpu(&[pid]) - cpu0) / wall;
     errs.sort_by(f64::total_cmp);
     let worst = errs.iter().map(|e| e.abs()).fold(0.0, f64::max);
     println!(

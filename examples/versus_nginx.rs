@@ -20,9 +20,8 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Conn, Target, connect, j};
+use support::{Conn, Target, connect, cpu, j, rss_kib, upload};
 
-use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use std::path::Path;
@@ -30,7 +29,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
-use tollgate::wire::{Frame, FrameCodec, Kind};
+use tollgate::wire::{FrameCodec, Kind};
 
 const KIB: u64 = 1024;
 /// Connections being opened at once while a workload is set up.
@@ -403,55 +402,6 @@ async fn hello(t: &Target, id: &str, customer: &str) -> Result<Conn, String> {
     }
 }
 
-/// Uploads `size` bytes in 64 KiB frames; bytes per second, PUT to STORED.
-async fn upload(mut c: Conn, size: u64) -> Result<f64, String> {
-    let frame = 64 * KIB;
-    let chunk = Bytes::from(vec![0xA5u8; frame as usize]);
-    let digest = {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        let mut n = 0;
-        while n < size {
-            let k = frame.min(size - n);
-            h.update(&chunk[..k as usize]);
-            n += k;
-        }
-        h.finalize()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
-    let e = |e: std::io::Error| e.to_string();
-    let t0 = Instant::now();
-    c.send(j(Kind::Put, json!({"path": "bench.bin", "size": size})))
-        .await
-        .map_err(e)?;
-    let mut n = 0;
-    while n < size {
-        let k = frame.min(size - n);
-        c.send(Frame {
-            kind: Kind::Data,
-            payload: chunk.slice(..k as usize),
-        })
-        .await
-        .map_err(e)?;
-        n += k;
-    }
-    c.send(j(Kind::End, json!({"sha256": digest})))
-        .await
-        .map_err(e)?;
-    match c.next().await {
-        Some(Ok(f)) if f.kind == Kind::Stored => Ok(size as f64 / t0.elapsed().as_secs_f64()),
-        Some(Ok(f)) => Err(format!(
-            "{:?}: {}",
-            f.kind,
-            String::from_utf8_lossy(&f.payload)
-        )),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("closed before STORED".into()),
-    }
-}
-
 fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) {
     let max = a.sessions.max(b.sessions) + 1000;
     let mut cfg = format!(
@@ -656,24 +606,6 @@ fn children(pid: u32) -> Vec<u32> {
     v
 }
 
-/// User + system CPU seconds of `pids`.
-fn cpu(pids: &[u32]) -> f64 {
-    let tick = 100.0;
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|s| {
-            let f: Vec<&str> = s
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-            (n(11) + n(12)) as f64 / tick
-        })
-        .sum()
-}
-
 /// CPU seconds of `pids`' threads, summed by thread name.
 fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
     let mut m = std::collections::HashMap::new();
@@ -701,16 +633,4 @@ fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
         }
     }
     m
-}
-
-fn rss_kib(pids: &[u32]) -> u64 {
-    pids.iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|n| n.parse::<u64>().ok())
-        })
-        .sum()
 }

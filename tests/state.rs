@@ -52,6 +52,11 @@ async fn commit(st: &State, cfg: &Config, client: &str, path: &str, size: u64) {
         .await
         .unwrap()
         .expect("room");
+    commit_reserved(st, client, path, size, r).await;
+}
+
+/// The index half of [`commit`], for reservation `r`.
+async fn commit_reserved(st: &State, client: &str, path: &str, size: u64, r: i64) {
     let id = st
         .begin_commit(&PendingCommit {
             client: client.into(),
@@ -1186,21 +1191,7 @@ async fn reservations_racing_commits_never_overrun() {
                 let Ok(r) = st.reserve_space(&cfg, &client, size, t).await.unwrap() else {
                     continue;
                 };
-                let id = st
-                    .begin_commit(&PendingCommit {
-                        client: client.clone(),
-                        path: format!("f{k}-{i}"),
-                        temp_path: "/nonexistent/tmp".into(),
-                        final_path: "/nonexistent/final".into(),
-                        size,
-                        sha256: "0".repeat(64),
-                        modified: t,
-                        reservation: Some(r),
-                        ..Default::default()
-                    })
-                    .await
-                    .unwrap();
-                st.commit_file(id).await.unwrap();
+                commit_reserved(&st, &client, &format!("f{k}-{i}"), size, r).await;
                 committed.fetch_add(size, std::sync::atomic::Ordering::Relaxed);
             }
         }));

@@ -1,12 +1,17 @@
 //! Shared by the tools in `examples/`: start the release daemon on a config
 //! and read the address and certificate pin it prints; open framed TLS
-//! connections to it.
+//! connections to it; upload a file as a client would; read a process's
+//! CPU time and resident memory from /proc.
+#![allow(dead_code)] // each tool uses part of this
 
 use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
+use std::time::Instant;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
@@ -72,4 +77,84 @@ pub fn start_release_daemon(config: &Path) -> (Child, String, String) {
     // Keep draining stdout so the daemon never blocks on it.
     std::thread::spawn(move || for _ in lines {});
     (daemon, addr, pin)
+}
+
+/// Uploads `size` bytes in 64 KiB frames; bytes per second, PUT to STORED.
+pub async fn upload(mut c: Conn, size: u64) -> Result<f64, String> {
+    let frame = 64 << 10;
+    let chunk = Bytes::from(vec![0xA5u8; frame as usize]);
+    let digest = {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        let mut n = 0;
+        while n < size {
+            let k = frame.min(size - n);
+            h.update(&chunk[..k as usize]);
+            n += k;
+        }
+        h.finalize()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    let e = |e: std::io::Error| e.to_string();
+    let t0 = Instant::now();
+    c.send(j(Kind::Put, json!({"path": "bench.bin", "size": size})))
+        .await
+        .map_err(e)?;
+    let mut n = 0;
+    while n < size {
+        let k = frame.min(size - n);
+        c.send(Frame {
+            kind: Kind::Data,
+            payload: chunk.slice(..k as usize),
+        })
+        .await
+        .map_err(e)?;
+        n += k;
+    }
+    c.send(j(Kind::End, json!({"sha256": digest})))
+        .await
+        .map_err(e)?;
+    match c.next().await {
+        Some(Ok(f)) if f.kind == Kind::Stored => Ok(size as f64 / t0.elapsed().as_secs_f64()),
+        Some(Ok(f)) => Err(format!(
+            "{:?}: {}",
+            f.kind,
+            String::from_utf8_lossy(&f.payload)
+        )),
+        Some(Err(e)) => Err(e.to_string()),
+        None => Err("closed before STORED".into()),
+    }
+}
+
+/// User + system CPU seconds of `pids`.
+pub fn cpu(pids: &[u32]) -> f64 {
+    let tick = 100.0;
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
+        .map(|s| {
+            let f: Vec<&str> = s
+                .rsplit(')')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .collect();
+            let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+            (n(11) + n(12)) as f64 / tick
+        })
+        .sum()
+}
+
+/// Resident memory of `pids`, in KiB.
+pub fn rss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|n| n.parse::<u64>().ok())
+        })
+        .sum()
 }

@@ -219,8 +219,9 @@ pub(super) async fn level_usage(
     customer: CustomerId,
 ) -> Result<LevelUsage, StateError> {
     let held = held_for(ledger, cfg, client, customer);
-    let c = level_committed(tx, cfg, client, customer).await?;
-    Ok(held.with_committed(c.client, c.customer, c.reseller, c.server))
+    Ok(level_committed(tx, cfg, client, customer)
+        .await?
+        .beside(held))
 }
 
 /// What the ledger holds at every level above `client` of `customer`.
@@ -247,37 +248,54 @@ async fn level_committed(
     client: &str,
     customer: CustomerId,
 ) -> Result<Committed, StateError> {
-    let name = customer_key(cfg, customer);
     let members = reseller_members(cfg, customer);
-    let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 3 + i)).collect();
-    let reseller_sql = if members.is_empty() {
+    let sql = format!("SELECT {}", committed_columns(members.len(), 3));
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(client)
+        .bind(customer_key(cfg, customer));
+    for m in &members {
+        q = q.bind(*m);
+    }
+    let row = q.fetch_one(&mut *tx).await?;
+    Ok(committed_of(&row, !members.is_empty()))
+}
+
+/// The four committed-usage columns both usage reads start with: the
+/// client (`?1`), its customer (`?2`), the server, and the reseller's
+/// customers, bound from `?first` on (0 without a reseller).
+fn committed_columns(members: usize, first: usize) -> String {
+    let reseller = if members == 0 {
         "0".to_string()
     } else {
+        let marks: Vec<String> = (0..members).map(|i| format!("?{}", first + i)).collect();
         format!(
             "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({})), 0)",
             marks.join(",")
         )
     };
-    let sql = format!(
-        "SELECT
-           COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
-           COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
-           COALESCE((SELECT SUM(used) FROM customer_usage), 0),
-           {reseller_sql}"
-    );
-    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(client)
-        .bind(name);
-    for m in &members {
-        q = q.bind(*m);
+    format!(
+        "COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
+         COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
+         COALESCE((SELECT SUM(used) FROM customer_usage), 0),
+         {reseller}"
+    )
+}
+
+impl Committed {
+    /// The usage at every level: these bytes beside the ledger's holds.
+    fn beside(self, held: Held) -> LevelUsage {
+        held.with_committed(self.client, self.customer, self.reseller, self.server)
     }
-    let row = q.fetch_one(&mut *tx).await?;
-    Ok(Committed {
+}
+
+/// The columns [`committed_columns`] made.
+fn committed_of(row: &sqlx::sqlite::SqliteRow, has_reseller: bool) -> Committed {
+    Committed {
         client: row.get(0),
         customer: row.get(1),
-        reseller: (!members.is_empty()).then(|| row.get(3)),
+        reseller: has_reseller.then(|| row.get(3)),
         server: row.get(2),
-    })
+    }
 }
 
 /// The customers sharing `customer`'s reseller (none without one).
@@ -312,22 +330,9 @@ pub(super) async fn admission_reads(
     let reseller = cust.reseller.map(|r| cfg.reseller(r));
     let members = reseller_members(cfg, customer);
     // Before the committed usage (`ledger`).
-    let held = ledger.held(client, customer_key(cfg, customer), &members);
-    let marks: Vec<String> = (0..members.len()).map(|i| format!("?{}", 7 + i)).collect();
-    let reseller_sql = if members.is_empty() {
-        "0".to_string()
-    } else {
-        format!(
-            "COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer IN ({})), 0)",
-            marks.join(",")
-        )
-    };
+    let held = held_for(ledger, cfg, client, customer);
     let sql = format!(
-        "SELECT
-           COALESCE((SELECT used FROM clients WHERE id = ?1), 0),
-           COALESCE((SELECT used FROM customer_usage WHERE customer = ?2), 0),
-           COALESCE((SELECT SUM(used) FROM customer_usage), 0),
-           {reseller_sql},
+        "SELECT {},
            EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?3),
            COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = ?2), 0),
            COALESCE((SELECT total FROM mcal_totals WHERE scope = 'reseller' AND name = ?4), 0),
@@ -335,7 +340,8 @@ pub(super) async fn admission_reads(
            (SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = ?2
               AND (secret_sha256 IS NOT NULL OR declared = 1) LIMIT ?6)),
            COALESCE((SELECT group_concat(registered_at) FROM (SELECT registered_at FROM clients
-              WHERE customer = ?2 AND registered_at > ?5 ORDER BY registered_at)), '')"
+              WHERE customer = ?2 AND registered_at > ?5 ORDER BY registered_at)), '')",
+        committed_columns(members.len(), 7)
     );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(client)
@@ -348,12 +354,7 @@ pub(super) async fn admission_reads(
         q = q.bind(*m);
     }
     let row = q.fetch_one(&mut *tx).await?;
-    let usage = held.with_committed(
-        row.get(0),
-        row.get(1),
-        (!members.is_empty()).then(|| row.get(3)),
-        row.get(2),
-    );
+    let usage = committed_of(&row, !members.is_empty()).beside(held);
     let n = |i: usize| row.get::<i64, _>(i).max(0) as u64;
     let mcal = McalState {
         client_debited_this_month: row.get::<bool, _>(4),
@@ -555,7 +556,7 @@ impl State {
             let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
             (rec, held, c)
         };
-        let usage = held.with_committed(c.client, c.customer, c.reseller, c.server);
+        let usage = c.beside(held);
         let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
         if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
             return Ok(Err(QuotaExceeded {
