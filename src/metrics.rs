@@ -61,6 +61,9 @@ pub const RESERVATIONS_LEAKED: &str = "tollgate_reservations_leaked_total";
 pub const PRUNED_ROWS: &str = "tollgate_pruned_rows_total";
 /// Uploads holding a reservation now (the in-memory ledger).
 pub const UPLOADS_IN_FLIGHT: &str = "tollgate_uploads_in_flight";
+/// Gauge: upload temporary files open now (the rest are parked, closed
+/// between writes, past the open-file budget).
+pub const OPEN_TEMP_FILES: &str = "tollgate_open_temp_files";
 /// Bytes reserved by uploads in flight now.
 pub const SPACE_RESERVED: &str = "tollgate_reserved_bytes";
 
@@ -105,6 +108,10 @@ fn describe() {
     describe_counter!(RESERVATIONS_LEAKED, "Reservations whose release failed");
     describe_counter!(PRUNED_ROWS, "Rows deleted by retention pruning");
     describe_gauge!(UPLOADS_IN_FLIGHT, "Uploads holding a space reservation now");
+    describe_gauge!(
+        OPEN_TEMP_FILES,
+        "Upload temporary files open now (past the open-file budget they are closed between writes)"
+    );
     describe_gauge!(SPACE_RESERVED, "Bytes reserved by uploads in flight now");
 }
 
@@ -133,6 +140,8 @@ fn zero() {
     metrics::gauge!(RELOAD_FAILED).set(0.0);
     metrics::gauge!(ACTIVE_SESSIONS).set(0.0);
     metrics::gauge!(UPLOADS_IN_FLIGHT).set(0.0);
+    // Counted from start by the files themselves: only made visible here.
+    metrics::gauge!(OPEN_TEMP_FILES).increment(0.0);
     metrics::gauge!(SPACE_RESERVED).set(0.0);
     throttle_waits(&crate::throttle::Waits::default());
 }

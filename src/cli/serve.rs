@@ -198,6 +198,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    size_open_files(cfg.server.max_connections);
     crate::storage::start_pool().context("starting the writer pool")?;
     let handle = crate::metrics::install();
     // One machine-readable line each, for people and for tests that bind port 0.
@@ -371,4 +372,45 @@ fn now_local(ctx: &Context) -> String {
         .to_zoned_datetime(tz)
         .strftime("%Y-%m-%d %H:%M:%S %Z")
         .to_string()
+}
+
+/// Descriptors kept for everything but sessions' sockets and temporary
+/// files: the database, listeners, restores' files, logs.
+const SPARE_FILES: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one (as nginx's
+/// `worker_rlimit_nofile` and Go's runtime do), then sizes the temporary
+/// files' budget: each session holds a socket, and uploads past the budget
+/// close their file between writes instead of failing with EMFILE.
+fn size_open_files(max_connections: u32) {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        let raised = rustix::process::Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        };
+        match setrlimit(Resource::Nofile, raised) {
+            Ok(()) => lim = raised,
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    let soft = lim.current.unwrap_or(u64::MAX);
+    let sessions = u64::from(max_connections);
+    let budget = soft.saturating_sub(sessions + SPARE_FILES);
+    if budget < 64 {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit leaves too few descriptors for max_connections sessions \
+             (each holds a socket and a file); raise LimitNOFILE or lower max_connections"
+        );
+    }
+    let budget = usize::try_from(budget.max(64)).unwrap_or(usize::MAX);
+    info!(
+        open_files = soft,
+        temp_file_budget = budget,
+        "open-file limit"
+    );
+    crate::storage::set_open_temp_budget(budget);
 }

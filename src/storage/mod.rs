@@ -19,6 +19,7 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Directory under each backup location that holds uploads in progress.
 pub const TEMP_DIR: &str = ".tollgate-tmp";
@@ -216,10 +217,47 @@ pub fn create_private_dirs(dir: &Path) -> io::Result<()> {
         .create(dir)
 }
 
+/// Temporary files open now, and how many may stay open between writes.
+static OPEN_TEMPS: AtomicUsize = AtomicUsize::new(0);
+static TEMP_BUDGET: AtomicUsize = AtomicUsize::new(usize::MAX);
+
+/// Sets how many upload temporary files may stay open between writes;
+/// past it, a file is closed after its writes and opened again for the
+/// next. Each upload holds a socket too, so at `max_connections` uploads
+/// an open-file limit of twice that would otherwise run out (EMFILE).
+pub fn set_open_temp_budget(n: usize) {
+    TEMP_BUDGET.store(n.max(1), Ordering::Relaxed);
+}
+
+/// Upload temporary files open now (also the gauge
+/// `tollgate_open_temp_files`).
+pub fn open_temps() -> usize {
+    OPEN_TEMPS.load(Ordering::Relaxed)
+}
+
+/// An open temporary file, counted in [`OPEN_TEMPS`].
+struct Counted(File);
+
+impl Counted {
+    fn new(f: File) -> Counted {
+        OPEN_TEMPS.fetch_add(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::OPEN_TEMP_FILES).increment(1.0);
+        Counted(f)
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        OPEN_TEMPS.fetch_sub(1, Ordering::Relaxed);
+        metrics::gauge!(crate::metrics::OPEN_TEMP_FILES).decrement(1.0);
+    }
+}
+
 /// An upload being written to its temporary file, hashed as it goes.
 pub struct TempFile {
     path: PathBuf,
-    file: File,
+    /// None while parked (closed to keep within the budget).
+    file: Option<Counted>,
     hasher: Sha256,
     size: u64,
 }
@@ -239,7 +277,7 @@ impl TempFile {
             .open(&path)?;
         Ok(TempFile {
             path,
-            file,
+            file: Some(Counted::new(file)),
             hasher: Sha256::new(),
             size: 0,
         })
@@ -247,10 +285,47 @@ impl TempFile {
 
     /// Appends bytes.
     pub fn write(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.file.write_all(buf)?;
+        self.open()?.write_all(buf)?;
         self.hasher.update(buf);
         self.size += buf.len() as u64;
         Ok(())
+    }
+
+    /// The open file, opened again if parked. The directory is the
+    /// daemon's own (0700) and the name random; O_NOFOLLOW and the size
+    /// check refuse a file that is not the one left.
+    fn open(&mut self) -> io::Result<&mut File> {
+        if self.file.is_none() {
+            let f = fs::OpenOptions::new()
+                .append(true)
+                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .open(&self.path)?;
+            if f.metadata()?.len() != self.size {
+                return Err(io::Error::other(
+                    "the temporary file changed while it was closed",
+                ));
+            }
+            self.file = Some(Counted::new(f));
+        }
+        Ok(&mut self.file.as_mut().expect("opened above").0)
+    }
+
+    /// Closes the file until the next write if more temporary files are
+    /// open than the budget allows.
+    pub fn park_if_over_budget(&mut self) {
+        if OPEN_TEMPS.load(Ordering::Relaxed) > TEMP_BUDGET.load(Ordering::Relaxed) {
+            self.park();
+        }
+    }
+
+    /// Closes the file until the next write.
+    fn park(&mut self) {
+        self.file = None;
+    }
+
+    /// Whether the file is closed until its next write.
+    pub fn is_parked(&self) -> bool {
+        self.file.is_none()
     }
 
     /// Bytes written so far.
@@ -259,8 +334,8 @@ impl TempFile {
     }
 
     /// Fsyncs the file; returns it with its size and digest.
-    pub fn sync(self) -> io::Result<SyncedTemp> {
-        if let Err(e) = self.file.sync_all() {
+    pub fn sync(mut self) -> io::Result<SyncedTemp> {
+        if let Err(e) = self.open().and_then(|f| f.sync_all()) {
             let _ = fs::remove_file(&self.path);
             return Err(e);
         }
@@ -279,7 +354,7 @@ impl TempFile {
     /// Writes go to `file` from now on (a full device, in tests).
     #[cfg(test)]
     pub(crate) fn replace_file_for_test(&mut self, file: File) {
-        self.file = file;
+        self.file = Some(Counted::new(file));
     }
 
     /// Removes the temporary file (an upload that failed).
@@ -676,5 +751,47 @@ mod tests {
             validate_path(&"n".repeat(256)),
             Err(BadPath::ComponentLength)
         );
+    }
+
+    #[test]
+    fn a_parked_temp_file_reopens_where_it_left_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = TempFile::create(dir.path()).unwrap();
+        t.write(b"abc").unwrap();
+        t.park();
+        assert!(t.is_parked());
+        t.write(b"def").unwrap();
+        assert!(!t.is_parked());
+        t.park();
+        let synced = t.sync().unwrap();
+        assert_eq!(fs::read(&synced.path).unwrap(), b"abcdef");
+        assert_eq!(synced.size, 6);
+        assert_eq!(synced.sha256, hex(&Sha256::digest(b"abcdef")));
+    }
+
+    #[test]
+    fn a_parked_temp_file_that_changed_or_became_a_link_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut t = TempFile::create(dir.path()).unwrap();
+        t.write(b"abc").unwrap();
+        t.park();
+        fs::OpenOptions::new()
+            .append(true)
+            .open(t.path())
+            .unwrap()
+            .write_all(b"x")
+            .unwrap();
+        let e = t.write(b"def").unwrap_err();
+        assert!(e.to_string().contains("changed"), "{e}");
+
+        let mut t = TempFile::create(dir.path()).unwrap();
+        t.write(b"abc").unwrap();
+        t.park();
+        let elsewhere = dir.path().join("elsewhere");
+        fs::write(&elsewhere, b"abc").unwrap();
+        fs::remove_file(t.path()).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, t.path()).unwrap();
+        assert!(t.write(b"def").is_err(), "a symlink is not followed");
+        assert_eq!(fs::read(&elsewhere).unwrap(), b"abc");
     }
 }
