@@ -1,5 +1,6 @@
-//! The writer pool (issue 13 item 3): a fixed set of threads writes, hashes
-//! and fsyncs the temporary files of every upload. An upload holds no
+//! The writer pool (issue 13 item 3): a fixed set of threads writes and
+//! hashes the temporary files of every upload; their fsyncs run beside it
+//! ([`PipedTemp::sync`]). An upload holds no
 //! thread. Its chunks wait in its own queue, and whichever pool thread is
 //! free takes the upload's next run of chunks; an upload is run by one
 //! thread at a time, so its bytes stay in order. At most [`PIPE_DEPTH`]
@@ -26,12 +27,30 @@ pub const PIPE_DEPTH: usize = 4;
 /// Chunks one pool thread writes for an upload before it lets others run.
 const RUN: usize = 8;
 
+/// The device of the temporary directory `dir`, created if missing. Asked
+/// once per directory: the pool needs it before any file work is queued.
+fn device_of(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    static DEVICES: OnceLock<Mutex<std::collections::HashMap<std::path::PathBuf, u64>>> =
+        OnceLock::new();
+    let devices = DEVICES.get_or_init(Default::default);
+    if let Some(d) = lock(devices).get(dir) {
+        return Ok(*d);
+    }
+    super::create_private_dirs(dir)?;
+    let dev = std::fs::metadata(dir)?.dev();
+    lock(devices).insert(dir.to_owned(), dev);
+    Ok(dev)
+}
+
 /// What a pool thread does for an upload, in order.
 enum Op {
+    /// Create the file in this directory.
+    Create(std::path::PathBuf, oneshot::Sender<io::Result<()>>),
     /// Append and hash; the permit is returned once written.
     Write(Bytes, OwnedSemaphorePermit),
-    /// Fsync and hand back the file.
-    Sync(oneshot::Sender<io::Result<SyncedTemp>>),
+    /// Hand back the file, every byte written (its fsync is the caller's).
+    Finish(oneshot::Sender<io::Result<TempFile>>),
     /// Remove the file (a failed or abandoned upload).
     Discard(Option<oneshot::Sender<()>>),
 }
@@ -69,6 +88,19 @@ struct Queue {
 }
 
 static POOL: OnceLock<Arc<Pool>> = OnceLock::new();
+
+/// Fsyncs of upload files in flight at once per device (filesystem).
+pub const SYNCS_PER_DEVICE: usize = 64;
+
+/// A place among the fsyncs of `dev`.
+async fn sync_permit(dev: u64) -> Option<OwnedSemaphorePermit> {
+    static SYNCS: OnceLock<Mutex<std::collections::HashMap<u64, Arc<Semaphore>>>> = OnceLock::new();
+    let sem = lock(SYNCS.get_or_init(Default::default))
+        .entry(dev)
+        .or_insert_with(|| Arc::new(Semaphore::new(SYNCS_PER_DEVICE)))
+        .clone();
+    sem.acquire_owned().await.ok()
+}
 
 /// Threads in the pool: two per core (a thread blocked in fsync leaves
 /// the other busy), at least 4 and at most 64.
@@ -165,6 +197,13 @@ impl Pool {
             // queue more meanwhile.
             for op in ops {
                 match op {
+                    Op::Create(dir, reply) => {
+                        let r = TempFile::create(&dir).map(|t| temp = Some(t));
+                        if let Err(e) = &r {
+                            failed = Some((e.kind(), e.to_string()));
+                        }
+                        let _ = reply.send(r);
+                    }
                     Op::Write(b, permit) => {
                         if failed.is_none()
                             && let Some(t) = temp.as_mut()
@@ -177,7 +216,7 @@ impl Pool {
                         }
                         drop(permit);
                     }
-                    Op::Sync(reply) => {
+                    Op::Finish(reply) => {
                         let r = match (&failed, temp.take()) {
                             (Some((k, m)), t) => {
                                 if let Some(t) = t {
@@ -185,13 +224,13 @@ impl Pool {
                                 }
                                 Err(io::Error::new(*k, m.clone()))
                             }
-                            (None, Some(t)) => t.sync(),
+                            (None, Some(t)) => Ok(t),
                             (None, None) => Err(io::Error::other("the upload is gone")),
                         };
                         // Nobody waits any more (the session ended): the
                         // file is nobody's.
-                        if let Err(Ok(synced)) = reply.send(r) {
-                            let _ = std::fs::remove_file(&synced.path);
+                        if let Err(Ok(t)) = reply.send(r) {
+                            t.discard();
                         }
                     }
                     Op::Discard(reply) => {
@@ -246,26 +285,22 @@ pub struct PipedTemp {
 }
 
 impl PipedTemp {
-    /// Creates the temporary file in `dir`.
-    pub fn create(dir: &Path) -> io::Result<PipedTemp> {
-        use std::os::unix::fs::MetadataExt;
-        let temp = TempFile::create(dir)?;
-        let dev = std::fs::metadata(dir)?.dev();
-        Ok(PipedTemp::on(temp, dev))
+    /// Creates the temporary file in `dir`, on the pool: a create is disk
+    /// work too (on ext4 it searches inode bitmaps under the directory's
+    /// lock), and 10,000 PUTs at once made on tokio's workers stalled
+    /// every session for seconds.
+    pub async fn create(dir: &Path) -> io::Result<PipedTemp> {
+        let dev = device_of(dir)?;
+        PipedTemp::create_on(dir, dev).await
     }
 
-    /// As [`PipedTemp::create`], with the device given (tests).
-    #[cfg(test)]
-    fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
-        Ok(PipedTemp::on(TempFile::create(dir)?, dev))
-    }
-
-    fn on(temp: TempFile, dev: u64) -> PipedTemp {
-        PipedTemp {
+    /// As [`PipedTemp::create`], with the device given.
+    async fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
+        let mut t = PipedTemp {
             slot: Arc::new(Slot {
                 dev,
                 inner: Mutex::new(SlotInner {
-                    temp: Some(temp),
+                    temp: None,
                     ops: VecDeque::new(),
                     scheduled: false,
                     failed: None,
@@ -274,6 +309,18 @@ impl PipedTemp {
             room: Arc::new(Semaphore::new(PIPE_DEPTH)),
             queued: 0,
             done: false,
+        };
+        let (tx, rx) = oneshot::channel();
+        pool().push(&t.slot, Op::Create(dir.to_owned(), tx));
+        // Dropped while waiting (a cancelled session), Drop's discard
+        // queues behind the create.
+        match rx.await {
+            Ok(Ok(())) => Ok(t),
+            Ok(Err(e)) => {
+                t.done = true;
+                Err(e)
+            }
+            Err(_) => Err(io::Error::other("the writer pool dropped the upload")),
         }
     }
 
@@ -300,12 +347,32 @@ impl PipedTemp {
     }
 
     /// Waits for every byte to be written and fsynced.
+    ///
+    /// The fsync runs on tokio's blocking threads, up to
+    /// [`SYNCS_PER_DEVICE`] at once, not on the pool: it waits on the
+    /// device, not the CPU, and the filesystem's journal commits
+    /// concurrent fsyncs together (ext4, XFS). On the pool's two threads
+    /// per device, 10,000 uploads ending at once queued their fsyncs two
+    /// by two, seconds behind.
     pub async fn sync(mut self) -> io::Result<SyncedTemp> {
+        // Taken first, so no await lies between receiving the file and
+        // handing it to its thread: a cancelled session leaves no file
+        // (cancelled here, Drop discards it).
+        let _permit = sync_permit(self.slot.dev).await;
         self.done = true;
         let (tx, rx) = oneshot::channel();
-        pool().push(&self.slot, Op::Sync(tx));
+        pool().push(&self.slot, Op::Finish(tx));
+        let temp = rx
+            .await
+            .map_err(|_| io::Error::other("the writer pool dropped the upload"))??;
+        let (tx, rx) = oneshot::channel();
+        tokio::task::spawn_blocking(move || {
+            if let Err(Ok(synced)) = tx.send(temp.sync()) {
+                let _ = std::fs::remove_file(&synced.path);
+            }
+        });
         rx.await
-            .map_err(|_| io::Error::other("the writer pool dropped the upload"))?
+            .map_err(|_| io::Error::other("the upload's fsync did not finish"))?
     }
 
     /// Removes the temporary file, once what is queued is done.
@@ -332,6 +399,16 @@ mod tests {
     use sha2::{Digest, Sha256};
     use std::time::Duration;
 
+    impl PipedTemp {
+        /// Waits until no pool thread holds the upload (its file is back
+        /// in the slot).
+        async fn idle(&self) {
+            while lock(&self.slot.inner).scheduled {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
     fn chunk(upload: usize, i: usize) -> Bytes {
         Bytes::from(vec![(upload * 31 + i) as u8; 1000 + i])
     }
@@ -357,9 +434,10 @@ mod tests {
         const CHUNKS: usize = 3 * PIPE_DEPTH;
         assert!(pool_threads() < UPLOADS);
         let run = async {
-            let mut temps: Vec<PipedTemp> = (0..UPLOADS)
-                .map(|_| PipedTemp::create(dir.path()).unwrap())
-                .collect();
+            let mut temps = Vec::new();
+            for _ in 0..UPLOADS {
+                temps.push(PipedTemp::create(dir.path()).await.unwrap());
+            }
             for i in 0..CHUNKS {
                 for (u, t) in temps.iter_mut().enumerate() {
                     t.write(chunk(u, i)).await.unwrap();
@@ -392,9 +470,10 @@ mod tests {
         let dir = tempfile::TempDir::new().unwrap();
         super::super::set_open_temp_budget(BUDGET);
         let run = async {
-            let mut temps: Vec<PipedTemp> = (0..UPLOADS)
-                .map(|_| PipedTemp::create(dir.path()).unwrap())
-                .collect();
+            let mut temps = Vec::new();
+            for _ in 0..UPLOADS {
+                temps.push(PipedTemp::create(dir.path()).await.unwrap());
+            }
             for i in 0..3 {
                 for (u, t) in temps.iter_mut().enumerate() {
                     t.write(chunk(u, i)).await.unwrap();
@@ -402,9 +481,8 @@ mod tests {
             }
             // Once the pool is idle for these uploads, count what it
             // left open.
-            let idle = |t: &PipedTemp| !lock(&t.slot.inner).scheduled;
-            while !temps.iter().all(idle) {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            for t in &temps {
+                t.idle().await;
             }
             let open = temps
                 .iter()
@@ -437,13 +515,23 @@ mod tests {
     async fn discarded_and_dropped_uploads_leave_no_file() {
         let dir = tempfile::TempDir::new().unwrap();
         let count = || std::fs::read_dir(dir.path()).unwrap().count();
-        let mut a = PipedTemp::create(dir.path()).unwrap();
+        let mut a = PipedTemp::create(dir.path()).await.unwrap();
         a.write(chunk(0, 0)).await.unwrap();
         a.discard().await;
         assert_eq!(count(), 0);
-        let mut b = PipedTemp::create(dir.path()).unwrap();
+        let mut b = PipedTemp::create(dir.path()).await.unwrap();
         b.write(chunk(1, 0)).await.unwrap();
         drop(b);
+        // A session cancelled while its file is being finished or fsynced.
+        for _ in 0..20 {
+            let mut c = PipedTemp::create(dir.path()).await.unwrap();
+            c.write(chunk(2, 0)).await.unwrap();
+            tokio::select! {
+                biased;
+                _ = c.sync() => {}
+                _ = std::future::ready(()) => {}
+            }
+        }
         let gone = async {
             while count() > 0 {
                 tokio::time::sleep(Duration::from_millis(5)).await;
@@ -460,7 +548,8 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_failed_write_is_reported_and_nothing_is_left() {
         let dir = tempfile::TempDir::new().unwrap();
-        let mut t = PipedTemp::create(dir.path()).unwrap();
+        let mut t = PipedTemp::create(dir.path()).await.unwrap();
+        t.idle().await;
         let path = {
             let mut s = lock(&t.slot.inner);
             let temp = s.temp.as_mut().unwrap();
@@ -486,7 +575,15 @@ mod tests {
         const HUNG_DEV: u64 = u64::MAX - 7;
         let mut hung = Vec::new();
         let mut fifos = Vec::new();
-        for i in 0..pool_threads() {
+        // Created first: once its threads hang, a create on that disk
+        // waits too.
+        let mut created = Vec::new();
+        for _ in 0..pool_threads() {
+            let t = PipedTemp::create_on(dir.path(), HUNG_DEV).await.unwrap();
+            t.idle().await;
+            created.push(t);
+        }
+        for (i, mut t) in created.into_iter().enumerate() {
             let fifo = dir.path().join(format!("fifo-{i}"));
             rustix::fs::mknodat(
                 rustix::fs::CWD,
@@ -502,7 +599,6 @@ mod tests {
                 .write(true)
                 .open(&fifo)
                 .unwrap();
-            let mut t = PipedTemp::create_on(dir.path(), HUNG_DEV).unwrap();
             lock(&t.slot.inner)
                 .temp
                 .as_mut()
@@ -513,7 +609,7 @@ mod tests {
             hung.push(t);
             fifos.push(fifo);
         }
-        let mut ok = PipedTemp::create(dir.path()).unwrap();
+        let mut ok = PipedTemp::create(dir.path()).await.unwrap();
         ok.write(chunk(3, 0)).await.unwrap();
         let synced = tokio::time::timeout(Duration::from_secs(30), ok.sync())
             .await

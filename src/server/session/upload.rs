@@ -63,7 +63,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 crate::config::units::format_size(put.size)
             ))
         })?;
-        let temp = match PipedTemp::create(&storage::temp_dir(cfg, self.bind.customer())) {
+        let temp = match PipedTemp::create(&storage::temp_dir(cfg, self.bind.customer())).await {
             Ok(t) => t,
             Err(e) => {
                 self.release(reservation).await;
