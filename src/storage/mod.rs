@@ -15,11 +15,13 @@ pub use pool::{PIPE_DEPTH, PipedTemp, pool_threads, start_pool};
 use crate::config::{Config, CustomerId};
 use crate::state::{PendingCommit, State, StateError};
 use sha2::{Digest, Sha256};
+use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 
 /// Directory under each backup location that holds uploads in progress.
 pub const TEMP_DIR: &str = ".tollgate-tmp";
@@ -556,7 +558,7 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> Result
     let after = Renamed::Yes;
     let mut dir = parent;
     loop {
-        File::open(dir).and_then(|d| d.sync_all()).map_err(after)?;
+        sync_dir(dir).map_err(after)?;
         if dir == root {
             break;
         }
@@ -566,9 +568,84 @@ fn rename_durably(from: &Path, to: &Path, root: &Path, staging: &Path) -> Result
         }
     }
     if let Some(tdir) = from.parent() {
-        File::open(tdir).and_then(|d| d.sync_all()).map_err(after)?;
+        sync_dir(tdir).map_err(after)?;
     }
     Ok(())
+}
+
+/// Fsyncs directory `dir` after a change the caller made, sharing the
+/// fsync with every other caller for whom it is also late enough (group
+/// commit for directories). 10,000 uploads ending at once each fsynced the
+/// backup location and the temporary directory, one after another on the
+/// same inode; now one fsync covers every change made before it started.
+pub fn sync_dir(dir: &Path) -> io::Result<()> {
+    static DIRS: OnceLock<Mutex<HashMap<PathBuf, Arc<DirSync>>>> = OnceLock::new();
+    let dirs = DIRS.get_or_init(Default::default);
+    let ds = lock(dirs).entry(dir.to_owned()).or_default().clone();
+    let r = ds.sync(|| File::open(dir).and_then(|d| d.sync_all()));
+    let mut map = lock(dirs);
+    // Only the map and this caller hold it: nobody waits on it any more.
+    if Arc::strong_count(&ds) == 2 {
+        map.remove(dir);
+    }
+    r
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One directory's fsync rounds.
+#[derive(Default)]
+struct DirSync {
+    rounds: Mutex<Rounds>,
+    done: Condvar,
+}
+
+#[derive(Default)]
+struct Rounds {
+    started: u64,
+    finished: u64,
+    running: bool,
+    /// The last round that failed, and how.
+    failed: Option<(u64, io::ErrorKind, String)>,
+}
+
+impl DirSync {
+    fn sync(&self, fsync: impl Fn() -> io::Result<()>) -> io::Result<()> {
+        let mut g = lock(&self.rounds);
+        // A round already running may have started before the caller's
+        // change: only the next one to start is sure to cover it.
+        let need = g.started + 1;
+        loop {
+            if g.finished >= need {
+                // A later round's failure is reported too: an fsync error
+                // is rare, and erring towards "not durable" is safe.
+                return match &g.failed {
+                    Some((round, kind, msg)) if *round >= need => {
+                        Err(io::Error::new(*kind, msg.clone()))
+                    }
+                    _ => Ok(()),
+                };
+            }
+            if g.running {
+                g = self.done.wait(g).unwrap_or_else(|p| p.into_inner());
+                continue;
+            }
+            g.running = true;
+            g.started += 1;
+            let round = g.started;
+            drop(g);
+            let r = fsync();
+            g = lock(&self.rounds);
+            g.running = false;
+            g.finished = round;
+            if let Err(e) = r {
+                g.failed = Some((round, e.kind(), e.to_string()));
+            }
+            self.done.notify_all();
+        }
+    }
 }
 
 /// Writes `data` to `path` durably and atomically: a temporary file beside
@@ -821,5 +898,53 @@ mod tests {
         std::os::unix::fs::symlink(&elsewhere, t.path()).unwrap();
         assert!(t.write(b"def").is_err(), "a symlink is not followed");
         assert_eq!(fs::read(&elsewhere).unwrap(), b"abc");
+    }
+
+    /// 40 callers at once share fsyncs, and each returns only after an
+    /// fsync that started after it was called.
+    #[test]
+    fn directory_fsyncs_are_shared_and_late_enough() {
+        use std::time::{Duration, Instant};
+        let ds = Arc::new(DirSync::default());
+        let rounds = Arc::new(Mutex::new(Vec::<(Instant, Instant)>::new()));
+        let threads: Vec<_> = (0..40)
+            .map(|i| {
+                let (ds, rounds) = (ds.clone(), rounds.clone());
+                std::thread::spawn(move || {
+                    std::thread::sleep(Duration::from_millis(i % 7));
+                    let t0 = Instant::now();
+                    ds.sync(|| {
+                        let start = Instant::now();
+                        std::thread::sleep(Duration::from_millis(10));
+                        lock(&rounds).push((start, Instant::now()));
+                        Ok(())
+                    })
+                    .unwrap();
+                    let t1 = Instant::now();
+                    assert!(
+                        lock(&rounds).iter().any(|&(s, e)| s >= t0 && e <= t1),
+                        "caller {i} returned without an fsync that started after it"
+                    );
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let n = lock(&rounds).len();
+        assert!(n < 40, "{n} fsyncs for 40 callers: none shared");
+    }
+
+    #[test]
+    fn a_failed_directory_fsync_fails_its_callers_not_later_ones() {
+        let ds = DirSync::default();
+        let e = ds
+            .sync(|| Err(io::Error::other("device gone")))
+            .unwrap_err();
+        assert!(e.to_string().contains("device gone"));
+        ds.sync(|| Ok(())).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        sync_dir(dir.path()).unwrap();
+        assert!(sync_dir(&dir.path().join("missing")).is_err());
     }
 }
