@@ -198,7 +198,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    size_open_files(cfg.server.max_connections);
+    size_open_files(cfg.server.max_connections, cfg.server.limits.handshakes);
     crate::storage::start_pool().context("starting the writer pool")?;
     let handle = crate::metrics::install();
     // One machine-readable line each, for people and for tests that bind port 0.
@@ -375,17 +375,25 @@ fn now_local(ctx: &Context) -> String {
 }
 
 /// Descriptors kept for everything but sessions' sockets and temporary
-/// files: the database, listeners, restores' files, logs.
+/// files: the database, listeners, logs.
 const SPARE_FILES: u64 = 1024;
 
 /// Raises the soft open-file limit to the hard one (as nginx's
 /// `worker_rlimit_nofile` and Go's runtime do), then sizes the temporary
-/// files' budget: each session holds a socket, and uploads past the budget
-/// close their file between writes instead of failing with EMFILE.
-fn size_open_files(max_connections: u32) {
+/// files' budget: each session and each handshake holds a socket, and
+/// uploads past the budget close their file between writes instead of
+/// failing with EMFILE. A restore's file is not parked: below one socket
+/// and one file per session, the start warns.
+fn size_open_files(max_connections: u32, handshakes: u32) {
     use rustix::process::{Resource, getrlimit, setrlimit};
     let mut lim = getrlimit(Resource::Nofile);
-    if lim.current < lim.maximum {
+    // None is "unlimited".
+    let below_hard = match (lim.current, lim.maximum) {
+        (Some(c), Some(m)) => c < m,
+        (Some(_), None) => true,
+        (None, _) => false,
+    };
+    if below_hard {
         let raised = rustix::process::Rlimit {
             current: lim.maximum,
             maximum: lim.maximum,
@@ -396,19 +404,22 @@ fn size_open_files(max_connections: u32) {
         }
     }
     let soft = lim.current.unwrap_or(u64::MAX);
-    let sessions = u64::from(max_connections);
-    let budget = soft.saturating_sub(sessions + SPARE_FILES);
-    if budget < 64 {
+    let sockets = u64::from(max_connections) + u64::from(handshakes);
+    let budget = soft.saturating_sub(sockets + SPARE_FILES);
+    if soft < sockets + u64::from(max_connections) + SPARE_FILES {
         tracing::warn!(
             open_files = soft,
             max_connections,
-            "the open-file limit leaves too few descriptors for max_connections sessions \
-             (each holds a socket and a file); raise LimitNOFILE or lower max_connections"
+            "the open-file limit is below one socket and one file per session \
+             (uploads past it reopen their files; restores may fail to open theirs); \
+             raise LimitNOFILE or lower max_connections"
         );
     }
     let budget = usize::try_from(budget.max(64)).unwrap_or(usize::MAX);
     info!(
-        open_files = soft,
+        open_files = lim
+            .current
+            .map_or_else(|| "unlimited".to_string(), |n| n.to_string()),
         temp_file_budget = budget,
         "open-file limit"
     );

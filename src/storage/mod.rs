@@ -264,6 +264,8 @@ pub struct TempFile {
     size: u64,
     /// Bytes whose writeback has been started.
     written_back: u64,
+    /// Device and inode, to know the file again when it is reopened.
+    id: (u64, u64),
 }
 
 /// Bytes written before their writeback is started.
@@ -297,8 +299,14 @@ impl TempFile {
             .create_new(true)
             .mode(0o600)
             .open(&path)?;
+        let id = {
+            use std::os::unix::fs::MetadataExt;
+            let m = file.metadata()?;
+            (m.dev(), m.ino())
+        };
         Ok(TempFile {
             path,
+            id,
             file: Some(Counted::new(file)),
             hasher: Sha256::new(),
             size: 0,
@@ -325,12 +333,17 @@ impl TempFile {
     /// daemon's own (0700) and the name random; O_NOFOLLOW and the size
     /// check refuse a file that is not the one left.
     fn open(&mut self) -> io::Result<&mut File> {
+        use std::os::unix::fs::MetadataExt;
         if self.file.is_none() {
+            // O_NONBLOCK: a FIFO put in its place must not hang a pool
+            // thread in open; it is then refused as not the same file.
+            let flags = rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::NONBLOCK;
             let f = fs::OpenOptions::new()
                 .append(true)
-                .custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32)
+                .custom_flags(flags.bits() as i32)
                 .open(&self.path)?;
-            if f.metadata()?.len() != self.size {
+            let m = f.metadata()?;
+            if (m.dev(), m.ino()) != self.id || m.len() != self.size {
                 return Err(io::Error::other(
                     "the temporary file changed while it was closed",
                 ));
@@ -342,15 +355,22 @@ impl TempFile {
 
     /// Closes the file until the next write if more temporary files are
     /// open than the budget allows.
-    pub fn park_if_over_budget(&mut self) {
+    pub fn park_if_over_budget(&mut self) -> io::Result<()> {
         if OPEN_TEMPS.load(Ordering::Relaxed) > TEMP_BUDGET.load(Ordering::Relaxed) {
-            self.park();
+            self.park()?;
         }
+        Ok(())
     }
 
-    /// Closes the file until the next write.
-    fn park(&mut self) {
-        self.file = None;
+    /// Closes the file until the next write. Its data is fsynced first:
+    /// a writeback error is reported to open descriptors, and with none
+    /// open the kernel may forget it along with the inode, so the END's
+    /// fsync could pass over bytes that never reached the disk.
+    fn park(&mut self) -> io::Result<()> {
+        if let Some(f) = self.file.take() {
+            f.0.sync_data()?;
+        }
+        Ok(())
     }
 
     /// Whether the file is closed until its next write.
@@ -584,8 +604,10 @@ pub fn sync_dir(dir: &Path) -> io::Result<()> {
     let ds = lock(dirs).entry(dir.to_owned()).or_default().clone();
     let r = ds.sync(|| File::open(dir).and_then(|d| d.sync_all()));
     let mut map = lock(dirs);
-    // Only the map and this caller hold it: nobody waits on it any more.
-    if Arc::strong_count(&ds) == 2 {
+    drop(ds);
+    // Only the map holds it: nobody waits on it any more. (Callers let go
+    // under the map's lock, so the last one out always sees this.)
+    if map.get(dir).is_some_and(|d| Arc::strong_count(d) == 1) {
         map.remove(dir);
     }
     r
@@ -863,11 +885,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = TempFile::create(dir.path()).unwrap();
         t.write(b"abc").unwrap();
-        t.park();
+        t.park().unwrap();
         assert!(t.is_parked());
         t.write(b"def").unwrap();
         assert!(!t.is_parked());
-        t.park();
+        t.park().unwrap();
         let synced = t.sync().unwrap();
         assert_eq!(fs::read(&synced.path).unwrap(), b"abcdef");
         assert_eq!(synced.size, 6);
@@ -879,7 +901,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut t = TempFile::create(dir.path()).unwrap();
         t.write(b"abc").unwrap();
-        t.park();
+        t.park().unwrap();
         fs::OpenOptions::new()
             .append(true)
             .open(t.path())
@@ -891,13 +913,23 @@ mod tests {
 
         let mut t = TempFile::create(dir.path()).unwrap();
         t.write(b"abc").unwrap();
-        t.park();
+        t.park().unwrap();
         let elsewhere = dir.path().join("elsewhere");
         fs::write(&elsewhere, b"abc").unwrap();
         fs::remove_file(t.path()).unwrap();
         std::os::unix::fs::symlink(&elsewhere, t.path()).unwrap();
         assert!(t.write(b"def").is_err(), "a symlink is not followed");
         assert_eq!(fs::read(&elsewhere).unwrap(), b"abc");
+
+        // Another file of the same length put in its place.
+        let mut t = TempFile::create(dir.path()).unwrap();
+        t.write(b"abc").unwrap();
+        t.park().unwrap();
+        let other = dir.path().join("other");
+        fs::write(&other, b"xyz").unwrap();
+        fs::rename(&other, t.path()).unwrap();
+        let e = t.write(b"def").unwrap_err();
+        assert!(e.to_string().contains("changed"), "{e}");
     }
 
     /// 40 callers at once share fsyncs, and each returns only after an

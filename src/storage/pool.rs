@@ -6,7 +6,8 @@
 //! thread at a time, so its bytes stay in order. At most [`PIPE_DEPTH`]
 //! chunks wait per upload, so a slow disk slows that upload's reads
 //! (backpressure) without holding a thread another upload needs. No
-//! device (filesystem) may keep more than half the threads busy, so a
+//! device (filesystem) may keep more than half the threads busy, nor more
+//! than [`SYNCS_PER_DEVICE`] of tokio's blocking threads in fsync, so a
 //! slow or hung backup disk stalls its own uploads, not everyone's.
 //!
 //! Before, each upload held a `spawn_blocking` thread until its END, and
@@ -90,16 +91,28 @@ struct Queue {
 static POOL: OnceLock<Arc<Pool>> = OnceLock::new();
 
 /// Fsyncs of upload files in flight at once per device (filesystem).
-pub const SYNCS_PER_DEVICE: usize = 64;
+pub const SYNCS_PER_DEVICE: usize = 16;
+/// Fsyncs of upload files in flight at once in all: well under tokio's
+/// 512 blocking threads, so hung disks cannot take the threads that
+/// commits, restores and password checks need.
+pub const SYNCS_IN_ALL: usize = 128;
 
-/// A place among the fsyncs of `dev`.
-async fn sync_permit(dev: u64) -> Option<OwnedSemaphorePermit> {
+/// Places among the fsyncs of `dev` and of all devices.
+async fn sync_permits(dev: u64) -> Option<(OwnedSemaphorePermit, OwnedSemaphorePermit)> {
     static SYNCS: OnceLock<Mutex<std::collections::HashMap<u64, Arc<Semaphore>>>> = OnceLock::new();
+    static ALL: OnceLock<Arc<Semaphore>> = OnceLock::new();
     let sem = lock(SYNCS.get_or_init(Default::default))
         .entry(dev)
         .or_insert_with(|| Arc::new(Semaphore::new(SYNCS_PER_DEVICE)))
         .clone();
-    sem.acquire_owned().await.ok()
+    let own = sem.acquire_owned().await.ok()?;
+    let all = ALL
+        .get_or_init(|| Arc::new(Semaphore::new(SYNCS_IN_ALL)))
+        .clone()
+        .acquire_owned()
+        .await
+        .ok()?;
+    Some((own, all))
 }
 
 /// Threads in the pool: two per core (a thread blocked in fsync leaves
@@ -243,13 +256,22 @@ impl Pool {
                     }
                 }
             }
+            // Past the open-file budget an idle upload's file is closed
+            // (after an fsync: outside the slot's lock, which the session
+            // takes to queue).
+            let idle = lock(&slot.inner).ops.is_empty();
+            if idle
+                && failed.is_none()
+                && let Some(t) = temp.as_mut()
+                && let Err(e) = t.park_if_over_budget()
+            {
+                failed = Some((e.kind(), e.to_string()));
+                if let Some(t) = temp.take() {
+                    t.discard();
+                }
+            }
             let again = {
                 let mut s = lock(&slot.inner);
-                if s.ops.is_empty()
-                    && let Some(t) = temp.as_mut()
-                {
-                    t.park_if_over_budget();
-                }
                 s.temp = temp;
                 s.failed = failed;
                 // More came meanwhile: back of the line, so one busy
@@ -275,7 +297,8 @@ impl Pool {
 }
 
 /// An upload's temporary file, written by the pool. Its API is async; no
-/// call blocks the runtime on disk I/O except `create`'s open.
+/// call blocks the runtime on disk I/O except the first `create` in a
+/// directory, which makes the directory and reads its device.
 pub struct PipedTemp {
     slot: Arc<Slot>,
     room: Arc<Semaphore>,
@@ -349,16 +372,19 @@ impl PipedTemp {
     /// Waits for every byte to be written and fsynced.
     ///
     /// The fsync runs on tokio's blocking threads, up to
-    /// [`SYNCS_PER_DEVICE`] at once, not on the pool: it waits on the
+    /// [`SYNCS_PER_DEVICE`] at once per device and [`SYNCS_IN_ALL`] in
+    /// all, not on the pool: it waits on the
     /// device, not the CPU, and the filesystem's journal commits
     /// concurrent fsyncs together (ext4, XFS). On the pool's two threads
     /// per device, 10,000 uploads ending at once queued their fsyncs two
     /// by two, seconds behind.
     pub async fn sync(mut self) -> io::Result<SyncedTemp> {
         // Taken first, so no await lies between receiving the file and
-        // handing it to its thread: a cancelled session leaves no file
-        // (cancelled here, Drop discards it).
-        let _permit = sync_permit(self.slot.dev).await;
+        // handing it to its thread. Cancelled here, Drop discards the
+        // file; cancelled after the pool or the fsync thread sent its
+        // answer but before it was read, the file stays until the temp
+        // sweep at the next start.
+        let permits = sync_permits(self.slot.dev).await;
         self.done = true;
         let (tx, rx) = oneshot::channel();
         pool().push(&self.slot, Op::Finish(tx));
@@ -367,6 +393,8 @@ impl PipedTemp {
             .map_err(|_| io::Error::other("the writer pool dropped the upload"))??;
         let (tx, rx) = oneshot::channel();
         tokio::task::spawn_blocking(move || {
+            // Held until the fsync returns, even if the session is gone.
+            let _permits = permits;
             if let Err(Ok(synced)) = tx.send(temp.sync()) {
                 let _ = std::fs::remove_file(&synced.path);
             }
