@@ -20,7 +20,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Conn, Target, connect, cpu, j, rss_kib, upload};
+use support::{Conn, Target, connect, cpu, expect, j, rss_kib, upload};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -390,16 +390,8 @@ async fn hello(t: &Target, id: &str, customer: &str) -> Result<Conn, String> {
     ))
     .await
     .map_err(|e| e.to_string())?;
-    match c.next().await {
-        Some(Ok(f)) if f.kind == Kind::Welcome => Ok(c),
-        Some(Ok(f)) => Err(format!(
-            "{:?}: {}",
-            f.kind,
-            String::from_utf8_lossy(&f.payload)
-        )),
-        Some(Err(e)) => Err(e.to_string()),
-        None => Err("closed before WELCOME".into()),
-    }
+    expect(&mut c, Kind::Welcome).await?;
+    Ok(c)
 }
 
 fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) {

@@ -116,15 +116,21 @@ pub async fn upload(mut c: Conn, size: u64) -> Result<f64, String> {
     c.send(j(Kind::End, json!({"sha256": digest})))
         .await
         .map_err(e)?;
+    expect(&mut c, Kind::Stored).await?;
+    Ok(size as f64 / t0.elapsed().as_secs_f64())
+}
+
+/// The next frame, which must be of `kind`; anything else, as a message.
+pub async fn expect(c: &mut Conn, kind: Kind) -> Result<Frame, String> {
     match c.next().await {
-        Some(Ok(f)) if f.kind == Kind::Stored => Ok(size as f64 / t0.elapsed().as_secs_f64()),
+        Some(Ok(f)) if f.kind == kind => Ok(f),
         Some(Ok(f)) => Err(format!(
             "{:?}: {}",
             f.kind,
             String::from_utf8_lossy(&f.payload)
         )),
         Some(Err(e)) => Err(e.to_string()),
-        None => Err("closed before STORED".into()),
+        None => Err(format!("closed before {kind:?}")),
     }
 }
 

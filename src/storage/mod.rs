@@ -880,12 +880,18 @@ mod tests {
         );
     }
 
+    /// A temp file holding "abc", closed until its next write.
+    fn parked(dir: &Path) -> TempFile {
+        let mut t = TempFile::create(dir).unwrap();
+        t.write(b"abc").unwrap();
+        t.park().unwrap();
+        t
+    }
+
     #[test]
     fn a_parked_temp_file_reopens_where_it_left_off() {
         let dir = tempfile::tempdir().unwrap();
-        let mut t = TempFile::create(dir.path()).unwrap();
-        t.write(b"abc").unwrap();
-        t.park().unwrap();
+        let mut t = parked(dir.path());
         assert!(t.is_parked());
         t.write(b"def").unwrap();
         assert!(!t.is_parked());
@@ -899,9 +905,7 @@ mod tests {
     #[test]
     fn a_parked_temp_file_that_changed_or_became_a_link_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        let mut t = TempFile::create(dir.path()).unwrap();
-        t.write(b"abc").unwrap();
-        t.park().unwrap();
+        let mut t = parked(dir.path());
         fs::OpenOptions::new()
             .append(true)
             .open(t.path())
@@ -911,9 +915,7 @@ mod tests {
         let e = t.write(b"def").unwrap_err();
         assert!(e.to_string().contains("changed"), "{e}");
 
-        let mut t = TempFile::create(dir.path()).unwrap();
-        t.write(b"abc").unwrap();
-        t.park().unwrap();
+        let mut t = parked(dir.path());
         let elsewhere = dir.path().join("elsewhere");
         fs::write(&elsewhere, b"abc").unwrap();
         fs::remove_file(t.path()).unwrap();
@@ -922,9 +924,7 @@ mod tests {
         assert_eq!(fs::read(&elsewhere).unwrap(), b"abc");
 
         // Another file of the same length put in its place.
-        let mut t = TempFile::create(dir.path()).unwrap();
-        t.write(b"abc").unwrap();
-        t.park().unwrap();
+        let mut t = parked(dir.path());
         let other = dir.path().join("other");
         fs::write(&other, b"xyz").unwrap();
         fs::rename(&other, t.path()).unwrap();
