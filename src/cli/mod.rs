@@ -75,6 +75,26 @@ pub enum Command {
         #[command(subcommand)]
         action: ClientsAction,
     },
+    /// The state database.
+    State {
+        /// What to do.
+        #[command(subcommand)]
+        action: StateAction,
+    },
+}
+
+/// `tollgate state …`.
+#[derive(Debug, Subcommand)]
+pub enum StateAction {
+    /// Copy the whole state from the configured database into an empty
+    /// database at URL (SQLite to PostgreSQL, or back) and verify the copy:
+    /// every table's rows, integer sums and content. Stop the daemon (every
+    /// node) first.
+    Migrate {
+        /// The target: sqlite:///path/to/state.db or postgres://user@host/db.
+        #[arg(long = "to", value_name = "URL")]
+        to: String,
+    },
 }
 
 /// `tollgate report …`.
@@ -182,6 +202,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 ClientsAction::Readmit { id } => admin::clients_readmit(&cfg()?, &id),
             }
         }
+        Command::State {
+            action: StateAction::Migrate { to },
+        } => admin::state_migrate(&load(&cli.config)?, &to),
     }
 }
 

@@ -13,6 +13,7 @@
 mod admission;
 pub mod ledger;
 mod mail;
+pub mod migrate;
 mod ops;
 mod refusals;
 pub mod requests;
@@ -103,46 +104,7 @@ impl State {
 
     /// Opens (creating if needed) the SQLite file at `path`.
     pub async fn open_sqlite(path: &Path) -> Result<State, StateError> {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            use std::os::unix::fs::DirBuilderExt;
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .map_err(|e| StateError::Io {
-                    context: format!("creating {}", dir.display()),
-                    source: e,
-                })?;
-        }
-        // Created 0600 here rather than by SQLite (which follows the
-        // umask); its -wal and -shm files copy the database's mode.
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            let made = std::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o600)
-                .open(path);
-            match made {
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-                Err(e) => {
-                    return Err(StateError::Io {
-                        context: format!("creating {}", path.display()),
-                        source: e,
-                    });
-                }
-            }
-        }
-        // WAL lets readers run beside the writer; synchronous=FULL makes every
-        // commit durable before it returns, which STORED relies on.
-        let opts = SqliteConnectOptions::new()
-            .filename(path)
-            .create_if_missing(true)
-            .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(SqliteSynchronous::Full)
-            .busy_timeout(BUSY_TIMEOUT)
-            .foreign_keys(true);
+        let opts = create_sqlite_file(path)?;
         let pool = SqlitePoolOptions::new()
             .max_connections(POOL_SIZE)
             .acquire_timeout(BUSY_TIMEOUT)
@@ -259,6 +221,51 @@ impl State {
     pub fn writer_stats(&self) -> Option<&writer::Stats> {
         self.writer.as_ref().map(|w| w.stats())
     }
+}
+
+/// Creates the SQLite file at `path` (0600, in a 0700 directory made if
+/// missing) unless it exists; the options every writer opens it with.
+pub(crate) fn create_sqlite_file(path: &Path) -> Result<SqliteConnectOptions, StateError> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| StateError::Io {
+                context: format!("creating {}", dir.display()),
+                source: e,
+            })?;
+    }
+    // Created 0600 here rather than by SQLite (which follows the
+    // umask); its -wal and -shm files copy the database's mode.
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        let made = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path);
+        match made {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(StateError::Io {
+                    context: format!("creating {}", path.display()),
+                    source: e,
+                });
+            }
+        }
+    }
+    // WAL lets readers run beside the writer; synchronous=FULL makes every
+    // commit durable before it returns, which STORED relies on.
+    Ok(SqliteConnectOptions::new()
+        .filename(path)
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(BUSY_TIMEOUT)
+        .foreign_keys(true))
 }
 
 /// A fresh secret: 32 random bytes, base64url without padding.

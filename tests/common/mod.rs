@@ -596,3 +596,76 @@ pub fn set_mode_and_mtime(p: &Path, mode: u32, mtime: std::time::SystemTime) {
         .set_modified(mtime)
         .unwrap();
 }
+
+/// A database of its own on the tests' PostgreSQL (scripts/test provides
+/// one through `TOLLGATE_TEST_DATABASE_URL`), dropped when this goes.
+pub struct PgDb {
+    /// postgres://… naming the fresh database.
+    pub url: String,
+    admin: String,
+    name: String,
+}
+
+impl PgDb {
+    /// A fresh, empty database; `None` (said loudly) where no PostgreSQL
+    /// is available and `TOLLGATE_REQUIRE_POSTGRES` is unset. CI sets it,
+    /// so there a missing server fails the test instead.
+    pub async fn create(test: &str) -> Option<PgDb> {
+        let Some(admin) = std::env::var("TOLLGATE_TEST_DATABASE_URL")
+            .ok()
+            .filter(|u| !u.is_empty())
+        else {
+            if std::env::var_os("TOLLGATE_REQUIRE_POSTGRES").is_some() {
+                panic!(
+                    "TOLLGATE_REQUIRE_POSTGRES is set but TOLLGATE_TEST_DATABASE_URL is not: run the tests through scripts/test"
+                );
+            }
+            eprintln!(
+                "SKIPPED {test}: no PostgreSQL (run scripts/test, or set TOLLGATE_TEST_DATABASE_URL)"
+            );
+            return None;
+        };
+        let mut rnd = [0u8; 6];
+        getrandom::fill(&mut rnd).unwrap();
+        let name = format!(
+            "tg_{}",
+            rnd.iter().map(|b| format!("{b:02x}")).collect::<String>()
+        );
+        let pool = sqlx::PgPool::connect(&admin).await.unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        Some(PgDb {
+            url: format!("{base}/{name}"),
+            admin,
+            name,
+        })
+    }
+}
+
+impl Drop for PgDb {
+    fn drop(&mut self) {
+        let (admin, name) = (self.admin.clone(), self.name.clone());
+        // Its own runtime: a test's runtime may be shutting down.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                if let Ok(pool) = sqlx::PgPool::connect(&admin).await {
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "DROP DATABASE IF EXISTS {name} WITH (FORCE)"
+                    )))
+                    .execute(&pool)
+                    .await;
+                    pool.close().await;
+                }
+            });
+        })
+        .join();
+    }
+}
