@@ -82,6 +82,53 @@ async fn dump(path: &Path) -> Vec<String> {
     out
 }
 
+/// (table, column, type, not null) of every column of a SQLite state, in
+/// PostgreSQL's terms.
+async fn sqlite_columns(path: &Path) -> Vec<(String, String, String, bool)> {
+    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}?mode=ro", path.display()))
+        .await
+        .unwrap();
+    let rows: Vec<(String, String, String, bool)> = sqlx::query_as(
+        "SELECT m.name, p.name, p.type, p.\"notnull\" OR p.pk
+           FROM sqlite_master m, pragma_table_info(m.name) p
+          WHERE m.type = 'table' AND m.name NOT IN ('sqlite_sequence', '_sqlx_migrations')",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    let mut out: Vec<_> = rows
+        .into_iter()
+        .map(|(t, c, ty, nn)| {
+            let ty = match ty.as_str() {
+                "INTEGER" => "bigint",
+                "TEXT" => "text",
+                "BLOB" => "bytea",
+                other => panic!("{t}.{c}: type {other}"),
+            };
+            (t, c, ty.to_string(), nn)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The same of a PostgreSQL state.
+async fn pg_columns(url: &str) -> Vec<(String, String, String, bool)> {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let mut out: Vec<(String, String, String, bool)> = sqlx::query_as(
+        "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'NO'
+           FROM information_schema.columns
+          WHERE table_schema = current_schema() AND table_name <> '_sqlx_migrations'",
+    )
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    out.sort();
+    out
+}
+
 /// Stores `files` (name, bytes) as `id` under `customer`.
 async fn backup(d: &Daemon, dir: &Path, id: &str, customer: &str, files: &[(&str, usize)]) {
     let mut o = d.opts(id);
@@ -153,6 +200,10 @@ async fn sqlite_to_postgres_and_back_keeps_every_row_and_the_status() {
     assert!(out.contains("verified: 17 tables"), "{out}");
     assert!(out.contains("files"), "{out}");
 
+    // The two schemas: the same tables and columns, types and NOT NULLs.
+    let original = dir.path().join("state").join("state.db");
+    assert_eq!(sqlite_columns(&original).await, pg_columns(&pg.url).await);
+
     // Into a database that already holds state: refused, nothing changed.
     let (code, _, err) = tollgate(&config, &["state", "migrate", "--to", &pg.url]);
     assert_eq!(code, Some(1), "{err}");
@@ -181,7 +232,6 @@ async fn sqlite_to_postgres_and_back_keeps_every_row_and_the_status() {
         0o600
     );
 
-    let original = dir.path().join("state").join("state.db");
     let (a, b) = (dump(&original).await, dump(&copy).await);
     assert!(
         a.iter()

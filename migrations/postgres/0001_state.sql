@@ -7,8 +7,11 @@
 --
 -- Types: every SQLite INTEGER is BIGINT (sqlx reads both as i64), BLOB is
 -- BYTEA. SQLite's COLLATE NOCASE becomes the nondeterministic ICU
--- collation `nocase` (equality without regard to case). Other text keeps
--- byte order ("C"), as SQLite's BINARY does, so LIST sorts the same.
+-- collation `nocase` (equality without regard to case; broader than
+-- SQLite's ASCII-only NOCASE: it also folds non-ASCII case and ignores
+-- some invisible characters). Client ids and paths sort bytewise ("C"),
+-- as SQLite's BINARY does, so LIST sorts the same; other text takes the
+-- database's default collation.
 -- Times are Unix seconds (UTC); months are "YYYY-MM" in server.timezone.
 
 CREATE COLLATION nocase (provider = icu, locale = 'und-u-ks-level2', deterministic = false);
@@ -95,13 +98,13 @@ CREATE TABLE mcal_totals (
 );
 
 CREATE FUNCTION mcal_totals_add(p_scope TEXT, p_name TEXT, p_cost BIGINT) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql SET search_path FROM CURRENT AS $$
     INSERT INTO mcal_totals (scope, name, total) VALUES (p_scope, p_name, p_cost)
         ON CONFLICT (scope, name) DO UPDATE SET total = mcal_totals.total + excluded.total;
 $$;
 
 CREATE FUNCTION mcal_totals_keep() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET search_path FROM CURRENT AS $$
 BEGIN
     IF TG_OP IN ('DELETE', 'UPDATE') THEN
         UPDATE mcal_totals SET total = total - OLD.cost WHERE scope = 'global' AND name = '';
@@ -151,7 +154,6 @@ CREATE TABLE refusals (
     count    BIGINT NOT NULL CHECK (count > 0),
     PRIMARY KEY (at, source, code, customer)
 );
-CREATE INDEX refusals_by_time ON refusals (at);
 CREATE INDEX refusals_by_client ON refusals (client, at);
 
 CREATE TABLE client_events (

@@ -43,6 +43,7 @@ pg_start() {
     }
   fi
   PG_DIR=$(mktemp -d /tmp/tollgate-pg.XXXXXX)
+  trap pg_stop EXIT
   local run=()
   if [[ $(id -u) == 0 ]]; then
     # PostgreSQL refuses to run as root.
@@ -50,11 +51,20 @@ pg_start() {
     run=(setpriv --reuid=nobody --regid=nogroup --clear-groups --)
   fi
   PG_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  (cd "$PG_DIR" && "${run[@]}" "$bin/initdb" -D "$PG_DIR/data" -U tollgate -A trust -E UTF8 --no-sync >"$PG_DIR/initdb.log" 2>&1) || {
+  # A password, not trust: other users of this machine can reach a
+  # loopback port.
+  local pw
+  pw=$(head -c 18 /dev/urandom | base64 | tr '+/' '-_')
+  printf '%s\n' "$pw" >"$PG_DIR/pwfile"
+  chmod 600 "$PG_DIR/pwfile"
+  [[ $(id -u) == 0 ]] && chown nobody "$PG_DIR/pwfile"
+  (cd "$PG_DIR" && "${run[@]}" "$bin/initdb" -D "$PG_DIR/data" -U tollgate -A scram-sha-256 \
+    --pwfile="$PG_DIR/pwfile" -E UTF8 --no-sync >"$PG_DIR/initdb.log" 2>&1) || {
     cat "$PG_DIR/initdb.log" >&2
     echo "scripts/test: initdb failed" >&2
     exit 1
   }
+  rm -f "$PG_DIR/pwfile"
   PG_RUN=("${run[@]}")
   PG_BIN=$bin
   (cd "$PG_DIR" && "${run[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -s \
@@ -63,14 +73,18 @@ pg_start() {
     echo "scripts/test: PostgreSQL did not start" >&2
     exit 1
   }
-  trap pg_stop EXIT
-  export TOLLGATE_TEST_DATABASE_URL="postgres://tollgate@127.0.0.1:$PG_PORT/postgres"
+  export TOLLGATE_TEST_DATABASE_URL="postgres://tollgate:$pw@127.0.0.1:$PG_PORT/postgres"
   echo "scripts/test: PostgreSQL $("$bin/postgres" --version | awk '{print $3}') on 127.0.0.1:$PG_PORT (data in $PG_DIR)"
 }
 
 pg_stop() {
   [[ -n ${PG_DIR:-} ]] || return 0
-  (cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -s stop) >/dev/null 2>&1 || true
+  if [[ -n ${PG_BIN:-} && -f $PG_DIR/data/postmaster.pid ]] &&
+    ! (cd "$PG_DIR" && "${PG_RUN[@]}" "$PG_BIN/pg_ctl" -D "$PG_DIR/data" -m immediate -s -w stop) >/dev/null 2>&1; then
+    echo "scripts/test: PostgreSQL in $PG_DIR did not stop; left there" >&2
+    PG_DIR=
+    return 0
+  fi
   rm -rf "$PG_DIR"
   PG_DIR=
 }

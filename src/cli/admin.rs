@@ -739,6 +739,8 @@ pub fn state_migrate(cfg: &Config, to: &str) -> anyhow::Result<ExitCode> {
         let source = Source::open(cfg)
             .await
             .with_context(|| format!("opening the source {from}"))?;
+        // Before the target is touched.
+        source.db.check_schema().await?;
         let target = Db::open_target(to, &source.db)
             .await
             .with_context(|| format!("opening the target {to_shown}"))?;

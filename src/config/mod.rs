@@ -158,15 +158,65 @@ impl fmt::Debug for StateUrl {
     }
 }
 
-/// Replaces the password of `scheme://user:password@host` with `***`.
-pub fn redact_url(url: &str) -> String {
-    if let Some((scheme, rest)) = url.split_once("://")
-        && let Some((auth, host)) = rest.split_once('@')
-        && let Some((user, _)) = auth.split_once(':')
-    {
-        return format!("{scheme}://{user}:***@{host}");
+/// A URL fit to show: its password, in the user part or a `password`
+/// query parameter (which sqlx honours), replaced with `***`. Parsed as
+/// URLs are (the `url` crate, WHATWG rules: the user part ends at the last
+/// `@`); one that does not parse is not shown at all.
+pub fn redact_url(u: &str) -> String {
+    let Ok(mut p) = url::Url::parse(u) else {
+        return "(a URL that does not parse; not shown)".into();
+    };
+    if p.password().is_some() {
+        let _ = p.set_password(Some("***"));
     }
-    url.to_string()
+    if p.query().is_some() {
+        let pairs: Vec<(String, String)> = p
+            .query_pairs()
+            .map(|(k, v)| {
+                let v = if k.eq_ignore_ascii_case("password") {
+                    "***".to_string()
+                } else {
+                    v.into_owned()
+                };
+                (k.into_owned(), v)
+            })
+            .collect();
+        p.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+    p.to_string()
+}
+
+#[cfg(test)]
+mod redact_tests {
+    use super::redact_url;
+
+    #[test]
+    fn no_password_is_shown() {
+        for (url, shown) in [
+            ("postgres://u:hunter2@db/x", "postgres://u:***@db/x"),
+            ("postgres://u:p@ss@db/x", "postgres://u:***@db/x"),
+            (
+                "postgres://u@db/x?password=hunter2&sslmode=require",
+                "postgres://u@db/x?password=***&sslmode=require",
+            ),
+            (
+                "postgres://u@db/x?PASSWORD=hunter2",
+                "postgres://u@db/x?PASSWORD=***",
+            ),
+            (
+                "smtp://mailer:hunter2@mail.example:587",
+                "smtp://mailer:***@mail.example:587",
+            ),
+            ("postgres://u@db/x", "postgres://u@db/x"),
+            (
+                "not a url hunter2",
+                "(a URL that does not parse; not shown)",
+            ),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+            assert!(!redact_url(url).contains("hunter2"));
+        }
+    }
 }
 
 /// `[server.tls]`.

@@ -411,6 +411,23 @@ impl Db {
                 ));
             }
             let path = PathBuf::from(p);
+            // Absolute, and not through a symbolic link: run as root, the
+            // command must not be led to write the state elsewhere.
+            if !path.is_absolute() {
+                return Err(MigrateError::Target(format!(
+                    "--to: give the SQLite target as an absolute path (sqlite:///…), not {}",
+                    path.display()
+                )));
+            }
+            match std::fs::symlink_metadata(&path) {
+                Ok(m) if !m.file_type().is_file() => {
+                    return Err(MigrateError::Target(format!(
+                        "--to: {} exists and is not a regular file",
+                        path.display()
+                    )));
+                }
+                _ => {}
+            }
             Ok(Db::Sqlite(create_sqlite(&path).await?, path))
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             let pool = connect_postgres(url).await?;
@@ -432,7 +449,7 @@ impl Db {
     }
 
     /// Fails unless the schema is this binary's newest.
-    async fn check_schema(&self) -> Result<(), MigrateError> {
+    pub async fn check_schema(&self) -> Result<(), MigrateError> {
         let (have, want): (Option<i64>, i64) = match self {
             Db::Sqlite(p, _) => (
                 sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
@@ -448,33 +465,12 @@ impl Db {
             ),
         };
         let have = have.unwrap_or(0);
-        if have < want {
+        // A newer schema may hold tables and columns this binary would
+        // not copy.
+        if have != want {
             return Err(MigrateError::SourceSchema { have, want });
         }
         Ok(())
-    }
-
-    /// The first table that holds a row.
-    async fn first_nonempty(&self) -> Result<Option<&'static str>, MigrateError> {
-        for t in TABLES {
-            let q = format!("SELECT EXISTS (SELECT 1 FROM {})", t.name);
-            let any = match self {
-                Db::Sqlite(p, _) => {
-                    sqlx::query_scalar::<_, bool>(AssertSqlSafe(q.clone()))
-                        .fetch_one(p)
-                        .await?
-                }
-                Db::Postgres(p) => {
-                    sqlx::query_scalar::<_, bool>(AssertSqlSafe(q.clone()))
-                        .fetch_one(p)
-                        .await?
-                }
-            };
-            if any {
-                return Ok(Some(t.name));
-            }
-        }
-        Ok(None)
     }
 
     /// Closes the connections.
@@ -500,16 +496,35 @@ impl Source {
     pub async fn open(cfg: &crate::config::Config) -> Result<Source, MigrateError> {
         match &cfg.server.state {
             crate::config::StateUrl::Sqlite(path) => {
-                let st = super::State::open_readonly(cfg).await?;
-                let Some(lock) = st.lock_daemon()? else {
+                if !path.exists() {
+                    return Err(MigrateError::Target(format!(
+                        "there is no state database at {} yet",
+                        path.display()
+                    )));
+                }
+                let mut lock_path = path.clone().into_os_string();
+                lock_path.push(".lock");
+                let Some(lock) = super::requests::lock_daemon_at(lock_path.into())? else {
                     return Err(MigrateError::Target(format!(
                         "a tollgate daemon is serving {} (it holds {}.lock): stop it first, so that nothing changes during the copy",
                         path.display(),
                         path.display()
                     )));
                 };
+                // Read-write, not read-only: committed transactions still
+                // in the -wal file must be read (an immutable reader skips
+                // them), and the copy holds the write lock throughout.
+                let opts = sqlx::sqlite::SqliteConnectOptions::new()
+                    .filename(path)
+                    .create_if_missing(false)
+                    .busy_timeout(BUSY_TIMEOUT);
+                let pool = SqlitePoolOptions::new()
+                    .max_connections(2)
+                    .acquire_timeout(BUSY_TIMEOUT)
+                    .connect_with(opts)
+                    .await?;
                 Ok(Source {
-                    db: Db::Sqlite(st.pool.clone(), path.clone()),
+                    db: Db::Sqlite(pool, path.clone()),
                     _lock: Some(lock),
                 })
             }
@@ -709,8 +724,120 @@ macro_rules! counter_of {
     }};
 }
 
+/// Every table's figures on an open transaction, as it sees them now.
+macro_rules! figures_on {
+    ($kind:tt, $conn:expr) => {{
+        let mut out = Vec::new();
+        for t in TABLES {
+            let mut f = Figures::new(t);
+            each_row!($conn, t, |row| {
+                f.add(t, &row);
+            });
+            let counter = match t.counter {
+                Some(_) => Some(counter_of!($kind, $conn, t, f.max_counter)),
+                None => None,
+            };
+            out.push(f.check(t, counter));
+        }
+        out
+    }};
+}
+
+/// Copies every table from `$src` to `$dst` (open transactions), setting
+/// the target's counters; the source's figures, in TABLES order.
+macro_rules! copy_tables {
+    ($skind:tt, $src:expr, $dkind:tt, $dst:expr, $ph:expr, $progress:expr) => {{
+        let mut out = Vec::new();
+        for t in TABLES {
+            let mut f = Figures::new(t);
+            let mut batch: Vec<Vec<Value>> = Vec::new();
+            let per = (BATCH_PARAMS / t.columns.len()).max(1);
+            if t.name == "mcal_totals" {
+                sqlx::query("DELETE FROM mcal_totals")
+                    .execute(&mut *$dst)
+                    .await?;
+            }
+            each_row!($src, t, |row| {
+                f.add(t, &row);
+                batch.push(row);
+                if batch.len() >= per {
+                    insert_batch!($dst, t, &batch, $ph);
+                    batch.clear();
+                }
+            });
+            insert_batch!($dst, t, &batch, $ph);
+            let counter = match t.counter {
+                Some(_) => {
+                    let hw = counter_of!($skind, $src, t, f.max_counter);
+                    set_counter!($dkind, $dst, t, hw);
+                    Some(hw)
+                }
+                None => None,
+            };
+            let c = f.check(t, counter);
+            $progress(&c);
+            out.push(c);
+        }
+        out
+    }};
+}
+
+/// Sets the target's counter of `t` to exactly `hw` (a failed earlier
+/// attempt may have moved it: sequences are not transactional).
+macro_rules! set_counter {
+    (postgres, $conn:expr, $t:expr, $hw:expr) => {{
+        let (value, called) = if $hw > 0 { ($hw, true) } else { (1, false) };
+        sqlx::query("SELECT setval(pg_get_serial_sequence($1, $2)::regclass, $3, $4)")
+            .bind($t.name)
+            .bind($t.counter.unwrap_or_default())
+            .bind(value)
+            .bind(called)
+            .execute(&mut *$conn)
+            .await?;
+    }};
+    (sqlite, $conn:expr, $t:expr, $hw:expr) => {{
+        // admin_requests has no AUTOINCREMENT (no row in sqlite_sequence):
+        // its next id is max + 1.
+        if sqlite_autoincrement($t.name) {
+            sqlx::query("DELETE FROM sqlite_sequence WHERE name = ?")
+                .bind($t.name)
+                .execute(&mut *$conn)
+                .await?;
+            if $hw > 0 {
+                sqlx::query("INSERT INTO sqlite_sequence (name, seq) VALUES (?1, ?2)")
+                    .bind($t.name)
+                    .bind($hw)
+                    .execute(&mut *$conn)
+                    .await?;
+            }
+        }
+    }};
+}
+
+/// Fails with the first table of the open target transaction that holds a row.
+macro_rules! must_be_empty {
+    ($conn:expr) => {{
+        for t in TABLES {
+            let q = format!("SELECT EXISTS (SELECT 1 FROM {})", t.name);
+            let any: bool = sqlx::query_scalar(AssertSqlSafe(q))
+                .fetch_one(&mut *$conn)
+                .await?;
+            if any {
+                return Err(MigrateError::NotEmpty { table: t.name });
+            }
+        }
+    }};
+}
+
 /// Copies `source` into the empty `target` and verifies the copy.
 /// `progress` hears each table as it is copied.
+///
+/// Both sides stay in one transaction throughout: the source's is a
+/// snapshot that also keeps SQLite's other writers (`report send`,
+/// `clients readmit`) waiting; the target's holds its write lock from the
+/// emptiness check to the commit. The target is read back inside its own
+/// transaction, and committed only when every figure matches, so a copy
+/// that does not verify leaves nothing behind.
 pub async fn migrate(
     source: &Db,
     target: &Db,
@@ -720,125 +847,55 @@ pub async fn migrate(
         return Err(same_kind());
     }
     source.check_schema().await?;
-    if let Some(table) = target.first_nonempty().await? {
-        return Err(MigrateError::NotEmpty { table });
-    }
-    let copied = match (source, target) {
+    let (copied, read_back) = match (source, target) {
         (Db::Sqlite(s, _), Db::Postgres(d)) => {
-            let mut src = s.begin().await?;
+            let mut src = s.begin_with("BEGIN IMMEDIATE").await?;
             let mut dst = d.begin().await?;
-            let mut out = Vec::new();
-            for t in TABLES {
-                let mut f = Figures::new(t);
-                let mut batch: Vec<Vec<Value>> = Vec::new();
-                let per = (BATCH_PARAMS / t.columns.len()).max(1);
-                if t.name == "mcal_totals" {
-                    sqlx::query("DELETE FROM mcal_totals")
-                        .execute(&mut *dst)
-                        .await?;
-                }
-                each_row!(src, t, |row| {
-                    f.add(t, &row);
-                    batch.push(row);
-                    if batch.len() >= per {
-                        insert_batch!(dst, t, &batch, |n| format!("${n}"));
-                        batch.clear();
-                    }
-                });
-                insert_batch!(dst, t, &batch, |n| format!("${n}"));
-                let counter = match t.counter {
-                    Some(col) => {
-                        let hw = counter_of!(sqlite, src, t, f.max_counter);
-                        if hw > 0 {
-                            sqlx::query(
-                                "SELECT setval(pg_get_serial_sequence($1, $2)::regclass, $3)",
-                            )
-                            .bind(t.name)
-                            .bind(col)
-                            .bind(hw)
-                            .execute(&mut *dst)
-                            .await?;
-                        }
-                        Some(hw)
-                    }
-                    None => None,
-                };
-                let c = f.check(t, counter);
-                progress(&c);
-                out.push(c);
+            let names: Vec<&str> = TABLES.iter().map(|t| t.name).collect();
+            sqlx::query(AssertSqlSafe(format!(
+                "LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                names.join(", ")
+            )))
+            .execute(&mut *dst)
+            .await?;
+            must_be_empty!(dst);
+            let copied = copy_tables!(sqlite, src, postgres, dst, |n| format!("${n}"), progress);
+            let read_back = figures_on!(postgres, dst);
+            if let Some(e) = mismatch(&copied, &read_back) {
+                return Err(e);
             }
             dst.commit().await?;
             src.rollback().await?;
-            out
+            (copied, read_back)
         }
         (Db::Postgres(s), Db::Sqlite(d, _)) => {
             let mut src = s.begin().await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *src)
                 .await?;
-            let mut dst = d.begin().await?;
-            let mut out = Vec::new();
-            for t in TABLES {
-                let mut f = Figures::new(t);
-                let mut batch: Vec<Vec<Value>> = Vec::new();
-                let per = (BATCH_PARAMS / t.columns.len()).max(1);
-                if t.name == "mcal_totals" {
-                    sqlx::query("DELETE FROM mcal_totals")
-                        .execute(&mut *dst)
-                        .await?;
-                }
-                each_row!(src, t, |row| {
-                    f.add(t, &row);
-                    batch.push(row);
-                    if batch.len() >= per {
-                        insert_batch!(dst, t, &batch, |n| format!("?{n}"));
-                        batch.clear();
-                    }
-                });
-                insert_batch!(dst, t, &batch, |n| format!("?{n}"));
-                let counter = match t.counter {
-                    Some(_) => {
-                        let hw = counter_of!(postgres, src, t, f.max_counter);
-                        // admin_requests has no AUTOINCREMENT (and no row
-                        // in sqlite_sequence): its next id is max + 1.
-                        if hw > 0 && sqlite_autoincrement(t.name) {
-                            let updated = sqlx::query(
-                                "UPDATE sqlite_sequence SET seq = MAX(seq, ?1) WHERE name = ?2",
-                            )
-                            .bind(hw)
-                            .bind(t.name)
-                            .execute(&mut *dst)
-                            .await?
-                            .rows_affected();
-                            if updated == 0 {
-                                sqlx::query(
-                                    "INSERT INTO sqlite_sequence (name, seq) VALUES (?1, ?2)",
-                                )
-                                .bind(t.name)
-                                .bind(hw)
-                                .execute(&mut *dst)
-                                .await?;
-                            }
-                        }
-                        Some(hw)
-                    }
-                    None => None,
-                };
-                let c = f.check(t, counter);
-                progress(&c);
-                out.push(c);
+            let mut dst = d.begin_with("BEGIN IMMEDIATE").await?;
+            must_be_empty!(dst);
+            let copied = copy_tables!(postgres, src, sqlite, dst, |n| format!("?{n}"), progress);
+            let read_back = figures_on!(sqlite, dst);
+            if let Some(e) = mismatch(&copied, &read_back) {
+                return Err(e);
             }
             dst.commit().await?;
             src.rollback().await?;
-            out
+            (copied, read_back)
         }
-        _ => unreachable!("same kinds are refused above"),
+        _ => return Err(same_kind()),
     };
-    let read_back = figures(target).await?;
-    for (a, b) in copied.iter().zip(&read_back) {
+    let _ = read_back;
+    Ok(Migrated { tables: copied })
+}
+
+/// The first table whose figures differ between the source and the copy.
+fn mismatch(copied: &[TableCheck], read_back: &[TableCheck]) -> Option<MigrateError> {
+    for (a, b) in copied.iter().zip(read_back) {
+        // admin_requests' counter is max(id) on SQLite, however far the
+        // PostgreSQL sequence went: compared where both keep one.
         let strip = |c: &TableCheck| TableCheck {
-            // The target's counter is checked by figures() only where it
-            // is defined the same way on both sides.
             counter: if sqlite_autoincrement(c.table) {
                 c.counter
             } else {
@@ -847,14 +904,14 @@ pub async fn migrate(
             ..c.clone()
         };
         if strip(a) != strip(b) {
-            return Err(MigrateError::Mismatch {
+            return Some(MigrateError::Mismatch {
                 table: a.table,
                 source_figures: describe(a),
                 target_figures: describe(b),
             });
         }
     }
-    Ok(Migrated { tables: copied })
+    None
 }
 
 /// Whether SQLite keeps `table`'s counter in `sqlite_sequence`.
@@ -879,43 +936,23 @@ fn describe(c: &TableCheck) -> String {
 
 /// Every table's figures as `db` holds them now (one snapshot).
 pub async fn figures(db: &Db) -> Result<Vec<TableCheck>, MigrateError> {
-    let mut out = Vec::new();
-    match db {
+    Ok(match db {
         Db::Sqlite(p, _) => {
             let mut c = p.begin().await?;
-            for t in TABLES {
-                let mut f = Figures::new(t);
-                each_row!(c, t, |row| {
-                    f.add(t, &row);
-                });
-                let counter = match t.counter {
-                    Some(_) => Some(counter_of!(sqlite, c, t, f.max_counter)),
-                    None => None,
-                };
-                out.push(f.check(t, counter));
-            }
+            let out = figures_on!(sqlite, c);
             c.rollback().await?;
+            out
         }
         Db::Postgres(p) => {
             let mut c = p.begin().await?;
             sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
                 .execute(&mut *c)
                 .await?;
-            for t in TABLES {
-                let mut f = Figures::new(t);
-                each_row!(c, t, |row| {
-                    f.add(t, &row);
-                });
-                let counter = match t.counter {
-                    Some(_) => Some(counter_of!(postgres, c, t, f.max_counter)),
-                    None => None,
-                };
-                out.push(f.check(t, counter));
-            }
+            let out = figures_on!(postgres, c);
             c.rollback().await?;
+            out
         }
-    }
-    Ok(out)
+    })
 }
 
 #[cfg(test)]

@@ -116,8 +116,14 @@ impl State {
     /// Takes the state's lock if nobody holds it: `None` while a daemon
     /// (or another command changing clients) holds it.
     pub fn lock_daemon(&self) -> Result<Option<DaemonLock>, StateError> {
+        lock_daemon_at(self.lock_path())
+    }
+}
+
+/// [`State::lock_daemon`] on the lock file at `path`.
+pub(crate) fn lock_daemon_at(path: PathBuf) -> Result<Option<DaemonLock>, StateError> {
+    {
         use std::os::unix::fs::OpenOptionsExt;
-        let path = self.lock_path();
         let io = |e: std::io::Error| StateError::Io {
             context: format!("opening {}", path.display()),
             source: e,
@@ -151,7 +157,9 @@ impl State {
             Err(e) => Err(io(e.into())),
         }
     }
+}
 
+impl State {
     /// Records `change` for the daemon; returns the request's id.
     pub async fn request(&self, change: &Change) -> Result<i64, StateError> {
         let (kind, client, customer, purge) = match change {

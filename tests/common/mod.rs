@@ -637,9 +637,10 @@ impl PgDb {
             .await
             .unwrap();
         pool.close().await;
-        let base = admin.rsplit_once('/').map(|(b, _)| b).unwrap_or(&admin);
+        let mut url = url::Url::parse(&admin).unwrap();
+        url.set_path(&name);
         Some(PgDb {
-            url: format!("{base}/{name}"),
+            url: url.to_string(),
             admin,
             name,
         })
