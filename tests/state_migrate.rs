@@ -119,7 +119,10 @@ async fn pg_columns(url: &str) -> Vec<(String, String, String, bool)> {
     let mut out: Vec<(String, String, String, bool)> = sqlx::query_as(
         "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'NO'
            FROM information_schema.columns
-          WHERE table_schema = current_schema() AND table_name <> '_sqlx_migrations'",
+          WHERE table_schema = current_schema()
+            -- PostgreSQL's own: the cluster's nodes and holds
+            -- (migrations/postgres/0002_cluster.sql).
+            AND table_name NOT IN ('_sqlx_migrations', 'nodes', 'held')",
     )
     .fetch_all(&pool)
     .await

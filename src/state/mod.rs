@@ -15,6 +15,7 @@ pub mod ledger;
 mod mail;
 pub mod migrate;
 mod ops;
+pub mod postgres;
 mod refusals;
 pub mod requests;
 mod retention;

@@ -620,7 +620,11 @@ impl PgDb {
                     "TOLLGATE_REQUIRE_POSTGRES is set but TOLLGATE_TEST_DATABASE_URL is not: run the tests through scripts/test"
                 );
             }
-            eprintln!(
+            // Straight to stderr: the test harness captures eprintln!, and
+            // a skip must be seen.
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED {test}: no PostgreSQL (run scripts/test, or set TOLLGATE_TEST_DATABASE_URL)"
             );
             return None;

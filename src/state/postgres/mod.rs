@@ -1,0 +1,327 @@
+//! The PostgreSQL backend (issue 14), as far as it goes: what several
+//! nodes on one database must agree on. So far, the cluster's nodes with
+//! their leases, and the reservations of uploads in flight as rows
+//! ([`Cluster`]), exact across nodes. The daemon does not run on it yet
+//! (docs/scale-out.md).
+//!
+//! Exactness. A reservation takes, in one READ COMMITTED transaction,
+//! a transaction-scoped advisory lock for each level above the client
+//! that has a space allotment, always in the order server, reseller,
+//! customer, client; then reads committed usage and the live holds, asks
+//! `policy::space`, and inserts its row. Two reservations that could
+//! overdraw the same level both lock it, so one sees the other's row; the
+//! fixed order rules out deadlocks between them. Advisory locks rather
+//! than row locks: no row needs to exist per level, and nothing bloats.
+//! An operation that still meets a serialization failure or a deadlock
+//! (SQLSTATE 40001, 40P01; sqlx does not classify them) is run again.
+//!
+//! Liveness. Each node has a lease in `nodes`, renewed by its heartbeat.
+//! Holds count only while their node's lease runs, so a node that died
+//! stops holding space within one lease; [`Cluster::reclaim`] then deletes
+//! its rows. A node that starts again under its name drops what it held
+//! before, as a single node drops its reservations at start.
+
+use super::StateError;
+use super::ledger::Held;
+use super::ops::QuotaExceeded;
+use crate::config::{Config, CustomerId};
+use crate::policy::space;
+use sha2::{Digest, Sha256};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Connection, PgConnection, Row};
+use std::str::FromStr;
+use std::time::Duration;
+
+/// How long a node's lease runs after each heartbeat unless configured.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Attempts of an operation that meets 40001 or 40P01.
+const ATTEMPTS: usize = 5;
+
+/// The database's clock in milliseconds: one clock for every node.
+const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+
+/// Whether `e` is a serialization failure or a deadlock, which PostgreSQL
+/// asks the client to retry.
+pub fn retryable(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40001" | "40P01")))
+}
+
+/// One node's view of the cluster's shared state.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pool: PgPool,
+    node: String,
+    lease: Duration,
+}
+
+impl Cluster {
+    /// Connects, brings the schema up to date, drops what this node held
+    /// in an earlier run and takes its lease.
+    pub async fn open(url: &str, node: &str, lease: Duration) -> Result<Cluster, StateError> {
+        let opts = PgConnectOptions::from_str(url)?;
+        // One connection first: a pool retries a refused connection until
+        // its acquire timeout.
+        PgConnection::connect_with(&opts).await?.close().await?;
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .acquire_timeout(super::BUSY_TIMEOUT)
+            .connect_with(opts)
+            .await?;
+        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let c = Cluster {
+            pool,
+            node: node.to_string(),
+            lease,
+        };
+        let mut tx = c.pool.begin().await?;
+        sqlx::query("DELETE FROM held WHERE node = $1")
+            .bind(node)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO nodes (name, started_ms, expires_ms) VALUES ($1, {NOW_MS}, {NOW_MS} + $2)
+             ON CONFLICT (name) DO UPDATE SET started_ms = excluded.started_ms, expires_ms = excluded.expires_ms"
+        )))
+        .bind(node)
+        .bind(c.lease_ms())
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(c)
+    }
+
+    fn lease_ms(&self) -> i64 {
+        i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 4)
+    }
+
+    /// This node's name.
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// The pool, for the operations still being built on it.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Renews this node's lease; run it several times per lease. Returns
+    /// false when the lease had already run out: the other nodes may have
+    /// reclaimed what this node held, and its uploads in flight must be
+    /// treated as unreserved.
+    pub async fn heartbeat(&self) -> Result<bool, StateError> {
+        let alive: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "WITH before AS (SELECT expires_ms FROM nodes WHERE name = $1 FOR UPDATE)
+             UPDATE nodes SET expires_ms = {NOW_MS} + $2 FROM before WHERE name = $1
+             RETURNING before.expires_ms > {NOW_MS}"
+        )))
+        .bind(&self.node)
+        .bind(self.lease_ms())
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(alive.unwrap_or(false))
+    }
+
+    /// Deletes the holds of nodes whose lease has run out (they stopped
+    /// counting when it did); returns how many. Any node may run it.
+    pub async fn reclaim(&self) -> Result<u64, StateError> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM held h USING nodes n WHERE h.node = n.name AND n.expires_ms <= {NOW_MS}"
+        )))
+        .execute(&self.pool)
+        .await?
+        .rows_affected())
+    }
+
+    /// Reserves `size` bytes for an upload by `client` at every level
+    /// (PROTOCOL.md Upload), exactly across nodes; returns the hold's id.
+    pub async fn reserve_space(
+        &self,
+        cfg: &Config,
+        client: &str,
+        size: u64,
+        at: jiff::Timestamp,
+    ) -> Result<Result<i64, QuotaExceeded>, StateError> {
+        let mut tries = 0;
+        loop {
+            match self.try_reserve(cfg, client, size, at).await {
+                Err(StateError::Db(e)) if retryable(&e) && tries + 1 < ATTEMPTS => tries += 1,
+                r => return r,
+            }
+        }
+    }
+
+    async fn try_reserve(
+        &self,
+        cfg: &Config,
+        client: &str,
+        size: u64,
+        at: jiff::Timestamp,
+    ) -> Result<Result<i64, QuotaExceeded>, StateError> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<(String, String)> =
+            sqlx::query_as("SELECT id, customer FROM clients WHERE id = $1 COLLATE nocase")
+                .bind(client)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((id, customer)) = row.and_then(|(id, c)| Some((id, cfg.customer_by_name(&c)?)))
+        else {
+            return Err(StateError::Inconsistent(format!(
+                "client {client:?} is not registered under a known customer"
+            )));
+        };
+        let declared = cfg.declared_client(&id);
+        for key in lock_keys(cfg, customer, &id, declared) {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(key)
+                .execute(&mut *tx)
+                .await?;
+        }
+        let members = members(cfg, customer);
+        let cust = &cfg.customer(customer).name;
+        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT
+               (SELECT used FROM clients WHERE id = $1),
+               COALESCE((SELECT used FROM customer_usage WHERE customer = $2), 0),
+               COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer = ANY($3)), 0)::bigint,
+               COALESCE((SELECT SUM(used) FROM customer_usage), 0)::bigint,
+               COALESCE(SUM(h.size) FILTER (WHERE h.client = $1), 0)::bigint,
+               COALESCE(SUM(h.size) FILTER (WHERE h.customer = $2), 0)::bigint,
+               COALESCE(SUM(h.size) FILTER (WHERE h.customer = ANY($3)), 0)::bigint,
+               COALESCE(SUM(h.size), 0)::bigint
+             FROM held h JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}"
+        )))
+        .bind(&id)
+        .bind(cust)
+        .bind(&members)
+        .fetch_one(&mut *tx)
+        .await?;
+        let get = |i: usize| -> Result<i64, sqlx::Error> { r.try_get::<i64, _>(i) };
+        let held = Held {
+            client: get(4)? as u64,
+            customer: get(5)? as u64,
+            reseller: get(6)? as u64,
+            server: get(7)? as u64,
+        };
+        let has_reseller = cfg.customer(customer).reseller.is_some();
+        let usage = held.with_committed(get(0)?, get(1)?, has_reseller.then_some(get(2)?), get(3)?);
+        let levels = space::levels(cfg, customer, declared, &usage);
+        if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
+            return Ok(Err(QuotaExceeded {
+                left: space::space_left(&levels).unwrap_or(0),
+                level,
+                allotted,
+                taken,
+            }));
+        }
+        let hold: i64 = sqlx::query_scalar(
+            "INSERT INTO held (node, client, customer, size, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+        )
+        .bind(&self.node)
+        .bind(&id)
+        .bind(cust)
+        .bind(i64::try_from(size).unwrap_or(i64::MAX))
+        .bind(at.as_second())
+        .fetch_one(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(Ok(hold))
+    }
+
+    /// Releases this node's hold `id` (an upload failed or was abandoned);
+    /// false when it was not this node's or is gone.
+    pub async fn release_reservation(&self, id: i64) -> Result<bool, StateError> {
+        Ok(sqlx::query("DELETE FROM held WHERE id = $1 AND node = $2")
+            .bind(id)
+            .bind(&self.node)
+            .execute(&self.pool)
+            .await?
+            .rows_affected()
+            == 1)
+    }
+
+    /// Bytes held now by live nodes, over every client.
+    pub async fn reserved_total(&self) -> Result<u64, StateError> {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COALESCE(SUM(h.size), 0)::bigint FROM held h
+               JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}"
+        )))
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(n.max(0) as u64)
+    }
+
+    /// Closes the pool (the lease runs out by itself).
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// The names of the customers sharing `customer`'s reseller (none without).
+fn members(cfg: &Config, customer: CustomerId) -> Vec<String> {
+    match cfg.customer(customer).reseller {
+        None => Vec::new(),
+        Some(r) => cfg
+            .reseller(r)
+            .customers
+            .iter()
+            .map(|&c| cfg.customer(c).name.clone())
+            .collect(),
+    }
+}
+
+/// The advisory lock keys of the levels above `client` that have a space
+/// allotment, in the one order every node takes them: server, reseller,
+/// customer, client. A level without an allotment decides nothing, so
+/// reservations there need not wait for each other.
+fn lock_keys(
+    cfg: &Config,
+    customer: CustomerId,
+    client: &str,
+    declared: Option<crate::config::DeclaredClientId>,
+) -> Vec<i64> {
+    let cust = cfg.customer(customer);
+    let mut keys = Vec::new();
+    if cfg.server.total_space.is_some() {
+        keys.push(lock_key("server", ""));
+    }
+    if let Some(r) = cust.reseller
+        && cfg.reseller(r).space.is_some()
+    {
+        keys.push(lock_key("reseller", &cfg.reseller(r).name));
+    }
+    if cust.space.is_some() {
+        keys.push(lock_key("customer", &cust.name));
+    }
+    if declared.and_then(|d| cfg.client(d).space).is_some() {
+        keys.push(lock_key("client", client));
+    }
+    keys
+}
+
+/// A 64-bit advisory lock key for one level. Names compare without regard
+/// to case, as the database compares them. A collision between two keys
+/// only makes unrelated reservations wait for each other.
+fn lock_key(level: &str, name: &str) -> i64 {
+    let mut h = Sha256::new();
+    h.update(b"tollgate space\0");
+    h.update(level.as_bytes());
+    h.update(b"\0");
+    h.update(name.to_lowercase().as_bytes());
+    let d = h.finalize();
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&d[..8]);
+    i64::from_le_bytes(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_keys_ignore_case_and_tell_levels_apart() {
+        assert_eq!(lock_key("customer", "Acme"), lock_key("customer", "ACME"));
+        assert_ne!(lock_key("customer", "acme"), lock_key("reseller", "acme"));
+        assert_ne!(lock_key("customer", "a"), lock_key("customer", "b"));
+    }
+}
