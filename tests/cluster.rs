@@ -178,3 +178,154 @@ async fn a_dead_node_stops_holding_space_within_its_lease() {
     let again = Cluster::open(&pg.url, "living", lease).await.unwrap();
     assert_eq!(again.reserved_total().await.unwrap(), 0);
 }
+
+/// A config of one customer (no reseller) with `extra` keys, and `server`
+/// keys (e.g. an MCAL pool).
+fn admission_config(dir: &std::path::Path, server: &str, extra: &str) -> Config {
+    let d = dir.display();
+    let path = write_config(
+        dir,
+        "",
+        &format!(
+            "{server}\n[[reseller]]\nname = \"r\"\n\
+             [[customer]]\nname = \"Acme\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"{d}/acme\"\nauto_add_clients = true\n{extra}\n"
+        ),
+    );
+    Config::load(&path).unwrap()
+}
+
+/// 100 first backups, new clients C0..C99, spread over three nodes, all at
+/// once; the codes of the refusals, and how many were admitted.
+async fn race_first_backups(url: &str, cfg: Config) -> (usize, Vec<&'static str>) {
+    let cfg = std::sync::Arc::new(cfg);
+    let mut nodes = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        nodes.push(
+            Cluster::open(url, n, Duration::from_secs(60))
+                .await
+                .unwrap(),
+        );
+    }
+    // Every pool's connections open before the race, so the admissions run
+    // side by side instead of one per new connection.
+    for node in &nodes {
+        let mut held = Vec::new();
+        for _ in 0..8 {
+            held.push(node.pool().acquire().await.unwrap());
+        }
+    }
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(100));
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let (node, cfg, start) = (nodes[i % 3].clone(), cfg.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let hello: tollgate::policy::admission::Hello = serde_json::from_value(
+                serde_json::json!({"protocol": 1, "client_id": format!("C{i}"), "customer": "Acme",
+                                   "schedule": "nightly", "kind": "desktop"}),
+            )
+            .unwrap();
+            start.wait().await;
+            node.decide(&cfg, &hello, None, at(), false, false)
+                .await
+                .unwrap()
+        }));
+    }
+    let (mut admitted, mut codes) = (0, Vec::new());
+    for t in tasks {
+        match t.await.unwrap() {
+            tollgate::state::Decision::Admitted { secret, .. } => {
+                assert!(secret.is_some(), "a new client is issued a secret");
+                admitted += 1;
+            }
+            tollgate::state::Decision::Rejected { rejection, .. } => {
+                codes.push(rejection.code.as_str())
+            }
+            tollgate::state::Decision::Verify(_) => panic!("no enroll key is configured"),
+        }
+    }
+    (admitted, codes)
+}
+
+async fn count(url: &str, sql: &str) -> i64 {
+    let pool = sqlx::PgPool::connect(url).await.unwrap();
+    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_first_backups_on_three_nodes_get_exactly_ten_mcals() {
+    let Some(pg) = PgDb::create("a_hundred_first_backups_ten_mcals").await else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let cfg = admission_config(dir.path(), "[server.mcal]\npool = 10", "");
+    let (admitted, codes) = race_first_backups(&pg.url, cfg).await;
+    assert_eq!(admitted, 10, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == "mcal_exhausted"), "{codes:?}");
+    assert_eq!(
+        count(
+            &pg.url,
+            "SELECT total FROM mcal_totals WHERE scope = 'global'"
+        )
+        .await,
+        10
+    );
+    assert_eq!(count(&pg.url, "SELECT COUNT(*) FROM mcal_debits").await, 10);
+    // A refusal registers nobody.
+    assert_eq!(count(&pg.url, "SELECT COUNT(*) FROM clients").await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hundred_first_backups_on_three_nodes_get_exactly_ten_client_slots() {
+    let Some(pg) = PgDb::create("a_hundred_first_backups_ten_slots").await else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let cfg = admission_config(dir.path(), "", "max_clients = 10");
+    let (admitted, codes) = race_first_backups(&pg.url, cfg).await;
+    assert_eq!(admitted, 10, "{codes:?}");
+    assert!(codes.iter().all(|c| *c == "client_limit"), "{codes:?}");
+    assert_eq!(count(&pg.url, "SELECT COUNT(*) FROM clients").await, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_new_id_on_three_nodes_at_once_is_issued_one_secret() {
+    let Some(pg) = PgDb::create("one_new_id_one_secret").await else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let cfg = std::sync::Arc::new(admission_config(dir.path(), "", ""));
+    let mut tasks = Vec::new();
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(3));
+    for n in ["n1", "n2", "n3"] {
+        let node = Cluster::open(&pg.url, n, Duration::from_secs(60))
+            .await
+            .unwrap();
+        let (cfg, start) = (cfg.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let hello: tollgate::policy::admission::Hello = serde_json::from_value(
+                serde_json::json!({"protocol": 1, "client_id": "SAME", "customer": "Acme", "schedule": "s"}),
+            )
+            .unwrap();
+            start.wait().await;
+            node.decide(&cfg, &hello, None, at(), false, false).await.unwrap()
+        }));
+    }
+    let mut secrets = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            tollgate::state::Decision::Admitted { secret, .. } => {
+                secrets += usize::from(secret.is_some())
+            }
+            tollgate::state::Decision::Rejected { rejection, .. } => {
+                assert_eq!(rejection.code.as_str(), "auth_failed")
+            }
+            tollgate::state::Decision::Verify(_) => panic!("no enroll key"),
+        }
+    }
+    assert_eq!(secrets, 1);
+}

@@ -21,14 +21,15 @@
 //! its rows. A node that starts again under its name drops what it held
 //! before, as a single node drops its reservations at start.
 
+mod admission;
+
 use super::StateError;
-use super::ledger::Held;
 use super::ops::QuotaExceeded;
 use crate::config::{Config, CustomerId};
 use crate::policy::space;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
-use sqlx::{Connection, PgConnection, Row};
+use sqlx::{Connection, PgConnection};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -177,34 +178,8 @@ impl Cluster {
                 .execute(&mut *tx)
                 .await?;
         }
-        let members = members(cfg, customer);
         let cust = &cfg.customer(customer).name;
-        let r = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT
-               (SELECT used FROM clients WHERE id = $1),
-               COALESCE((SELECT used FROM customer_usage WHERE customer = $2), 0),
-               COALESCE((SELECT SUM(used) FROM customer_usage WHERE customer = ANY($3)), 0)::bigint,
-               COALESCE((SELECT SUM(used) FROM customer_usage), 0)::bigint,
-               COALESCE(SUM(h.size) FILTER (WHERE h.client = $1), 0)::bigint,
-               COALESCE(SUM(h.size) FILTER (WHERE h.customer = $2), 0)::bigint,
-               COALESCE(SUM(h.size) FILTER (WHERE h.customer = ANY($3)), 0)::bigint,
-               COALESCE(SUM(h.size), 0)::bigint
-             FROM held h JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}"
-        )))
-        .bind(&id)
-        .bind(cust)
-        .bind(&members)
-        .fetch_one(&mut *tx)
-        .await?;
-        let get = |i: usize| -> Result<i64, sqlx::Error> { r.try_get::<i64, _>(i) };
-        let held = Held {
-            client: get(4)? as u64,
-            customer: get(5)? as u64,
-            reseller: get(6)? as u64,
-            server: get(7)? as u64,
-        };
-        let has_reseller = cfg.customer(customer).reseller.is_some();
-        let usage = held.with_committed(get(0)?, get(1)?, has_reseller.then_some(get(2)?), get(3)?);
+        let usage = admission::level_usage(&mut tx, cfg, &id, customer).await?;
         let levels = space::levels(cfg, customer, declared, &usage);
         if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
             return Ok(Err(QuotaExceeded {
