@@ -329,3 +329,219 @@ async fn one_new_id_on_three_nodes_at_once_is_issued_one_secret() {
     }
     assert_eq!(secrets, 1);
 }
+
+/// Three nodes on a fresh database, each with a 60 s lease.
+async fn three_nodes(url: &str) -> Vec<Cluster> {
+    let mut nodes = Vec::new();
+    for n in ["n1", "n2", "n3"] {
+        nodes.push(
+            Cluster::open(url, n, Duration::from_secs(60))
+                .await
+                .unwrap(),
+        );
+    }
+    nodes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn outbox_messages_are_claimed_by_one_node_each() {
+    let Some(pg) = PgDb::create("outbox_messages_claimed_once").await else {
+        return;
+    };
+    let nodes = three_nodes(&pg.url).await;
+    sqlx::query(
+        "INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at)
+         SELECT 0, 'alert', 's' || g, 'f@x.example', '[]', '\\x00', 0 FROM generate_series(1, 300) g",
+    )
+    .execute(nodes[0].pool())
+    .await
+    .unwrap();
+    // Every node claims batches of 7 at once until nothing is left.
+    let mut tasks = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        for _ in 0..4 {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                let mut mine = Vec::new();
+                loop {
+                    let got = node
+                        .claim_mail(10, 7, Duration::from_secs(60))
+                        .await
+                        .unwrap();
+                    if got.is_empty() {
+                        return (i, mine);
+                    }
+                    mine.extend(got);
+                }
+            }));
+        }
+    }
+    let mut all = Vec::new();
+    let mut by_node = [0usize; 3];
+    for t in tasks {
+        let (i, mine) = t.await.unwrap();
+        by_node[i] += mine.len();
+        all.extend(mine);
+    }
+    all.sort_unstable();
+    let n = all.len();
+    all.dedup();
+    assert_eq!(n, 300, "a message was claimed twice");
+    assert_eq!(all.len(), 300);
+    assert!(by_node.iter().all(|&k| k > 0), "{by_node:?}");
+
+    // Sent by its claimer; a claim that expired is taken over, and the
+    // late claimer learns it lost the message.
+    assert!(
+        nodes[0].mail_sent(all[0], 20).await.unwrap()
+            || nodes[1].mail_sent(all[0], 20).await.unwrap()
+            || nodes[2].mail_sent(all[0], 20).await.unwrap()
+    );
+    let slow = Cluster::open(&pg.url, "slow", Duration::from_secs(60))
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at)
+         VALUES (0, 'alert', 'late', 'f@x.example', '[]', '\\x00', 0)",
+    )
+    .execute(slow.pool())
+    .await
+    .unwrap();
+    let late = slow
+        .claim_mail(10, 10, Duration::from_millis(300))
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 1);
+    assert!(
+        nodes[0]
+            .claim_mail(10, 10, Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        nodes[0]
+            .claim_mail(10, 10, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        late
+    );
+    assert!(nodes[0].mail_sent(late[0], 30).await.unwrap());
+    assert!(!slow.mail_sent(late[0], 31).await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_periodic_run_is_claimed_once_per_period() {
+    let Some(pg) = PgDb::create("periodic_run_once").await else {
+        return;
+    };
+    let nodes = three_nodes(&pg.url).await;
+    let mut tasks = Vec::new();
+    for node in &nodes {
+        for _ in 0..10 {
+            let node = node.clone();
+            tasks.push(tokio::spawn(async move {
+                node.claim_run("prune", "2026-06-10", Duration::from_secs(60))
+                    .await
+                    .unwrap()
+            }));
+        }
+    }
+    let mut winners = 0;
+    for t in tasks {
+        winners += usize::from(t.await.unwrap());
+    }
+    assert_eq!(winners, 1);
+    // Another period is another run.
+    assert!(
+        nodes[1]
+            .claim_run("prune", "2026-06-11", Duration::from_millis(300))
+            .await
+            .unwrap()
+    );
+    // A claim whose node stalled past its lease is taken over; a run done
+    // is never claimed again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(
+        nodes[2]
+            .claim_run("prune", "2026-06-11", Duration::from_secs(60))
+            .await
+            .unwrap()
+    );
+    assert!(!nodes[1].finish_run("prune", "2026-06-11").await.unwrap());
+    assert!(nodes[2].finish_run("prune", "2026-06-11").await.unwrap());
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    for node in &nodes {
+        assert!(
+            !node
+                .claim_run("prune", "2026-06-11", Duration::from_millis(1))
+                .await
+                .unwrap()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn one_path_is_committed_by_one_node_at_a_time() {
+    let Some(pg) = PgDb::create("one_path_one_node").await else {
+        return;
+    };
+    let nodes = three_nodes(&pg.url).await;
+    for q in [
+        "CREATE TABLE counter (n BIGINT NOT NULL)",
+        "INSERT INTO counter VALUES (0)",
+    ] {
+        sqlx::query(q).execute(nodes[0].pool()).await.unwrap();
+    }
+    // A read-modify-write of a shared value under the path lock: without
+    // mutual exclusion across nodes, increments are lost.
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let node = nodes[i % 3].clone();
+        tasks.push(tokio::spawn(async move {
+            let client = if i % 2 == 0 { "PC-1" } else { "pc-1" };
+            let l = node.lock_path(client, "docs/a.txt").await.unwrap();
+            let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+                .fetch_one(node.pool())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            sqlx::query("UPDATE counter SET n = $1")
+                .bind(n + 1)
+                .execute(node.pool())
+                .await
+                .unwrap();
+            l.unlock().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let n: i64 = sqlx::query_scalar("SELECT n FROM counter")
+        .fetch_one(nodes[0].pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 30);
+    // Another path is not held up.
+    let a = nodes[0].lock_path("PC-1", "docs/a.txt").await.unwrap();
+    let b = tokio::time::timeout(
+        Duration::from_secs(5),
+        nodes[1].lock_path("PC-1", "docs/b.txt"),
+    )
+    .await
+    .expect("another path is free")
+    .unwrap();
+    // A holder that goes away without unlocking (a panic, a node's death)
+    // releases the path with its connection.
+    drop(a);
+    let again = tokio::time::timeout(
+        Duration::from_secs(10),
+        nodes[2].lock_path("pc-1", "docs/a.txt"),
+    )
+    .await
+    .expect("the dropped lock was released")
+    .unwrap();
+    again.unlock().await.unwrap();
+    b.unlock().await.unwrap();
+}

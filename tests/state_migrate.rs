@@ -120,9 +120,10 @@ async fn pg_columns(url: &str) -> Vec<(String, String, String, bool)> {
         "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'NO'
            FROM information_schema.columns
           WHERE table_schema = current_schema()
-            -- PostgreSQL's own: the cluster's nodes and holds
-            -- (migrations/postgres/0002_cluster.sql).
-            AND table_name NOT IN ('_sqlx_migrations', 'nodes', 'held')",
+            -- PostgreSQL's own, for several nodes: migrations/postgres/0002
+            -- and 0003.
+            AND table_name NOT IN ('_sqlx_migrations', 'nodes', 'held',
+                                   'outbox_claims', 'cluster_runs')",
     )
     .fetch_all(&pool)
     .await

@@ -22,6 +22,9 @@
 //! before, as a single node drops its reservations at start.
 
 mod admission;
+mod work;
+
+pub use work::PathLock;
 
 use super::StateError;
 use super::ops::QuotaExceeded;
@@ -35,6 +38,13 @@ use std::time::Duration;
 
 /// How long a node's lease runs after each heartbeat unless configured.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// Connections per node for state operations.
+pub const POOL_SIZE: u32 = 8;
+/// Connections per node for path locks (each holds one while it holds or
+/// waits for a lock). A node thus uses at most POOL_SIZE + LOCK_POOL_SIZE
+/// of the server's `max_connections`.
+pub const LOCK_POOL_SIZE: u32 = 16;
 
 /// Attempts of an operation that meets 40001 or 40P01.
 const ATTEMPTS: usize = 5;
@@ -52,6 +62,9 @@ pub fn retryable(e: &sqlx::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Cluster {
     pool: PgPool,
+    /// Connections that hold or wait for path locks ([`PathLock`]): apart,
+    /// so waiters cannot take every connection the holder needs.
+    locks: PgPool,
     node: String,
     lease: Duration,
 }
@@ -65,13 +78,19 @@ impl Cluster {
         // its acquire timeout.
         PgConnection::connect_with(&opts).await?.close().await?;
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(POOL_SIZE)
             .acquire_timeout(super::BUSY_TIMEOUT)
-            .connect_with(opts)
+            .connect_with(opts.clone())
             .await?;
+        let locks = PgPoolOptions::new()
+            .max_connections(LOCK_POOL_SIZE)
+            .min_connections(0)
+            .acquire_timeout(super::BUSY_TIMEOUT)
+            .connect_lazy_with(opts);
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
         let c = Cluster {
             pool,
+            locks,
             node: node.to_string(),
             lease,
         };
@@ -226,8 +245,9 @@ impl Cluster {
         Ok(n.max(0) as u64)
     }
 
-    /// Closes the pool (the lease runs out by itself).
+    /// Closes the pools (the lease runs out by itself).
     pub async fn close(&self) {
+        self.locks.close().await;
         self.pool.close().await;
     }
 }
