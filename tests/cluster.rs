@@ -545,3 +545,81 @@ async fn one_path_is_committed_by_one_node_at_a_time() {
     again.unlock().await.unwrap();
     b.unlock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn shares_of_an_aggregate_cap_never_sum_past_it_and_settle_fairly() {
+    let Some(pg) = PgDb::create("shares_of_an_aggregate_cap").await else {
+        return;
+    };
+    let nodes = three_nodes(&pg.url).await;
+    const CAP: u64 = 30 * MIB;
+    let lease = Duration::from_secs(60);
+    // n1 and n2 want all of it, n3 a little. Refreshes in a shuffled
+    // order, concurrently; after every round the grants in force must
+    // still fit the cap.
+    let wants = [CAP, CAP, 5 * MIB];
+    let mut order = [0usize, 1, 2];
+    for round in 0..6 {
+        order.rotate_left(round % 3);
+        let mut tasks = Vec::new();
+        for &i in &order {
+            let node = nodes[i].clone();
+            tasks.push(tokio::spawn(async move {
+                node.refresh_share("customer:Acme", CAP, wants[i], lease)
+                    .await
+                    .unwrap()
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(nodes[0].granted_total("customer:Acme").await.unwrap() <= CAP);
+    }
+    let mut got = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        got.push(
+            node.refresh_share("customer:Acme", CAP, wants[i], lease)
+                .await
+                .unwrap()
+                .granted,
+        );
+    }
+    assert_eq!(got, tollgate::policy::shares::fair_shares(CAP, &wants));
+    assert_eq!(got.iter().sum::<u64>(), CAP);
+
+    // n3 dies (a short grant it never renews); once it expires, n1 and n2
+    // share the whole cap.
+    nodes[2]
+        .refresh_share("customer:Acme", CAP, 5 * MIB, Duration::from_millis(300))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..2 {
+        for node in &nodes[..2] {
+            node.refresh_share("customer:Acme", CAP, CAP, lease)
+                .await
+                .unwrap();
+        }
+    }
+    let a = nodes[0]
+        .refresh_share("customer:Acme", CAP, CAP, lease)
+        .await
+        .unwrap()
+        .granted;
+    let b = nodes[1]
+        .refresh_share("customer:Acme", CAP, CAP, lease)
+        .await
+        .unwrap()
+        .granted;
+    assert_eq!(a + b, CAP);
+    assert!(a.abs_diff(b) <= 1, "{a} {b}");
+    // Another cap is another table of shares.
+    assert_eq!(
+        nodes[0]
+            .refresh_share("server", 10, 100, lease)
+            .await
+            .unwrap()
+            .granted,
+        10
+    );
+}

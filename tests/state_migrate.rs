@@ -116,15 +116,19 @@ async fn sqlite_columns(path: &Path) -> Vec<(String, String, String, bool)> {
 /// The same of a PostgreSQL state.
 async fn pg_columns(url: &str) -> Vec<(String, String, String, bool)> {
     let pool = sqlx::PgPool::connect(url).await.unwrap();
+    // PostgreSQL's own tables, for several nodes, are not SQLite's.
+    let mut skip = vec!["_sqlx_migrations".to_string()];
+    skip.extend(
+        tollgate::state::postgres::CLUSTER_TABLES
+            .iter()
+            .map(|t| t.to_string()),
+    );
     let mut out: Vec<(String, String, String, bool)> = sqlx::query_as(
         "SELECT table_name::text, column_name::text, data_type::text, is_nullable = 'NO'
            FROM information_schema.columns
-          WHERE table_schema = current_schema()
-            -- PostgreSQL's own, for several nodes: migrations/postgres/0002
-            -- and 0003.
-            AND table_name NOT IN ('_sqlx_migrations', 'nodes', 'held',
-                                   'outbox_claims', 'cluster_runs')",
+          WHERE table_schema = current_schema() AND NOT (table_name::text = ANY($1))",
     )
+    .bind(&skip)
     .fetch_all(&pool)
     .await
     .unwrap();

@@ -9,6 +9,7 @@
 
 pub mod admission;
 pub mod period;
+pub mod shares;
 pub mod space;
 pub mod throttle;
 pub mod window;

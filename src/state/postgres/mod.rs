@@ -22,8 +22,10 @@
 //! before, as a single node drops its reservations at start.
 
 mod admission;
+mod caps;
 mod work;
 
+pub use caps::Share;
 pub use work::PathLock;
 
 use super::StateError;
@@ -35,6 +37,16 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
 use std::str::FromStr;
 use std::time::Duration;
+
+/// PostgreSQL's own tables, for several nodes (migrations/postgres/0002
+/// on): not in the SQLite schema, and not copied by `state migrate`.
+pub const CLUSTER_TABLES: &[&str] = &[
+    "nodes",
+    "held",
+    "outbox_claims",
+    "cluster_runs",
+    "cap_shares",
+];
 
 /// How long a node's lease runs after each heartbeat unless configured.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
