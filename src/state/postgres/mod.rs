@@ -23,9 +23,11 @@
 
 mod admission;
 mod caps;
+mod events;
 mod work;
 
 pub use caps::Share;
+pub use events::record_event;
 pub use work::PathLock;
 
 use super::StateError;
