@@ -11,12 +11,14 @@ CREATE TABLE outbox_claims (
 );
 
 -- A periodic job's run for one period (a consolidated report's day, a
--- pruning round): the node that runs it, its lease, and when it finished.
--- One row per (job, period), so each is done once across the cluster.
+-- pruning round): the node that runs it, its claim's token (a later claim
+-- by the same node has another), its lease, and when it finished. One row
+-- per (job, period), so each is done once across the cluster.
 CREATE TABLE cluster_runs (
     job        TEXT COLLATE "C" NOT NULL,
     period     TEXT COLLATE "C" NOT NULL,
     node       TEXT COLLATE "C" NOT NULL,
+    token      BIGINT NOT NULL,
     expires_ms BIGINT NOT NULL,
     done_ms    BIGINT,
     PRIMARY KEY (job, period)

@@ -5,7 +5,7 @@
 -- (src/policy/shares.rs); a node that stops refreshing drops out when its
 -- grant expires.
 CREATE TABLE cap_shares (
-    cap        TEXT COLLATE "C" NOT NULL,
+    cap        TEXT COLLATE nocase NOT NULL,  -- its lock is case-folded too
     node       TEXT COLLATE "C" NOT NULL,
     wants      BIGINT NOT NULL CHECK (wants >= 0),
     granted    BIGINT NOT NULL CHECK (granted >= 0),

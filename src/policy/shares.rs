@@ -41,7 +41,10 @@ pub fn grant(capacity: u64, fair: u64, others_granted: u64) -> u64 {
 }
 
 /// A node's share when it cannot reach the database: the cap divided by
-/// the configured node count (issue 14), which sums to the cap at most.
+/// the configured node count (issue 14). This sums to the cap only when
+/// every node falls back; while the others still reach the database they
+/// may take the cut-off node's share once its grant expires, and the cap
+/// is exceeded by at most this much until it is reachable again.
 pub fn fallback(capacity: u64, nodes: u32) -> u64 {
     capacity / u64::from(nodes.max(1))
 }

@@ -149,7 +149,7 @@ impl Cluster {
             Err(r) => Err(r),
             Ok(customer) => {
                 let snap = self
-                    .snapshot(&mut tx, cfg, &hello.client_id, customer, rec.clone(), at)
+                    .snapshot(&mut tx, cfg, hello, customer, rec.clone(), at)
                     .await?;
                 admission::admit(
                     cfg,
@@ -266,11 +266,12 @@ impl Cluster {
         &self,
         tx: &mut PgConnection,
         cfg: &Config,
-        client: &str,
+        hello: &Hello,
         customer: CustomerId,
         rec: Option<admission::ClientRecord>,
         at: Timestamp,
     ) -> Result<Snapshot, StateError> {
+        let client = hello.client_id.as_str();
         let cust = cfg.customer(customer);
         lock(&mut *tx, "admit customer", &cust.name).await?;
         let month = Month::of(at, &cfg.server.timezone);
@@ -283,7 +284,10 @@ impl Cluster {
         .fetch_one(&mut *tx)
         .await?;
         let reseller = cust.reseller.map(|r| cfg.reseller(r));
-        if !debited && cfg.server.mcal.is_some() {
+        // A restore debits nothing (`policy::admission`), so it does not
+        // queue behind the month's first backups.
+        let restore = matches!(hello.intent.as_deref(), Some("restore"));
+        if !debited && !restore && cfg.server.mcal.is_some() {
             lock(&mut *tx, "mcal server", "").await?;
             if let Some(r) = reseller
                 && matches!(r.mcal_limit, McalLimit::Fixed(_))

@@ -9,7 +9,7 @@
 //! intervals of a change in demand, and within one grant lease of a node's
 //! death.
 
-use super::{Cluster, NOW_MS, lock_key};
+use super::{Cluster, NOW_MS, lock_key, retrying};
 use crate::policy::shares;
 use crate::state::StateError;
 use sqlx::Row;
@@ -20,7 +20,10 @@ use std::time::Duration;
 pub struct Share {
     /// Bytes per second this node may use.
     pub granted: u64,
-    /// For how long, unless refreshed.
+    /// For how long, unless refreshed, counted from before the refresh
+    /// was sent: the database stamps the grant's expiry a little later,
+    /// so a node that stops at this deadline never uses a grant the
+    /// others already count as free.
     pub valid_for: Duration,
 }
 
@@ -30,6 +33,16 @@ impl Cluster {
     /// second of `capacity`, and takes this node's share, valid for
     /// `lease`. Refresh well within the lease.
     pub async fn refresh_share(
+        &self,
+        cap: &str,
+        capacity: u64,
+        wants: u64,
+        lease: Duration,
+    ) -> Result<Share, StateError> {
+        retrying!(self.try_refresh_share(cap, capacity, wants, lease).await)
+    }
+
+    async fn try_refresh_share(
         &self,
         cap: &str,
         capacity: u64,

@@ -28,7 +28,7 @@ mod work;
 
 pub use caps::Share;
 pub use events::record_event;
-pub use work::PathLock;
+pub use work::{PathLock, RunClaim};
 
 use super::StateError;
 use super::ops::QuotaExceeded;
@@ -63,8 +63,29 @@ pub const LOCK_POOL_SIZE: u32 = 16;
 /// Attempts of an operation that meets 40001 or 40P01.
 const ATTEMPTS: usize = 5;
 
-/// The database's clock in milliseconds: one clock for every node.
-const NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 1000)::bigint";
+/// The database's clock in milliseconds: one clock for every node, read
+/// once per statement.
+const NOW_MS: &str = "(extract(epoch from statement_timestamp()) * 1000)::bigint";
+
+/// Runs `$body` (an expression yielding `Result<_, StateError>`) again
+/// when it meets 40001 or 40P01, up to [`ATTEMPTS`] times.
+macro_rules! retrying {
+    ($body:expr) => {{
+        let mut tries = 0;
+        loop {
+            let r: Result<_, crate::state::StateError> = async { $body }.await;
+            match r {
+                Err(crate::state::StateError::Db(e))
+                    if super::retryable(&e) && tries + 1 < super::ATTEMPTS =>
+                {
+                    tries += 1
+                }
+                r => break r,
+            }
+        }
+    }};
+}
+pub(crate) use retrying;
 
 /// Whether `e` is a serialization failure or a deadlock, which PostgreSQL
 /// asks the client to retry.
@@ -139,28 +160,56 @@ impl Cluster {
         &self.pool
     }
 
-    /// Renews this node's lease; run it several times per lease. Returns
-    /// false when the lease had already run out: the other nodes may have
-    /// reclaimed what this node held, and its uploads in flight must be
-    /// treated as unreserved.
+    /// A lease this close to its end is not renewed but counted as run
+    /// out: a renewal committing after another node read the lease as
+    /// expired would bring this node's holds back after that node gave
+    /// their space away.
+    fn margin_ms(&self) -> i64 {
+        self.lease_ms() / 4
+    }
+
+    /// Renews this node's lease; run it several times per lease (at most
+    /// every quarter lease). Returns false when the lease had run out (or
+    /// was within a quarter lease of it): this node's holds are then
+    /// dropped in the same transaction, since the other nodes may already
+    /// have given their space away, and its uploads in flight must
+    /// reserve again or stop.
     pub async fn heartbeat(&self) -> Result<bool, StateError> {
+        let mut tx = self.pool.begin().await?;
         let alive: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "WITH before AS (SELECT expires_ms FROM nodes WHERE name = $1 FOR UPDATE)
-             UPDATE nodes SET expires_ms = {NOW_MS} + $2 FROM before WHERE name = $1
-             RETURNING before.expires_ms > {NOW_MS}"
+            "SELECT expires_ms > {NOW_MS} + $2 FROM nodes WHERE name = $1 FOR UPDATE"
+        )))
+        .bind(&self.node)
+        .bind(self.margin_ms())
+        .fetch_optional(&mut *tx)
+        .await?;
+        let alive = alive.unwrap_or(false);
+        if !alive {
+            sqlx::query("DELETE FROM held WHERE node = $1")
+                .bind(&self.node)
+                .execute(&mut *tx)
+                .await?;
+        }
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO nodes (name, started_ms, expires_ms) VALUES ($1, {NOW_MS}, {NOW_MS} + $2)
+             ON CONFLICT (name) DO UPDATE SET expires_ms = excluded.expires_ms"
         )))
         .bind(&self.node)
         .bind(self.lease_ms())
-        .fetch_optional(&self.pool)
+        .execute(&mut *tx)
         .await?;
-        Ok(alive.unwrap_or(false))
+        tx.commit().await?;
+        Ok(alive)
     }
 
     /// Deletes the holds of nodes whose lease has run out (they stopped
-    /// counting when it did); returns how many. Any node may run it.
+    /// counting when it did); returns how many. Any node may run it. The
+    /// expired nodes' rows are locked first, so a heartbeat in flight is
+    /// waited for and seen.
     pub async fn reclaim(&self) -> Result<u64, StateError> {
         Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-            "DELETE FROM held h USING nodes n WHERE h.node = n.name AND n.expires_ms <= {NOW_MS}"
+            "WITH dead AS (SELECT name FROM nodes WHERE expires_ms <= {NOW_MS} FOR UPDATE)
+             DELETE FROM held h USING dead WHERE h.node = dead.name"
         )))
         .execute(&self.pool)
         .await?
@@ -193,6 +242,7 @@ impl Cluster {
         at: jiff::Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
         let mut tx = self.pool.begin().await?;
+        self.check_lease(&mut tx).await?;
         let row: Option<(String, String)> =
             sqlx::query_as("SELECT id, customer FROM clients WHERE id = $1 COLLATE nocase")
                 .bind(client)
@@ -234,6 +284,26 @@ impl Cluster {
         .await?;
         tx.commit().await?;
         Ok(Ok(hold))
+    }
+
+    /// Fails unless this node's lease runs for more than the margin: a
+    /// hold made by a node the others count as dead would be invisible to
+    /// them, and space could be given twice.
+    pub(super) async fn check_lease(&self, tx: &mut PgConnection) -> Result<(), StateError> {
+        let alive: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT expires_ms > {NOW_MS} + $2 FROM nodes WHERE name = $1"
+        )))
+        .bind(&self.node)
+        .bind(self.margin_ms())
+        .fetch_optional(&mut *tx)
+        .await?;
+        if alive != Some(true) {
+            return Err(StateError::Inconsistent(format!(
+                "this node's lease ({}) has run out or is about to: its heartbeat has not reached the database",
+                self.node
+            )));
+        }
+        Ok(())
     }
 
     /// Releases this node's hold `id` (an upload failed or was abandoned);

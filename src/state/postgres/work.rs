@@ -3,7 +3,7 @@
 //! alerts, pruning, reconcile) claimed once per period, and the
 //! per-(client, path) lock that orders commits of one path cluster-wide.
 
-use super::{Cluster, NOW_MS};
+use super::{Cluster, NOW_MS, retrying};
 use crate::state::StateError;
 use sha2::{Digest, Sha256};
 use sqlx::pool::PoolConnection;
@@ -70,15 +70,21 @@ impl Cluster {
     /// with it the lock.
     pub async fn lock_path(&self, client: &str, path: &str) -> Result<PathLock, StateError> {
         let key = path_key(client, path);
-        let mut conn = self.locks.acquire().await?;
-        sqlx::query("SELECT pg_advisory_lock($1)")
-            .bind(key)
-            .execute(&mut *conn)
-            .await?;
-        Ok(PathLock {
-            conn: Some(conn),
+        // The guard first: if this future is dropped while it waits (a
+        // session cut off), the guard closes the connection, and the lock
+        // it may be granted a moment later goes with it. A connection back
+        // in the pool would hold it for good.
+        let mut lock = PathLock {
+            conn: Some(self.locks.acquire().await?),
             key,
-        })
+        };
+        if let Some(c) = lock.conn.as_mut() {
+            sqlx::query("SELECT pg_advisory_lock($1)")
+                .bind(key)
+                .execute(&mut **c)
+                .await?;
+        }
+        Ok(lock)
     }
 
     /// Claims up to `limit` outbox messages due at `now` (Unix seconds)
@@ -92,8 +98,9 @@ impl Cluster {
         limit: u32,
         lease: Duration,
     ) -> Result<Vec<i64>, StateError> {
-        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "WITH due AS (
+        let rows = retrying!(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "WITH due AS (
                SELECT o.id FROM outbox o
                 WHERE o.sent_at IS NULL AND o.next_attempt_at <= $1
                   AND NOT EXISTS (SELECT 1 FROM outbox_claims c
@@ -106,13 +113,15 @@ impl Cluster {
              ON CONFLICT (id) DO UPDATE SET node = excluded.node, expires_ms = excluded.expires_ms
                WHERE outbox_claims.expires_ms <= {NOW_MS}
              RETURNING id"
-        )))
-        .bind(now)
-        .bind(i64::from(limit))
-        .bind(&self.node)
-        .bind(ms(lease))
-        .fetch_all(&self.pool)
-        .await?;
+            )))
+            .bind(now)
+            .bind(i64::from(limit))
+            .bind(&self.node)
+            .bind(ms(lease))
+            .fetch_all(&self.pool)
+            .await
+            .map_err(StateError::from)
+        )?;
         let mut ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
         ids.sort_unstable();
         Ok(ids)
@@ -120,65 +129,115 @@ impl Cluster {
 
     /// Marks claimed message `id` sent at `at` and drops the claim; false
     /// when this node's claim was gone (it expired and another node took
-    /// the message: delivery is at least once).
+    /// the message: delivery is at least once). The outbox row is locked
+    /// before the claim, in the order [`Cluster::claim_mail`] takes them.
     pub async fn mail_sent(&self, id: i64, at: i64) -> Result<bool, StateError> {
-        let mut tx = self.pool.begin().await?;
-        let ours = sqlx::query("DELETE FROM outbox_claims WHERE id = $1 AND node = $2")
+        retrying!({
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE outbox SET sent_at = $2, last_error = NULL WHERE id = $1 AND sent_at IS NULL",
+            )
             .bind(id)
-            .bind(&self.node)
+            .bind(at)
             .execute(&mut *tx)
-            .await?
-            .rows_affected()
-            == 1;
-        sqlx::query(
-            "UPDATE outbox SET sent_at = $2, last_error = NULL WHERE id = $1 AND sent_at IS NULL",
-        )
-        .bind(id)
-        .bind(at)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(ours)
+            .await?;
+            let ours = sqlx::query("DELETE FROM outbox_claims WHERE id = $1 AND node = $2")
+                .bind(id)
+                .bind(&self.node)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
+                == 1;
+            tx.commit().await?;
+            Ok(ours)
+        })
     }
 
-    /// Claims `job`'s run for `period` for this node, for `lease`: true
+    /// Claims `job`'s run for `period` for this node, for `lease`: a claim
     /// when this node is to run it. A run already done, or claimed by a
     /// live claim, is not claimed again; a claim whose lease ran out
-    /// without the run finishing is taken over.
+    /// without the run finishing is taken over. A run that may outlast its
+    /// lease renews it ([`Cluster::renew_run`]) and stops when that fails.
     pub async fn claim_run(
         &self,
         job: &str,
         period: &str,
         lease: Duration,
-    ) -> Result<bool, StateError> {
-        let got: Option<i32> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO cluster_runs (job, period, node, expires_ms) VALUES ($1, $2, $3, {NOW_MS} + $4)
-             ON CONFLICT (job, period) DO UPDATE SET node = excluded.node, expires_ms = excluded.expires_ms
+    ) -> Result<Option<RunClaim>, StateError> {
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).map_err(|e| StateError::Io {
+            context: "drawing a run claim's token".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        let token = i64::from_le_bytes(rnd);
+        let got: Option<i32> = retrying!(sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO cluster_runs (job, period, node, token, expires_ms) VALUES ($1, $2, $3, $4, {NOW_MS} + $5)
+             ON CONFLICT (job, period) DO UPDATE SET node = excluded.node, token = excluded.token,
+               expires_ms = excluded.expires_ms
                WHERE cluster_runs.done_ms IS NULL AND cluster_runs.expires_ms <= {NOW_MS}
              RETURNING 1"
         )))
         .bind(job)
         .bind(period)
         .bind(&self.node)
+        .bind(token)
         .bind(ms(lease))
         .fetch_optional(&self.pool)
-        .await?;
-        Ok(got.is_some())
+        .await
+        .map_err(StateError::from))?;
+        Ok(got.map(|_| RunClaim {
+            job: job.to_string(),
+            period: period.to_string(),
+            token,
+        }))
     }
 
-    /// Records `job`'s run for `period` as done by this node; false when
-    /// its claim had been taken over meanwhile.
-    pub async fn finish_run(&self, job: &str, period: &str) -> Result<bool, StateError> {
+    /// Extends a run's claim by `lease`; false when it was lost (expired
+    /// and taken over): the run must stop.
+    pub async fn renew_run(&self, claim: &RunClaim, lease: Duration) -> Result<bool, StateError> {
         Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
-            "UPDATE cluster_runs SET done_ms = {NOW_MS}
-              WHERE job = $1 AND period = $2 AND node = $3 AND done_ms IS NULL"
+            "UPDATE cluster_runs SET expires_ms = {NOW_MS} + $4
+              WHERE job = $1 AND period = $2 AND token = $3 AND done_ms IS NULL
+                AND expires_ms > {NOW_MS}"
         )))
-        .bind(job)
-        .bind(period)
-        .bind(&self.node)
+        .bind(&claim.job)
+        .bind(&claim.period)
+        .bind(claim.token)
+        .bind(ms(lease))
         .execute(&self.pool)
         .await?
         .rows_affected()
             == 1)
     }
+
+    /// Records a claimed run as done, in the caller's transaction that
+    /// makes the run's last writes, so they commit only while the claim
+    /// is still this run's; false (and the caller rolls back) when it was
+    /// lost meanwhile.
+    pub async fn finish_run(
+        tx: &mut sqlx::PgConnection,
+        claim: &RunClaim,
+    ) -> Result<bool, StateError> {
+        Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE cluster_runs SET done_ms = {NOW_MS}
+              WHERE job = $1 AND period = $2 AND token = $3 AND done_ms IS NULL
+                AND expires_ms > {NOW_MS}"
+        )))
+        .bind(&claim.job)
+        .bind(&claim.period)
+        .bind(claim.token)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1)
+    }
+}
+
+/// One claim of a periodic run (the token tells this claim from a later
+/// one by the same node).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunClaim {
+    job: String,
+    period: String,
+    token: i64,
 }
