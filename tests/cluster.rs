@@ -797,3 +797,43 @@ async fn a_path_lock_given_up_while_waiting_does_not_stay_taken() {
         .unwrap();
     again.unlock().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_process_under_one_node_name_takes_it_over() {
+    let Some(pg) = PgDb::create("node_name_taken_over").await else {
+        return;
+    };
+    let dir = TempDir::new().unwrap();
+    let cfg = config(dir.path());
+    let first = Cluster::open(&pg.url, "n1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    seed(&first).await;
+    first
+        .reserve_space(&cfg, "C1", MIB / 2, at())
+        .await
+        .unwrap()
+        .unwrap();
+    // Started again (or twice by mistake) while the first still runs: the
+    // new process drops the old holds and the old one is told to stop,
+    // rather than both sharing one lease.
+    let second = Cluster::open(&pg.url, "n1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    assert_eq!(second.reserved_total().await.unwrap(), 0);
+    let e = first.reserve_space(&cfg, "C1", 1, at()).await.unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("another process has started as node"),
+        "{e}"
+    );
+    assert!(first.heartbeat().await.is_err());
+    assert!(second.heartbeat().await.unwrap());
+    assert!(
+        second
+            .reserve_space(&cfg, "C1", MIB, at())
+            .await
+            .unwrap()
+            .is_ok()
+    );
+}

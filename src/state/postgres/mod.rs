@@ -101,6 +101,9 @@ pub struct Cluster {
     /// so waiters cannot take every connection the holder needs.
     locks: PgPool,
     node: String,
+    /// Drawn at [`Cluster::open`]: tells this process from another that
+    /// took over its node name.
+    incarnation: i64,
     lease: Duration,
 }
 
@@ -123,10 +126,16 @@ impl Cluster {
             .acquire_timeout(super::BUSY_TIMEOUT)
             .connect_lazy_with(opts);
         sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        let mut rnd = [0u8; 8];
+        getrandom::fill(&mut rnd).map_err(|e| StateError::Io {
+            context: "drawing a node incarnation".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
         let c = Cluster {
             pool,
             locks,
             node: node.to_string(),
+            incarnation: i64::from_le_bytes(rnd),
             lease,
         };
         let mut tx = c.pool.begin().await?;
@@ -135,11 +144,13 @@ impl Cluster {
             .execute(&mut *tx)
             .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO nodes (name, started_ms, expires_ms) VALUES ($1, {NOW_MS}, {NOW_MS} + $2)
-             ON CONFLICT (name) DO UPDATE SET started_ms = excluded.started_ms, expires_ms = excluded.expires_ms"
+            "INSERT INTO nodes (name, started_ms, expires_ms, incarnation) VALUES ($1, {NOW_MS}, {NOW_MS} + $2, $3)
+             ON CONFLICT (name) DO UPDATE SET started_ms = excluded.started_ms,
+               expires_ms = excluded.expires_ms, incarnation = excluded.incarnation"
         )))
         .bind(node)
         .bind(c.lease_ms())
+        .bind(c.incarnation)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -176,14 +187,19 @@ impl Cluster {
     /// reserve again or stop.
     pub async fn heartbeat(&self) -> Result<bool, StateError> {
         let mut tx = self.pool.begin().await?;
-        let alive: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT expires_ms > {NOW_MS} + $2 FROM nodes WHERE name = $1 FOR UPDATE"
+        let row: Option<(bool, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT expires_ms > {NOW_MS} + $2, incarnation FROM nodes WHERE name = $1 FOR UPDATE"
         )))
         .bind(&self.node)
         .bind(self.margin_ms())
         .fetch_optional(&mut *tx)
         .await?;
-        let alive = alive.unwrap_or(false);
+        if let Some((_, other)) = row
+            && other != self.incarnation
+        {
+            return Err(self.taken_over());
+        }
+        let alive = row.is_some_and(|(a, _)| a);
         if !alive {
             sqlx::query("DELETE FROM held WHERE node = $1")
                 .bind(&self.node)
@@ -191,11 +207,12 @@ impl Cluster {
                 .await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO nodes (name, started_ms, expires_ms) VALUES ($1, {NOW_MS}, {NOW_MS} + $2)
+            "INSERT INTO nodes (name, started_ms, expires_ms, incarnation) VALUES ($1, {NOW_MS}, {NOW_MS} + $2, $3)
              ON CONFLICT (name) DO UPDATE SET expires_ms = excluded.expires_ms"
         )))
         .bind(&self.node)
         .bind(self.lease_ms())
+        .bind(self.incarnation)
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
@@ -290,20 +307,32 @@ impl Cluster {
     /// hold made by a node the others count as dead would be invisible to
     /// them, and space could be given twice.
     pub(super) async fn check_lease(&self, tx: &mut PgConnection) -> Result<(), StateError> {
-        let alive: Option<bool> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT expires_ms > {NOW_MS} + $2 FROM nodes WHERE name = $1"
+        let row: Option<(bool, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT expires_ms > {NOW_MS} + $2, incarnation FROM nodes WHERE name = $1"
         )))
         .bind(&self.node)
         .bind(self.margin_ms())
         .fetch_optional(&mut *tx)
         .await?;
-        if alive != Some(true) {
+        if let Some((_, other)) = row
+            && other != self.incarnation
+        {
+            return Err(self.taken_over());
+        }
+        if !row.is_some_and(|(a, _)| a) {
             return Err(StateError::Inconsistent(format!(
                 "this node's lease ({}) has run out or is about to: its heartbeat has not reached the database",
                 self.node
             )));
         }
         Ok(())
+    }
+
+    fn taken_over(&self) -> StateError {
+        StateError::Inconsistent(format!(
+            "another process has started as node {:?}: this one must stop (two processes may not share a node name)",
+            self.node
+        ))
     }
 
     /// Releases this node's hold `id` (an upload failed or was abandoned);
