@@ -313,6 +313,16 @@ pub fn check_syntax(h: &Hello) -> Result<(Intent, Option<Kind>), Rejection> {
     if h.hostname.as_ref().is_some_and(|n| n.len() > MAX_HOSTNAME) {
         return reject(RejectCode::BadRequest, "hostname is longer than 255 bytes");
     }
+    // PROTOCOL.md is silent on its characters (docs/protocol.md says
+    // this): a hostname is shown in `status` and the console and stored
+    // in state, where a control character would reach an administrator's
+    // terminal as an escape sequence, and PostgreSQL cannot store NUL.
+    if h.hostname
+        .as_ref()
+        .is_some_and(|n| n.chars().any(char::is_control))
+    {
+        return reject(RejectCode::BadRequest, "hostname holds a control character");
+    }
     let kind = match h.kind.as_deref() {
         None => None,
         Some(k) => match Kind::parse(k) {

@@ -187,6 +187,21 @@ fn reject_cases() -> Vec<(&'static str, Edit, RejectCode)> {
             BadRequest,
         ),
         (
+            "NUL in hostname",
+            |_, h, _| h.hostname = Some("pc\u{0}1".into()),
+            BadRequest,
+        ),
+        (
+            "escape sequence in hostname",
+            |_, h, _| h.hostname = Some("\u{1b}]0;owned\u{7}".into()),
+            BadRequest,
+        ),
+        (
+            "C1 control in hostname",
+            |_, h, _| h.hostname = Some("pc\u{9b}1".into()),
+            BadRequest,
+        ),
+        (
             "shutting down",
             |_, _, s| s.shutting_down = true,
             ShuttingDown,
