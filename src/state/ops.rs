@@ -38,6 +38,45 @@ pub struct QuotaExceeded {
     pub taken: u64,
 }
 
+impl QuotaExceeded {
+    /// Whether `size` more bytes fit at every level above `client` of
+    /// `customer` given `usage` (both backends' reservations ask this).
+    pub(super) fn check(
+        cfg: &Config,
+        customer: CustomerId,
+        client: &str,
+        usage: &LevelUsage,
+        size: u64,
+    ) -> Result<(), QuotaExceeded> {
+        let levels = space::levels(cfg, customer, cfg.declared_client(client), usage);
+        match space::full_level(&levels, size) {
+            None => Ok(()),
+            Some((level, allotted, taken)) => Err(QuotaExceeded {
+                left: space::space_left(&levels).unwrap_or(0),
+                level,
+                allotted,
+                taken,
+            }),
+        }
+    }
+}
+
+/// Parses `client_events` rows, skipping kinds this version does not know
+/// (both backends' `events_after`).
+pub(super) fn event_rows(rows: Vec<(i64, String, String, Option<String>)>) -> Vec<EventRow> {
+    rows.into_iter()
+        .filter_map(|(seq, client, kind, customer)| {
+            let event = ClientEvent::parse(&kind, customer)?;
+            Some(EventRow {
+                seq,
+                client,
+                kind,
+                event,
+            })
+        })
+        .collect()
+}
+
 impl std::fmt::Display for QuotaExceeded {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use crate::config::units::format_size;
@@ -557,14 +596,8 @@ impl State {
             (rec, held, c)
         };
         let usage = c.beside(held);
-        let levels = space::levels(cfg, rec.customer, cfg.declared_client(client), &usage);
-        if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
-            return Ok(Err(QuotaExceeded {
-                left: space::space_left(&levels).unwrap_or(0),
-                level,
-                allotted,
-                taken,
-            }));
+        if let Err(q) = QuotaExceeded::check(cfg, rec.customer, client, &usage, size) {
+            return Ok(Err(q));
         }
         Ok(Ok(self.ledger.insert(
             &rec.id,
@@ -1320,18 +1353,7 @@ impl State {
         .bind(seq)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(seq, client, kind, customer)| {
-                let event = ClientEvent::parse(&kind, customer)?;
-                Some(EventRow {
-                    seq,
-                    client,
-                    kind,
-                    event,
-                })
-            })
-            .collect())
+        Ok(event_rows(rows))
     }
 }
 

@@ -11,7 +11,8 @@
 //! writers until they commit: seq order is commit order.
 
 use super::{Cluster, lock_key};
-use crate::state::{ClientEvent, EventRow, StateError};
+use crate::state::ops::event_rows;
+use crate::state::{EventRow, StateError};
 use sqlx::PgConnection;
 
 /// Records `kind` (`moved`, `moved-by-config`, `removed`, `purged`,
@@ -58,17 +59,6 @@ impl Cluster {
         .bind(seq)
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows
-            .into_iter()
-            .filter_map(|(seq, client, kind, customer)| {
-                let event = ClientEvent::parse(&kind, customer)?;
-                Some(EventRow {
-                    seq,
-                    client,
-                    kind,
-                    event,
-                })
-            })
-            .collect())
+        Ok(event_rows(rows))
     }
 }

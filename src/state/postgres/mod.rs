@@ -33,7 +33,6 @@ pub use work::{PathLock, RunClaim};
 use super::StateError;
 use super::ops::QuotaExceeded;
 use crate::config::{Config, CustomerId};
-use crate::policy::space;
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
@@ -280,14 +279,8 @@ impl Cluster {
         }
         let cust = &cfg.customer(customer).name;
         let usage = admission::level_usage(&mut tx, cfg, &id, customer).await?;
-        let levels = space::levels(cfg, customer, declared, &usage);
-        if let Some((level, allotted, taken)) = space::full_level(&levels, size) {
-            return Ok(Err(QuotaExceeded {
-                left: space::space_left(&levels).unwrap_or(0),
-                level,
-                allotted,
-                taken,
-            }));
+        if let Err(q) = QuotaExceeded::check(cfg, customer, &id, &usage, size) {
+            return Ok(Err(q));
         }
         let hold: i64 = sqlx::query_scalar(
             "INSERT INTO held (node, client, customer, size, created_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
