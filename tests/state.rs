@@ -1,5 +1,9 @@
-//! The state store against a real SQLite file, with many concurrent tasks
-//! and pooled connections: licences, client slots and space never go over.
+//! The state store with many concurrent tasks and pooled connections:
+//! licences, client slots and space never go over. Every test runs twice,
+//! against a real SQLite file and against a real PostgreSQL database
+//! (`on_both!`; PostgreSQL comes from scripts/test).
+
+mod common;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -10,12 +14,81 @@ use tollgate::state::{AdmitOutcome, MoveRefused, PendingCommit, Readmit, State};
 
 const MIB: u64 = 1 << 20;
 
-fn config(dir: &Path, body: &str) -> Config {
+/// Which backend a test runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// A test's temporary directory and, on PostgreSQL, its own database.
+struct Fixture {
+    dir: TempDir,
+    pg: Option<common::PgDb>,
+}
+
+impl Fixture {
+    /// `None` when PostgreSQL is wanted and there is none (said loudly;
+    /// CI requires it).
+    async fn new(backend: Backend, test: &str) -> Option<Fixture> {
+        let pg = match backend {
+            Backend::Sqlite => None,
+            Backend::Postgres => Some(common::PgDb::create(test).await?),
+        };
+        Some(Fixture {
+            dir: TempDir::new().unwrap(),
+            pg,
+        })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn state_url(&self) -> String {
+        match &self.pg {
+            Some(pg) => pg.url.clone(),
+            None => format!("sqlite://{}/state/state.db", self.dir.path().display()),
+        }
+    }
+}
+
+/// Runs the test function once on each backend, as `NAME::sqlite` and
+/// `NAME::postgres`; the body finds its backend in `BACKEND`.
+macro_rules! on_both {
+    ($(#[$m:meta])* async fn $name:ident() $body:block) => {
+        mod $name {
+            use super::*;
+            $(#[$m])*
+            async fn sqlite() {
+                const BACKEND: Backend = Backend::Sqlite;
+                $body
+            }
+            $(#[$m])*
+            async fn postgres() {
+                const BACKEND: Backend = Backend::Postgres;
+                $body
+            }
+        }
+    };
+}
+
+/// The fixture for this test on `BACKEND`, or return (skipped).
+macro_rules! fixture {
+    () => {
+        match Fixture::new(BACKEND, module_path!()).await {
+            Some(f) => f,
+            None => return,
+        }
+    };
+}
+
+fn config(dir: &Fixture, body: &str) -> Config {
     let src = format!(
-        "[server]\ntimezone = \"Europe/Berlin\"\nstate = \"sqlite://{}/state/state.db\"\n{body}",
-        dir.display()
+        "[server]\ntimezone = \"Europe/Berlin\"\nstate = \"{}\"\n{body}\n[server.cluster]\nnode = \"test\"\n",
+        dir.state_url()
     );
-    Config::from_str(&src, &dir.join("tollgate.toml")).unwrap_or_else(|e| panic!("{e:#?}"))
+    Config::from_str(&src, &dir.path().join("tollgate.toml")).unwrap_or_else(|e| panic!("{e:#?}"))
 }
 
 async fn open(dir: &Path, cfg: &Config) -> State {
@@ -74,16 +147,45 @@ async fn commit_reserved(st: &State, client: &str, path: &str, size: u64, r: i64
     st.commit_file(id).await.unwrap();
 }
 
+/// The value of `sql`, a query of one number (NULL counts as 0).
 async fn count(st: &State, sql: &str) -> i64 {
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
-        .await
-        .unwrap();
-    let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
-        .fetch_one(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
-    n
+    let q = format!("SELECT CAST(COALESCE(({sql}), 0) AS BIGINT)");
+    match st.cluster() {
+        Some(c) => sqlx::query_scalar(sqlx::AssertSqlSafe(q))
+            .fetch_one(c.pool())
+            .await
+            .unwrap(),
+        None => {
+            let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
+                .await
+                .unwrap();
+            let n = sqlx::query_scalar(sqlx::AssertSqlSafe(q))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            pool.close().await;
+            n
+        }
+    }
+}
+
+/// Runs `sql` (no parameters) on the test's database.
+async fn exec(st: &State, sql: &str) -> Result<u64, sqlx::Error> {
+    match st.cluster() {
+        Some(c) => Ok(sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(c.pool())
+            .await?
+            .rows_affected()),
+        None => {
+            let pool =
+                sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display())).await?;
+            let r = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+                .execute(&pool)
+                .await;
+            pool.close().await;
+            Ok(r?.rows_affected())
+        }
+    }
 }
 
 /// The running MCAL totals admission reads agree with the debits.
@@ -96,17 +198,18 @@ async fn assert_totals_match(st: &State) {
            UNION ALL SELECT 'reseller', reseller, SUM(cost) FROM mcal_debits WHERE reseller IS NOT NULL GROUP BY reseller
          ) d FULL JOIN (SELECT * FROM mcal_totals WHERE total <> 0) t
            ON t.scope = d.scope AND t.name = d.name
-         WHERE d.sum IS NOT t.total",
+         WHERE d.sum IS DISTINCT FROM t.total",
     )
     .await;
     assert_eq!(mismatches, 0, "mcal_totals differ from the debits");
 }
 
+on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let cfg = Arc::new(config(
-        dir.path(),
+        &dir,
         "[server.mcal]\npool = 1000\n[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nauto_add_clients = true\nmcal_limit = 10\n",
     ));
     let st = open(dir.path(), &cfg).await;
@@ -159,12 +262,14 @@ async fn hundred_first_backups_for_ten_mcals_debit_exactly_ten() {
         90
     );
 }
+}
 
+on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn hundred_registrations_for_ten_slots_register_exactly_ten() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let cfg = Arc::new(config(
-        dir.path(),
+        &dir,
         "[default_customer]\nauto_add_clients = true\nmax_clients = 15\n",
     ));
     let st = open(dir.path(), &cfg).await;
@@ -236,17 +341,18 @@ async fn hundred_registrations_for_ten_slots_register_exactly_ten() {
     }
     assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 15);
 }
+}
 
 /// 50 racing reservations by clients of `racers` against the last 1 MiB;
 /// `caps` are (customers, bytes) that their reservations must not exceed.
 async fn race_last_mib(
+    dir: Fixture,
     body: &str,
     fill: &[(&str, &str, u64)],
     racers: &[&str],
     caps: &[(&[&str], u64)],
 ) {
-    let dir = TempDir::new().unwrap();
-    let cfg = Arc::new(config(dir.path(), body));
+    let cfg = Arc::new(config(&dir, body));
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     for (client, customer, bytes) in fill {
@@ -294,16 +400,21 @@ async fn race_last_mib(
     );
     assert!(refused > 0);
     assert_eq!(st.reserved_total().await.unwrap(), granted);
-    assert_eq!(st.ledger().total(), granted);
+    let totals = st.totals(&cfg, t).await.unwrap();
     for (customers, cap) in caps {
-        let held: u64 = customers.iter().map(|c| st.ledger().customer(c)).sum();
+        let held: u64 = customers
+            .iter()
+            .map(|c| totals.customers[&c.to_lowercase()].reserved)
+            .sum();
         assert!(held <= *cap, "{customers:?} hold {held} bytes, over {cap}");
     }
 }
 
+on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_reservations_never_overrun_the_customer() {
     race_last_mib(
+        fixture!(),
         "[[reseller]]\nname = \"r\"\nspace = \"1 GiB\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nspace = \"10 MiB\"\n",
         &[("F", "C", 9 * MIB)],
         &["C", "C", "C"],
@@ -311,11 +422,14 @@ async fn fifty_reservations_never_overrun_the_customer() {
     )
     .await;
 }
+}
 
+on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_reservations_never_overrun_the_reseller() {
     // Each customer has room; together they have 1 MiB left under the reseller.
     race_last_mib(
+        fixture!(),
         "[[reseller]]\nname = \"r\"\nspace = \"10 MiB\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\nspace = \"6 MiB\"\n[[customer]]\nname = \"B\"\nreseller = \"r\"\nemail = \"b@x.example\"\nbackup_location = \"/srv/b\"\nspace = \"4 MiB\"\n",
         &[("F1", "A", 5 * MIB), ("F2", "B", 4 * MIB)],
         &["A", "A", "A"],
@@ -323,11 +437,14 @@ async fn fifty_reservations_never_overrun_the_reseller() {
     )
     .await;
 }
+}
 
+on_both! {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn fifty_reservations_never_overrun_the_server() {
     // 1 MiB left on the server, half under each of its two children.
     race_last_mib(
+        fixture!(),
         "total_space = \"10 MiB\"\n[default_customer]\nspace = \"5 MiB\"\n[[reseller]]\nname = \"r\"\nspace = \"5 MiB\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\nspace = \"5 MiB\"\n",
         &[("F1", "Default Customer", 4 * MIB + MIB / 2), ("F2", "A", 4 * MIB + MIB / 2)],
         &["Default Customer", "A"],
@@ -335,12 +452,14 @@ async fn fifty_reservations_never_overrun_the_server() {
     )
     .await;
 }
+}
 
+on_both! {
 #[tokio::test]
 async fn a_month_change_lets_each_client_be_debited_once_more() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let cfg = config(
-        dir.path(),
+        &dir,
         "[server.mcal]\npool = 100\n[default_customer]\nauto_add_clients = true\n",
     );
     let st = open(dir.path(), &cfg).await;
@@ -395,11 +514,13 @@ async fn a_month_change_lets_each_client_be_debited_once_more() {
     );
     // A restore needs no licence, so the pool running dry does not stop it.
 }
+}
 
+on_both! {
 #[tokio::test]
 async fn wrong_and_missing_secrets_are_refused_and_recorded() {
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let dir = fixture!();
+    let cfg = config(&dir, "[default_customer]\nauto_add_clients = true\n");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     let AdmitOutcome::Admitted {
@@ -459,6 +580,7 @@ async fn wrong_and_missing_secrets_are_refused_and_recorded() {
         0
     );
 }
+}
 
 const MOVE_CFG: &str = "[server.mcal]\npool = 100\n[default_customer]\nauto_add_clients = true\n
 [[reseller]]\nname = \"r\"\nspace = \"100 MiB\"\n
@@ -468,19 +590,20 @@ const MOVE_CFG: &str = "[server.mcal]\npool = 100\n[default_customer]\nauto_add_
 [[customer]]\nname = \"Broke\"\nreseller = \"r\"\nemail = \"k@x.example\"\nbackup_location = \"BROKE\"\nspace = \"10 MiB\"\nmcal_limit = 1\n
 [[client]]\nid = \"DECL\"\ncustomer = \"Big\"\n";
 
-fn move_cfg(dir: &Path) -> Config {
+fn move_cfg(dir: &Fixture) -> Config {
     let body = MOVE_CFG
-        .replace("\"BIG\"", &format!("\"{}/big\"", dir.display()))
-        .replace("\"TINY\"", &format!("\"{}/tiny\"", dir.display()))
-        .replace("\"FULL\"", &format!("\"{}/full\"", dir.display()))
-        .replace("\"BROKE\"", &format!("\"{}/broke\"", dir.display()));
+        .replace("\"BIG\"", &format!("\"{}/big\"", dir.path().display()))
+        .replace("\"TINY\"", &format!("\"{}/tiny\"", dir.path().display()))
+        .replace("\"FULL\"", &format!("\"{}/full\"", dir.path().display()))
+        .replace("\"BROKE\"", &format!("\"{}/broke\"", dir.path().display()));
     config(dir, &body)
 }
 
+on_both! {
 #[tokio::test]
 async fn move_client_moves_usage_and_data_and_refuses_with_reasons() {
-    let dir = TempDir::new().unwrap();
-    let cfg = move_cfg(dir.path());
+    let dir = fixture!();
+    let cfg = move_cfg(&dir);
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     // PC lives under the Default Customer with 2 MiB and this month's debit.
@@ -592,11 +715,13 @@ async fn move_client_moves_usage_and_data_and_refuses_with_reasons() {
     );
     assert_eq!(count(&st, "SELECT COUNT(*) FROM mcal_debits WHERE client = 'PC' AND customer = 'Big' AND month = '2026-12'").await, 1);
 }
+}
 
+on_both! {
 #[tokio::test]
 async fn remove_frees_the_month_and_purge_frees_the_space() {
-    let dir = TempDir::new().unwrap();
-    let cfg = move_cfg(dir.path());
+    let dir = fixture!();
+    let cfg = move_cfg(&dir);
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     let big = cfg.customer_by_name("Big").unwrap();
@@ -689,26 +814,15 @@ async fn remove_frees_the_month_and_purge_frees_the_space() {
             .is_none()
     );
 }
-
-#[tokio::test]
-async fn postgres_is_refused_with_a_clear_message() {
-    let dir = TempDir::new().unwrap();
-    let src = "[server]\nstate = \"postgres://tollgate:pw@db.example/tollgate\"\n";
-    let cfg = Config::from_str(src, &dir.path().join("t.toml")).unwrap();
-    let err = State::open(&cfg).await.unwrap_err().to_string();
-    assert!(
-        err.contains("PostgreSQL is not supported yet") && err.contains("sqlite://"),
-        "{err}"
-    );
-    assert!(!err.contains("pw@"), "the password leaked: {err}");
 }
 
+on_both! {
 #[tokio::test]
 async fn declared_clients_are_upserted_and_follow_the_config() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let base = "[default_customer]\n[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"A\"\nreseller = \"r\"\nemail = \"a@x.example\"\nbackup_location = \"/srv/a\"\n[[customer]]\nname = \"B\"\nreseller = \"r\"\nemail = \"b@x.example\"\nbackup_location = \"/srv/b\"\n";
     let cfg = config(
-        dir.path(),
+        &dir,
         &format!(
             "{base}[[client]]\nid = \"D1\"\ncustomer = \"A\"\nkind = \"server\"\n[[client]]\nid = \"D2\"\ncustomer = \"A\"\n"
         ),
@@ -741,7 +855,7 @@ async fn declared_clients_are_upserted_and_follow_the_config() {
     commit(&st, &cfg, "D1", "f", MIB).await;
     // The config moves D1 to B and drops D2 (never connected).
     let cfg2 = config(
-        dir.path(),
+        &dir,
         &format!("{base}[[client]]\nid = \"D1\"\ncustomer = \"B\"\nkind = \"server\"\n"),
     );
     let moved = st
@@ -777,6 +891,7 @@ async fn declared_clients_are_upserted_and_follow_the_config() {
         "the secret survives a reload"
     );
 }
+}
 
 fn admitted(o: AdmitOutcome) -> (Registration, Option<String>) {
     match o {
@@ -792,12 +907,13 @@ fn refused(o: AdmitOutcome) -> RejectCode {
     }
 }
 
+on_both! {
 /// PROTOCOL.md Additions: a removed id stays reserved; the readmit key
 /// gives it back once, within 7 days; the same for a lost secret.
 #[tokio::test]
 async fn removed_ids_are_reserved_until_readmitted_once() {
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let dir = fixture!();
+    let cfg = config(&dir, "[default_customer]\nauto_add_clients = true\n");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     let (_, old) = admitted(
@@ -864,14 +980,16 @@ async fn removed_ids_are_reserved_until_readmitted_once() {
         Readmit::NoSuchClient
     );
 }
+}
 
+on_both! {
 /// CONFIG.md Additions, "State retention": refusals are one row per
 /// (source, code, customer, minute) with a count; invalid ids are stored
 /// as `(invalid)`; nothing a peer sent is stored beyond 256 bytes.
 #[tokio::test]
 async fn refusals_are_aggregated_and_bounded() {
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let dir = fixture!();
+    let cfg = config(&dir, "[default_customer]\nauto_add_clients = true\n");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:40Z");
     let src: std::net::IpAddr = "198.51.100.7".parse().unwrap();
@@ -934,38 +1052,41 @@ async fn refusals_are_aggregated_and_bounded() {
         1
     );
 }
+}
 
+on_both! {
 /// CONFIG.md `[server.retention]`: old rows go, in batches, recent ones
 /// stay, and live history (undelivered mail) is never pruned.
 #[tokio::test]
 async fn retention_prunes_old_history_in_batches() {
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let dir = fixture!();
+    let cfg = config(&dir, "[default_customer]\nauto_add_clients = true\n");
     let st = open(dir.path(), &cfg).await;
     let now = at("2026-11-25T12:00:00Z");
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
-        .await
-        .unwrap();
     let day = 86_400i64;
     let n = now.as_second();
     // 1,200 refusal minutes 91 days old, 10 from yesterday.
-    for i in 0..1210i64 {
-        let at = if i < 1200 {
-            n - 91 * day + i * 60
-        } else {
-            n - day + i
-        };
-        sqlx::query("INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, '192.0.2.1', 'timeout', '', '', 1)")
-            .bind(at)
-            .execute(&pool)
-            .await
-            .unwrap();
-    }
+    let rows: Vec<String> = (0..1210i64)
+        .map(|i| {
+            let at = if i < 1200 {
+                n - 91 * day + i * 60
+            } else {
+                n - day + i
+            };
+            format!("({at}, '192.0.2.1', 'timeout', '', '', 1)")
+        })
+        .collect();
+    exec(
+        &st,
+        &format!(
+            "INSERT INTO refusals (at, source, code, customer, client, count) VALUES {}",
+            rows.join(", ")
+        ),
+    )
+    .await
+    .unwrap();
     for (id, started) in [("old", n - 401 * day), ("new", n - 399 * day)] {
-        sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, started_at) VALUES (?, 'PC', 'Default Customer', 's', 'backup', ?)")
-            .bind(id)
-            .bind(started)
-            .execute(&pool)
+        exec(&st, &format!("INSERT INTO sessions (id, client, customer, schedule, intent, started_at) VALUES ('{id}', 'PC', 'Default Customer', 's', 'backup', {started})"))
             .await
             .unwrap();
     }
@@ -974,20 +1095,23 @@ async fn retention_prunes_old_history_in_batches() {
         (n - 100 * day, None),
         (n - day, Some(n - day)),
     ] {
-        sqlx::query("INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at, sent_at) VALUES (?, 'alert', 's', 'f@x.example', '[]', x'00', ?, ?)")
-            .bind(at)
-            .bind(at)
-            .bind(sent)
-            .execute(&pool)
+        let sent = sent.map_or("NULL".to_string(), |s| s.to_string());
+        // '\x00': one zero byte on PostgreSQL, text on SQLite; either is
+        // a message.
+        exec(&st, &format!("INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at, sent_at) VALUES ({at}, 'alert', 's', 'f@x.example', '[]', '\\x00', {at}, {sent})"))
             .await
             .unwrap();
     }
-    sqlx::query("INSERT INTO client_events (at, client, kind) VALUES (?, 'PC', 'removed'), (?, 'PC', 'removed')")
-        .bind(n - 31 * day)
-        .bind(n - 29 * day)
-        .execute(&pool)
-        .await
-        .unwrap();
+    exec(
+        &st,
+        &format!(
+            "INSERT INTO client_events (at, client, kind) VALUES ({}, 'PC', 'removed'), ({}, 'PC', 'removed')",
+            n - 31 * day,
+            n - 29 * day
+        ),
+    )
+    .await
+    .unwrap();
     let p = st
         .prune(&tollgate::config::Retention::default(), now)
         .await
@@ -1014,14 +1138,16 @@ async fn retention_prunes_old_history_in_batches() {
         0
     );
 }
+}
 
+on_both! {
 /// `registrations_per_minute` counts new clients per customer, exactly,
 /// under concurrency; `retry_after` says when the next one fits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn registrations_per_minute_hold_under_concurrency() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let cfg = Arc::new(config(
-        dir.path(),
+        &dir,
         "[server.limits]\nregistrations_per_minute = 5\n[default_customer]\nauto_add_clients = true\n",
     ));
     let st = open(dir.path(), &cfg).await;
@@ -1055,13 +1181,15 @@ async fn registrations_per_minute_hold_under_concurrency() {
         "a minute later it fits"
     );
 }
+}
 
+on_both! {
 /// Client ids are unique without regard to case: registering `pc-1` next
 /// to `PC-1` is refused, and nothing is half-registered.
 #[tokio::test]
 async fn ids_differing_in_case_are_one_id() {
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "[default_customer]\nauto_add_clients = true\n");
+    let dir = fixture!();
+    let cfg = config(&dir, "[default_customer]\nauto_add_clients = true\n");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     admitted(
@@ -1079,22 +1207,21 @@ async fn ids_differing_in_case_are_one_id() {
     );
     assert_eq!(count(&st, "SELECT COUNT(*) FROM clients").await, 1);
     // The database itself refuses a second spelling.
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
-        .await
-        .unwrap();
-    let dup = sqlx::query(
+    let dup = exec(
+        &st,
         "INSERT INTO clients (id, customer, kind) VALUES ('Pc-1', 'Default Customer', 'desktop')",
     )
-    .execute(&pool)
     .await;
     assert!(dup.is_err(), "the NOCASE unique index");
 }
+}
 
+on_both! {
 #[tokio::test]
 async fn noted_session_starts_are_written_together_and_before_their_end() {
     use tollgate::state::{SessionEnd, SessionStart};
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "");
+    let dir = fixture!();
+    let cfg = config(&dir, "");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     let ids: Vec<String> = (0..450).map(|i| format!("s{i}")).collect();
@@ -1110,18 +1237,17 @@ async fn noted_session_starts_are_written_together_and_before_their_end() {
         });
     }
     assert_eq!(count(&st, "SELECT COUNT(*) FROM sessions").await, 0);
-    let batches = st
-        .writer_stats()
-        .unwrap()
-        .batches
-        .load(std::sync::atomic::Ordering::Relaxed);
+    // The SQLite writer's batches count operations; PostgreSQL has none.
+    let batches = || {
+        st.writer_stats()
+            .map(|w| w.batches.load(std::sync::atomic::Ordering::Relaxed))
+    };
+    assert_eq!(batches().is_some(), BACKEND == Backend::Sqlite);
+    let before = batches();
     assert_eq!(st.flush_session_starts().await.unwrap(), 450);
     assert_eq!(
-        st.writer_stats()
-            .unwrap()
-            .batches
-            .load(std::sync::atomic::Ordering::Relaxed),
-        batches + 1,
+        batches(),
+        before.map(|b| b + 1),
         "450 starts are one operation"
     );
     assert_eq!(count(&st, "SELECT COUNT(*) FROM sessions").await, 450);
@@ -1155,7 +1281,9 @@ async fn noted_session_starts_are_written_together_and_before_their_end() {
         1
     );
 }
+}
 
+on_both! {
 /// Reservations racing commits (issue 13: reservations live in memory and
 /// commits move bytes from them to committed usage): 16 uploaders try 40
 /// uploads of 20 to 59 KiB each against a 4 MiB customer, reserving while
@@ -1164,9 +1292,9 @@ async fn noted_session_starts_are_written_together_and_before_their_end() {
 /// was committed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reservations_racing_commits_never_overrun() {
-    let dir = TempDir::new().unwrap();
+    let dir = fixture!();
     let cfg = Arc::new(config(
-        dir.path(),
+        &dir,
         "[[reseller]]\nname = \"r\"\n[[customer]]\nname = \"C\"\nreseller = \"r\"\nemail = \"c@x.example\"\nbackup_location = \"/srv/c\"\nspace = \"4 MiB\"\n",
     ));
     let st = open(dir.path(), &cfg).await;
@@ -1206,16 +1334,22 @@ async fn reservations_racing_commits_never_overrun() {
         used > 4 * MIB - 59 * 1024,
         "only {used} committed: refusals were not needed"
     );
-    assert_eq!(st.ledger().total(), 0, "every reservation was released");
+    assert_eq!(
+        st.reserved_total().await.unwrap(),
+        0,
+        "every reservation was released"
+    );
+}
 }
 
+on_both! {
 /// A session that ends while the start flush is under way still ends up
 /// with one row that has its start and its end, whichever goes first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_session_ending_during_the_start_flush_keeps_its_row() {
     use tollgate::state::{SessionEnd, SessionStart};
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "");
+    let dir = fixture!();
+    let cfg = config(&dir, "");
     let st = open(dir.path(), &cfg).await;
     let t = at("2026-11-25T12:00:00Z");
     for i in 0..40 {
@@ -1255,30 +1389,31 @@ async fn a_session_ending_during_the_start_flush_keeps_its_row() {
         "nothing left noted"
     );
 }
+}
 
+on_both! {
 /// A request an admin command left behind (it was killed before it could
 /// withdraw it) is never applied later.
 #[tokio::test]
 async fn an_old_admin_request_expires_instead_of_being_applied() {
     use tollgate::state::requests::{Change, Outcome, REQUEST_VALID_SECS};
-    let dir = TempDir::new().unwrap();
-    let cfg = config(dir.path(), "");
+    let dir = fixture!();
+    let cfg = config(&dir, "");
     let st = open(dir.path(), &cfg).await;
     let change = Change::Remove {
         client: "PC".into(),
         purge: true,
     };
     let old = st.request(&change).await.unwrap();
-    let pool = sqlx::SqlitePool::connect(&format!("sqlite://{}", st.path().display()))
-        .await
-        .unwrap();
-    sqlx::query("UPDATE admin_requests SET requested_at = requested_at - ? WHERE id = ?")
-        .bind(REQUEST_VALID_SECS + 1)
-        .bind(old)
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
+    exec(
+        &st,
+        &format!(
+            "UPDATE admin_requests SET requested_at = requested_at - {} WHERE id = {old}",
+            REQUEST_VALID_SECS + 1
+        ),
+    )
+    .await
+    .unwrap();
     let fresh = st.request(&change).await.unwrap();
     let now = jiff::Timestamp::now();
     let claimed = st.claim_request(now).await.unwrap().expect("the fresh one");
@@ -1303,4 +1438,5 @@ async fn an_old_admin_request_expires_instead_of_being_applied() {
         st.claim_request(now).await.unwrap().is_none(),
         "a withdrawn request is not applied"
     );
+}
 }

@@ -53,7 +53,9 @@ fn with_declared(cfg: &Config, mut rows: Vec<ClientRow>) -> Vec<ClientRow> {
 /// Opens the state for a command that changes it. Declared clients are the
 /// daemon's to record and move (at start and reload), never a command's.
 async fn open(cfg: &Config) -> anyhow::Result<State> {
-    State::open(cfg).await.context("opening the state database")
+    State::open_tool(cfg)
+        .await
+        .context("opening the state database")
 }
 
 fn when(cfg: &Config, secs: Option<i64>) -> String {

@@ -68,7 +68,7 @@ macro_rules! differing {
 fn server_keys(a: &Server, b: &Server) -> Vec<&'static str> {
     let mut keys = differing!(a, b; listen, state_dir, state, total_space,
         max_connections, hello_timeout, idle_timeout, shutdown_grace, max_frame,
-        metrics_listen, tls, mcal, throttle, aggregate, email, limits, retention);
+        metrics_listen, tls, mcal, throttle, aggregate, email, limits, retention, cluster);
     // Zones compare by name: jiff's Debug shows how the zone was loaded.
     if a.timezone.iana_name() != b.timezone.iana_name() {
         keys.insert(0, "timezone");

@@ -228,6 +228,51 @@ impl Default for Retention {
     }
 }
 
+/// `[server.cluster]`: this node among several on one PostgreSQL state
+/// (docs/scale-out.md). Ignored on SQLite.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cluster {
+    /// This node's name, unique in the cluster; the host name by default.
+    pub node: String,
+    /// Nodes the cluster runs: a node that cannot reach the database
+    /// falls back to an aggregate cap divided by this.
+    pub nodes: u32,
+    /// How long a node's lease runs after each heartbeat: a node that
+    /// died stops holding space and work within this.
+    pub lease: Duration,
+}
+
+/// Nodes in a cluster at most.
+pub const MAX_NODES: u32 = 64;
+/// The default node lease.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+impl Default for Cluster {
+    fn default() -> Self {
+        Cluster {
+            node: default_node_name(),
+            nodes: 1,
+            lease: DEFAULT_LEASE,
+        }
+    }
+}
+
+/// The host name, or "tollgate" when it cannot be read.
+pub fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| valid_node_name(s))
+        .unwrap_or_else(|| "tollgate".to_string())
+}
+
+/// A node name: 1 to 64 of ASCII letters, digits, `-`, `_` and `.`.
+pub fn valid_node_name(s: &str) -> bool {
+    (1..=64).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,9 @@ mod raw;
 pub mod units;
 mod validate;
 
-pub use limits::{Cidr, Limits, Overflow, Penalties, Retention, canonical, escape_log, source_of};
+pub use limits::{
+    Cidr, Cluster, Limits, Overflow, Penalties, Retention, canonical, escape_log, source_of,
+};
 
 pub use units::Hours;
 pub use validate::{ConfigError, Rule};
@@ -138,6 +140,8 @@ pub struct Server {
     pub limits: Limits,
     /// `[server.retention]`.
     pub retention: Retention,
+    /// `[server.cluster]`.
+    pub cluster: Cluster,
 }
 
 /// The state database location (CONFIG.md `server.state`).

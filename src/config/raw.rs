@@ -298,6 +298,10 @@ pub const KNOWN_KEYS: &[&str] = &[
     "username",
     "password",
     "max_clients",
+    "cluster",
+    "node",
+    "nodes",
+    "lease",
     "consolidated_report",
     "recipients",
     "frequency",
@@ -377,6 +381,15 @@ pub struct RawServer {
     pub email: Option<Spanned<RawEmail>>,
     pub limits: Option<Spanned<RawLimits>>,
     pub retention: Option<Spanned<RawRetention>>,
+    pub cluster: Option<Spanned<RawCluster>>,
+}
+
+/// `[server.cluster]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawCluster {
+    pub node: Option<Spanned<String>>,
+    pub nodes: Option<Spanned<i64>>,
+    pub lease: Option<Spanned<String>>,
 }
 
 /// `[server.limits]`.

@@ -126,7 +126,10 @@ pub async fn queue_digests(
             continue;
         }
         let m = compose::session_digest(cfg, &d.recipient, &sessions, now)?;
-        state.enqueue_digest(&d, &m, now).await?;
+        if state.enqueue_digest(&d, &m, now).await?.is_none() {
+            // Another node queued it first.
+            continue;
+        }
         debug!(to = %d.recipient, client = %d.client, sessions = sessions.len(), "session report queued");
         queued += 1;
     }

@@ -140,6 +140,11 @@ fn keep_fixed(old: &Config, new: &mut Config) {
         );
         n.limits.handshakes = o.limits.handshakes;
     }
+    if o.cluster.node != n.cluster.node || o.cluster.lease != n.cluster.lease {
+        warn!("server.cluster.node and .lease cannot change live; restart to apply them");
+        n.cluster.node = o.cluster.node.clone();
+        n.cluster.lease = o.cluster.lease;
+    }
     if o.metrics_listen != n.metrics_listen {
         warn!("server.metrics_listen cannot change live; restart to apply it");
         n.metrics_listen = o.metrics_listen;

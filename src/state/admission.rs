@@ -8,7 +8,7 @@
 //! `clients readmit` and its one-time key (PROTOCOL.md Additions).
 
 use super::ops::{
-    admission_reads, client_db, immediate, insert_debit, record, slot_count, upsert_registration,
+    admission_reads, client_db, immediate, insert_debit, record, upsert_registration,
 };
 use super::{State, StateError, new_secret, secs};
 use crate::config::{Config, CustomerId, Kind, PhcHash};
@@ -72,9 +72,10 @@ impl State {
         cfg: &Config,
         id: &str,
     ) -> Result<Option<ClientRecord>, StateError> {
-        let mut conn = self.pool.begin().await?;
-        let row = client_db(&mut conn, id).await?;
-        conn.rollback().await?;
+        let row = super::on_pool!(self, sql, pool => {
+            let mut conn = pool.acquire().await?;
+            sql::client_db(&mut conn, id).await?
+        });
         Ok(row.as_ref().and_then(|r| record(cfg, r)))
     }
 
@@ -90,6 +91,11 @@ impl State {
         connections_full: bool,
         shutting_down: bool,
     ) -> Result<Decision, StateError> {
+        if let Some(c) = self.cluster() {
+            return c
+                .decide(cfg, hello, enroll, at, connections_full, shutting_down)
+                .await;
+        }
         let secret = new_secret()?;
         let mut tx = immediate(self).await?;
         let row = client_db(&mut tx, &hello.client_id).await?;
@@ -357,29 +363,31 @@ impl State {
         at: Timestamp,
     ) -> Result<Result<String, Rejection>, StateError> {
         let secret = new_secret()?;
-        let mut tx = immediate(self).await?;
-        if let Some(row) = client_db(&mut tx, id).await?
-            && (row.secret_sha256.is_some() || row.id != id)
-        {
-            return Ok(Err(Rejection::new(
-                RejectCode::BadRequest,
-                format!("client {:?} is already registered", row.id),
-            )));
-        }
-        let cust = cfg.customer(customer);
-        if admission::client_limit_reached(cust, slot_count(&mut tx, cfg, customer).await?) {
-            return Ok(Err(Rejection::new(
-                RejectCode::ClientLimit,
-                format!("customer {:?} has reached its limit of clients", cust.name),
-            )));
-        }
-        let declared = cfg.declared_client(id).is_some();
-        upsert_registration(
-            &mut tx, cfg, id, customer, kind, &secret, declared, hostname, at,
-        )
-        .await?;
-        tx.commit().await?;
-        Ok(Ok(secret))
+        super::in_tx!(self, sql, tx => {
+            sql::lock_admission(&mut tx, id, Some((cfg, customer)), false).await?;
+            if let Some(row) = sql::client_db(&mut tx, id).await?
+                && (row.secret_sha256.is_some() || row.id != id)
+            {
+                return Ok(Err(Rejection::new(
+                    RejectCode::BadRequest,
+                    format!("client {:?} is already registered", row.id),
+                )));
+            }
+            let cust = cfg.customer(customer);
+            if admission::client_limit_reached(cust, sql::slot_count(&mut tx, cfg, customer).await?) {
+                return Ok(Err(Rejection::new(
+                    RejectCode::ClientLimit,
+                    format!("customer {:?} has reached its limit of clients", cust.name),
+                )));
+            }
+            let declared = cfg.declared_client(id).is_some();
+            sql::upsert_registration(
+                &mut tx, cfg, id, customer, kind, &secret, declared, hostname, at,
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(Ok(secret.clone()))
+        })
     }
 
     /// `tollgate clients readmit ID`: gives `id` a one-time readmit key,
@@ -389,25 +397,27 @@ impl State {
     /// its secret. A new key replaces an unused one.
     pub async fn readmit(&self, id: &str, at: Timestamp) -> Result<Readmit, StateError> {
         let key = new_secret()?;
-        let mut tx = immediate(self).await?;
-        let Some(row) = client_db(&mut tx, id).await? else {
-            return Ok(Readmit::NoSuchClient);
-        };
-        if row.secret_sha256.is_none() && row.removed_at.is_none() {
-            return Ok(Readmit::NeverConnected(row.id));
-        }
-        sqlx::query("UPDATE clients SET readmit_sha256 = ?, readmit_expires = ? WHERE id = ?")
-            .bind(admission::secret_digest(&key).to_vec())
-            .bind(secs(at) + READMIT_VALID_SECS)
-            .bind(&row.id)
-            .execute(&mut *tx)
-            .await?;
-        super::ops::record_event(&mut tx, at, &row.id, "readmitted", None).await?;
-        tx.commit().await?;
-        Ok(Readmit::Key {
-            id: row.id,
-            key,
-            expires: Timestamp::from_second(secs(at) + READMIT_VALID_SECS).unwrap_or(at),
+        super::in_tx!(self, sql, tx => {
+            sql::lock_admission(&mut tx, id, None, false).await?;
+            let Some(row) = sql::client_db(&mut tx, id).await? else {
+                return Ok(Readmit::NoSuchClient);
+            };
+            if row.secret_sha256.is_none() && row.removed_at.is_none() {
+                return Ok(Readmit::NeverConnected(row.id));
+            }
+            sqlx::query("UPDATE clients SET readmit_sha256 = $1, readmit_expires = $2 WHERE id = $3")
+                .bind(admission::secret_digest(&key).to_vec())
+                .bind(secs(at) + READMIT_VALID_SECS)
+                .bind(&row.id)
+                .execute(&mut *tx)
+                .await?;
+            sql::record_event(&mut tx, at, &row.id, "readmitted", None).await?;
+            tx.commit().await?;
+            Ok(Readmit::Key {
+                id: row.id,
+                key: key.clone(),
+                expires: Timestamp::from_second(secs(at) + READMIT_VALID_SECS).unwrap_or(at),
+            })
         })
     }
 }

@@ -219,6 +219,12 @@ impl Ledger {
         self.lock().holds.values().filter(|h| h.client == k).count()
     }
 
+    /// Bytes held per client and per customer, keyed by lowercased name.
+    pub fn by_client_and_customer(&self) -> (HashMap<String, u64>, HashMap<String, u64>) {
+        let g = self.lock();
+        (g.client.clone(), g.customer.clone())
+    }
+
     /// Bytes held by `client`.
     pub fn client(&self, client: &str) -> u64 {
         self.lock().client.get(&key(client)).copied().unwrap_or(0)

@@ -91,30 +91,9 @@ pub struct DueDigest {
     pub reports: Vec<(i64, String)>,
 }
 
-pub(super) fn insert_outbox<'a>(
-    m: &'a Outgoing,
-    at: Timestamp,
-) -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    insert_outbox_due(m, at, at)
-}
-
-fn insert_outbox_due<'a>(
-    m: &'a Outgoing,
-    at: Timestamp,
-    due: Timestamp,
-) -> sqlx::query::Query<'a, sqlx::Sqlite, sqlx::sqlite::SqliteArguments> {
-    sqlx::query(
-        "INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(secs(at))
-    .bind(m.kind)
-    .bind(&m.subject)
-    .bind(&m.from)
-    .bind(serde_json::to_string(&m.to).unwrap_or_else(|_| "[]".into()))
-    .bind(&m.message)
-    .bind(secs(due))
-}
+/// How long a node may take to deliver the messages it claimed
+/// (PostgreSQL) before another node may take them over.
+pub const MAIL_CLAIM: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Refusals of one code for one customer over a span (the daily digest).
 #[derive(Clone, Debug, PartialEq, Eq, sqlx::FromRow)]
@@ -146,26 +125,28 @@ impl State {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<RefusalCount>, StateError> {
-        Ok(sqlx::query_as::<_, RefusalCount>(
-            "SELECT r.customer, r.code,
-                    COALESCE((SELECT l.client FROM refusals l WHERE l.customer = r.customer AND l.code = r.code
-                      AND l.at >= ?1 AND l.at < ?2 AND l.client <> '(invalid)'
-                      ORDER BY l.at DESC LIMIT 1), '') AS client,
-                    SUM(r.count) AS count
-               FROM refusals r
-              WHERE r.at >= ?1 AND r.at < ?2 AND r.customer <> ''
-                AND r.code IN (?3, ?4, ?5, ?6)
-              GROUP BY r.customer, r.code
-              ORDER BY r.customer, r.code",
-        )
-        .bind(secs(start))
-        .bind(secs(end))
-        .bind(DIGEST_CODES[0])
-        .bind(DIGEST_CODES[1])
-        .bind(DIGEST_CODES[2])
-        .bind(DIGEST_CODES[3])
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_as::<_, RefusalCount>(
+                "SELECT r.customer, r.code,
+                        COALESCE((SELECT l.client FROM refusals l WHERE l.customer = r.customer AND l.code = r.code
+                          AND l.at >= $1 AND l.at < $2 AND l.client <> '(invalid)'
+                          ORDER BY l.at DESC LIMIT 1), '') AS client,
+                        CAST(SUM(r.count) AS BIGINT) AS count
+                   FROM refusals r
+                  WHERE r.at >= $1 AND r.at < $2 AND r.customer <> ''
+                    AND r.code IN ($3, $4, $5, $6)
+                  GROUP BY r.customer, r.code
+                  ORDER BY r.customer, r.code",
+            )
+            .bind(secs(start))
+            .bind(secs(end))
+            .bind(DIGEST_CODES[0])
+            .bind(DIGEST_CODES[1])
+            .bind(DIGEST_CODES[2])
+            .bind(DIGEST_CODES[3])
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// Records every name in `customers` not seen before as first seen at
@@ -177,9 +158,11 @@ impl State {
     ) -> Result<(), StateError> {
         // A read first: the scheduler calls this every minute, and a write
         // (with its fsync) is only needed when a name is new.
-        let seen: Vec<String> = sqlx::query_scalar("SELECT name FROM customers_seen")
-            .fetch_all(&self.pool)
-            .await?;
+        let seen: Vec<String> = super::on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT name FROM customers_seen")
+                .fetch_all(pool)
+                .await?
+        });
         let new: Vec<&str> = customers
             .iter()
             .copied()
@@ -188,16 +171,17 @@ impl State {
         if new.is_empty() {
             return Ok(());
         }
-        let mut tx = super::ops::immediate(self).await?;
-        for name in new {
-            sqlx::query("INSERT OR IGNORE INTO customers_seen (name, first_seen) VALUES (?1, ?2)")
-                .bind(name)
-                .bind(secs(at))
-                .execute(&mut *tx)
-                .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        super::in_tx!(self, sql, tx => {
+            for name in &new {
+                sqlx::query("INSERT INTO customers_seen (name, first_seen) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+                    .bind(*name)
+                    .bind(secs(at))
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// When `customer` first appeared in state, if it has.
@@ -205,11 +189,12 @@ impl State {
         &self,
         customer: &str,
     ) -> Result<Option<Timestamp>, StateError> {
-        let s: Option<i64> =
-            sqlx::query_scalar("SELECT first_seen FROM customers_seen WHERE name = ?1")
+        let s: Option<i64> = super::on_pool!(self, pool => {
+            sqlx::query_scalar("SELECT first_seen FROM customers_seen WHERE name = $1")
                 .bind(customer)
-                .fetch_optional(&self.pool)
-                .await?;
+                .fetch_optional(pool)
+                .await?
+        });
         Ok(s.and_then(|s| Timestamp::from_second(s).ok()))
     }
 
@@ -221,15 +206,17 @@ impl State {
         interval: std::time::Duration,
     ) -> Result<Vec<DueDigest>, StateError> {
         let cutoff = secs(now) - interval.as_secs() as i64;
-        let rows: Vec<(String, String, i64, String)> = sqlx::query_as(
-            "SELECT r.recipient, r.client, r.id, r.facts FROM session_reports r
-             LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client
-             WHERE d.sent_at IS NULL OR d.sent_at <= ?
-             ORDER BY r.recipient, r.client, r.id",
-        )
-        .bind(cutoff)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(String, String, i64, String)> = super::on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT r.recipient, r.client, r.id, r.facts FROM session_reports r
+                 LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client
+                 WHERE d.sent_at IS NULL OR d.sent_at <= $1
+                 ORDER BY r.recipient, r.client, r.id",
+            )
+            .bind(cutoff)
+            .fetch_all(pool)
+            .await?
+        });
         let mut out: Vec<DueDigest> = Vec::new();
         for (recipient, client, id, facts) in rows {
             match out.last_mut() {
@@ -251,56 +238,62 @@ impl State {
         &self,
         interval: std::time::Duration,
     ) -> Result<Option<i64>, StateError> {
-        Ok(sqlx::query_scalar(
-            "SELECT MIN(COALESCE(d.sent_at + ?, 0)) FROM session_reports r
-             LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client",
-        )
-        .bind(interval.as_secs() as i64)
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT MIN(COALESCE(d.sent_at + $1, 0)) FROM session_reports r
+                 LEFT JOIN session_digests d ON d.recipient = r.recipient AND d.client = r.client",
+            )
+            .bind(interval.as_secs() as i64)
+            .fetch_one(pool)
+            .await?
+        }))
     }
 
     /// Queues a digest and retires the session reports it covers, in one
-    /// transaction: nothing is sent twice, nothing lost.
+    /// transaction: nothing is sent twice, nothing lost. `None` when
+    /// another node queued it first (its reports are gone).
     pub async fn enqueue_digest(
         &self,
         d: &DueDigest,
         m: &Outgoing,
         at: Timestamp,
-    ) -> Result<i64, StateError> {
-        let mut tx = immediate(self).await?;
-        let id = insert_outbox(m, at)
+    ) -> Result<Option<i64>, StateError> {
+        super::in_tx!(self, sql, tx => {
+            // Retired first: on several nodes, the one that deletes them
+            // all queues the digest; the others find them gone.
+            for (row, _) in &d.reports {
+                let gone = sqlx::query("DELETE FROM session_reports WHERE id = $1")
+                    .bind(row)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if gone == 0 {
+                    tx.rollback().await?;
+                    return Ok(None);
+                }
+            }
+            let id = sql::insert_outbox(&mut tx, m, at, at).await?;
+            sqlx::query(
+                "INSERT INTO session_digests (recipient, client, sent_at) VALUES ($1, $2, $3)
+                 ON CONFLICT (recipient, client) DO UPDATE SET sent_at = excluded.sent_at",
+            )
+            .bind(&d.recipient)
+            .bind(&d.client)
+            .bind(secs(at))
             .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        for (row, _) in &d.reports {
-            sqlx::query("DELETE FROM session_reports WHERE id = ?")
-                .bind(row)
-                .execute(&mut *tx)
-                .await?;
-        }
-        sqlx::query(
-            "INSERT INTO session_digests (recipient, client, sent_at) VALUES (?, ?, ?)
-             ON CONFLICT (recipient, client) DO UPDATE SET sent_at = excluded.sent_at",
-        )
-        .bind(&d.recipient)
-        .bind(&d.client)
-        .bind(secs(at))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id)
+            .await?;
+            tx.commit().await?;
+            Ok(Some(id))
+        })
     }
 
     /// Queues a message; returns its outbox id.
     pub async fn enqueue(&self, m: &Outgoing, at: Timestamp) -> Result<i64, StateError> {
-        let mut tx = immediate(self).await?;
-        let id = insert_outbox(m, at)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        tx.commit().await?;
-        Ok(id)
+        super::in_tx!(self, sql, tx => {
+            let id = sql::insert_outbox(&mut tx, m, at, at).await?;
+            tx.commit().await?;
+            Ok(id)
+        })
     }
 
     /// Queues a message that the caller delivers itself: the daemon leaves
@@ -311,12 +304,11 @@ impl State {
         at: Timestamp,
         lease_until: Timestamp,
     ) -> Result<Queued, StateError> {
-        let mut tx = immediate(self).await?;
-        let id = insert_outbox_due(m, at, lease_until)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        tx.commit().await?;
+        let id = super::in_tx!(self, sql, tx => {
+            let id = sql::insert_outbox(&mut tx, m, at, lease_until).await?;
+            tx.commit().await?;
+            Ok(id)
+        })?;
         Ok(Queued {
             id,
             subject: m.subject.clone(),
@@ -339,40 +331,49 @@ impl State {
         at: Timestamp,
     ) -> Result<bool, StateError> {
         let names: Vec<&str> = keys.iter().map(|(k, _)| *k).collect();
-        let exists = format!(
-            "SELECT 1 FROM {table} WHERE {}",
+        let n = keys.len();
+        // The record goes in first, and only if it is new: on several
+        // nodes, the one whose insert lands queues the message.
+        let record = format!(
+            "INSERT INTO {table} ({}, outbox_id, queued_at) VALUES ({}, ${}, ${}) ON CONFLICT DO NOTHING",
+            names.join(", "),
+            (1..=n)
+                .map(|i| format!("${i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            n + 1,
+            n + 2
+        );
+        let link = format!(
+            "UPDATE {table} SET outbox_id = $1 WHERE {}",
             names
                 .iter()
-                .map(|k| format!("{k} = ?"))
+                .enumerate()
+                .map(|(i, k)| format!("{k} = ${}", i + 2))
                 .collect::<Vec<_>>()
                 .join(" AND ")
         );
-        let record = format!(
-            "INSERT INTO {table} ({}, outbox_id, queued_at) VALUES ({}?, ?)",
-            names.join(", "),
-            "?, ".repeat(keys.len())
-        );
         // Only the static table and column names above are spliced in; every
         // value is bound.
-        let mut tx = immediate(self).await?;
-        let mut q = sqlx::query_scalar::<_, i64>(sqlx::AssertSqlSafe(exists));
-        for (_, v) in keys {
-            q = q.bind(*v);
-        }
-        if q.fetch_optional(&mut *tx).await?.is_some() {
-            return Ok(false);
-        }
-        let id = insert_outbox(m, at)
-            .execute(&mut *tx)
-            .await?
-            .last_insert_rowid();
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(record));
-        for (_, v) in keys {
-            q = q.bind(*v);
-        }
-        q.bind(id).bind(secs(at)).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(true)
+        super::in_tx!(self, sql, tx => {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(record.clone()));
+            for (_, v) in keys {
+                q = q.bind(*v);
+            }
+            let added = q.bind(0i64).bind(secs(at)).execute(&mut *tx).await?.rows_affected();
+            if added == 0 {
+                tx.rollback().await?;
+                return Ok(false);
+            }
+            let id = sql::insert_outbox(&mut tx, m, at, at).await?;
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(link.clone())).bind(id);
+            for (_, v) in keys {
+                q = q.bind(*v);
+            }
+            q.execute(&mut *tx).await?;
+            tx.commit().await?;
+            Ok(true)
+        })
     }
 
     /// Queues a consolidated report unless that period was queued before.
@@ -398,13 +399,15 @@ impl State {
         customer: &str,
         frequency: &str,
     ) -> Result<Option<String>, StateError> {
-        Ok(sqlx::query_scalar(
-            "SELECT MAX(period) FROM reports_sent WHERE customer = ? AND frequency = ?",
-        )
-        .bind(customer)
-        .bind(frequency)
-        .fetch_one(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT MAX(period) FROM reports_sent WHERE customer = $1 AND frequency = $2",
+            )
+            .bind(customer)
+            .bind(frequency)
+            .fetch_one(pool)
+            .await?
+        }))
     }
 
     /// Queues an alert unless one with this subject was queued on `day`.
@@ -419,40 +422,56 @@ impl State {
         self.enqueue_once("alerts_sent", &keys, m, at).await
     }
 
-    /// Messages due for a delivery attempt at `now`, oldest first.
+    /// Messages due for a delivery attempt at `now`, oldest first. On
+    /// PostgreSQL each is claimed for this node for a lease first
+    /// (`FOR UPDATE SKIP LOCKED`), so one message goes out from one node.
     pub async fn due_mail(&self, now: Timestamp, limit: u32) -> Result<Vec<Queued>, StateError> {
+        if let Some(c) = self.cluster() {
+            let ids = c.claim_mail(secs(now), limit, MAIL_CLAIM).await?;
+            return Ok(sqlx::query_as::<_, Queued>(
+                "SELECT id, subject, mail_from, recipients, message, attempts FROM outbox
+                 WHERE id = ANY($1) ORDER BY id",
+            )
+            .bind(ids)
+            .fetch_all(c.pool())
+            .await?);
+        }
         Ok(sqlx::query_as::<_, Queued>(
             "SELECT id, subject, mail_from, recipients, message, attempts FROM outbox
-             WHERE sent_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+             WHERE sent_at IS NULL AND next_attempt_at <= $1 ORDER BY id LIMIT $2",
         )
         .bind(secs(now))
-        .bind(limit)
-        .fetch_all(&self.pool)
+        .bind(i64::from(limit))
+        .fetch_all(self.lite()?)
         .await?)
     }
 
     /// When the next undelivered message is due (Unix s).
     pub async fn next_mail_due(&self) -> Result<Option<i64>, StateError> {
-        Ok(
+        Ok(super::on_pool!(self, pool => {
             sqlx::query_scalar("SELECT MIN(next_attempt_at) FROM outbox WHERE sent_at IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Undelivered messages.
     pub async fn mail_pending(&self) -> Result<i64, StateError> {
-        Ok(
+        Ok(super::on_pool!(self, pool => {
             sqlx::query_scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Marks a message delivered.
     pub async fn mail_sent(&self, id: i64, at: Timestamp) -> Result<(), StateError> {
+        if let Some(c) = self.cluster() {
+            c.mail_sent(id, secs(at)).await?;
+            return Ok(());
+        }
         let mut tx = immediate(self).await?;
-        sqlx::query("UPDATE outbox SET sent_at = ?, attempts = attempts + 1, last_error = NULL WHERE id = ?")
+        sqlx::query("UPDATE outbox SET sent_at = $1, attempts = attempts + 1, last_error = NULL WHERE id = $2")
             .bind(secs(at))
             .bind(id)
             .execute(&mut *tx)
@@ -468,27 +487,32 @@ impl State {
         error: &str,
         retry_at: Timestamp,
     ) -> Result<(), StateError> {
-        let mut tx = immediate(self).await?;
-        sqlx::query(
-            "UPDATE outbox SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? WHERE id = ?",
-        )
-        .bind(error)
-        .bind(secs(retry_at))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        super::in_tx!(self, sql, tx => {
+            sqlx::query(
+                "UPDATE outbox SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 WHERE id = $3",
+            )
+            .bind(error)
+            .bind(secs(retry_at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })?;
+        if let Some(c) = self.cluster() {
+            c.drop_mail_claim(id).await?;
+        }
         Ok(())
     }
 
     /// Every client as (id, customer, bytes used, kind): what alerts need,
     /// without the per-client subqueries of [`State::clients`].
     pub async fn client_usage(&self) -> Result<Vec<(String, String, i64, String)>, StateError> {
-        Ok(
+        Ok(super::on_pool!(self, pool => {
             sqlx::query_as("SELECT id, customer, used, kind FROM clients")
-                .fetch_all(&self.pool)
-                .await?,
-        )
+                .fetch_all(pool)
+                .await?
+        }))
     }
 
     /// Each client of `customer` that was registered before `end`, with
@@ -499,28 +523,30 @@ impl State {
         start: Timestamp,
         end: Timestamp,
     ) -> Result<Vec<ClientPeriod>, StateError> {
-        Ok(sqlx::query_as::<_, ClientPeriod>(
-            "SELECT c.id, c.kind,
-                CASE WHEN NOT EXISTS (SELECT 1 FROM sessions s WHERE s.client = c.id AND s.ended_at >= ?2)
-                     THEN c.used
-                     ELSE (SELECT s.stored_after FROM sessions s WHERE s.client = c.id AND s.ended_at < ?2
-                            ORDER BY s.ended_at DESC LIMIT 1)
-                END AS used,
-                (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.intent = 'backup'
-                    AND s.result = 'ok' AND s.files_failed = 0 AND s.ended_at < ?2) AS last_backup,
-                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2
-                    AND s.result = 'ok' AND s.files_failed = 0) AS sessions_ok,
-                (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2
-                    AND s.result IS NOT NULL AND (s.result <> 'ok' OR s.files_failed > 0)) AS sessions_failed,
-                COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_in,
-                COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.customer = ?3 AND s.started_at >= ?1 AND s.started_at < ?2), 0) AS bytes_out,
-                COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.customer = ?3 AND d.debited_at >= ?1 AND d.debited_at < ?2), 0) AS mcal
-             FROM clients c WHERE c.customer = ?3 AND COALESCE(c.registered_at, 0) < ?2 ORDER BY c.id",
-        )
-        .bind(secs(start))
-        .bind(secs(end))
-        .bind(customer)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_as::<_, ClientPeriod>(
+                "SELECT c.id, c.kind,
+                    CASE WHEN NOT EXISTS (SELECT 1 FROM sessions s WHERE s.client = c.id AND s.ended_at >= $2)
+                         THEN c.used
+                         ELSE (SELECT s.stored_after FROM sessions s WHERE s.client = c.id AND s.ended_at < $2
+                                ORDER BY s.ended_at DESC LIMIT 1)
+                    END AS used,
+                    (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.customer = $3 AND s.intent = 'backup'
+                        AND s.result = 'ok' AND s.files_failed = 0 AND s.ended_at < $2) AS last_backup,
+                    (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = $3 AND s.started_at >= $1 AND s.started_at < $2
+                        AND s.result = 'ok' AND s.files_failed = 0) AS sessions_ok,
+                    (SELECT COUNT(*) FROM sessions s WHERE s.client = c.id AND s.customer = $3 AND s.started_at >= $1 AND s.started_at < $2
+                        AND s.result IS NOT NULL AND (s.result <> 'ok' OR s.files_failed > 0)) AS sessions_failed,
+                    CAST(COALESCE((SELECT SUM(bytes_in) FROM sessions s WHERE s.client = c.id AND s.customer = $3 AND s.started_at >= $1 AND s.started_at < $2), 0) AS BIGINT) AS bytes_in,
+                    CAST(COALESCE((SELECT SUM(bytes_out) FROM sessions s WHERE s.client = c.id AND s.customer = $3 AND s.started_at >= $1 AND s.started_at < $2), 0) AS BIGINT) AS bytes_out,
+                    CAST(COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.customer = $3 AND d.debited_at >= $1 AND d.debited_at < $2), 0) AS BIGINT) AS mcal
+                 FROM clients c WHERE c.customer = $3 AND COALESCE(c.registered_at, 0) < $2 ORDER BY c.id",
+            )
+            .bind(secs(start))
+            .bind(secs(end))
+            .bind(customer)
+            .fetch_all(pool)
+            .await?
+        }))
     }
 }

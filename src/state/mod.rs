@@ -22,6 +22,94 @@ mod retention;
 mod views;
 pub mod writer;
 
+/// The shared statements over SQLite (`sql.rs`).
+pub(crate) mod lite {
+    /// A SQLite connection.
+    pub(crate) type Conn = sqlx::SqliteConnection;
+    /// Reservations live in the process's ledger.
+    const CLUSTER: bool = false;
+    /// A row's address, for tables without a key of their own.
+    pub(crate) const ROWID: &str = "rowid";
+    include!("sql.rs");
+
+    /// Usage at every level above `client` of `customer`: committed,
+    /// beside this process's ledger.
+    pub(crate) async fn level_usage(
+        tx: &mut Conn,
+        ledger: &super::ledger::Ledger,
+        cfg: &Config,
+        client: &str,
+        customer: CustomerId,
+    ) -> Result<crate::policy::space::LevelUsage, StateError> {
+        super::ops::level_usage(tx, ledger, cfg, client, customer).await
+    }
+
+    /// Uploads of `client` in flight.
+    pub(crate) async fn in_flight(
+        _tx: &mut Conn,
+        ledger: &super::ledger::Ledger,
+        client: &str,
+    ) -> Result<usize, StateError> {
+        Ok(ledger.in_flight(client))
+    }
+
+    /// Nothing to lock: the writer runs one operation at a time, and the
+    /// caller holds the ledger's reserving lock.
+    pub(crate) async fn lock_client_row(_tx: &mut Conn, _id: &str) -> Result<(), StateError> {
+        Ok(())
+    }
+}
+
+/// The shared statements over PostgreSQL (`sql.rs`).
+pub(crate) mod pg {
+    /// A PostgreSQL connection.
+    pub(crate) type Conn = sqlx::PgConnection;
+    /// Reservations are rows of the cluster.
+    const CLUSTER: bool = true;
+    /// A row's address, for tables without a key of their own.
+    pub(crate) const ROWID: &str = "ctid";
+    include!("sql.rs");
+
+    /// Usage at every level above `client` of `customer`: committed,
+    /// beside every live node's holds.
+    pub(crate) async fn level_usage(
+        tx: &mut Conn,
+        _ledger: &super::ledger::Ledger,
+        cfg: &Config,
+        client: &str,
+        customer: CustomerId,
+    ) -> Result<crate::policy::space::LevelUsage, StateError> {
+        Ok(super::postgres::admission::level_usage(tx, cfg, client, customer).await?)
+    }
+
+    /// Uploads of `client` in flight on any live node.
+    pub(crate) async fn in_flight(
+        tx: &mut Conn,
+        _ledger: &super::ledger::Ledger,
+        client: &str,
+    ) -> Result<usize, StateError> {
+        let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM held h JOIN nodes n ON n.name = h.node AND n.expires_ms > {}
+             WHERE h.client = $1",
+            super::postgres::NOW_MS
+        )))
+        .bind(client)
+        .fetch_one(&mut *tx)
+        .await?;
+        Ok(n.max(0) as usize)
+    }
+
+    /// Locks client `id`'s row until commit: reservations for it read the
+    /// row FOR SHARE, so none is decided under its old record meanwhile.
+    pub(crate) async fn lock_client_row(tx: &mut Conn, id: &str) -> Result<(), StateError> {
+        sqlx::query("SELECT 1 FROM clients WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+        Ok(())
+    }
+}
+
 pub use admission::{AdmitOutcome, Decision, READMIT_VALID_SECS, Readmit};
 pub use mail::{
     ClientPeriod, DIGEST_CODES, DueDigest, Outgoing, PendingReport, Queued, RefusalCount,
@@ -79,11 +167,8 @@ pub enum StateError {
 /// The state store.
 #[derive(Clone, Debug)]
 pub struct State {
-    /// Readers.
-    pool: SqlitePool,
+    db: Db,
     path: PathBuf,
-    /// Every write of this process; `None` when opened read-only.
-    writer: Option<writer::Writer>,
     /// Refusals noted since the last flush (`refusals`).
     refusals: std::sync::Arc<std::sync::Mutex<refusals::Pending>>,
     /// Session starts noted since the last flush (`ops`).
@@ -92,14 +177,148 @@ pub struct State {
     ledger: std::sync::Arc<ledger::Ledger>,
 }
 
+/// The backend under a [`State`].
+#[derive(Clone, Debug)]
+enum Db {
+    /// Embedded: readers, and every write of this process through the
+    /// group-commit writer (`None` when opened read-only).
+    Sqlite {
+        pool: SqlitePool,
+        writer: Option<writer::Writer>,
+    },
+    /// Shared by several nodes (`postgres`).
+    Postgres(postgres::Cluster),
+}
+
+/// Runs `$body` with `$pool` bound to the backend's pool of readers. The
+/// body is compiled once per backend, so its SQL must be what both
+/// accept: `$N` parameters, `CAST(… AS BIGINT)` around sums, no
+/// SQLite-only functions.
+macro_rules! on_pool {
+    ($state:expr, $sql:ident, $pool:ident => $body:expr) => {
+        match &$state.db {
+            $crate::state::Db::Sqlite { pool: $pool, .. } => {
+                use $crate::state::lite as $sql;
+                $body
+            }
+            $crate::state::Db::Postgres(c) => {
+                use $crate::state::pg as $sql;
+                let $pool = c.pool();
+                $body
+            }
+        }
+    };
+    ($state:expr, $pool:ident => $body:expr) => {
+        match &$state.db {
+            $crate::state::Db::Sqlite { pool: $pool, .. } => $body,
+            $crate::state::Db::Postgres(c) => {
+                let $pool = c.pool();
+                $body
+            }
+        }
+    };
+}
+pub(crate) use on_pool;
+
+/// Runs `$body` with `$tx` bound to a write transaction: on SQLite a
+/// savepoint lent by the group-commit writer, on PostgreSQL a READ
+/// COMMITTED transaction of its own, run again on 40001/40P01. `$sql` names
+/// the backend's shared statements (`lite` or `pg`, both made from
+/// `sql.rs`). The body commits or rolls back itself, as the writer asks
+/// (`writer`); on PostgreSQL, a transaction dropped is rolled back. The
+/// body is an async block's: `?` and `return` end the transaction, not
+/// the calling function.
+macro_rules! in_tx {
+    // Not run again: for a body with effects outside the database (moving
+    // a client's files), which must not happen twice.
+    (once $state:expr, $sql:ident, $tx:ident => $body:expr) => {
+        match &$state.db {
+            $crate::state::Db::Sqlite { .. } => {
+                #[allow(unused_imports)]
+                use $crate::state::lite as $sql;
+                let r: Result<_, $crate::state::StateError> = async {
+                    let mut $tx = $crate::state::ops::immediate($state).await?;
+                    $body
+                }
+                .await;
+                r
+            }
+            $crate::state::Db::Postgres(c) => {
+                #[allow(unused_imports)]
+                use $crate::state::pg as $sql;
+                let r: Result<_, $crate::state::StateError> = async {
+                    let mut $tx = c.pool().begin().await?;
+                    $body
+                }
+                .await;
+                r
+            }
+        }
+    };
+    ($state:expr, $sql:ident, $tx:ident => $body:expr) => {
+        match &$state.db {
+            $crate::state::Db::Sqlite { .. } => {
+                #[allow(unused_imports)]
+                use $crate::state::lite as $sql;
+                let r: Result<_, $crate::state::StateError> = async {
+                    let mut $tx = $crate::state::ops::immediate($state).await?;
+                    $body
+                }
+                .await;
+                r
+            }
+            $crate::state::Db::Postgres(c) => {
+                #[allow(unused_imports)]
+                use $crate::state::pg as $sql;
+                $crate::state::postgres::retrying!({
+                    let mut $tx = c.pool().begin().await?;
+                    $body
+                })
+            }
+        }
+    };
+}
+pub(crate) use in_tx;
+
 impl State {
     /// Opens the store the config names, creating and migrating it.
     pub async fn open(cfg: &Config) -> Result<State, StateError> {
         match &cfg.server.state {
             StateUrl::Sqlite(path) => State::open_sqlite(path).await,
-            StateUrl::Postgres(_) => Err(StateError::Unsupported(
-                "server.state: PostgreSQL is not supported yet; use an embedded SQLite file such as \"sqlite:///var/lib/tollgate/state.db\"".into(),
-            )),
+            StateUrl::Postgres(url) => {
+                let node = &cfg.server.cluster.node;
+                let c = postgres::Cluster::open(url, node, cfg.server.cluster.lease).await?;
+                Ok(State::on_postgres(cfg, c))
+            }
+        }
+    }
+
+    /// Opens the store for an admin command that changes it: as
+    /// [`State::open`], but on PostgreSQL as no node (a command must not
+    /// take over the name of a node that is serving).
+    pub async fn open_tool(cfg: &Config) -> Result<State, StateError> {
+        match &cfg.server.state {
+            StateUrl::Sqlite(path) => State::open_sqlite(path).await,
+            StateUrl::Postgres(url) => {
+                Ok(State::on_postgres(cfg, postgres::Cluster::tool(url).await?))
+            }
+        }
+    }
+
+    fn on_postgres(cfg: &Config, c: postgres::Cluster) -> State {
+        // A name for the lock file that keeps two daemons of one node off
+        // one machine (`requests::lock_daemon_at`).
+        let node = if c.node().is_empty() {
+            &cfg.server.cluster.node
+        } else {
+            c.node()
+        };
+        State {
+            path: cfg.server.state_dir.join(format!("node-{node}")),
+            db: Db::Postgres(c),
+            refusals: Default::default(),
+            starts: Default::default(),
+            ledger: Default::default(),
         }
     }
 
@@ -114,9 +333,11 @@ impl State {
         sqlx::migrate!("./migrations").run(&pool).await?;
         let writer = writer::Writer::start(opts, writer::Limits::default()).await?;
         Ok(State {
-            pool,
+            db: Db::Sqlite {
+                pool,
+                writer: Some(writer),
+            },
             path: path.to_path_buf(),
-            writer: Some(writer),
             refusals: Default::default(),
             starts: Default::default(),
             ledger: Default::default(),
@@ -131,9 +352,10 @@ impl State {
     pub async fn open_readonly(cfg: &Config) -> Result<State, StateError> {
         let path = match &cfg.server.state {
             StateUrl::Sqlite(p) => p.clone(),
-            StateUrl::Postgres(_) => {
-                return Err(StateError::Unsupported(
-                    "server.state: PostgreSQL is not supported yet".into(),
+            StateUrl::Postgres(url) => {
+                return Ok(State::on_postgres(
+                    cfg,
+                    postgres::Cluster::reader(url).await?,
                 ));
             }
         };
@@ -185,9 +407,8 @@ impl State {
             )));
         }
         Ok(State {
-            pool,
+            db: Db::Sqlite { pool, writer: None },
             path,
-            writer: None,
             refusals: Default::default(),
             starts: Default::default(),
             ledger: Default::default(),
@@ -201,16 +422,41 @@ impl State {
 
     /// Proves the database answers (the health check).
     pub async fn ping(&self) -> Result<(), StateError> {
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        on_pool!(self, pool => {
+            sqlx::query("SELECT 1").execute(pool).await?;
+        });
         Ok(())
     }
 
     /// Commits what is queued, then closes the writer and the readers.
     pub async fn close(&self) {
-        if let Some(w) = &self.writer {
-            w.close().await;
+        match &self.db {
+            Db::Sqlite { pool, writer } => {
+                if let Some(w) = writer {
+                    w.close().await;
+                }
+                pool.close().await;
+            }
+            Db::Postgres(c) => c.close().await,
         }
-        self.pool.close().await;
+    }
+
+    /// The SQLite readers, for what PostgreSQL does not do yet.
+    fn lite(&self) -> Result<&SqlitePool, StateError> {
+        match &self.db {
+            Db::Sqlite { pool, .. } => Ok(pool),
+            Db::Postgres(_) => Err(StateError::Unsupported(
+                "this operation is not available on PostgreSQL yet".into(),
+            )),
+        }
+    }
+
+    /// The cluster, when the state is on PostgreSQL.
+    pub fn cluster(&self) -> Option<&postgres::Cluster> {
+        match &self.db {
+            Db::Postgres(c) => Some(c),
+            Db::Sqlite { .. } => None,
+        }
     }
 
     /// This process's reservations.
@@ -220,7 +466,10 @@ impl State {
 
     /// The group-commit writer's counters (`None` when read-only).
     pub fn writer_stats(&self) -> Option<&writer::Stats> {
-        self.writer.as_ref().map(|w| w.stats())
+        match &self.db {
+            Db::Sqlite { writer, .. } => writer.as_ref().map(|w| w.stats()),
+            Db::Postgres(_) => None,
+        }
     }
 }
 

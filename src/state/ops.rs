@@ -12,10 +12,11 @@
 //! restart.
 
 use super::ledger::{Held, Ledger};
+pub(super) use super::lite::{client_db, insert_debit, upsert_registration};
 use super::{State, StateError, customer_key, secs};
 use crate::config::{Config, CustomerId, Kind};
 use crate::policy::admission::{self, ClientRecord, McalState, RejectCode, Rejection};
-use crate::policy::space::{self, LevelUsage, Month, Usage};
+use crate::policy::space::{self, LevelUsage, Month};
 use jiff::Timestamp;
 use sqlx::Row;
 use std::path::{Path, PathBuf};
@@ -180,7 +181,7 @@ pub struct Removed {
 }
 
 #[derive(sqlx::FromRow)]
-pub(super) struct ClientDb {
+pub(crate) struct ClientDb {
     pub(super) id: String,
     pub(super) customer: String,
     pub(super) kind: String,
@@ -193,29 +194,23 @@ pub(super) struct ClientDb {
 }
 
 /// The columns of [`ClientDb`].
-pub(super) const CLIENT_COLUMNS: &str = "id, customer, kind, secret_sha256, declared, used, removed_at, readmit_sha256, readmit_expires";
+pub(crate) const CLIENT_COLUMNS: &str = "id, customer, kind, secret_sha256, declared <> 0 AS declared, used, removed_at, readmit_sha256, readmit_expires";
 
 /// Waits for the write connection (`writer`): the operation runs in a
 /// savepoint of the open batch, and its `commit` returns once the batch
 /// is durable.
 pub(super) async fn immediate(state: &State) -> Result<Tx, StateError> {
-    match &state.writer {
-        Some(w) => w.lease().await,
-        None => Err(StateError::Inconsistent(
+    match &state.db {
+        super::Db::Sqlite {
+            writer: Some(w), ..
+        } => w.lease().await,
+        super::Db::Postgres(_) => Err(StateError::Unsupported(
+            "the SQLite writer was asked for on PostgreSQL".into(),
+        )),
+        super::Db::Sqlite { writer: None, .. } => Err(StateError::Inconsistent(
             "the state database was opened read-only".into(),
         )),
     }
-}
-
-/// The client whose id equals `id` without regard to case (ids are
-/// unique that way; PROTOCOL.md Additions, issue 11).
-pub(super) async fn client_db(tx: &mut Conn, id: &str) -> Result<Option<ClientDb>, StateError> {
-    Ok(sqlx::query_as::<_, ClientDb>(sqlx::AssertSqlSafe(format!(
-        "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = ? COLLATE NOCASE"
-    )))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await?)
 }
 
 /// The record of a client that must exist under a customer the config has.
@@ -410,124 +405,6 @@ pub(super) async fn admission_reads(
     Ok((usage, mcal, slots, recent))
 }
 
-/// Debits that bear on one more debit for `client` under `customer`.
-pub(super) async fn mcal_state(
-    tx: &mut Conn,
-    cfg: &Config,
-    client: &str,
-    customer: CustomerId,
-    month: Month,
-) -> Result<McalState, StateError> {
-    let reseller = cfg
-        .customer(customer)
-        .reseller
-        .map(|r| cfg.reseller(r).name.as_str());
-    let row = sqlx::query(
-        "SELECT
-           EXISTS(SELECT 1 FROM mcal_debits WHERE client = ?1 AND month = ?2),
-           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = ?3), 0),
-           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'reseller' AND name = ?4), 0),
-           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0)",
-    )
-    .bind(client)
-    .bind(month.to_string())
-    .bind(customer_key(cfg, customer))
-    .bind(reseller)
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(McalState {
-        client_debited_this_month: row.get::<bool, _>(0),
-        customer_total: row.get::<i64, _>(1).max(0) as u64,
-        reseller_total: row.get::<i64, _>(2).max(0) as u64,
-        global_total: row.get::<i64, _>(3).max(0) as u64,
-    })
-}
-
-/// Clients holding a slot of `customer` (registered ones and declared
-/// ones), counted up to its `max_clients`: the only use of the count is
-/// that comparison, and a customer without a limit is not counted at all
-/// (an admission must not scan every client, issue 13).
-pub(super) async fn slot_count(
-    tx: &mut Conn,
-    cfg: &Config,
-    customer: CustomerId,
-) -> Result<u32, StateError> {
-    let Some(max) = cfg.customer(customer).max_clients else {
-        return Ok(0);
-    };
-    let n: i64 = sqlx::query_scalar(
-        "SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = ? AND (secret_sha256 IS NOT NULL OR declared = 1) LIMIT ?)",
-    )
-    .bind(customer_key(cfg, customer))
-    .bind(i64::from(max))
-    .fetch_one(&mut *tx)
-    .await?;
-    Ok(n as u32)
-}
-
-pub(super) async fn insert_debit(
-    tx: &mut Conn,
-    cfg: &Config,
-    client: &str,
-    customer: CustomerId,
-    month: Month,
-    cost: u32,
-    at: Timestamp,
-) -> Result<(), StateError> {
-    let reseller = cfg
-        .customer(customer)
-        .reseller
-        .map(|r| cfg.reseller(r).name.clone());
-    sqlx::query("INSERT INTO mcal_debits (client, month, cost, customer, reseller, debited_at) VALUES (?, ?, ?, ?, ?, ?)")
-        .bind(client)
-        .bind(month.to_string())
-        .bind(cost as i64)
-        .bind(customer_key(cfg, customer))
-        .bind(reseller)
-        .bind(secs(at))
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-#[allow(clippy::too_many_arguments)]
-pub(super) async fn upsert_registration(
-    tx: &mut Conn,
-    cfg: &Config,
-    id: &str,
-    customer: CustomerId,
-    kind: Kind,
-    secret: &str,
-    declared: bool,
-    hostname: Option<&str>,
-    at: Timestamp,
-) -> Result<(), StateError> {
-    let name = customer_key(cfg, customer);
-    sqlx::query(
-        "INSERT INTO clients (id, customer, kind, secret_sha256, declared, hostname, registered_at, last_seen)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?7)
-         ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, kind = excluded.kind,
-           secret_sha256 = excluded.secret_sha256, declared = excluded.declared,
-           hostname = COALESCE(excluded.hostname, clients.hostname),
-           registered_at = excluded.registered_at, last_seen = excluded.last_seen,
-           removed_at = NULL, readmit_sha256 = NULL, readmit_expires = NULL",
-    )
-    .bind(id)
-    .bind(name)
-    .bind(kind.as_str())
-    .bind(admission::secret_digest(secret).to_vec())
-    .bind(declared)
-    .bind(hostname)
-    .bind(secs(at))
-    .execute(&mut *tx)
-    .await?;
-    sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
-        .bind(name)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
 impl State {
     /// Debits this month's MCALs for `client` unless already debited;
     /// returns the cost debited (0 when it already was, or costs nothing).
@@ -537,24 +414,37 @@ impl State {
         client: &str,
         at: Timestamp,
     ) -> Result<Result<u32, Rejection>, StateError> {
-        let mut tx = immediate(self).await?;
-        let rec = known_client(&mut tx, cfg, client).await?;
-        let month = Month::of(at, &cfg.server.timezone);
-        let m = mcal_state(&mut tx, cfg, client, rec.customer, month).await?;
-        let cost = cfg.mcal_cost(rec.kind);
-        // Answers that rest on what this batch's earlier operations wrote
-        // wait for it to be durable (`writer`).
-        if m.client_debited_this_month || cost == 0 {
-            tx.rollback().await?;
-            return Ok(Ok(0));
-        }
-        if let Some(why) = admission::mcal_shortfall(cfg, rec.customer, rec.kind, &m) {
-            tx.rollback().await?;
-            return Ok(Err(Rejection::new(RejectCode::McalExhausted, why)));
-        }
-        insert_debit(&mut tx, cfg, client, rec.customer, month, cost, at).await?;
-        tx.commit().await?;
-        Ok(Ok(cost))
+        super::in_tx!(self, sql, tx => {
+            // The record first, for its customer; then the locks; then the
+            // record again under them (a move may have run in between).
+            let first = sql::client_db(&mut tx, client).await?;
+            let customer = first.as_ref().and_then(|r| record(cfg, r)).map(|r| r.customer);
+            if let Some(c) = customer {
+                sql::lock_admission(&mut tx, client, Some((cfg, c)), true).await?;
+            }
+            let row = sql::client_db(&mut tx, client).await?;
+            let Some(rec) = row.as_ref().and_then(|r| record(cfg, r)).filter(|r| Some(r.customer) == customer) else {
+                return Err(StateError::Inconsistent(format!(
+                    "client {client:?} is not registered under a known customer"
+                )));
+            };
+            let month = Month::of(at, &cfg.server.timezone);
+            let m = sql::mcal_state(&mut tx, cfg, &rec.id, rec.customer, month).await?;
+            let cost = cfg.mcal_cost(rec.kind);
+            // Answers that rest on what this batch's earlier operations wrote
+            // wait for it to be durable (`writer`).
+            if m.client_debited_this_month || cost == 0 {
+                tx.rollback().await?;
+                return Ok(Ok(0));
+            }
+            if let Some(why) = admission::mcal_shortfall(cfg, rec.customer, rec.kind, &m) {
+                tx.rollback().await?;
+                return Ok(Err(Rejection::new(RejectCode::McalExhausted, why)));
+            }
+            sql::insert_debit(&mut tx, cfg, &rec.id, rec.customer, month, cost, at).await?;
+            tx.commit().await?;
+            Ok(Ok(cost))
+        })
     }
 
     /// Reserves `size` bytes for an upload by `client` at every level
@@ -566,7 +456,9 @@ impl State {
         size: u64,
         at: Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
-        let _ = at;
+        if let Some(c) = self.cluster() {
+            return c.reserve_space(cfg, client, size, at).await;
+        }
         // Nothing is written, so neither the writer nor an fsync is needed
         // (`ledger`). The committed usage is read first, beside other
         // reservations' reads; the decision is taken one at a time. If
@@ -576,7 +468,7 @@ impl State {
         let (rec, committed) = {
             // Given back before waiting for the lock: a long move holds it,
             // and waiting reservations must not hold every reader.
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.lite()?.acquire().await?;
             let rec = known_client(&mut conn, cfg, client).await?;
             let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
             (rec, c)
@@ -589,7 +481,7 @@ impl State {
         let (rec, held, c) = if self.ledger.usage_gen() == seen {
             (rec, held, committed)
         } else {
-            let mut conn = self.pool.acquire().await?;
+            let mut conn = self.lite()?.acquire().await?;
             let rec = known_client(&mut conn, cfg, client).await?;
             let held = held_for(&self.ledger, cfg, &rec.id, rec.customer);
             let c = level_committed(&mut conn, cfg, &rec.id, rec.customer).await?;
@@ -608,49 +500,60 @@ impl State {
 
     /// Bytes held by reservations now, over every client.
     pub async fn reserved_total(&self) -> Result<u64, StateError> {
+        if let Some(c) = self.cluster() {
+            return c.reserved_total().await;
+        }
         Ok(self.ledger.total())
     }
 
     /// Releases a reservation whose upload failed or was abandoned.
     pub async fn release_reservation(&self, id: i64) -> Result<(), StateError> {
+        if let Some(c) = self.cluster() {
+            return c.release_reservation(id).await.map(|_| ());
+        }
         self.ledger.release(id);
         Ok(())
     }
 
     /// Durably records a commit before its rename; returns its id.
     pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
-        let mut tx = immediate(self).await?;
-        let id = sqlx::query_scalar(
-            "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(&p.client)
-        .bind(&p.path)
-        .bind(p.temp_path.to_string_lossy().as_ref())
-        .bind(p.final_path.to_string_lossy().as_ref())
-        .bind(p.size as i64)
-        .bind(&p.sha256)
-        .bind(secs(p.modified))
-        .bind(p.reservation)
-        .bind(secs(p.modified))
-        .bind(p.mode.map(i64::from))
-        .bind(p.mtime.as_deref())
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id)
+        super::in_tx!(self, sql, tx => {
+            let id = sqlx::query_scalar(
+                "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+            )
+            .bind(&p.client)
+            .bind(&p.path)
+            .bind(p.temp_path.to_string_lossy().as_ref())
+            .bind(p.final_path.to_string_lossy().as_ref())
+            .bind(p.size as i64)
+            .bind(&p.sha256)
+            .bind(secs(p.modified))
+            .bind(p.reservation)
+            .bind(secs(p.modified))
+            .bind(p.mode.map(i64::from))
+            .bind(p.mtime.as_deref())
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(id)
+        })
     }
 
     /// Drops a pending commit whose rename did not happen, with its reservation.
     pub async fn abort_commit(&self, pending: i64) -> Result<(), StateError> {
-        let mut tx = immediate(self).await?;
-        let reservation: Option<i64> =
-            sqlx::query_scalar("DELETE FROM pending_commits WHERE id = ? RETURNING reservation")
-                .bind(pending)
-                .fetch_optional(&mut *tx)
-                .await?
-                .flatten();
-        tx.commit().await?;
+        let reservation = super::in_tx!(self, sql, tx => {
+            let reservation: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM pending_commits WHERE id = $1 RETURNING reservation",
+            )
+            .bind(pending)
+            .fetch_optional(&mut *tx)
+            .await?
+            .flatten();
+            sql::end_hold(&mut tx, reservation).await?;
+            tx.commit().await?;
+            Ok(reservation)
+        })?;
         if let Some(r) = reservation {
             self.ledger.release(r);
         }
@@ -661,10 +564,13 @@ impl State {
     /// usage changes by the size difference), consumes the reservation and
     /// deletes the pending record, atomically. Returns the usage change.
     pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
-        let mut tx = immediate(self).await?;
-        let (delta, reservation) = apply_pending(&mut tx, pending, None).await?;
-        tx.commit().await?;
-        // Only once the usage is committed, and in this order (`ledger`).
+        let (delta, reservation) = super::in_tx!(self, sql, tx => {
+            let r = sql::apply_pending(&mut tx, pending, None).await?;
+            tx.commit().await?;
+            Ok(r)
+        })?;
+        // Only once the usage is committed, and in this order (`ledger`;
+        // on PostgreSQL the hold ended in the same transaction).
         self.ledger.usage_changed();
         if let Some(r) = reservation {
             self.ledger.release(r);
@@ -675,18 +581,22 @@ impl State {
     /// Removes `path` of `client` from the index; returns the bytes freed,
     /// or `None` when it is not there.
     pub async fn delete_file(&self, client: &str, path: &str) -> Result<Option<u64>, StateError> {
-        let mut tx = immediate(self).await?;
-        let size: Option<i64> =
-            sqlx::query_scalar("DELETE FROM files WHERE client = ? AND path = ? RETURNING size")
-                .bind(client)
-                .bind(path)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some(size) = size else { return Ok(None) };
-        add_usage(&mut tx, client, -size).await?;
-        tx.commit().await?;
-        self.ledger.usage_changed();
-        Ok(Some(size as u64))
+        let size = super::in_tx!(self, sql, tx => {
+            let size: Option<i64> =
+                sqlx::query_scalar("DELETE FROM files WHERE client = $1 AND path = $2 RETURNING size")
+                    .bind(client)
+                    .bind(path)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            let Some(size) = size else { return Ok(None) };
+            sql::add_usage(&mut tx, client, -size).await?;
+            tx.commit().await?;
+            Ok(Some(size))
+        })?;
+        if size.is_some() {
+            self.ledger.usage_changed();
+        }
+        Ok(size.map(|s| s as u64))
     }
 
     /// Resolves pending commits left by a crash and drops stale
@@ -700,12 +610,30 @@ impl State {
             Forward(Option<(i64, String)>),
         }
         let mut report = ReconcileReport::default();
-        let pending: Vec<(i64, String, String, i64, String)> = sqlx::query_as(
-            "SELECT id, temp_path, final_path, size, sha256 FROM pending_commits ORDER BY id",
-        )
-        .fetch_all(&self.pool)
-        .await?;
+        let pending: Vec<(i64, String, String, i64, String)> = super::on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT id, temp_path, final_path, size, sha256 FROM pending_commits ORDER BY id",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        // On PostgreSQL, only this node's: another node's may be in
+        // flight. Its temporary files are in a directory named after it
+        // (`storage::temp_dir`).
+        let node = self.cluster().map(|c| c.node().to_string());
+        let ours = |temp: &Path| match &node {
+            None => true,
+            Some(n) => {
+                let dir = temp.parent();
+                dir.and_then(Path::file_name) == Some(std::ffi::OsStr::new(n))
+                    && dir.and_then(Path::parent).and_then(Path::file_name)
+                        == Some(std::ffi::OsStr::new(crate::storage::TEMP_DIR))
+            }
+        };
         for (id, temp, fin, size, sha) in pending {
+            if !ours(Path::new(&temp)) {
+                continue;
+            }
             let temp = PathBuf::from(temp);
             let probe = temp.clone();
             // What the disk says, found before the transaction (hashing can
@@ -744,22 +672,27 @@ impl State {
                 context: "reconcile".into(),
                 source: std::io::Error::other(e.to_string()),
             })??;
-            let mut tx = immediate(self).await?;
-            match &verdict {
-                Verdict::RollBack => {
-                    sqlx::query("DELETE FROM pending_commits WHERE id = ?")
-                        .bind(id)
-                        .execute(&mut *tx)
-                        .await?;
-                    report.rolled_back += 1;
+            super::in_tx!(self, sql, tx => {
+                match &verdict {
+                    Verdict::RollBack => {
+                        sqlx::query("DELETE FROM pending_commits WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut *tx)
+                            .await?;
+                    }
+                    Verdict::Forward(found) => {
+                        // A reservation of the process that crashed: not held
+                        // here (on PostgreSQL, dropped when this node opened).
+                        sql::apply_pending(&mut tx, id, found.clone()).await?;
+                    }
                 }
-                Verdict::Forward(found) => {
-                    // A reservation of the process that crashed: not held here.
-                    apply_pending(&mut tx, id, found.clone()).await?;
-                    report.rolled_forward += 1;
-                }
+                tx.commit().await?;
+                Ok(())
+            })?;
+            match verdict {
+                Verdict::RollBack => report.rolled_back += 1,
+                Verdict::Forward(_) => report.rolled_forward += 1,
             }
-            tx.commit().await?;
             self.ledger.usage_changed();
             // The temporary file goes only after its row: a crash between
             // the two leaves it to the temp sweep, never a row whose temp is
@@ -770,12 +703,14 @@ impl State {
                 tracing::warn!(file = %temp.display(), error = %e, "reconcile: removing a temporary file failed; the sweep retries");
             }
         }
-        let mut tx = immediate(self).await?;
-        report.reservations_dropped = sqlx::query("DELETE FROM reservations")
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        tx.commit().await?;
+        if self.cluster().is_none() {
+            let mut tx = immediate(self).await?;
+            report.reservations_dropped = sqlx::query("DELETE FROM reservations")
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            tx.commit().await?;
+        }
         Ok(report)
     }
 
@@ -800,40 +735,47 @@ impl State {
         }
         // No reservation is decided until the move is committed.
         let _deciding = self.ledger.reserving().await;
-        let mut tx = immediate(self).await?;
-        let Some(row) = client_db(&mut tx, id).await? else {
-            return Ok(Err(MoveRefused::UnknownClient(id.into())));
-        };
-        let id = row.id.as_str();
-        let Some(rec) = record(cfg, &row) else {
-            return Err(StateError::Inconsistent(format!(
-                "client {id:?} belongs to customer {:?}, which the config lacks",
-                row.customer
-            )));
-        };
-        if rec.customer == target {
-            let tname = cfg.customer(target).name.clone();
-            return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
-        }
-        if let Err(why) = move_in(
-            &mut tx,
-            &self.ledger,
-            cfg,
-            &row,
-            &rec,
-            target,
-            at,
-            "moved",
-            move_data,
-        )
-        .await?
-        {
-            return Ok(Err(why));
-        }
-        tx.commit().await?;
-        // Before the reserving lock is let go (`ledger`).
-        self.ledger.usage_changed();
-        Ok(Ok(()))
+        super::in_tx!(once self, sql, tx => {
+            // The record first, for the locks (client, then customers in
+            // admission's order); then again under them.
+            let Some(first) = sql::client_db(&mut tx, id).await? else {
+                return Ok(Err(MoveRefused::UnknownClient(id.into())));
+            };
+            sql::lock_admission(&mut tx, &first.id, Some((cfg, target)), true).await?;
+            let Some(row) = sql::client_db(&mut tx, id).await? else {
+                return Ok(Err(MoveRefused::UnknownClient(id.into())));
+            };
+            let id = row.id.as_str();
+            let Some(rec) = record(cfg, &row) else {
+                return Err(StateError::Inconsistent(format!(
+                    "client {id:?} belongs to customer {:?}, which the config lacks",
+                    row.customer
+                )));
+            };
+            if rec.customer == target {
+                let tname = cfg.customer(target).name.clone();
+                return Ok(Err(MoveRefused::SameCustomer(id.into(), tname)));
+            }
+            if let Err(why) = sql::move_in(
+                &mut tx,
+                &self.ledger,
+                cfg,
+                &row,
+                &rec,
+                target,
+                at,
+                "moved",
+                move_data,
+            )
+            .await?
+            {
+                return Ok(Err(why));
+            }
+            tx.commit().await?;
+            // Before the reserving lock is let go (`ledger`).
+            self.ledger.usage_changed();
+            Ok(Ok(()))
+        })
     }
 
     /// Unregisters `id` and refunds its current month's MCAL debit. Without
@@ -851,65 +793,73 @@ impl State {
         purge_data: impl FnOnce(&str, &str) -> std::io::Result<()>,
     ) -> Result<Option<Removed>, StateError> {
         let _deciding = self.ledger.reserving().await;
-        let mut tx = immediate(self).await?;
-        let Some(row) = client_db(&mut tx, id).await? else {
-            return Ok(None);
-        };
-        let id = row.id.as_str();
-        let month = Month::of(at, &cfg.server.timezone).to_string();
-        let freed_mcal: Option<i64> = sqlx::query_scalar(
-            "DELETE FROM mcal_debits WHERE client = ? AND month = ? RETURNING cost",
-        )
-        .bind(id)
-        .bind(&month)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let mut freed_bytes = 0;
-        if purge {
-            purge_data(id, &row.customer).map_err(|e| StateError::Io {
-                context: format!("deleting the files of client {id:?}"),
-                source: e,
-            })?;
-            freed_bytes = row.used.max(0) as u64;
-            add_usage(&mut tx, id, -row.used).await?;
-            sqlx::query("DELETE FROM files WHERE client = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        }
-        let kind = if purge { "purged" } else { "removed" };
-        record_event(&mut tx, at, id, kind, None).await?;
-        if purge && !row.declared {
-            sqlx::query("DELETE FROM clients WHERE id = ?")
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-        } else {
-            // Files kept: the id stays reserved for its owner until
-            // `clients readmit` (PROTOCOL.md Additions). Purged declared
-            // clients enroll again like new ones.
-            sqlx::query(
-                "UPDATE clients SET secret_sha256 = NULL, registered_at = NULL,
-                   removed_at = CASE WHEN ?2 THEN NULL ELSE ?3 END,
-                   readmit_sha256 = NULL, readmit_expires = NULL
-                 WHERE id = ?1",
+        let removed = super::in_tx!(once self, sql, tx => {
+            sql::lock_admission(&mut tx, id, None, false).await?;
+            let Some(row) = sql::client_db(&mut tx, id).await? else {
+                return Ok(None);
+            };
+            let id = row.id.as_str();
+            sql::lock_client_row(&mut tx, id).await?;
+            let month = Month::of(at, &cfg.server.timezone).to_string();
+            let freed_mcal: Option<i64> = sqlx::query_scalar(
+                "DELETE FROM mcal_debits WHERE client = $1 AND month = $2 RETURNING cost",
             )
             .bind(id)
-            .bind(purge)
-            .bind(secs(at))
-            .execute(&mut *tx)
+            .bind(&month)
+            .fetch_optional(&mut *tx)
             .await?;
+            let mut freed_bytes = 0;
+            if purge {
+                purge_data(id, &row.customer).map_err(|e| StateError::Io {
+                    context: format!("deleting the files of client {id:?}"),
+                    source: e,
+                })?;
+                freed_bytes = row.used.max(0) as u64;
+                sql::add_usage(&mut tx, id, -row.used).await?;
+                sqlx::query("DELETE FROM files WHERE client = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let kind = if purge { "purged" } else { "removed" };
+            sql::record_event(&mut tx, at, id, kind, None).await?;
+            if purge && !row.declared {
+                sqlx::query("DELETE FROM clients WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?;
+            } else {
+                // Files kept: the id stays reserved for its owner until
+                // `clients readmit` (PROTOCOL.md Additions). Purged declared
+                // clients enroll again like new ones.
+                sqlx::query(
+                    "UPDATE clients SET secret_sha256 = NULL, registered_at = NULL,
+                       removed_at = CASE WHEN $2 THEN NULL ELSE $3 END,
+                       readmit_sha256 = NULL, readmit_expires = NULL
+                     WHERE id = $1",
+                )
+                .bind(id)
+                .bind(purge)
+                .bind(secs(at))
+                .execute(&mut *tx)
+                .await?;
+            }
+            // Its uploads in flight end with its sessions (the event tells
+            // them); their space is free now.
+            sql::drop_holds(&mut tx, id).await?;
+            tx.commit().await?;
+            Ok(Some(Removed {
+                customer: row.customer.clone(),
+                freed_bytes,
+                freed_mcal: freed_mcal.unwrap_or(0).max(0) as u64,
+            }))
+        })?;
+        if removed.is_some() {
+            self.ledger.usage_changed();
+            // The id as registered (the ledger compares without case).
+            self.ledger.release_client(id);
         }
-        tx.commit().await?;
-        self.ledger.usage_changed();
-        // Its uploads in flight end with its sessions (the event tells
-        // them); their space is free now.
-        self.ledger.release_client(id);
-        Ok(Some(Removed {
-            customer: row.customer,
-            freed_bytes,
-            freed_mcal: freed_mcal.unwrap_or(0).max(0) as u64,
-        }))
+        Ok(removed)
     }
 
     /// Upserts the clients declared in the config (a declared client keeps
@@ -927,107 +877,111 @@ impl State {
         mut move_data: impl FnMut(&str, CustomerId, CustomerId) -> std::io::Result<()>,
     ) -> Result<Result<Vec<(String, String, String)>, MoveRefused>, StateError> {
         let _deciding = self.ledger.reserving().await;
-        let mut tx = immediate(self).await?;
-        let mut moved = Vec::new();
-        for c in &cfg.clients {
-            let name = customer_key(cfg, c.customer);
-            let row = client_db(&mut tx, &c.id).await?;
-            if let Some(row) = &row
-                && row.id != c.id
-            {
-                return Err(StateError::Inconsistent(format!(
-                    "client {:?} is declared in the config, but client {:?} is registered; ids ignore letter case, so rename the declaration or remove the registered client",
-                    c.id, row.id
-                )));
-            }
-            if let Some(row) = row
-                && !row.customer.eq_ignore_ascii_case(name)
-            {
-                let Some(rec) = record(cfg, &row) else {
-                    return Ok(Err(MoveRefused::Data(format!(
-                        "client {:?} is declared under customer {name:?} now, but its files are under customer {:?}, which the config no longer has; keep that customer until the client has moved",
-                        c.id, row.customer
-                    ))));
-                };
-                let refused = move_in(
-                    &mut tx,
-                    &self.ledger,
-                    cfg,
-                    &row,
-                    &rec,
-                    c.customer,
-                    at,
-                    "moved-by-config",
-                    |id, f, t| move_data(id, f, t),
-                )
-                .await?;
-                if let Err(why) = refused {
-                    return Ok(Err(why));
+        let r = super::in_tx!(once self, sql, tx => {
+            // Every node syncs at its start and reload: one at a time.
+            sql::lock_admission(&mut tx, "(declared clients)", None, false).await?;
+            let mut moved = Vec::new();
+            for c in &cfg.clients {
+                let name = customer_key(cfg, c.customer);
+                let row = sql::client_db(&mut tx, &c.id).await?;
+                if let Some(row) = &row
+                    && row.id != c.id
+                {
+                    return Err(StateError::Inconsistent(format!(
+                        "client {:?} is declared in the config, but client {:?} is registered; ids ignore letter case, so rename the declaration or remove the registered client",
+                        c.id, row.id
+                    )));
                 }
-                moved.push((c.id.clone(), row.customer.clone(), name.to_string()));
-            }
-            sqlx::query(
-                "INSERT INTO clients (id, customer, kind, declared) VALUES (?1, ?2, ?3, 1)
-                 ON CONFLICT (id) DO UPDATE SET customer = ?2, kind = ?3, declared = 1",
-            )
-            .bind(&c.id)
-            .bind(name)
-            .bind(c.kind.as_str())
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
+                if let Some(row) = row
+                    && !row.customer.eq_ignore_ascii_case(name)
+                {
+                    let Some(rec) = record(cfg, &row) else {
+                        return Ok(Err(MoveRefused::Data(format!(
+                            "client {:?} is declared under customer {name:?} now, but its files are under customer {:?}, which the config no longer has; keep that customer until the client has moved",
+                            c.id, row.customer
+                        ))));
+                    };
+                    sql::lock_admission(&mut tx, &row.id, Some((cfg, c.customer)), true).await?;
+                    let refused = sql::move_in(
+                        &mut tx,
+                        &self.ledger,
+                        cfg,
+                        &row,
+                        &rec,
+                        c.customer,
+                        at,
+                        "moved-by-config",
+                        |id, f, t| move_data(id, f, t),
+                    )
+                    .await?;
+                    if let Err(why) = refused {
+                        return Ok(Err(why));
+                    }
+                    moved.push((c.id.clone(), row.customer.clone(), name.to_string()));
+                }
+                sqlx::query(
+                    "INSERT INTO clients (id, customer, kind, declared) VALUES ($1, $2, $3, 1)
+                     ON CONFLICT (id) DO UPDATE SET customer = $2, kind = $3, declared = 1",
+                )
+                .bind(&c.id)
                 .bind(name)
+                .bind(c.kind.as_str())
                 .execute(&mut *tx)
                 .await?;
-        }
-        // No longer declared: never connected and holding nothing = forgotten;
-        // otherwise they stay as ordinary registered clients.
-        type Declared = (String, Option<Vec<u8>>, i64, Option<i64>);
-        let rows: Vec<Declared> = sqlx::query_as(
-            "SELECT id, secret_sha256, used, removed_at FROM clients WHERE declared = 1",
-        )
-        .fetch_all(&mut *tx)
-        .await?;
-        for (id, secret, used, removed) in rows {
-            if cfg.declared_client(&id).is_some() {
-                continue;
+                sql::customer_usage_row(&mut tx, name).await?;
             }
-            // A removed client's id stays reserved, whatever it holds.
-            if secret.is_none() && used == 0 && removed.is_none() {
-                sqlx::query("DELETE FROM files WHERE client = ?")
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
-                sqlx::query("DELETE FROM clients WHERE id = ?")
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
-            } else {
-                sqlx::query("UPDATE clients SET declared = 0 WHERE id = ?")
-                    .bind(&id)
-                    .execute(&mut *tx)
-                    .await?;
+            // No longer declared: never connected and holding nothing = forgotten;
+            // otherwise they stay as ordinary registered clients.
+            type Declared = (String, Option<Vec<u8>>, i64, Option<i64>);
+            let rows: Vec<Declared> = sqlx::query_as(
+                "SELECT id, secret_sha256, used, removed_at FROM clients WHERE declared <> 0",
+            )
+            .fetch_all(&mut *tx)
+            .await?;
+            for (id, secret, used, removed) in rows {
+                if cfg.declared_client(&id).is_some() {
+                    continue;
+                }
+                // A removed client's id stays reserved, whatever it holds.
+                if secret.is_none() && used == 0 && removed.is_none() {
+                    sqlx::query("DELETE FROM files WHERE client = $1")
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await?;
+                    sqlx::query("DELETE FROM clients WHERE id = $1")
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await?;
+                } else {
+                    sqlx::query("UPDATE clients SET declared = 0 WHERE id = $1")
+                        .bind(&id)
+                        .execute(&mut *tx)
+                        .await?;
+                }
             }
-        }
-        tx.commit().await?;
+            tx.commit().await?;
+            Ok(Ok(moved))
+        })?;
         self.ledger.usage_changed();
-        Ok(Ok(moved))
+        Ok(r)
     }
 
     /// Records the start of an admitted session.
     pub async fn start_session(&self, s: &SessionStart<'_>) -> Result<(), StateError> {
-        let mut tx = immediate(self).await?;
-        sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES (?, ?, ?, ?, ?, ?, ?)")
-            .bind(s.id)
-            .bind(s.client)
-            .bind(s.customer)
-            .bind(s.schedule)
-            .bind(s.intent)
-            .bind(s.peer)
-            .bind(secs(s.at))
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        super::in_tx!(self, sql, tx => {
+            sqlx::query("INSERT INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES ($1, $2, $3, $4, $5, $6, $7)")
+                .bind(s.id)
+                .bind(s.client)
+                .bind(s.customer)
+                .bind(s.schedule)
+                .bind(s.intent)
+                .bind(s.peer)
+                .bind(secs(s.at))
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Notes the start of an admitted session, to be written with others
@@ -1068,9 +1022,11 @@ impl State {
         if rows.is_empty() {
             return Ok(0);
         }
-        let mut tx = immediate(self).await?;
-        insert_starts(&mut tx, &rows).await?;
-        tx.commit().await?;
+        super::in_tx!(self, sql, tx => {
+            sql::insert_starts(&mut tx, &rows).await?;
+            tx.commit().await?;
+            Ok(())
+        })?;
         let mut noted = self.starts.lock().unwrap_or_else(|p| p.into_inner());
         for r in &rows {
             noted.remove(&r.id);
@@ -1094,32 +1050,34 @@ impl State {
             .unwrap_or_else(|p| p.into_inner())
             .get(id)
             .cloned();
-        let mut tx = immediate(self).await?;
-        if let Some(row) = &start {
-            insert_starts(&mut tx, std::slice::from_ref(row)).await?;
-        }
-        sqlx::query("UPDATE sessions SET ended_at = ?, bytes_in = ?, bytes_out = ?, files_ok = ?, files_failed = ?, result = ?, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = ?")
-            .bind(secs(e.at))
-            .bind(e.bytes_in as i64)
-            .bind(e.bytes_out as i64)
-            .bind(e.files_ok as i64)
-            .bind(e.files_failed as i64)
-            .bind(e.result)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        for r in reports {
-            sqlx::query(
-                "INSERT INTO session_reports (recipient, client, facts, ended_at) VALUES (?, ?, ?, ?)",
-            )
-            .bind(&r.recipient)
-            .bind(&r.client)
-            .bind(&r.facts)
-            .bind(secs(e.at))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
+        super::in_tx!(self, sql, tx => {
+            if let Some(row) = &start {
+                sql::insert_starts(&mut tx, std::slice::from_ref(row)).await?;
+            }
+            sqlx::query("UPDATE sessions SET ended_at = $1, bytes_in = $2, bytes_out = $3, files_ok = $4, files_failed = $5, result = $6, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = $7")
+                .bind(secs(e.at))
+                .bind(e.bytes_in as i64)
+                .bind(e.bytes_out as i64)
+                .bind(e.files_ok as i64)
+                .bind(e.files_failed as i64)
+                .bind(e.result)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            for r in reports {
+                sqlx::query(
+                    "INSERT INTO session_reports (recipient, client, facts, ended_at) VALUES ($1, $2, $3, $4)",
+                )
+                .bind(&r.recipient)
+                .bind(&r.client)
+                .bind(&r.facts)
+                .bind(secs(e.at))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })?;
         if start.is_some() {
             self.starts
                 .lock()
@@ -1130,44 +1088,20 @@ impl State {
     }
 }
 
-/// Inserts session start rows, many per statement (each statement is a
-/// round trip); a row already there is left alone.
-async fn insert_starts(tx: &mut Conn, rows: &[StartRow]) -> Result<(), StateError> {
-    for chunk in rows.chunks(STARTS_PER_STATEMENT) {
-        let values = vec!["(?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-        let sql = format!(
-            "INSERT OR IGNORE INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES {values}"
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for r in chunk {
-            q = q
-                .bind(&r.id)
-                .bind(&r.client)
-                .bind(&r.customer)
-                .bind(&r.schedule)
-                .bind(&r.intent)
-                .bind(&r.peer)
-                .bind(r.at);
-        }
-        q.execute(&mut *tx).await?;
-    }
-    Ok(())
-}
-
 /// Session starts written per statement (7 parameters each; SQLite allows
 /// 32,766).
-const STARTS_PER_STATEMENT: usize = 200;
+pub(crate) const STARTS_PER_STATEMENT: usize = 200;
 
 /// A noted session start ([`State::note_session_start`]).
 #[derive(Debug, Clone)]
-pub(super) struct StartRow {
-    id: String,
-    client: String,
-    customer: String,
-    schedule: String,
-    intent: String,
-    peer: Option<String>,
-    at: i64,
+pub(crate) struct StartRow {
+    pub(crate) id: String,
+    pub(crate) client: String,
+    pub(crate) customer: String,
+    pub(crate) schedule: String,
+    pub(crate) intent: String,
+    pub(crate) peer: Option<String>,
+    pub(crate) at: i64,
 }
 
 /// A session row at its start.
@@ -1204,95 +1138,6 @@ pub struct SessionEnd<'a> {
     pub files_failed: u64,
     /// "ok" or the code that ended it.
     pub result: &'a str,
-}
-
-/// Moves `row`'s client to `target` inside the caller's transaction
-/// (CONFIG.md "Moving a client"): refused with the reason when uploads are
-/// in flight or the target lacks space, a client slot or MCAL room for the
-/// next monthly debit; otherwise `move_data` moves the files (while the
-/// write lock is held), then the usage follows and an event tells the
-/// daemon's live sessions. Debits already made stay where they were made.
-#[allow(clippy::too_many_arguments)] // one transaction's inputs; a struct would only rename them
-pub(super) async fn move_in(
-    tx: &mut Conn,
-    ledger: &Ledger,
-    cfg: &Config,
-    row: &ClientDb,
-    rec: &ClientRecord,
-    target: CustomerId,
-    at: Timestamp,
-    kind: &str,
-    move_data: impl FnOnce(&str, CustomerId, CustomerId) -> std::io::Result<()>,
-) -> Result<Result<(), MoveRefused>, StateError> {
-    let id = row.id.as_str();
-    let tname = cfg.customer(target).name.clone();
-    // The caller holds the ledger's reserving lock until it commits, so no
-    // upload reserves under the old customer meanwhile.
-    if ledger.in_flight(id) > 0 {
-        return Ok(Err(MoveRefused::Busy(id.into())));
-    }
-    let needed = row.used.max(0) as u64;
-    let mut usage = level_usage(tx, ledger, cfg, "", target).await?;
-    // The server level is unchanged by a move; so is a shared reseller.
-    usage.server = Usage::default();
-    if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
-        usage.reseller = Usage::default();
-    }
-    let levels = space::levels(cfg, target, None, &usage);
-    if !space::fits(&levels, needed) {
-        let left = space::space_left(&levels).unwrap_or(0);
-        return Ok(Err(MoveRefused::Space {
-            customer: tname,
-            needed,
-            left,
-        }));
-    }
-    if admission::client_limit_reached(cfg.customer(target), slot_count(tx, cfg, target).await?) {
-        return Ok(Err(MoveRefused::Slots(tname)));
-    }
-    let mut m = mcal_state(tx, cfg, id, target, Month::of(at, &cfg.server.timezone)).await?;
-    m.client_debited_this_month = false;
-    if let Some(why) = admission::mcal_shortfall(cfg, target, rec.kind, &m) {
-        return Ok(Err(MoveRefused::Mcal(format!(
-            "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
-        ))));
-    }
-    if let Err(e) = move_data(id, rec.customer, target) {
-        return Ok(Err(MoveRefused::Data(e.to_string())));
-    }
-    add_usage(tx, id, -(needed as i64)).await?;
-    sqlx::query("UPDATE clients SET customer = ? WHERE id = ?")
-        .bind(&tname)
-        .bind(id)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("INSERT OR IGNORE INTO customer_usage (customer, used) VALUES (?, 0)")
-        .bind(&tname)
-        .execute(&mut *tx)
-        .await?;
-    add_usage(tx, id, needed as i64).await?;
-    record_event(tx, at, id, kind, Some(&tname)).await?;
-    Ok(Ok(()))
-}
-
-/// Records a move, removal or readmit for the running daemon, which logs
-/// it and tells the client's live sessions. `kind` is one of
-/// [`ClientEvent::parse`]'s.
-pub(super) async fn record_event(
-    tx: &mut Conn,
-    at: Timestamp,
-    client: &str,
-    kind: &str,
-    customer: Option<&str>,
-) -> Result<(), StateError> {
-    sqlx::query("INSERT INTO client_events (at, client, kind, customer) VALUES (?, ?, ?, ?)")
-        .bind(secs(at))
-        .bind(client)
-        .bind(kind)
-        .bind(customer)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
 }
 
 /// A move, removal or readmit, made by an admin command or (a move) by
@@ -1338,106 +1183,23 @@ impl ClientEvent {
 impl State {
     /// The newest event's sequence number (0 when there is none).
     pub async fn last_event(&self) -> Result<i64, StateError> {
-        Ok(
+        Ok(super::on_pool!(self, pool => {
             sqlx::query_scalar("SELECT COALESCE(MAX(seq), 0) FROM client_events")
-                .fetch_one(&self.pool)
-                .await?,
-        )
+                .fetch_one(pool)
+                .await?
+        }))
     }
 
     /// Events after `seq`, oldest first.
     pub async fn events_after(&self, seq: i64) -> Result<Vec<EventRow>, StateError> {
-        let rows: Vec<(i64, String, String, Option<String>)> = sqlx::query_as(
-            "SELECT seq, client, kind, customer FROM client_events WHERE seq > ? ORDER BY seq",
-        )
-        .bind(seq)
-        .fetch_all(&self.pool)
-        .await?;
+        let rows: Vec<(i64, String, String, Option<String>)> = super::on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT seq, client, kind, customer FROM client_events WHERE seq > $1 ORDER BY seq",
+            )
+            .bind(seq)
+            .fetch_all(pool)
+            .await?
+        });
         Ok(event_rows(rows))
     }
-}
-
-/// Adds `delta` bytes to a client's usage and its customer's.
-pub(super) async fn add_usage(tx: &mut Conn, client: &str, delta: i64) -> Result<(), StateError> {
-    if delta == 0 {
-        return Ok(());
-    }
-    sqlx::query("UPDATE clients SET used = used + ? WHERE id = ?")
-        .bind(delta)
-        .bind(client)
-        .execute(&mut *tx)
-        .await?;
-    sqlx::query("UPDATE customer_usage SET used = used + ? WHERE customer = (SELECT customer FROM clients WHERE id = ?)")
-        .bind(delta)
-        .bind(client)
-        .execute(&mut *tx)
-        .await?;
-    Ok(())
-}
-
-/// The index half of a commit; `actual` overrides the recorded size and
-/// digest when reconcile found a different file in place. Returns the
-/// usage change and the reservation, which the caller releases once this
-/// is committed.
-async fn apply_pending(
-    tx: &mut Conn,
-    pending: i64,
-    actual: Option<(i64, String)>,
-) -> Result<(i64, Option<i64>), StateError> {
-    #[derive(sqlx::FromRow)]
-    struct Pending {
-        client: String,
-        path: String,
-        size: i64,
-        sha256: String,
-        modified: i64,
-        reservation: Option<i64>,
-        mode: Option<i64>,
-        mtime: Option<String>,
-    }
-    let p: Pending = sqlx::query_as(
-        "SELECT client, path, size, sha256, modified, reservation, mode, mtime FROM pending_commits WHERE id = ?",
-    )
-    .bind(pending)
-    .fetch_optional(&mut *tx)
-    .await?
-    .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
-    let Pending {
-        client,
-        path,
-        size,
-        sha256: sha,
-        modified,
-        reservation,
-        mode,
-        mtime,
-    } = p;
-    let (size, sha) = actual.unwrap_or((size, sha));
-    let old: Option<i64> =
-        sqlx::query_scalar("SELECT size FROM files WHERE client = ? AND path = ?")
-            .bind(&client)
-            .bind(&path)
-            .fetch_optional(&mut *tx)
-            .await?;
-    sqlx::query(
-        "INSERT INTO files (client, path, size, sha256, modified, mode, mtime) VALUES (?, ?, ?, ?, ?, ?, ?)
-         ON CONFLICT (client, path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256,
-           modified = excluded.modified, mode = excluded.mode, mtime = excluded.mtime",
-    )
-    .bind(&client)
-    .bind(&path)
-    .bind(size)
-    .bind(&sha)
-    .bind(modified)
-    .bind(mode)
-    .bind(mtime)
-    .execute(&mut *tx)
-    .await?;
-    let delta = size - old.unwrap_or(0);
-    add_usage(tx, &client, delta).await?;
-    sqlx::query("DELETE FROM pending_commits WHERE id = ?")
-        .bind(pending)
-        .execute(&mut *tx)
-        .await?;
-    Ok((delta, reservation))
 }

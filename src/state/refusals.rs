@@ -113,24 +113,25 @@ impl State {
     }
 
     async fn write_refusals(&self, batch: &[(Key, (String, i64))]) -> Result<(), StateError> {
-        let mut tx = super::ops::immediate(self).await?;
-        for (k, (client, n)) in batch {
-            sqlx::query(
-                "INSERT INTO refusals (at, source, code, customer, client, count) VALUES (?, ?, ?, ?, ?, ?)
-                 ON CONFLICT (at, source, code, customer) DO UPDATE SET count = count + excluded.count,
-                   client = CASE WHEN excluded.client = '' THEN refusals.client ELSE excluded.client END",
-            )
-            .bind(k.minute)
-            .bind(&k.source)
-            .bind(k.code)
-            .bind(&k.customer)
-            .bind(client)
-            .bind(n)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        super::in_tx!(self, sql, tx => {
+            for (k, (client, n)) in batch {
+                sqlx::query(
+                    "INSERT INTO refusals (at, source, code, customer, client, count) VALUES ($1, $2, $3, $4, $5, $6)
+                     ON CONFLICT (at, source, code, customer) DO UPDATE SET count = refusals.count + excluded.count,
+                       client = CASE WHEN excluded.client = '' THEN refusals.client ELSE excluded.client END",
+                )
+                .bind(k.minute)
+                .bind(&k.source)
+                .bind(k.code)
+                .bind(&k.customer)
+                .bind(client)
+                .bind(n)
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
     }
 
     /// Puts refusals that could not be written back for the next flush.

@@ -166,48 +166,52 @@ impl State {
             Change::Move { client, to } => ("move", client, Some(to.as_str()), false),
             Change::Remove { client, purge } => ("remove", client, None, *purge),
         };
-        let mut tx = super::ops::immediate(self).await?;
-        let id: i64 = sqlx::query_scalar(
-            "INSERT INTO admin_requests (kind, client, customer, purge, requested_at) VALUES (?, ?, ?, ?, ?) RETURNING id",
-        )
-        .bind(kind)
-        .bind(client)
-        .bind(customer)
-        .bind(purge)
-        // The real clock, as the daemon's expiry reads it: a shifted clock
-        // (TOLLGATE_FAKE_NOW) moves with each process's start.
-        .bind(secs(Timestamp::now()))
-        .fetch_one(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(id)
+        super::in_tx!(self, sql, tx => {
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO admin_requests (kind, client, customer, purge, requested_at) VALUES ($1, $2, $3, $4, $5) RETURNING id",
+            )
+            .bind(kind)
+            .bind(client)
+            .bind(customer)
+            .bind(i64::from(purge))
+            // The real clock, as the daemon's expiry reads it: a shifted clock
+            // (TOLLGATE_FAKE_NOW) moves with each process's start.
+            .bind(secs(Timestamp::now()))
+            .fetch_one(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(id)
+        })
     }
 
     /// The request's outcome once the daemon has recorded it.
     pub async fn outcome(&self, id: i64) -> Result<Option<Outcome>, StateError> {
-        let row: Option<Option<String>> = sqlx::query_scalar(
-            "SELECT outcome FROM admin_requests WHERE id = ? AND done_at IS NOT NULL",
-        )
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await?;
+        let row: Option<Option<String>> = super::on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT outcome FROM admin_requests WHERE id = $1 AND done_at IS NOT NULL",
+            )
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+        });
         Ok(row.flatten().and_then(|j| serde_json::from_str(&j).ok()))
     }
 
     /// Withdraws a request the daemon has not claimed; false when it has
     /// (it is being applied, or done).
     pub async fn cancel_request(&self, id: i64, at: Timestamp) -> Result<bool, StateError> {
-        let mut tx = super::ops::immediate(self).await?;
-        let n = sqlx::query(
-            "UPDATE admin_requests SET done_at = ?, outcome = NULL WHERE id = ? AND claimed_at IS NULL AND done_at IS NULL",
-        )
-        .bind(secs(at))
-        .bind(id)
-        .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        tx.commit().await?;
-        Ok(n == 1)
+        super::in_tx!(self, sql, tx => {
+            let n = sqlx::query(
+                "UPDATE admin_requests SET done_at = $1, outcome = NULL WHERE id = $2 AND claimed_at IS NULL AND done_at IS NULL",
+            )
+            .bind(secs(at))
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            tx.commit().await?;
+            Ok(n == 1)
+        })
     }
 
     /// Claims the oldest unclaimed request, if any (the daemon). Requests
@@ -218,37 +222,45 @@ impl State {
     pub async fn claim_request(&self, at: Timestamp) -> Result<Option<Request>, StateError> {
         // A read first: the daemon asks ten times a second, and a write
         // (with its fsync) is only needed when there is something.
-        let waiting: Option<i64> = sqlx::query_scalar(
-            "SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1",
-        )
-        .fetch_optional(&self.pool)
-        .await?;
+        let waiting: Option<i64> = super::on_pool!(self, pool => {
+            sqlx::query_scalar(
+                "SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1",
+            )
+            .fetch_optional(pool)
+            .await?
+        });
         if waiting.is_none() {
             return Ok(None);
         }
-        let mut tx = super::ops::immediate(self).await?;
         let expired = serde_json::to_string(&Outcome::Failed {
             error: "the request expired before the daemon took it".into(),
         })
         .unwrap_or_default();
-        sqlx::query(
-            "UPDATE admin_requests SET done_at = ?1, outcome = ?2
-              WHERE done_at IS NULL AND claimed_at IS NULL AND requested_at < ?3",
-        )
-        .bind(secs(at))
-        .bind(expired)
-        .bind(secs(Timestamp::now()) - REQUEST_VALID_SECS)
-        .execute(&mut *tx)
-        .await?;
-        let row: Option<(i64, String, String, Option<String>, bool)> = sqlx::query_as(
-            "UPDATE admin_requests SET claimed_at = ?1
-              WHERE id = (SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1)
-              RETURNING id, kind, client, customer, purge",
-        )
-        .bind(secs(at))
-        .fetch_optional(&mut *tx)
-        .await?;
-        tx.commit().await?;
+        let row: Option<(i64, String, String, Option<String>, bool)> = super::in_tx!(self, sql, tx => {
+            sqlx::query(
+                "UPDATE admin_requests SET done_at = $1, outcome = $2
+                  WHERE done_at IS NULL AND claimed_at IS NULL AND requested_at < $3",
+            )
+            .bind(secs(at))
+            .bind(&expired)
+            .bind(secs(Timestamp::now()) - REQUEST_VALID_SECS)
+            .execute(&mut *tx)
+            .await?;
+            // `claimed_at IS NULL` again outside the subquery: on
+            // PostgreSQL a node that waited for another's claim of the same
+            // row rechecks it, and finds it taken.
+            let row = sqlx::query_as(
+                "UPDATE admin_requests SET claimed_at = $1
+                  WHERE id = (SELECT id FROM admin_requests WHERE done_at IS NULL AND claimed_at IS NULL ORDER BY id LIMIT 1)
+                    AND claimed_at IS NULL
+                  RETURNING id, kind, client, customer, purge <> 0",
+            )
+            .bind(secs(at))
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row)
+        })?;
         let Some((id, kind, client, customer, purge)) = row else {
             return Ok(None);
         };
@@ -279,13 +291,15 @@ impl State {
         at: Timestamp,
     ) -> Result<(), StateError> {
         let json = serde_json::to_string(outcome).unwrap_or_else(|_| "{}".into());
-        let mut tx = super::ops::immediate(self).await?;
-        sqlx::query("UPDATE admin_requests SET done_at = ?, outcome = ? WHERE id = ?")
-            .bind(secs(at))
-            .bind(json)
-            .bind(id)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await
+        super::in_tx!(self, sql, tx => {
+            sqlx::query("UPDATE admin_requests SET done_at = $1, outcome = $2 WHERE id = $3")
+                .bind(secs(at))
+                .bind(&json)
+                .bind(id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            Ok(())
+        })
     }
 }

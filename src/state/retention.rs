@@ -39,47 +39,39 @@ fn cutoff(now: Timestamp, keep: std::time::Duration) -> i64 {
 impl State {
     /// Deletes history older than `r` allows, as of `now`.
     pub async fn prune(&self, r: &Retention, now: Timestamp) -> Result<Pruned, StateError> {
-        // (table, the rowids of old rows, the retention that applies)
-        let plan: [(&str, &str, std::time::Duration); 5] = [
-            (
-                "refusals",
-                "SELECT rowid FROM refusals WHERE at < ?1 LIMIT ?2",
-                r.refusals,
-            ),
-            (
-                "sessions",
-                "SELECT rowid FROM sessions WHERE started_at < ?1 LIMIT ?2",
-                r.sessions,
-            ),
-            (
-                "client_events",
-                "SELECT seq FROM client_events WHERE at < ?1 LIMIT ?2",
-                r.client_events,
-            ),
+        // (table, its row key, which rows are old, the retention that
+        // applies). A table without a key of its own is deleted from by
+        // the backend's row address (`sql::ROWID`).
+        let plan: [(&str, Option<&str>, &str, std::time::Duration); 5] = [
+            ("refusals", None, "at < $1", r.refusals),
+            ("sessions", None, "started_at < $1", r.sessions),
+            ("client_events", Some("seq"), "at < $1", r.client_events),
             (
                 "outbox",
-                "SELECT id FROM outbox WHERE sent_at IS NOT NULL AND sent_at < ?1 LIMIT ?2",
+                Some("id"),
+                "sent_at IS NOT NULL AND sent_at < $1",
                 r.sent_mail,
             ),
-            (
-                "alerts_sent",
-                "SELECT rowid FROM alerts_sent WHERE queued_at < ?1 LIMIT ?2",
-                r.sent_mail,
-            ),
+            ("alerts_sent", None, "queued_at < $1", r.sent_mail),
         ];
         let mut counts = [0u64; 5];
-        for (i, (table, select, keep)) in plan.iter().enumerate() {
+        for (i, (table, key, old, keep)) in plan.iter().enumerate() {
             let before = cutoff(now, *keep);
-            let sql = format!("DELETE FROM {table} WHERE rowid IN ({select})");
             loop {
-                let mut tx = super::ops::immediate(self).await?;
-                let n = sqlx::query(sqlx::AssertSqlSafe(sql.clone()))
-                    .bind(before)
-                    .bind(PRUNE_BATCH)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                tx.commit().await?;
+                let n = super::in_tx!(self, sql, tx => {
+                    let key = key.unwrap_or(sql::ROWID);
+                    let stmt = format!(
+                        "DELETE FROM {table} WHERE {key} IN (SELECT {key} FROM {table} WHERE {old} LIMIT $2)"
+                    );
+                    let n = sqlx::query(sqlx::AssertSqlSafe(stmt))
+                        .bind(before)
+                        .bind(PRUNE_BATCH)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    tx.commit().await?;
+                    Ok(n)
+                })?;
                 counts[i] += n;
                 if (n as i64) < PRUNE_BATCH {
                     break;

@@ -87,53 +87,74 @@ impl State {
         after: Option<&str>,
         limit: u32,
     ) -> Result<Vec<FileEntry>, StateError> {
-        Ok(sqlx::query_as::<_, FileEntry>(
-            "SELECT path, size, sha256, modified, mode, mtime FROM files
-             WHERE client = ?1 AND substr(path, 1, length(?2)) = ?2 AND (?3 IS NULL OR path > ?3)
-             ORDER BY path LIMIT ?4",
-        )
-        .bind(client)
-        .bind(prefix)
-        .bind(after)
-        .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_as::<_, FileEntry>(
+                "SELECT path, size, sha256, modified, mode, mtime FROM files
+                 WHERE client = $1 AND substr(path, 1, length($2)) = $2 AND ($3 IS NULL OR path > $3)
+                 ORDER BY path LIMIT $4",
+            )
+            .bind(client)
+            .bind(prefix)
+            .bind(after)
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+        }))
     }
 
     /// One file of `client`, if indexed.
     pub async fn file(&self, client: &str, path: &str) -> Result<Option<FileEntry>, StateError> {
-        Ok(sqlx::query_as::<_, FileEntry>(
-            "SELECT path, size, sha256, modified, mode, mtime FROM files WHERE client = ? AND path = ?",
-        )
-        .bind(client)
-        .bind(path)
-        .fetch_optional(&self.pool)
-        .await?)
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_as::<_, FileEntry>(
+                "SELECT path, size, sha256, modified, mode, mtime FROM files WHERE client = $1 AND path = $2",
+            )
+            .bind(client)
+            .bind(path)
+            .fetch_optional(pool)
+            .await?
+        }))
+    }
+
+    /// Bytes held by uploads in flight, per client and per customer
+    /// (lowercased names): this process's ledger, or on PostgreSQL the live
+    /// holds of every node.
+    async fn holds(&self) -> Result<(HashMap<String, u64>, HashMap<String, u64>), StateError> {
+        match self.cluster() {
+            Some(c) => c.holds().await,
+            None => Ok(self.ledger.by_client_and_customer()),
+        }
     }
 
     /// Every client with its figures.
     pub async fn clients(&self, cfg: &Config, at: Timestamp) -> Result<Vec<ClientRow>, StateError> {
         let month = Month::of(at, &cfg.server.timezone).to_string();
-        Ok(sqlx::query_as::<_, ClientRow>(
-            "SELECT c.id, c.customer, c.kind, c.declared, c.secret_sha256 IS NOT NULL AS registered,
-                    c.hostname, c.last_seen, c.used,
-                    0 AS reserved,
-                    COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = ?1), 0) AS mcal_this_month,
-                    (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
-                    (SELECT COALESCE(SUM(f.count), 0) FROM refusals f WHERE f.client = c.id AND f.at >= ?2) AS refusals_24h
-             FROM clients c ORDER BY c.customer COLLATE NOCASE, c.id",
-        )
-        .bind(month)
-        .bind(secs(at) - 86_400)
-        .fetch_all(&self.pool)
-        .await?
-        .into_iter()
-        .map(|mut r| {
-            // In flight here: the ledger is this process's (the daemon's).
-            r.reserved = self.ledger.client(&r.id).min(i64::MAX as u64) as i64;
-            r
-        })
-        .collect())
+        let rows: Vec<ClientRow> = super::on_pool!(self, pool => {
+            sqlx::query_as::<_, ClientRow>(
+                "SELECT c.id, c.customer, c.kind, c.declared <> 0 AS declared, c.secret_sha256 IS NOT NULL AS registered,
+                        c.hostname, c.last_seen, c.used,
+                        CAST(0 AS BIGINT) AS reserved,
+                        CAST(COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = $1), 0) AS BIGINT) AS mcal_this_month,
+                        (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
+                        CAST((SELECT COALESCE(SUM(f.count), 0) FROM refusals f WHERE f.client = c.id AND f.at >= $2) AS BIGINT) AS refusals_24h
+                 FROM clients c ORDER BY c.customer COLLATE NOCASE, c.id",
+            )
+            .bind(month)
+            .bind(secs(at) - 86_400)
+            .fetch_all(pool)
+            .await?
+        });
+        let (by_client, _) = self.holds().await?;
+        Ok(rows
+            .into_iter()
+            .map(|mut r| {
+                r.reserved = by_client
+                    .get(&r.id.to_lowercase())
+                    .copied()
+                    .unwrap_or(0)
+                    .min(i64::MAX as u64) as i64;
+                r
+            })
+            .collect())
     }
 
     /// The figures `status` shows.
@@ -147,26 +168,53 @@ impl State {
     pub async fn totals(&self, cfg: &Config, at: Timestamp) -> Result<StatusData, StateError> {
         let month = Month::of(at, &cfg.server.timezone).to_string();
         let mut d = StatusData::default();
-        let usage: Vec<(String, i64, i64)> =
-            sqlx::query_as("SELECT u.customer, u.used, 0 FROM customer_usage u")
-                .fetch_all(&self.pool)
+        type Debit = (String, Option<String>, i64, i64);
+        type Mail = (i64, Option<i64>, Option<String>);
+        type Rows = (
+            Vec<(String, i64)>,
+            Vec<Debit>,
+            Vec<(Option<String>, i64)>,
+            Mail,
+        );
+        let (usage, debits, refusals, mail): Rows = super::on_pool!(self, pool => {
+            let usage = sqlx::query_as("SELECT customer, used FROM customer_usage")
+                .fetch_all(pool)
                 .await?;
-        for (c, used, reserved) in usage {
+            let debits = sqlx::query_as(
+                "SELECT customer, reseller, CAST(SUM(cost) AS BIGINT),
+                            CAST(SUM(CASE WHEN month = $1 THEN cost ELSE 0 END) AS BIGINT)
+                     FROM mcal_debits GROUP BY customer, reseller",
+            )
+            .bind(&month)
+            .fetch_all(pool)
+            .await?;
+            let refusals = sqlx::query_as(
+                "SELECT NULLIF(customer, ''), CAST(SUM(count) AS BIGINT) FROM refusals WHERE at >= $1 GROUP BY customer",
+            )
+            .bind(secs(at) - 86_400)
+            .fetch_all(pool)
+            .await?;
+            let mail = sqlx::query_as(
+                "SELECT COUNT(*), MIN(created_at),
+                            (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT 1)
+                     FROM outbox WHERE sent_at IS NULL",
+            )
+            .fetch_one(pool)
+            .await?;
+            (usage, debits, refusals, mail)
+        });
+        let (_, held) = self.holds().await?;
+        for (c, used) in usage {
+            let key = c.to_lowercase();
+            let reserved = held.get(&key).copied().unwrap_or(0);
             d.customers.insert(
-                c.to_lowercase(),
+                key,
                 Usage {
                     used: used.max(0) as u64,
-                    reserved: reserved.max(0) as u64 + self.ledger.customer(&c),
+                    reserved,
                 },
             );
         }
-        let debits: Vec<(String, Option<String>, i64, i64)> = sqlx::query_as(
-            "SELECT customer, reseller, SUM(cost), SUM(CASE WHEN month = ? THEN cost ELSE 0 END)
-             FROM mcal_debits GROUP BY customer, reseller",
-        )
-        .bind(&month)
-        .fetch_all(&self.pool)
-        .await?;
         for (customer, reseller, total, this_month) in debits {
             let add = |e: &mut Debits| {
                 e.total += total.max(0) as u64;
@@ -181,19 +229,7 @@ impl State {
             }
             add(&mut d.global_debits);
         }
-        let refusals: Vec<(Option<String>, i64)> = sqlx::query_as(
-            "SELECT NULLIF(customer, ''), SUM(count) FROM refusals WHERE at >= ? GROUP BY customer",
-        )
-        .bind(secs(at) - 86_400)
-        .fetch_all(&self.pool)
-        .await?;
-        let (pending, oldest, last_error): (i64, Option<i64>, Option<String>) = sqlx::query_as(
-            "SELECT COUNT(*), MIN(created_at),
-                    (SELECT last_error FROM outbox WHERE sent_at IS NULL AND last_error IS NOT NULL ORDER BY id DESC LIMIT 1)
-             FROM outbox WHERE sent_at IS NULL",
-        )
-        .fetch_one(&self.pool)
-        .await?;
+        let (pending, oldest, last_error) = mail;
         d.mail_pending = pending.max(0) as u64;
         d.mail_oldest = oldest;
         d.mail_last_error = last_error;

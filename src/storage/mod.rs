@@ -186,7 +186,13 @@ pub fn purge_client_files(cfg: &Config, client: &str, customer: &str) -> io::Res
 
 /// Where uploads under `customer` are written before their commit.
 pub fn temp_dir(cfg: &Config, customer: CustomerId) -> PathBuf {
-    cfg.customer(customer).backup_location.join(TEMP_DIR)
+    let dir = cfg.customer(customer).backup_location.join(TEMP_DIR);
+    // Nodes of a cluster share the backup locations: each keeps its own
+    // temporary files, and sweeps only those (docs/scale-out.md).
+    match cfg.server.state {
+        crate::config::StateUrl::Postgres(_) => dir.join(&cfg.server.cluster.node),
+        crate::config::StateUrl::Sqlite(_) => dir,
+    }
 }
 
 /// The steps of a commit, reported to a hook so crash tests can stop the

@@ -3,8 +3,8 @@
 //! error located, and the defaults where a key is absent.
 
 use super::*;
-use crate::config::limits::{self as l, Cidr, Limits, Overflow, Penalties, Retention};
-use crate::config::raw::{RawLimits, RawRetention};
+use crate::config::limits::{self as l, Cidr, Cluster, Limits, Overflow, Penalties, Retention};
+use crate::config::raw::{RawCluster, RawLimits, RawRetention};
 
 impl V<'_> {
     /// A duration that may be 0 (a penalty of "0s" switches it off).
@@ -184,4 +184,46 @@ pub(super) fn retention(v: &mut V<'_>, raw: &Sp<RawRetention>) -> Retention {
         ),
         sent_mail: v.duration(&r.sent_mail, "server.retention.sent_mail", d.sent_mail),
     }
+}
+
+/// `[server.cluster]`.
+pub(super) fn cluster(v: &mut V<'_>, raw: &Sp<RawCluster>) -> Cluster {
+    let d = Cluster::default();
+    let Some(raw) = raw else { return d };
+    let r = raw.get_ref();
+    let node = match &r.node {
+        None => d.node,
+        Some(n) if l::valid_node_name(n.get_ref()) => n.get_ref().clone(),
+        Some(n) => {
+            v.err(
+                Rule::Identifier,
+                n.span(),
+                "server.cluster.node",
+                format!(
+                    "{:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+                    n.get_ref()
+                ),
+            );
+            d.node
+        }
+    };
+    let nodes = v
+        .count(
+            &r.nodes,
+            "server.cluster.nodes",
+            1..=i64::from(l::MAX_NODES),
+        )
+        .map_or(d.nodes, |n| n as u32);
+    let lease = v.duration(&r.lease, "server.cluster.lease", d.lease);
+    if lease < std::time::Duration::from_secs(2) {
+        if let Some(span) = r.lease.as_ref().map(|l| l.span()) {
+            v.err(
+                Rule::Range,
+                span,
+                "server.cluster.lease",
+                "a lease shorter than 2s would expire between heartbeats; use at least \"2s\"",
+            );
+        }
+    }
+    Cluster { node, nodes, lease }
 }

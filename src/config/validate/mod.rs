@@ -1171,6 +1171,7 @@ fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
         email,
         limits: limits::limits(v, &s.limits, max_frame),
         retention: limits::retention(v, &s.retention),
+        cluster: limits::cluster(v, &s.cluster),
     })
 }
 

@@ -48,7 +48,7 @@ async fn client_db(tx: &mut PgConnection, id: &str) -> Result<Option<ClientDb>, 
 
 /// Committed usage beside the live holds, at every level above `client`
 /// of `customer`.
-pub(super) async fn level_usage(
+pub(crate) async fn level_usage(
     tx: &mut PgConnection,
     cfg: &Config,
     client: &str,

@@ -21,7 +21,7 @@
 //! its rows. A node that starts again under its name drops what it held
 //! before, as a single node drops its reservations at start.
 
-mod admission;
+pub(crate) mod admission;
 mod caps;
 mod events;
 mod work;
@@ -36,6 +36,7 @@ use crate::config::{Config, CustomerId};
 use sha2::{Digest, Sha256};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Connection, PgConnection};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -60,11 +61,11 @@ pub const POOL_SIZE: u32 = 8;
 pub const LOCK_POOL_SIZE: u32 = 16;
 
 /// Attempts of an operation that meets 40001 or 40P01.
-const ATTEMPTS: usize = 5;
+pub(crate) const ATTEMPTS: usize = 5;
 
 /// The database's clock in milliseconds: one clock for every node, read
 /// once per statement.
-const NOW_MS: &str = "(extract(epoch from statement_timestamp()) * 1000)::bigint";
+pub(crate) const NOW_MS: &str = "(extract(epoch from statement_timestamp()) * 1000)::bigint";
 
 /// Runs `$body` (an expression yielding `Result<_, StateError>`) again
 /// when it meets 40001 or 40P01, up to [`ATTEMPTS`] times.
@@ -75,7 +76,8 @@ macro_rules! retrying {
             let r: Result<_, crate::state::StateError> = async { $body }.await;
             match r {
                 Err(crate::state::StateError::Db(e))
-                    if super::retryable(&e) && tries + 1 < super::ATTEMPTS =>
+                    if crate::state::postgres::retryable(&e)
+                        && tries + 1 < crate::state::postgres::ATTEMPTS =>
                 {
                     tries += 1
                 }
@@ -110,6 +112,48 @@ impl Cluster {
     /// Connects, brings the schema up to date, drops what this node held
     /// in an earlier run and takes its lease.
     pub async fn open(url: &str, node: &str, lease: Duration) -> Result<Cluster, StateError> {
+        let c = Cluster::connect(url, node, lease, true).await?;
+        c.take_lease().await?;
+        Ok(c)
+    }
+
+    /// Connects for an admin command: the schema brought up to date, but
+    /// no node and no lease (it reserves nothing, and must not take over
+    /// a running node's name).
+    pub async fn tool(url: &str) -> Result<Cluster, StateError> {
+        Cluster::connect(url, "", DEFAULT_LEASE, true).await
+    }
+
+    /// Connects for a command that only reads: nothing is created or
+    /// migrated. Refused when the schema is older than this binary's.
+    pub async fn reader(url: &str) -> Result<Cluster, StateError> {
+        let c = Cluster::connect(url, "", DEFAULT_LEASE, false).await?;
+        let applied: Option<i64> =
+            sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations WHERE success")
+                .fetch_one(&c.pool)
+                .await
+                .unwrap_or(None);
+        let newest = sqlx::migrate!("./migrations/postgres")
+            .iter()
+            .map(|m| m.version)
+            .max()
+            .unwrap_or(0);
+        if applied.unwrap_or(0) < newest {
+            c.close().await;
+            return Err(StateError::Inconsistent(format!(
+                "the PostgreSQL state is older than this tollgate (schema {} of {newest}) or empty: start a daemon once to bring it up to date",
+                applied.unwrap_or(0)
+            )));
+        }
+        Ok(c)
+    }
+
+    async fn connect(
+        url: &str,
+        node: &str,
+        lease: Duration,
+        migrate: bool,
+    ) -> Result<Cluster, StateError> {
         let opts = PgConnectOptions::from_str(url)?;
         // One connection first: a pool retries a refused connection until
         // its acquire timeout.
@@ -124,7 +168,9 @@ impl Cluster {
             .min_connections(0)
             .acquire_timeout(super::BUSY_TIMEOUT)
             .connect_lazy_with(opts);
-        sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        if migrate {
+            sqlx::migrate!("./migrations/postgres").run(&pool).await?;
+        }
         let mut rnd = [0u8; 8];
         getrandom::fill(&mut rnd).map_err(|e| StateError::Io {
             context: "drawing a node incarnation".into(),
@@ -137,6 +183,13 @@ impl Cluster {
             incarnation: i64::from_le_bytes(rnd),
             lease,
         };
+        Ok(c)
+    }
+
+    /// Drops what this node held in an earlier run and takes its lease.
+    async fn take_lease(&self) -> Result<(), StateError> {
+        let c = self;
+        let node = self.node.as_str();
         let mut tx = c.pool.begin().await?;
         sqlx::query("DELETE FROM held WHERE node = $1")
             .bind(node)
@@ -153,7 +206,7 @@ impl Cluster {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
-        Ok(c)
+        Ok(())
     }
 
     fn lease_ms(&self) -> i64 {
@@ -260,7 +313,9 @@ impl Cluster {
         let mut tx = self.pool.begin().await?;
         self.check_lease(&mut tx).await?;
         let row: Option<(String, String)> =
-            sqlx::query_as("SELECT id, customer FROM clients WHERE id = $1 COLLATE nocase")
+            // FOR SHARE: a move or removal of this client (which locks its
+            // row FOR UPDATE) waits for this hold, or this for it.
+            sqlx::query_as("SELECT id, customer FROM clients WHERE id = $1 COLLATE nocase FOR SHARE")
                 .bind(client)
                 .fetch_optional(&mut *tx)
                 .await?;
@@ -340,6 +395,26 @@ impl Cluster {
             == 1)
     }
 
+    /// Bytes held by every node's live reservations, per client and per
+    /// customer, keyed by lowercased name.
+    pub async fn holds(&self) -> Result<(HashMap<String, u64>, HashMap<String, u64>), StateError> {
+        let rows: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+            "SELECT h.client, h.customer, SUM(h.size)::bigint FROM held h
+               JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}
+             GROUP BY h.client, h.customer"
+        )))
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_client: HashMap<String, u64> = HashMap::new();
+        let mut by_customer: HashMap<String, u64> = HashMap::new();
+        for (client, customer, size) in rows {
+            let size = size.max(0) as u64;
+            *by_client.entry(client.to_lowercase()).or_default() += size;
+            *by_customer.entry(customer.to_lowercase()).or_default() += size;
+        }
+        Ok((by_client, by_customer))
+    }
+
     /// Bytes held now by live nodes, over every client.
     pub async fn reserved_total(&self) -> Result<u64, StateError> {
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
@@ -403,7 +478,7 @@ fn lock_keys(
 /// A 64-bit advisory lock key for one level. Names compare without regard
 /// to case, as the database compares them. A collision between two keys
 /// only makes unrelated reservations wait for each other.
-fn lock_key(level: &str, name: &str) -> i64 {
+pub(crate) fn lock_key(level: &str, name: &str) -> i64 {
     let mut h = Sha256::new();
     h.update(b"tollgate space\0");
     h.update(level.as_bytes());

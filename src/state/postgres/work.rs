@@ -135,7 +135,8 @@ impl Cluster {
         retrying!({
             let mut tx = self.pool.begin().await?;
             sqlx::query(
-                "UPDATE outbox SET sent_at = $2, last_error = NULL WHERE id = $1 AND sent_at IS NULL",
+                "UPDATE outbox SET sent_at = $2, attempts = attempts + 1, last_error = NULL
+                 WHERE id = $1 AND sent_at IS NULL",
             )
             .bind(id)
             .bind(at)
@@ -151,6 +152,17 @@ impl Cluster {
             tx.commit().await?;
             Ok(ours)
         })
+    }
+
+    /// Drops this node's claim of message `id` after a failed attempt, so
+    /// its retry is anyone's.
+    pub async fn drop_mail_claim(&self, id: i64) -> Result<(), StateError> {
+        sqlx::query("DELETE FROM outbox_claims WHERE id = $1 AND node = $2")
+            .bind(id)
+            .bind(&self.node)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
     }
 
     /// Claims `job`'s run for `period` for this node, for `lease`: a claim

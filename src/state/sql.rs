@@ -1,0 +1,462 @@
+// The statements both backends run, written once and compiled twice: as
+// `state::lite` over a SQLite connection and as `state::pg` over a
+// PostgreSQL one (`state/mod.rs`). Each including module defines `Conn`,
+// the connection type, and `CLUSTER`, whether the reservations are rows
+// (PostgreSQL) rather than the process's ledger (SQLite).
+//
+// The dialect is what both accept: `$N` parameters (sqlx numbers them on
+// SQLite too), `ON CONFLICT … DO NOTHING` instead of `INSERT OR IGNORE`,
+// `declared <> 0` rather than a boolean column, integers bound as i64,
+// and `CAST(… AS BIGINT)` around a sum (PostgreSQL sums BIGINT to
+// NUMERIC).
+
+use crate::config::{Config, CustomerId, Kind};
+use crate::policy::admission::{self, McalState};
+use crate::policy::space::Month;
+use crate::policy::admission::ClientRecord;
+use crate::policy::space::{self, Usage};
+use crate::state::ops::{CLIENT_COLUMNS, ClientDb, MoveRefused, StartRow};
+use crate::state::{StateError, customer_key, secs};
+use jiff::Timestamp;
+use sqlx::Row;
+
+/// On PostgreSQL, takes the admission locks (`postgres::admission`) in
+/// their fixed order: the client id, then `customer` (client slots, its
+/// MCAL limit), then with `mcal` the global MCAL pool and the customer's
+/// reseller's MCAL limit. On SQLite the writer runs one operation at a
+/// time, so there is nothing to take.
+pub(crate) async fn lock_admission(
+    tx: &mut Conn,
+    client: &str,
+    customer: Option<(&Config, CustomerId)>,
+    mcal: bool,
+) -> Result<(), StateError> {
+    if !CLUSTER {
+        return Ok(());
+    }
+    let mut keys = vec![crate::state::postgres::lock_key("admit client", client)];
+    if let Some((cfg, c)) = customer {
+        let cust = cfg.customer(c);
+        keys.push(crate::state::postgres::lock_key("admit customer", &cust.name));
+        if mcal && cfg.server.mcal.is_some() {
+            keys.push(crate::state::postgres::lock_key("mcal server", ""));
+            if let Some(r) = cust.reseller
+                && matches!(cfg.reseller(r).mcal_limit, crate::config::McalLimit::Fixed(_))
+            {
+                keys.push(crate::state::postgres::lock_key("mcal reseller", &cfg.reseller(r).name));
+            }
+        }
+    }
+    for k in keys {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(k)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The client whose id equals `id` without regard to case (ids are
+/// unique that way; PROTOCOL.md Additions, issue 11).
+pub(crate) async fn client_db(tx: &mut Conn, id: &str) -> Result<Option<ClientDb>, StateError> {
+    Ok(sqlx::query_as::<_, ClientDb>(sqlx::AssertSqlSafe(format!(
+        "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1 COLLATE NOCASE"
+    )))
+    .bind(id)
+    .fetch_optional(&mut *tx)
+    .await?)
+}
+
+/// Makes the usage row of customer `name` if it has none.
+pub(crate) async fn customer_usage_row(tx: &mut Conn, name: &str) -> Result<(), StateError> {
+    sqlx::query("INSERT INTO customer_usage (customer, used) VALUES ($1, 0) ON CONFLICT DO NOTHING")
+        .bind(name)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Adds `delta` bytes to a client's usage and its customer's.
+pub(crate) async fn add_usage(tx: &mut Conn, client: &str, delta: i64) -> Result<(), StateError> {
+    if delta == 0 {
+        return Ok(());
+    }
+    sqlx::query("UPDATE clients SET used = used + $1 WHERE id = $2")
+        .bind(delta)
+        .bind(client)
+        .execute(&mut *tx)
+        .await?;
+    sqlx::query("UPDATE customer_usage SET used = used + $1 WHERE customer = (SELECT customer FROM clients WHERE id = $2)")
+        .bind(delta)
+        .bind(client)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Ends reservation `id` inside the caller's transaction when it is a row
+/// (PostgreSQL): with the usage it becomes, so no reader counts it twice
+/// or not at all. SQLite's ledger is released by the caller after commit.
+pub(crate) async fn end_hold(tx: &mut Conn, id: Option<i64>) -> Result<(), StateError> {
+    if CLUSTER && let Some(id) = id {
+        sqlx::query("DELETE FROM held WHERE id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Ends every reservation of `client` when they are rows (PostgreSQL);
+/// SQLite's ledger is released by the caller after commit.
+pub(crate) async fn drop_holds(tx: &mut Conn, client: &str) -> Result<(), StateError> {
+    if CLUSTER {
+        sqlx::query("DELETE FROM held WHERE client = $1")
+            .bind(client)
+            .execute(&mut *tx)
+            .await?;
+    }
+    Ok(())
+}
+
+/// The index half of a commit; `actual` overrides the recorded size and
+/// digest when reconcile found a different file in place. Returns the
+/// usage change and the reservation.
+pub(crate) async fn apply_pending(
+    tx: &mut Conn,
+    pending: i64,
+    actual: Option<(i64, String)>,
+) -> Result<(i64, Option<i64>), StateError> {
+    #[derive(sqlx::FromRow)]
+    struct Pending {
+        client: String,
+        path: String,
+        size: i64,
+        sha256: String,
+        modified: i64,
+        reservation: Option<i64>,
+        mode: Option<i64>,
+        mtime: Option<String>,
+    }
+    let p: Pending = sqlx::query_as(
+        "SELECT client, path, size, sha256, modified, reservation, mode, mtime FROM pending_commits WHERE id = $1",
+    )
+    .bind(pending)
+    .fetch_optional(&mut *tx)
+    .await?
+    .ok_or_else(|| StateError::Inconsistent(format!("no pending commit {pending}")))?;
+    let Pending {
+        client,
+        path,
+        size,
+        sha256: sha,
+        modified,
+        reservation,
+        mode,
+        mtime,
+    } = p;
+    let (size, sha) = actual.unwrap_or((size, sha));
+    let old: Option<i64> =
+        sqlx::query_scalar("SELECT size FROM files WHERE client = $1 AND path = $2")
+            .bind(&client)
+            .bind(&path)
+            .fetch_optional(&mut *tx)
+            .await?;
+    sqlx::query(
+        "INSERT INTO files (client, path, size, sha256, modified, mode, mtime) VALUES ($1, $2, $3, $4, $5, $6, $7)
+         ON CONFLICT (client, path) DO UPDATE SET size = excluded.size, sha256 = excluded.sha256,
+           modified = excluded.modified, mode = excluded.mode, mtime = excluded.mtime",
+    )
+    .bind(&client)
+    .bind(&path)
+    .bind(size)
+    .bind(&sha)
+    .bind(modified)
+    .bind(mode)
+    .bind(mtime)
+    .execute(&mut *tx)
+    .await?;
+    let delta = size - old.unwrap_or(0);
+    add_usage(tx, &client, delta).await?;
+    sqlx::query("DELETE FROM pending_commits WHERE id = $1")
+        .bind(pending)
+        .execute(&mut *tx)
+        .await?;
+    end_hold(tx, reservation).await?;
+    Ok((delta, reservation))
+}
+
+/// Records a move, removal or readmit for the running daemons, which log
+/// it and tell the client's live sessions. `kind` is one of
+/// `ClientEvent::parse`'s.
+pub(crate) async fn record_event(
+    tx: &mut Conn,
+    at: Timestamp,
+    client: &str,
+    kind: &str,
+    customer: Option<&str>,
+) -> Result<(), StateError> {
+    if CLUSTER {
+        // Events are read by sequence number on every node: one writer at
+        // a time, so no reader passes a number still uncommitted.
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(crate::state::postgres::lock_key("events", ""))
+            .execute(&mut *tx)
+            .await?;
+    }
+    sqlx::query("INSERT INTO client_events (at, client, kind, customer) VALUES ($1, $2, $3, $4)")
+        .bind(secs(at))
+        .bind(client)
+        .bind(kind)
+        .bind(customer)
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Inserts session start rows, many per statement (each statement is a
+/// round trip); a row already there is left alone.
+pub(crate) async fn insert_starts(tx: &mut Conn, rows: &[StartRow]) -> Result<(), StateError> {
+    for chunk in rows.chunks(crate::state::ops::STARTS_PER_STATEMENT) {
+        let values: Vec<String> = (0..chunk.len())
+            .map(|i| {
+                let n = i * 7;
+                format!(
+                    "(${}, ${}, ${}, ${}, ${}, ${}, ${})",
+                    n + 1,
+                    n + 2,
+                    n + 3,
+                    n + 4,
+                    n + 5,
+                    n + 6,
+                    n + 7
+                )
+            })
+            .collect();
+        let sql = format!(
+            "INSERT INTO sessions (id, client, customer, schedule, intent, peer, started_at) VALUES {} ON CONFLICT DO NOTHING",
+            values.join(", ")
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for r in chunk {
+            q = q
+                .bind(&r.id)
+                .bind(&r.client)
+                .bind(&r.customer)
+                .bind(&r.schedule)
+                .bind(&r.intent)
+                .bind(&r.peer)
+                .bind(r.at);
+        }
+        q.execute(&mut *tx).await?;
+    }
+    Ok(())
+}
+
+/// Debits that bear on one more debit for `client` under `customer`.
+pub(crate) async fn mcal_state(
+    tx: &mut Conn,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+    month: Month,
+) -> Result<McalState, StateError> {
+    let reseller = cfg
+        .customer(customer)
+        .reseller
+        .map(|r| cfg.reseller(r).name.as_str());
+    let row = sqlx::query(
+        "SELECT
+           EXISTS(SELECT 1 FROM mcal_debits WHERE client = $1 AND month = $2),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'customer' AND name = $3), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'reseller' AND name = $4), 0),
+           COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0)",
+    )
+    .bind(client)
+    .bind(month.to_string())
+    .bind(customer_key(cfg, customer))
+    .bind(reseller)
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(McalState {
+        client_debited_this_month: row.try_get::<bool, _>(0)?,
+        customer_total: row.try_get::<i64, _>(1)?.max(0) as u64,
+        reseller_total: row.try_get::<i64, _>(2)?.max(0) as u64,
+        global_total: row.try_get::<i64, _>(3)?.max(0) as u64,
+    })
+}
+
+/// Clients holding a slot of `customer` (registered ones and declared
+/// ones), counted up to its `max_clients`: the only use of the count is
+/// that comparison, and a customer without a limit is not counted at all
+/// (an admission must not scan every client, issue 13).
+pub(crate) async fn slot_count(
+    tx: &mut Conn,
+    cfg: &Config,
+    customer: CustomerId,
+) -> Result<u32, StateError> {
+    let Some(max) = cfg.customer(customer).max_clients else {
+        return Ok(0);
+    };
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = $1 AND (secret_sha256 IS NOT NULL OR declared <> 0) LIMIT $2) s",
+    )
+    .bind(customer_key(cfg, customer))
+    .bind(i64::from(max))
+    .fetch_one(&mut *tx)
+    .await?;
+    Ok(n as u32)
+}
+
+/// Debits `cost` MCALs of `month` for `client` of `customer`.
+pub(crate) async fn insert_debit(
+    tx: &mut Conn,
+    cfg: &Config,
+    client: &str,
+    customer: CustomerId,
+    month: Month,
+    cost: u32,
+    at: Timestamp,
+) -> Result<(), StateError> {
+    let reseller = cfg
+        .customer(customer)
+        .reseller
+        .map(|r| cfg.reseller(r).name.clone());
+    sqlx::query("INSERT INTO mcal_debits (client, month, cost, customer, reseller, debited_at) VALUES ($1, $2, $3, $4, $5, $6)")
+        .bind(client)
+        .bind(month.to_string())
+        .bind(i64::from(cost))
+        .bind(customer_key(cfg, customer))
+        .bind(reseller)
+        .bind(secs(at))
+        .execute(&mut *tx)
+        .await?;
+    Ok(())
+}
+
+/// Registers `id` under `customer` with `secret`, or gives an existing
+/// record (a declared client's, a purged one's) its registration.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn upsert_registration(
+    tx: &mut Conn,
+    cfg: &Config,
+    id: &str,
+    customer: CustomerId,
+    kind: Kind,
+    secret: &str,
+    declared: bool,
+    hostname: Option<&str>,
+    at: Timestamp,
+) -> Result<(), StateError> {
+    let name = customer_key(cfg, customer);
+    sqlx::query(
+        "INSERT INTO clients (id, customer, kind, secret_sha256, declared, hostname, registered_at, last_seen)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
+         ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, kind = excluded.kind,
+           secret_sha256 = excluded.secret_sha256, declared = excluded.declared,
+           hostname = COALESCE(excluded.hostname, clients.hostname),
+           registered_at = excluded.registered_at, last_seen = excluded.last_seen,
+           removed_at = NULL, readmit_sha256 = NULL, readmit_expires = NULL",
+    )
+    .bind(id)
+    .bind(name)
+    .bind(kind.as_str())
+    .bind(admission::secret_digest(secret).to_vec())
+    .bind(i64::from(declared))
+    .bind(hostname)
+    .bind(secs(at))
+    .execute(&mut *tx)
+    .await?;
+    customer_usage_row(tx, name).await
+}
+
+/// Queues message `m`, due at `due`; returns its outbox id.
+pub(crate) async fn insert_outbox(
+    tx: &mut Conn,
+    m: &crate::state::Outgoing,
+    at: Timestamp,
+    due: Timestamp,
+) -> Result<i64, StateError> {
+    Ok(sqlx::query_scalar(
+        "INSERT INTO outbox (created_at, kind, subject, mail_from, recipients, message, next_attempt_at)
+         VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
+    )
+    .bind(secs(at))
+    .bind(m.kind)
+    .bind(&m.subject)
+    .bind(&m.from)
+    .bind(serde_json::to_string(&m.to).unwrap_or_else(|_| "[]".into()))
+    .bind(&m.message)
+    .bind(secs(due))
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
+/// Moves `row`'s client to `target` inside the caller's transaction
+/// (CONFIG.md "Moving a client"): refused with the reason when uploads are
+/// in flight or the target lacks space, a client slot or MCAL room for the
+/// next monthly debit; otherwise `move_data` moves the files (while the
+/// write lock is held), then the usage follows and an event tells the
+/// daemon's live sessions. Debits already made stay where they were made.
+#[allow(clippy::too_many_arguments)] // one transaction's inputs; a struct would only rename them
+pub(crate) async fn move_in(
+    tx: &mut Conn,
+    ledger: &crate::state::ledger::Ledger,
+    cfg: &Config,
+    row: &ClientDb,
+    rec: &ClientRecord,
+    target: CustomerId,
+    at: Timestamp,
+    kind: &str,
+    move_data: impl FnOnce(&str, CustomerId, CustomerId) -> std::io::Result<()>,
+) -> Result<Result<(), MoveRefused>, StateError> {
+    let id = row.id.as_str();
+    let tname = cfg.customer(target).name.clone();
+    // No upload reserves under the old customer meanwhile: on SQLite the
+    // caller holds the ledger's reserving lock until it commits, on
+    // PostgreSQL the client's row is locked.
+    lock_client_row(tx, id).await?;
+    if in_flight(tx, ledger, id).await? > 0 {
+        return Ok(Err(MoveRefused::Busy(id.into())));
+    }
+    let needed = row.used.max(0) as u64;
+    let mut usage = level_usage(tx, ledger, cfg, "", target).await?;
+    // The server level is unchanged by a move; so is a shared reseller.
+    usage.server = Usage::default();
+    if cfg.customer(target).reseller == cfg.customer(rec.customer).reseller {
+        usage.reseller = Usage::default();
+    }
+    let levels = space::levels(cfg, target, None, &usage);
+    if !space::fits(&levels, needed) {
+        let left = space::space_left(&levels).unwrap_or(0);
+        return Ok(Err(MoveRefused::Space {
+            customer: tname,
+            needed,
+            left,
+        }));
+    }
+    if admission::client_limit_reached(cfg.customer(target), slot_count(tx, cfg, target).await?) {
+        return Ok(Err(MoveRefused::Slots(tname)));
+    }
+    let mut m = mcal_state(tx, cfg, id, target, Month::of(at, &cfg.server.timezone)).await?;
+    m.client_debited_this_month = false;
+    if let Some(why) = admission::mcal_shortfall(cfg, target, rec.kind, &m) {
+        return Ok(Err(MoveRefused::Mcal(format!(
+            "customer {tname:?} has no MCAL room for the client's next monthly debit: {why}"
+        ))));
+    }
+    if let Err(e) = move_data(id, rec.customer, target) {
+        return Ok(Err(MoveRefused::Data(e.to_string())));
+    }
+    add_usage(tx, id, -(needed as i64)).await?;
+    sqlx::query("UPDATE clients SET customer = $1 WHERE id = $2")
+        .bind(&tname)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+    customer_usage_row(tx, &tname).await?;
+    add_usage(tx, id, needed as i64).await?;
+    record_event(tx, at, id, kind, Some(&tname)).await?;
+    Ok(Ok(()))
+}
+
