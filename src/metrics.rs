@@ -66,6 +66,9 @@ pub const UPLOADS_IN_FLIGHT: &str = "tollgate_uploads_in_flight";
 pub const OPEN_TEMP_FILES: &str = "tollgate_open_temp_files";
 /// Bytes reserved by uploads in flight now.
 pub const SPACE_RESERVED: &str = "tollgate_reserved_bytes";
+/// Heartbeats of this node that did not reach the state database
+/// (PostgreSQL).
+pub const CLUSTER_HEARTBEAT_FAILED: &str = "tollgate_cluster_heartbeat_failed_total";
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
@@ -113,6 +116,10 @@ fn describe() {
         "Upload temporary files open now (past the open-file budget they are closed between writes)"
     );
     describe_gauge!(SPACE_RESERVED, "Bytes reserved by uploads in flight now");
+    describe_counter!(
+        CLUSTER_HEARTBEAT_FAILED,
+        "Heartbeats of this node that did not reach the PostgreSQL state"
+    );
 }
 
 /// Makes the series exist from the start, so a fresh daemon's scrape

@@ -596,7 +596,14 @@ fn change_clients(cfg: &Config, change: &Change) -> anyhow::Result<Outcome> {
     let at = crate::clock::now();
     runtime()?.block_on(async {
         let st = open(cfg).await?;
-        let outcome = match st.lock_daemon().context("locking the state")? {
+        // On PostgreSQL every node applies changes under the database's
+        // locks, so a command applies its own; on SQLite the daemon does
+        // while it runs (its reservations are in its memory).
+        let lock = match st.cluster() {
+            Some(_) => Some(None),
+            None => st.lock_daemon().context("locking the state")?.map(Some),
+        };
+        let outcome = match lock {
             Some(_lock) => crate::server::apply_change(&st, cfg, change, at)
                 .await
                 .context("changing the client")?,

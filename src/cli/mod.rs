@@ -56,6 +56,11 @@ pub enum Command {
         /// Log line format.
         #[arg(long, value_enum, default_value_t = serve::LogFormat::Text)]
         log_format: serve::LogFormat,
+        /// This node's name in a cluster on PostgreSQL, over
+        /// `server.cluster.node` (several nodes can then share one config
+        /// file).
+        #[arg(long, value_name = "NAME")]
+        node: Option<String>,
     },
     /// The reference backup client.
     Client {
@@ -169,7 +174,16 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::CheckConfig { json } => check_config(&cli.config, json),
         Command::HashSecret => hash_secret(),
-        Command::Serve { log_format } => serve::serve(&cli.config, log_format),
+        Command::Serve { log_format, node } => {
+            if let Some(n) = node
+                && !crate::config::limits::set_node_override(&n)
+            {
+                anyhow::bail!(
+                    "--node {n:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+                );
+            }
+            serve::serve(&cli.config, log_format)
+        }
         Command::Client { action } => client::run(action),
         Command::Status { json } => admin::status(&load_for_reading(&cli.config)?, json),
         Command::Report {

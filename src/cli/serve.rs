@@ -130,7 +130,8 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         .await
         .context("opening the state database")?;
     // One daemon per state: reservations live in its memory, and admin
-    // commands hand it their client changes while it holds this lock.
+    // commands hand it their client changes while it holds this lock. On
+    // PostgreSQL, one daemon per node name on this machine.
     let _lock = {
         let mut tries = 0;
         loop {
@@ -142,6 +143,11 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
+                None if state.cluster().is_some() => anyhow::bail!(
+                    "another tollgate daemon runs on this machine as node {:?} (its lock file is {}.lock); give each node its own name (serve --node, or server.cluster.node)",
+                    cfg.server.cluster.node,
+                    state.path().display()
+                ),
                 None => anyhow::bail!(
                     "another tollgate daemon is serving the state database {}, or an admin command has held its lock file {}.lock for 10 s",
                     state.path().display(),

@@ -257,6 +257,21 @@ impl Default for Cluster {
     }
 }
 
+/// `tollgate serve --node NAME`: this process's node name, over
+/// `server.cluster.node`, at start and at every reload.
+static NODE_OVERRIDE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// Sets this process's node name (`serve --node`); false when it is not
+/// a valid name or was set before.
+pub fn set_node_override(name: &str) -> bool {
+    valid_node_name(name) && NODE_OVERRIDE.set(name.to_string()).is_ok()
+}
+
+/// The node name `serve --node` gave, if any.
+pub fn node_override() -> Option<&'static str> {
+    NODE_OVERRIDE.get().map(String::as_str)
+}
+
 /// The host name, or "tollgate" when it cannot be read.
 pub fn default_node_name() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")

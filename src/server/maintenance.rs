@@ -15,6 +15,9 @@ pub const TICK: Duration = Duration::from_secs(1);
 pub const STARTS_TICK: Duration = Duration::from_millis(100);
 /// How often history is pruned.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(86_400);
+/// How long one node's claim of a day's pruning runs (PostgreSQL): longer
+/// than any pruning pass, shorter than a day.
+pub const PRUNE_CLAIM: Duration = Duration::from_secs(3 * 3600);
 /// The first pruning pass runs this long after start, off the start-up path.
 pub const FIRST_PRUNE: Duration = Duration::from_secs(60);
 
@@ -56,7 +59,27 @@ async fn prune_daily(ctx: Arc<Context>) {
     tokio::time::sleep(FIRST_PRUNE).await;
     loop {
         let retention = ctx.cfg.load().server.retention;
-        match ctx.state.prune(&retention, crate::clock::now()).await {
+        let now = crate::clock::now();
+        // On several nodes, one prunes each day (`Cluster::claim_run`).
+        let claim = match ctx.state.cluster() {
+            None => None,
+            Some(c) => {
+                let day = now.strftime("%Y-%m-%d").to_string();
+                match c.claim_run("prune", &day, PRUNE_CLAIM).await {
+                    Ok(Some(claim)) => Some((c.clone(), claim)),
+                    Ok(None) => {
+                        tokio::time::sleep(PRUNE_EVERY).await;
+                        continue;
+                    }
+                    Err(e) => {
+                        warn!(error = %e, "claiming today's pruning failed; trying again tomorrow");
+                        tokio::time::sleep(PRUNE_EVERY).await;
+                        continue;
+                    }
+                }
+            }
+        };
+        match ctx.state.prune(&retention, now).await {
             Ok(p) => {
                 metrics::counter!(crate::metrics::PRUNED_ROWS).increment(p.total());
                 if p.total() > 0 {
@@ -71,6 +94,11 @@ async fn prune_daily(ctx: Arc<Context>) {
                 }
             }
             Err(e) => warn!(error = %e, "pruning old history failed; trying again tomorrow"),
+        }
+        if let Some((c, claim)) = claim
+            && let Err(e) = c.finish_run_now(&claim).await
+        {
+            warn!(error = %e, "recording today's pruning as done failed");
         }
         tokio::time::sleep(PRUNE_EVERY).await;
     }

@@ -13,6 +13,7 @@
 //! [`Phase`]: `Draining` stops the accept loops and lets uploads in flight
 //! finish; `Forced` (after `shutdown_grace`) ends every session.
 
+mod cluster;
 mod maintenance;
 pub mod reload;
 mod requests;
@@ -346,6 +347,7 @@ impl Listeners {
 pub async fn run(ctx: Arc<Context>) {
     let watcher = tokio::spawn(watch_client_events(ctx.clone()));
     let upkeep = tokio::spawn(maintenance::run(ctx.clone()));
+    let heartbeat = tokio::spawn(cluster::run(ctx.clone()));
     let mut phase = ctx.phase.clone();
     let _ = phase.wait_for(|p| *p != Phase::Running).await;
     ctx.listeners.accepting.close();
@@ -354,6 +356,7 @@ pub async fn run(ctx: Arc<Context>) {
     ctx.listeners.sessions.wait().await;
     watcher.abort();
     upkeep.abort();
+    heartbeat.abort();
     if let Err(e) = ctx.state.flush_session_starts().await {
         warn!(error = %e, "recording the last session starts failed");
     }

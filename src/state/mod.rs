@@ -286,6 +286,8 @@ impl State {
         match &cfg.server.state {
             StateUrl::Sqlite(path) => State::open_sqlite(path).await,
             StateUrl::Postgres(url) => {
+                // The daemon's files (its TLS pair, its node's lock file).
+                make_private_dir(&cfg.server.state_dir)?;
                 let node = &cfg.server.cluster.node;
                 let c = postgres::Cluster::open(url, node, cfg.server.cluster.lease).await?;
                 Ok(State::on_postgres(cfg, c))
@@ -473,19 +475,24 @@ impl State {
     }
 }
 
+/// Makes `dir` (0700) and its parents unless they exist.
+fn make_private_dir(dir: &Path) -> Result<(), StateError> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| StateError::Io {
+            context: format!("creating {}", dir.display()),
+            source: e,
+        })
+}
+
 /// Creates the SQLite file at `path` (0600, in a 0700 directory made if
 /// missing) unless it exists; the options every writer opens it with.
 pub(crate) fn create_sqlite_file(path: &Path) -> Result<SqliteConnectOptions, StateError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .map_err(|e| StateError::Io {
-                context: format!("creating {}", dir.display()),
-                source: e,
-            })?;
+        make_private_dir(dir)?;
     }
     // Created 0600 here rather than by SQLite (which follows the
     // umask); its -wal and -shm files copy the database's mode.

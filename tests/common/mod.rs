@@ -23,6 +23,8 @@ pub struct Daemon {
     pub config: PathBuf,
     /// `/metrics` and `/healthz`, when `metrics_listen` is set.
     pub metrics: Option<String>,
+    /// Its log file's name in `dir`.
+    pub log_name: String,
 }
 
 /// The instant every test daemon and admin command starts its clock at
@@ -67,11 +69,21 @@ impl Daemon {
 
     /// Like [`Daemon::start`], with extra environment and `serve` arguments.
     pub fn start_with(dir: &Path, env: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Daemon::start_logging(dir, env, args, "daemon.log")
+    }
+
+    /// One node of a cluster (`serve --node NODE`) on the config in `dir`,
+    /// which its other nodes share; its log is `daemon-NODE.log`.
+    pub fn start_node(dir: &Path, node: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_logging(dir, env, &["--node", node], &format!("daemon-{node}.log"))
+    }
+
+    fn start_logging(dir: &Path, env: &[(&str, &str)], args: &[&str], log_name: &str) -> Daemon {
         let config = dir.join("tollgate.toml");
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(dir.join("daemon.log"))
+            .open(dir.join(log_name))
             .unwrap();
         let mut child = Command::new(env!("CARGO_BIN_EXE_tollgate"))
             .args(["serve", "--config"])
@@ -89,7 +101,7 @@ impl Daemon {
         let mut metrics = None;
         while addr.is_none() {
             let Some(Ok(line)) = lines.next() else {
-                let log = std::fs::read_to_string(dir.join("daemon.log")).unwrap_or_default();
+                let log = std::fs::read_to_string(dir.join(log_name)).unwrap_or_default();
                 panic!("the daemon exited before listening:\n{log}");
             };
             if let Some(p) = line.strip_prefix("tollgate: certificate ") {
@@ -111,6 +123,7 @@ impl Daemon {
             dir: dir.to_path_buf(),
             config,
             metrics,
+            log_name: log_name.to_string(),
         }
     }
 
@@ -163,7 +176,7 @@ impl Daemon {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+        std::fs::read_to_string(self.dir.join(&self.log_name)).unwrap_or_default()
     }
 
     /// Resident memory of the daemon, in KiB.
@@ -246,7 +259,7 @@ impl Daemon {
 impl Drop for Daemon {
     fn drop(&mut self) {
         self.kill9();
-        archive_log(&self.dir);
+        archive_log(&self.dir, &self.log_name);
     }
 }
 
@@ -257,7 +270,7 @@ pub fn log_archive() -> PathBuf {
     Path::new(env!("CARGO_TARGET_TMPDIR")).join("daemon-logs")
 }
 
-fn archive_log(dir: &Path) {
+fn archive_log(dir: &Path, log_name: &str) {
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let out = log_archive();
     let _ = std::fs::create_dir_all(&out);
@@ -270,7 +283,7 @@ fn archive_log(dir: &Path) {
             .unwrap_or("test")
             .replace("::", "-")
     );
-    let _ = std::fs::copy(dir.join("daemon.log"), out.join(format!("{name}.log")));
+    let _ = std::fs::copy(dir.join(log_name), out.join(format!("{name}.log")));
     // Secrets issued to clients, and every secret-looking value in the
     // config (argon2 hashes, passwords in URLs).
     let mut secrets = Vec::new();
@@ -287,6 +300,12 @@ fn archive_log(dir: &Path) {
         for w in cfg.split(['"', '\'', ' ', '\n']) {
             if w.starts_with("$argon2") {
                 secrets.push(w.to_string());
+            }
+            // A database password in a state URL.
+            if let Ok(u) = url::Url::parse(w)
+                && let Some(p) = u.password()
+            {
+                secrets.push(p.to_string());
             }
         }
     }

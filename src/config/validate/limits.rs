@@ -188,7 +188,10 @@ pub(super) fn retention(v: &mut V<'_>, raw: &Sp<RawRetention>) -> Retention {
 
 /// `[server.cluster]`.
 pub(super) fn cluster(v: &mut V<'_>, raw: &Sp<RawCluster>) -> Cluster {
-    let d = Cluster::default();
+    let mut d = Cluster::default();
+    if let Some(n) = l::node_override() {
+        d.node = n.to_string();
+    }
     let Some(raw) = raw else { return d };
     let r = raw.get_ref();
     let node = match &r.node {
@@ -214,6 +217,7 @@ pub(super) fn cluster(v: &mut V<'_>, raw: &Sp<RawCluster>) -> Cluster {
             1..=i64::from(l::MAX_NODES),
         )
         .map_or(d.nodes, |n| n as u32);
+    let node = l::node_override().map_or(node, str::to_string);
     let lease = v.duration(&r.lease, "server.cluster.lease", d.lease);
     if lease < std::time::Duration::from_secs(2) {
         if let Some(span) = r.lease.as_ref().map(|l| l.span()) {

@@ -213,6 +213,11 @@ impl Cluster {
         i64::try_from(self.lease.as_millis()).unwrap_or(i64::MAX / 4)
     }
 
+    /// How long this node's lease runs after each heartbeat.
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
     /// This node's name.
     pub fn node(&self) -> &str {
         &self.node

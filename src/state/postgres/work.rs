@@ -222,6 +222,15 @@ impl Cluster {
             == 1)
     }
 
+    /// Records a claimed run as done, for a run whose writes are already
+    /// committed (each pruning batch commits by itself).
+    pub async fn finish_run_now(&self, claim: &RunClaim) -> Result<bool, StateError> {
+        let mut tx = self.pool.begin().await?;
+        let done = Cluster::finish_run(&mut tx, claim).await?;
+        tx.commit().await?;
+        Ok(done)
+    }
+
     /// Records a claimed run as done, in the caller's transaction that
     /// makes the run's last writes, so they commit only while the claim
     /// is still this run's; false (and the caller rolls back) when it was

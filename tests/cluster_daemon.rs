@@ -1,0 +1,419 @@
+//! Three real daemons on one PostgreSQL database, one config file and one
+//! storage directory (issue 14, docs/scale-out.md): admission, space and
+//! live changes stay exact across nodes, and a node killed mid-upload
+//! gives its reservations back.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use std::path::Path;
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tollgate::client::{ClientError, Session, Upload};
+use tollgate::wire::{Frame, Kind};
+
+const MIB: u64 = 1 << 20;
+
+/// Three nodes, `a`, `b` and `c`, serving the config `body` (after
+/// `[server]`'s keys) from one file in one directory.
+struct Nodes {
+    dir: TempDir,
+    pg: PgDb,
+    nodes: Vec<Daemon>,
+}
+
+impl Nodes {
+    /// `None` where there is no PostgreSQL (said loudly; CI requires it).
+    async fn start(test: &str, server_extra: &str, body: &str) -> Option<Nodes> {
+        let pg = PgDb::create(test).await?;
+        let dir = TempDir::new().unwrap();
+        std::fs::write(
+            dir.path().join("tollgate.toml"),
+            config(dir.path(), &pg, server_extra, body),
+        )
+        .unwrap();
+        let nodes = ["a", "b", "c"]
+            .iter()
+            .map(|n| Daemon::start_node(dir.path(), n, &[]))
+            .collect();
+        Some(Nodes { dir, pg, nodes })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Client options for `id` on node `i`.
+    fn opts(&self, i: usize, id: &str, customer: &str) -> tollgate::client::Options {
+        let mut o = self.nodes[i % 3].opts(id);
+        o.customer = Some(customer.into());
+        o
+    }
+
+    async fn scalar(&self, sql: &str) -> i64 {
+        let pool = sqlx::PgPool::connect(&self.pg.url).await.unwrap();
+        let n: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT CAST(({sql}) AS BIGINT)"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+        n.unwrap_or(0)
+    }
+
+    fn logs(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|d| d.log())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+}
+
+/// The shared config; `{DIR}` in `body` is the test's directory (backup
+/// locations are absolute).
+fn config(dir: &Path, pg: &PgDb, server_extra: &str, body: &str) -> String {
+    format!(
+        "[server]\nlisten = [\"127.0.0.1:0\"]\nstate = \"{}\"\nstate_dir = \"{}/daemon\"\ntimezone = \"UTC\"\n{server_extra}\n[server.cluster]\nnodes = 3\nlease = \"2s\"\n{}",
+        pg.url,
+        dir.display(),
+        body.replace("{DIR}", &dir.display().to_string())
+            .replace("[[customer]]\n", "[[customer]]\nreseller = \"r\"\n")
+            + "\n[[reseller]]\nname = \"r\"\n"
+    )
+}
+
+fn code(e: &ClientError) -> &str {
+    e.code().unwrap_or("(none)")
+}
+
+async fn next_frame(
+    c: &mut (impl StreamExt<Item = Result<Frame, tollgate::wire::CodecError>> + Unpin),
+    limit: Duration,
+) -> Frame {
+    tokio::time::timeout(limit, c.next())
+        .await
+        .expect("a frame in time")
+        .expect("the connection stays open")
+        .expect("a valid frame")
+}
+
+/// 100 first backups spread over the three nodes race for 10 MCALs, then
+/// 100 more for 10 client slots: exactly 10 are admitted each time.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_hundred_first_backups_on_three_nodes_get_exactly_ten_mcals_and_ten_slots() {
+    let d = |n: &str| {
+        format!(
+            "backup_location = \"{{DIR}}/{n}\"\nemail = \"it@x.example\"\nauto_add_clients = true\n"
+        )
+    };
+    let Some(c) = Nodes::start(
+        "a_hundred_first_backups_on_three_nodes",
+        "",
+        &format!(
+            "[server.mcal]\npool = 1000\n[[customer]]\nname = \"Lic\"\n{}mcal_limit = 10\n[[customer]]\nname = \"Slots\"\n{}max_clients = 10\n",
+            d("lic"),
+            d("slots")
+        ),
+    )
+    .await
+    else {
+        return;
+    };
+    for (customer, refusal) in [("Lic", "mcal_exhausted"), ("Slots", "client_limit")] {
+        let mut tasks = Vec::new();
+        for i in 0..100 {
+            let o = c.opts(i, &format!("{customer}{i:03}"), customer);
+            tasks.push(tokio::spawn(async move { Session::connect(&o).await }));
+        }
+        let (mut admitted, mut refused) = (0, 0);
+        let mut sessions = Vec::new();
+        for t in tasks {
+            match t.await.unwrap() {
+                Ok(s) => {
+                    admitted += 1;
+                    sessions.push(s);
+                }
+                Err(e) => {
+                    assert_eq!(code(&e), refusal, "{e}");
+                    refused += 1;
+                }
+            }
+        }
+        assert_eq!((admitted, refused), (10, 90), "{customer}\n{}", c.logs());
+        for s in sessions {
+            s.bye().await.unwrap();
+        }
+    }
+    assert_eq!(
+        c.scalar("SELECT SUM(cost) FROM mcal_debits WHERE customer = 'Lic'")
+            .await,
+        10
+    );
+    assert_eq!(
+        c.scalar("SELECT COUNT(*) FROM clients WHERE customer = 'Lic'")
+            .await,
+        10
+    );
+    assert_eq!(
+        c.scalar("SELECT COUNT(*) FROM clients WHERE customer = 'Slots'")
+            .await,
+        10
+    );
+}
+
+/// 50 uploads on three nodes race for the last MiB: never over by a byte.
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_uploads_on_three_nodes_never_overrun_the_last_mib() {
+    let Some(c) = Nodes::start(
+        "fifty_uploads_on_three_nodes",
+        "",
+        "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\nspace = \"11 MiB\"\n",
+    )
+    .await
+    else {
+        return;
+    };
+    // 10 MiB committed first, so 1 MiB is left.
+    let fill = c.path().join("fill");
+    make_file(&fill, 10 * MIB as usize, 1);
+    let mut s = Session::connect(&c.opts(0, "FILL", "C")).await.unwrap();
+    let r = s
+        .upload(
+            &[Upload {
+                local: fill,
+                remote: "fill".into(),
+                ..Default::default()
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    s.bye().await.unwrap();
+
+    // 50 racers of 89 KiB each: 11 fit in 1 MiB (979 KiB), 12 do not.
+    let src = c.path().join("racer");
+    make_file(&src, 89 * 1024, 2);
+    let mut tasks = Vec::new();
+    for i in 0..50 {
+        let o = c.opts(i, &format!("R{i:02}"), "C");
+        let src = src.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut s = Session::connect(&o).await.unwrap();
+            let r = s
+                .upload(
+                    &[Upload {
+                        local: src,
+                        remote: "racer".into(),
+                        ..Default::default()
+                    }],
+                    &|_| {},
+                )
+                .await
+                .unwrap();
+            let _ = s.bye().await;
+            r.into_iter().next().unwrap()
+        }));
+    }
+    let (mut stored, mut refused) = (0u64, 0);
+    for t in tasks {
+        match t.await.unwrap() {
+            Ok(_) => stored += 1,
+            Err(e) => {
+                assert_eq!(code(&e), "quota_exceeded", "{e}");
+                refused += 1;
+            }
+        }
+    }
+    let used = c
+        .scalar("SELECT used FROM customer_usage WHERE customer = 'C'")
+        .await as u64;
+    assert!(used <= 11 * MIB, "{used} bytes used of 11 MiB");
+    assert_eq!(used, 10 * MIB + stored * 89 * 1024, "usage is exact");
+    assert_eq!(stored + refused, 50);
+    assert_eq!(stored, 11, "11 racers fit in the last MiB\n{}", c.logs());
+    assert_eq!(
+        c.scalar("SELECT COUNT(*) FROM held").await,
+        0,
+        "every reservation ended"
+    );
+}
+
+/// A deactivation written to the shared config file ends the customer's
+/// sessions on all three nodes within a second of each node's reload.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_deactivation_ends_sessions_on_every_node_within_a_second() {
+    let customer = |active: bool| {
+        format!(
+            "[[customer]]\nname = \"Acme\"\nemail = \"it@x.example\"\nbackup_location = \"{{DIR}}/acme\"\nauto_add_clients = true\nactivated = {active}\n"
+        )
+    };
+    let Some(c) = Nodes::start("a_deactivation_ends_sessions", "", &customer(true)).await else {
+        return;
+    };
+    let mut idle = Vec::new();
+    for (i, d) in c.nodes.iter().enumerate() {
+        let mut s = d.raw().await;
+        s.send(frame(
+            Kind::Hello,
+            json!({"protocol": 1, "client_id": format!("PC{i}"), "customer": "Acme", "schedule": "s", "intent": "backup"}),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(
+            next_frame(&mut s, Duration::from_secs(10)).await.kind,
+            Kind::Welcome
+        );
+        idle.push(s);
+    }
+    let t0 = Instant::now();
+    replace_config(c.path(), &config(c.path(), &c.pg, "", &customer(false)));
+    let mut took = Vec::new();
+    for s in &mut idle {
+        let f = next_frame(s, Duration::from_secs(5)).await;
+        assert_eq!(f.kind, Kind::Bye);
+        let body: serde_json::Value = serde_json::from_slice(&f.payload).unwrap();
+        assert_eq!(body["reason"], "customer_deactivated");
+        took.push(t0.elapsed());
+    }
+    eprintln!("BYE on the three nodes after {took:?}");
+    // Each node reloads on its own after the file settles (DEBOUNCE);
+    // then its sessions are told at once.
+    for t in &took {
+        assert!(
+            *t < Duration::from_secs(1),
+            "a node took {t:?}:\n{}",
+            c.logs()
+        );
+    }
+}
+
+/// kill -9 of a node mid-upload: its reservation stops counting within
+/// one lease and is reclaimed; the other nodes serve on throughout.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_killed_mid_upload_gives_its_reservation_back() {
+    let Some(mut c) = Nodes::start(
+        "a_node_killed_mid_upload",
+        "",
+        "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\nspace = \"1 MiB\"\nthrottle = { enabled = true, rate = \"64 KiB/s\" }\n",
+    )
+    .await
+    else {
+        return;
+    };
+    // On node a: a 700 KiB upload, throttled, so it is in flight a while.
+    let up = c.nodes[0].raw().await;
+    let (mut tx, mut rx) = up.split();
+    tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": "VICTIM", "customer": "C", "schedule": "s", "intent": "backup"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut rx, Duration::from_secs(10)).await.kind,
+        Kind::Welcome
+    );
+    tx.send(frame(Kind::Put, json!({"path": "big", "size": 700 * 1024})))
+        .await
+        .unwrap();
+    let writer = tokio::spawn(async move {
+        let chunk = Bytes::from(vec![1u8; 16 << 10]);
+        loop {
+            if tx
+                .send(Frame {
+                    kind: Kind::Data,
+                    payload: chunk.clone(),
+                })
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+    assert!(
+        until(Duration::from_secs(10), async || c
+            .scalar("SELECT COUNT(*) FROM held")
+            .await
+            == 1)
+        .await,
+        "the upload holds its reservation"
+    );
+
+    // A session on node c, which must serve on throughout.
+    let mut other = Session::connect(&c.opts(2, "OTHER", "C")).await.unwrap();
+    let small = c.path().join("small");
+    make_file(&small, 100 * 1024, 3);
+    let put = |name: &str| Upload {
+        local: small.clone(),
+        remote: name.into(),
+        ..Default::default()
+    };
+    // 700 KiB held + 100 KiB: a 400 KiB upload does not fit beside it.
+    let r = other.upload(&[put("before")], &|_| {}).await.unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    let mid = c.path().join("mid");
+    make_file(&mid, 400 * 1024, 4);
+    let r = other
+        .upload(
+            &[Upload {
+                local: mid.clone(),
+                remote: "mid".into(),
+                ..Default::default()
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        r[0].as_ref().err().map(code),
+        Some("quota_exceeded"),
+        "{:?}",
+        r[0]
+    );
+
+    let t0 = Instant::now();
+    c.nodes[0].kill9();
+    writer.abort();
+    // Within one lease (2 s) and a heartbeat, the hold stops counting and
+    // node b or c reclaims it.
+    assert!(
+        until(Duration::from_secs(10), async || c
+            .scalar("SELECT COUNT(*) FROM held")
+            .await
+            == 0)
+        .await,
+        "the dead node's reservation was reclaimed\n{}",
+        c.logs()
+    );
+    let reclaimed = t0.elapsed();
+    eprintln!("reclaimed {reclaimed:?} after the kill");
+    assert!(
+        reclaimed < Duration::from_secs(6),
+        "reclaimed only after {reclaimed:?}"
+    );
+    // The space is free again, on the session that never stopped.
+    let r = other
+        .upload(
+            &[Upload {
+                local: mid,
+                remote: "mid".into(),
+                ..Default::default()
+            }],
+            &|_| {},
+        )
+        .await
+        .unwrap();
+    assert!(r[0].is_ok(), "{:?}", r[0]);
+    other.bye().await.unwrap();
+    assert_eq!(
+        c.scalar("SELECT used FROM customer_usage WHERE customer = 'C'")
+            .await,
+        500 * 1024,
+        "only committed files count"
+    );
+    assert!(c.nodes[1].log().contains("reclaimed") || c.nodes[2].log().contains("reclaimed"));
+}
