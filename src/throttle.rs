@@ -35,6 +35,9 @@ const MAX_CELLS_PER_SEC: u64 = 100_000;
 /// concurrent sessions interleave finely and share fairly.
 pub const SHARED_SLICE: u64 = 16 << 10;
 
+/// How often a waiter checks whether its bucket was retired.
+const RETIRE_CHECK: Duration = Duration::from_millis(100);
+
 /// A governor clock on tokio's clock (paused in tests).
 #[derive(Clone, Copy, Debug)]
 pub struct TokioClock {
@@ -113,6 +116,12 @@ pub struct Bucket {
     /// waiters in order, so each gets a slice in turn (a bare GCRA
     /// favours whoever happens to ask first after a refill).
     turn: tokio::sync::Mutex<()>,
+    /// Replaced by a bucket at another rate (a clustered cap's share
+    /// changed): waiters stop waiting here and move on.
+    retired: std::sync::atomic::AtomicBool,
+    /// Whether waiters look for `retired` (only a clustered cap's bucket
+    /// can be retired; others sleep once per wait).
+    retirable: bool,
 }
 
 impl Bucket {
@@ -137,6 +146,16 @@ impl Bucket {
             unit,
             burst_cells,
             turn: tokio::sync::Mutex::new(()),
+            retired: std::sync::atomic::AtomicBool::new(false),
+            retirable: false,
+        }
+    }
+
+    /// A bucket whose waiters move on when it is retired.
+    fn retirable(rate: u64) -> Bucket {
+        Bucket {
+            retirable: true,
+            ..Bucket::new(rate)
         }
     }
 
@@ -158,10 +177,22 @@ impl Bucket {
         let start = tokio::time::Instant::now();
         let _turn = self.turn.lock().await;
         loop {
+            if self.retired.load(Ordering::SeqCst) {
+                // At most this piece passes unpaid; the session pays the
+                // bucket that replaced this one from the next piece on.
+                return start.elapsed();
+            }
             match self.limiter.check_n(n) {
                 Ok(Ok(())) => return start.elapsed(),
                 Ok(Err(not_until)) => {
-                    tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await
+                    let wait = not_until.wait_time_from(self.clock.now());
+                    // In steps where a retirement must be noticed.
+                    let wait = if self.retirable {
+                        wait.min(RETIRE_CHECK)
+                    } else {
+                        wait
+                    };
+                    tokio::time::sleep(wait).await
                 }
                 Err(_) => unreachable!("cells are capped at the burst"),
             }
@@ -201,35 +232,116 @@ impl Lane {
     }
 }
 
+/// A live shared bucket: the cap's configured rate, and the bucket (at
+/// this node's share of it when clustered).
+struct Shared {
+    configured: u64,
+    bucket: Weak<Bucket>,
+}
+
 /// The shared buckets of aggregate caps, created when a session under a
 /// node first needs one and dropped with the last session using it.
+///
+/// Clustered (issue 14, [`Registry::cluster`]), a cap holds across every
+/// node: each bucket runs at this node's granted share of the cap
+/// ([`Registry::set_share`]), or at the cap ÷ the node count until a
+/// share is granted or when the database cannot be reached.
 #[derive(Default)]
 pub struct Registry {
-    shared: Mutex<HashMap<Node, (u64, Weak<Bucket>)>>,
+    shared: Mutex<HashMap<Node, Shared>>,
     generation: AtomicU64,
+    /// Nodes in the cluster (0: not clustered).
+    nodes: std::sync::atomic::AtomicU32,
+    /// This node's granted share per cap, bytes per second.
+    shares: Mutex<HashMap<Node, u64>>,
 }
 
 impl Registry {
+    /// Makes this a node of a cluster of `nodes`: caps are shared.
+    pub fn cluster(&self, nodes: u32) {
+        self.nodes.store(nodes.max(1), Ordering::SeqCst);
+    }
+
+    /// The rate a shared bucket for `node` configured at `rate` runs at.
+    fn effective(&self, node: Node, rate: u64) -> u64 {
+        let nodes = self.nodes.load(Ordering::SeqCst);
+        if nodes == 0 {
+            return rate;
+        }
+        let shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+        match shares.get(&node) {
+            Some(&s) => s.min(rate),
+            None => crate::policy::shares::fallback(rate, nodes),
+        }
+    }
+
     /// The live bucket for `node` at `rate`, shared with other sessions.
     pub fn bucket(&self, node: Node, rate: u64) -> Arc<Bucket> {
+        let effective = self.effective(node, rate);
         // A std mutex: no await happens while it is held.
         let mut map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((r, w)) = map.get(&node)
-            && *r == rate
-            && let Some(b) = w.upgrade()
+        if let Some(sh) = map.get(&node)
+            && sh.configured == rate
+            && let Some(b) = sh.bucket.upgrade()
+            && b.rate() == effective.max(1)
         {
             return b;
         }
-        let b = Arc::new(Bucket::new(rate));
-        map.insert(node, (rate, Arc::downgrade(&b)));
-        map.retain(|_, (_, w)| w.strong_count() > 0);
+        let b = Arc::new(if self.nodes.load(Ordering::SeqCst) > 0 {
+            Bucket::retirable(effective)
+        } else {
+            Bucket::new(effective)
+        });
+        map.insert(
+            node,
+            Shared {
+                configured: rate,
+                bucket: Arc::downgrade(&b),
+            },
+        );
+        map.retain(|_, sh| sh.bucket.strong_count() > 0);
         b
     }
 
     /// Shared buckets alive now.
     pub fn live(&self) -> usize {
         let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        map.values().filter(|(_, w)| w.strong_count() > 0).count()
+        map.values()
+            .filter(|sh| sh.bucket.strong_count() > 0)
+            .count()
+    }
+
+    /// The caps with sessions on this node now, with their configured
+    /// rates: what a clustered node asks shares of.
+    pub fn live_caps(&self) -> Vec<(Node, u64)> {
+        let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        map.iter()
+            .filter(|(_, sh)| sh.bucket.strong_count() > 0)
+            .map(|(n, sh)| (*n, sh.configured))
+            .collect()
+    }
+
+    /// Sets (or with `None` forgets, falling back to cap ÷ nodes) this
+    /// node's share of `node`'s cap. A change retires the bucket in use,
+    /// so its sessions move to one at the new rate within a slice.
+    pub fn set_share(&self, node: Node, share: Option<u64>) {
+        let changed = {
+            let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
+            let old = match share {
+                Some(s) => shares.insert(node, s),
+                None => shares.remove(&node),
+            };
+            old != share
+        };
+        if !changed {
+            return;
+        }
+        let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(b) = map.get(&node).and_then(|sh| sh.bucket.upgrade()) {
+            b.retired.store(true, Ordering::SeqCst);
+        }
+        drop(map);
+        self.config_changed();
     }
 
     /// Makes every session re-resolve its rates before its next frame

@@ -417,3 +417,93 @@ async fn a_node_killed_mid_upload_gives_its_reservation_back() {
     );
     assert!(c.nodes[1].log().contains("reclaimed") || c.nodes[2].log().contains("reclaimed"));
 }
+
+fn metric(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// An aggregate cap of 30 MiB/s holds across three nodes together: their
+/// shares are granted from one table, and the bytes all three take in
+/// sum to the cap within 3%.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_aggregate_cap_holds_across_three_nodes() {
+    let Some(c) = Nodes::start(
+        "an_aggregate_cap_holds_across_three_nodes",
+        "metrics_listen = \"127.0.0.1:0\"\naggregate = { rate = \"30 MiB/s\" }",
+        "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\n",
+    )
+    .await
+    else {
+        return;
+    };
+    // Two sessions per node, each sending as fast as it is read.
+    let mut writers = Vec::new();
+    for i in 0..6 {
+        let s = c.nodes[i % 3].raw().await;
+        let (mut tx, mut rx) = s.split();
+        tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": format!("PC{i}"), "customer": "C", "schedule": "s", "intent": "backup"})))
+            .await
+            .unwrap();
+        assert_eq!(
+            next_frame(&mut rx, Duration::from_secs(10)).await.kind,
+            Kind::Welcome
+        );
+        tx.send(frame(Kind::Put, json!({"path": "big", "size": 4u64 << 30})))
+            .await
+            .unwrap();
+        writers.push(tokio::spawn(async move {
+            let _rx = rx;
+            let chunk = Bytes::from(vec![5u8; 64 << 10]);
+            loop {
+                if tx
+                    .send(Frame {
+                        kind: Kind::Data,
+                        payload: chunk.clone(),
+                    })
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+            }
+        }));
+    }
+    let received = || -> f64 {
+        c.nodes
+            .iter()
+            .map(|d| {
+                metric(
+                    &http_get(d.metrics.as_ref().unwrap(), "/metrics").1,
+                    "tollgate_bytes_received_total",
+                )
+            })
+            .sum()
+    };
+    // Shares settle within two asks (one a second) of the demand.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let (b0, t0) = (received(), Instant::now());
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let (b1, t1) = (received(), Instant::now());
+    for w in writers {
+        w.abort();
+    }
+    let rate = (b1 - b0) / (t1 - t0).as_secs_f64();
+    let cap = 30.0 * MIB as f64;
+    eprintln!(
+        "three nodes took {:.2} MiB/s together against a cap of 30 MiB/s ({:+.2}%)",
+        rate / MIB as f64,
+        (rate / cap - 1.0) * 100.0
+    );
+    assert!(
+        (rate / cap - 1.0).abs() <= 0.03,
+        "{:.2} MiB/s against 30 MiB/s\n{}",
+        rate / MIB as f64,
+        c.logs()
+    );
+    let granted = c
+        .scalar("SELECT SUM(granted) FROM cap_shares WHERE cap = 'server' AND expires_ms > (extract(epoch from statement_timestamp()) * 1000)::bigint")
+        .await;
+    assert!(granted as u64 <= 30 * MIB, "grants sum to {granted}");
+}

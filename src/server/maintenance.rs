@@ -47,7 +47,7 @@ pub(super) async fn run(ctx: Arc<Context>) {
     }
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
+pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -256,3 +256,37 @@ async fn a_live_change_takes_effect() {
     let second = transfer(&mut t, 8 * MIB, 256 << 10).await;
     assert!(within(second, Duration::from_secs(1), 0.02), "{second:?}");
 }
+
+/// A clustered cap runs at cap ÷ nodes until this node's share is
+/// granted, then at the share; a waiter on a zero share moves to the new
+/// bucket once a share is granted, instead of waiting out the old one.
+#[tokio::test(start_paused = true)]
+async fn a_clustered_cap_runs_at_its_share() {
+    let reg = Registry::default();
+    assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 30 * MIB);
+    let reg = Arc::new(Registry::default());
+    reg.cluster(3);
+    let b = reg.bucket(Node::Server, 30 * MIB);
+    assert_eq!(b.rate(), 10 * MIB, "the fallback: cap ÷ nodes");
+    assert_eq!(reg.live_caps(), vec![(Node::Server, 30 * MIB)]);
+    reg.set_share(Node::Server, Some(0));
+    let paused = reg.bucket(Node::Server, 30 * MIB);
+    assert_eq!(paused.rate(), 1, "a zero share pauses");
+    assert!(b.retired.load(Ordering::SeqCst), "the old bucket is retired");
+    // A waiter on the paused bucket returns once it is retired.
+    let waiter = {
+        let paused = paused.clone();
+        tokio::spawn(async move { paused.take_cells(1000).await })
+    };
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!waiter.is_finished(), "nothing passes at a zero share");
+    reg.set_share(Node::Server, Some(12 * MIB));
+    let waited = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(6), "moved on after {waited:?}");
+    assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 12 * MIB);
+    // Never above the configured cap, whatever is granted.
+    reg.set_share(Node::Server, Some(40 * MIB));
+    assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 30 * MIB);
+    reg.set_share(Node::Server, None);
+    assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 10 * MIB);
+}
