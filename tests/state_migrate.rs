@@ -227,8 +227,15 @@ async fn sqlite_to_postgres_and_back_keeps_every_row_and_the_status() {
     assert!(err.contains("other kind of database"), "{err}");
     assert!(!dir.path().join("other.db").exists());
 
-    // And back, from a config whose state is the PostgreSQL copy.
+    // The PostgreSQL copy, served as it is, shows the same status.
     let on_pg = config_with_state(dir.path(), "pg.toml", &pg.url);
+    let (code, status_pg, err) = tollgate(&on_pg, &["status", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let (_, clients_pg, _) = tollgate(&on_pg, &["clients", "list", "--json"]);
+    assert_eq!(status_before, status_pg);
+    assert_eq!(clients_before, clients_pg);
+
+    // And back, from a config whose state is the PostgreSQL copy.
     let copy = dir.path().join("copy").join("state.db");
     let to = format!("sqlite://{}", copy.display());
     let (code, out, err) = tollgate(&on_pg, &["state", "migrate", "--to", &to]);

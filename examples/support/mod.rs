@@ -52,6 +52,11 @@ pub fn j(kind: Kind, v: serde_json::Value) -> Frame {
 /// `TOLLGATE_BIN` names: CI's smoke run uses the debug build); returns the
 /// process, its listening address and its certificate pin.
 pub fn start_release_daemon(config: &Path) -> (Child, String, String) {
+    start_release_daemon_with(config, &[])
+}
+
+/// [`start_release_daemon`] with more `serve` arguments (`--node NAME`).
+pub fn start_release_daemon_with(config: &Path, args: &[&str]) -> (Child, String, String) {
     let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate").to_string()
     });
@@ -59,6 +64,7 @@ pub fn start_release_daemon(config: &Path) -> (Child, String, String) {
     let mut daemon = Command::new(bin)
         .args(["serve", "--config"])
         .arg(config)
+        .args(args)
         .env("RUST_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()

@@ -9,6 +9,8 @@
 #
 # The cluster runs with fsync off: it is thrown away, and what the tests
 # check is tollgate's logic across nodes, not PostgreSQL's durability.
+# PG_DURABLE=1 keeps PostgreSQL's defaults (fsync, synchronous_commit),
+# for benchmarks that compare it with SQLite's synchronous=FULL.
 
 pg_bindir() {
   local d
@@ -67,8 +69,10 @@ pg_start() {
   rm -f "$PG_DIR/pwfile"
   PG_RUN=("${run[@]}")
   PG_BIN=$bin
+  local fast="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+  [[ ${PG_DURABLE:-} == 1 ]] && fast=""
   (cd "$PG_DIR" && "${run[@]}" "$bin/pg_ctl" -D "$PG_DIR/data" -l "$PG_DIR/server.log" -w -s \
-    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PG_DIR -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300" start) || {
+    -o "-p $PG_PORT -c listen_addresses=127.0.0.1 -k $PG_DIR $fast -c max_connections=300" start) || {
     cat "$PG_DIR/server.log" >&2
     echo "scripts/test: PostgreSQL did not start" >&2
     exit 1

@@ -518,6 +518,7 @@ impl State {
     /// Durably records a commit before its rename; returns its id.
     pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
         super::in_tx!(self, sql, tx => {
+            sql::check_hold(&mut tx, p.reservation).await?;
             let id = sqlx::query_scalar(
                 "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",

@@ -107,6 +107,24 @@ pub(crate) async fn end_hold(tx: &mut Conn, id: Option<i64>) -> Result<(), State
     Ok(())
 }
 
+/// Fails when reservation `id` is a row (PostgreSQL) that is gone: its
+/// node's lease ran out and the space may be given away, so the upload
+/// must not commit on it. Locks the row until the caller commits.
+pub(crate) async fn check_hold(tx: &mut Conn, id: Option<i64>) -> Result<(), StateError> {
+    if CLUSTER && let Some(id) = id {
+        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM held WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        if found.is_none() {
+            return Err(StateError::Inconsistent(
+                "this upload's reservation was given back (this node's lease ran out while it was in flight); it is not stored".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// Ends every reservation of `client` when they are rows (PostgreSQL);
 /// SQLite's ledger is released by the caller after commit.
 pub(crate) async fn drop_holds(tx: &mut Conn, client: &str) -> Result<(), StateError> {

@@ -272,7 +272,10 @@ async fn a_clustered_cap_runs_at_its_share() {
     reg.set_share(Node::Server, Some(0));
     let paused = reg.bucket(Node::Server, 30 * MIB);
     assert_eq!(paused.rate(), 1, "a zero share pauses");
-    assert!(b.retired.load(Ordering::SeqCst), "the old bucket is retired");
+    assert!(
+        b.retired.load(Ordering::SeqCst),
+        "the old bucket is retired"
+    );
     // A waiter on the paused bucket returns once it is retired.
     let waiter = {
         let paused = paused.clone();
