@@ -507,3 +507,70 @@ async fn an_aggregate_cap_holds_across_three_nodes() {
         .await;
     assert!(granted as u64 <= 30 * MIB, "grants sum to {granted}");
 }
+
+/// One client storing one path from two nodes at once, over and over:
+/// the path's lock holds across nodes, so the index, the usage and the
+/// file on disk agree at the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn one_path_stored_from_two_nodes_at_once_stays_exact() {
+    let Some(c) = Nodes::start(
+        "one_path_stored_from_two_nodes",
+        "",
+        "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\n",
+    )
+    .await
+    else {
+        return;
+    };
+    // Registered on node a; the secret file serves node b as well.
+    Session::connect(&c.opts(0, "TWIN", "C"))
+        .await
+        .unwrap()
+        .bye()
+        .await
+        .unwrap();
+    let mut tasks = Vec::new();
+    for (node, size) in [(0usize, 10 * 1024usize), (1, 20 * 1024)] {
+        let src = c.path().join(format!("src{node}"));
+        make_file(&src, size, node as u64 + 7);
+        let o = c.opts(node, "TWIN", "C");
+        tasks.push(tokio::spawn(async move {
+            let mut s = Session::connect(&o).await.unwrap();
+            for _ in 0..25 {
+                let r = s
+                    .upload(
+                        &[Upload {
+                            local: src.clone(),
+                            remote: "same.bin".into(),
+                            ..Default::default()
+                        }],
+                        &|_| {},
+                    )
+                    .await
+                    .unwrap();
+                assert!(r[0].is_ok(), "{:?}", r[0]);
+            }
+            s.bye().await.unwrap();
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let indexed = c
+        .scalar("SELECT size FROM files WHERE client = 'TWIN' AND path = 'same.bin'")
+        .await;
+    let used = c.scalar("SELECT used FROM clients WHERE id = 'TWIN'").await;
+    let customer = c
+        .scalar("SELECT used FROM customer_usage WHERE customer = 'C'")
+        .await;
+    let on_disk = std::fs::metadata(c.path().join("c/TWIN/same.bin"))
+        .unwrap()
+        .len() as i64;
+    assert!(indexed == 10 * 1024 || indexed == 20 * 1024, "{indexed}");
+    assert_eq!(
+        (used, customer, on_disk),
+        (indexed, indexed, indexed),
+        "{}",
+        c.logs()
+    );
+}

@@ -147,6 +147,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             // A commit of the same path finishes first, so the index and the
             // disk agree whichever comes second.
             let _lock = ctx.path_locks.lock(&self.bind.client, &req.path).await;
+            // And across the nodes of a cluster (on an early return, the
+            // lock's connection is closed, which releases it).
+            let across = match ctx.state.cluster() {
+                Some(c) => Some(c.lock_path(&self.bind.client, &req.path).await?),
+                None => None,
+            };
             let Some(freed) = ctx.state.delete_file(&self.bind.client, &req.path).await? else {
                 return Err(SessionError::NotFound(req.path));
             };
@@ -163,6 +169,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                     warn!(error = %e, "removing a deleted file failed");
                 }
                 _ => {}
+            }
+            if let Some(l) = across
+                && let Err(e) = l.unlock().await
+            {
+                warn!(error = %e, "releasing a path's cluster lock failed; its connection is closed instead");
             }
             freed
         };

@@ -181,7 +181,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         let ctx = self.bind.ctx.clone();
         let r = {
             let _path = ctx.path_locks.lock(&self.bind.client, &up.path).await;
-            storage::commit(
+            // And across the nodes of a cluster (after this node's own, so
+            // one session per path per node waits on the database).
+            let across = match ctx.state.cluster() {
+                Some(c) => match c.lock_path(&self.bind.client, &up.path).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        self.release(reservation).await;
+                        self.stats.files_failed += 1;
+                        return Err(SessionError::Internal(e));
+                    }
+                },
+                None => None,
+            };
+            let r = storage::commit(
                 &ctx.state,
                 &self.bind.cfg,
                 self.bind.customer(),
@@ -193,7 +206,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
                 crate::clock::now(),
                 &mut |_| {},
             )
-            .await
+            .await;
+            if let Some(l) = across
+                && let Err(e) = l.unlock().await
+            {
+                warn!(error = %e, "releasing a path's cluster lock failed; its connection is closed instead");
+            }
+            r
         };
         match r {
             Ok(_) => {
