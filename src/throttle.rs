@@ -284,6 +284,7 @@ impl Registry {
             && sh.configured == rate
             && let Some(b) = sh.bucket.upgrade()
             && b.rate() == effective.max(1)
+            && !b.retired.load(Ordering::SeqCst)
         {
             return b;
         }
@@ -325,22 +326,27 @@ impl Registry {
     /// node's share of `node`'s cap. A change retires the bucket in use,
     /// so its sessions move to one at the new rate within a slice.
     pub fn set_share(&self, node: Node, share: Option<u64>) {
-        let changed = {
+        {
             let mut shares = self.shares.lock().unwrap_or_else(|p| p.into_inner());
-            let old = match share {
+            match share {
                 Some(s) => shares.insert(node, s),
                 None => shares.remove(&node),
             };
-            old != share
+        }
+        // Only a bucket whose rate is no longer right is retired: the
+        // same rate (a grant equal to the fallback) keeps it.
+        let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
+        let Some((configured, b)) = map
+            .get(&node)
+            .and_then(|sh| Some((sh.configured, sh.bucket.upgrade()?)))
+        else {
+            return;
         };
-        if !changed {
+        drop(map);
+        if b.rate() == self.effective(node, configured).max(1) {
             return;
         }
-        let map = self.shared.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(b) = map.get(&node).and_then(|sh| sh.bucket.upgrade()) {
-            b.retired.store(true, Ordering::SeqCst);
-        }
-        drop(map);
+        b.retired.store(true, Ordering::SeqCst);
         self.config_changed();
     }
 

@@ -574,3 +574,79 @@ async fn one_path_stored_from_two_nodes_at_once_stays_exact() {
         c.logs()
     );
 }
+
+/// A second daemon started on the same machine under a serving node's
+/// name stops before it touches that node's lease: the first serves on,
+/// its reservation intact.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_second_daemon_under_a_serving_name_stops_first() {
+    let Some(c) = Nodes::start(
+        "a_second_daemon_under_a_serving_name",
+        "",
+        "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\nthrottle = { enabled = true, rate = \"64 KiB/s\" }\n",
+    )
+    .await
+    else {
+        return;
+    };
+    // An upload in flight on node a holds a reservation.
+    let up = c.nodes[0].raw().await;
+    let (mut tx, mut rx) = up.split();
+    tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": "PC", "customer": "C", "schedule": "s", "intent": "backup"})))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_frame(&mut rx, Duration::from_secs(10)).await.kind,
+        Kind::Welcome
+    );
+    tx.send(frame(Kind::Put, json!({"path": "big", "size": 4 << 20})))
+        .await
+        .unwrap();
+    tx.send(Frame {
+        kind: Kind::Data,
+        payload: Bytes::from(vec![1u8; 16 << 10]),
+    })
+    .await
+    .unwrap();
+    assert!(
+        until(Duration::from_secs(10), async || c
+            .scalar("SELECT COUNT(*) FROM held")
+            .await
+            == 1)
+        .await,
+        "the upload holds its reservation"
+    );
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tollgate"))
+        .args(["serve", "--node", "a", "--config"])
+        .arg(c.path().join("tollgate.toml"))
+        .env("TOLLGATE_FAKE_NOW", PINNED_NOW)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("another tollgate daemon runs on this machine as node \"a\""),
+        "{err}"
+    );
+    // Node a still holds its lease and its reservation, and serves.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        c.scalar("SELECT COUNT(*) FROM held").await,
+        1,
+        "{}",
+        c.logs()
+    );
+    let s = tokio::time::timeout(
+        Duration::from_secs(10),
+        Session::connect(&c.opts(0, "OTHER", "C")),
+    )
+    .await
+    .expect("node a answers")
+    .unwrap();
+    s.bye().await.unwrap();
+    assert!(
+        !c.nodes[0].log().contains("stopping"),
+        "{}",
+        c.nodes[0].log()
+    );
+}

@@ -179,7 +179,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 && !crate::config::limits::set_node_override(&n)
             {
                 anyhow::bail!(
-                    "--node {n:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.'"
+                    "--node {n:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.', not starting with '.'"
                 );
             }
             serve::serve(&cli.config, log_format)

@@ -126,15 +126,33 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     if crate::clock::is_shifted() {
         warn!(now = %crate::clock::now(), "the clock is shifted by {}", crate::clock::FAKE_NOW);
     }
+    // On PostgreSQL, one daemon per node name on this machine: its lock
+    // first, so a second daemon under a serving node's name stops here,
+    // before it takes that node's lease (and its holds) over.
+    let node_lock = match cfg.server.state {
+        crate::config::StateUrl::Postgres(_) => Some(
+            State::lock_node(&cfg)
+                .context("locking the node")?
+                .with_context(|| {
+                    format!(
+                        "another tollgate daemon runs on this machine as node {:?}; give each node its own name (serve --node, or server.cluster.node)",
+                        cfg.server.cluster.node
+                    )
+                })?,
+        ),
+        crate::config::StateUrl::Sqlite(_) => None,
+    };
     let state = State::open(&cfg)
         .await
         .context("opening the state database")?;
     // One daemon per state: reservations live in its memory, and admin
-    // commands hand it their client changes while it holds this lock. On
-    // PostgreSQL, one daemon per node name on this machine.
+    // commands hand it their client changes while it holds this lock.
     let _lock = {
         let mut tries = 0;
         loop {
+            if let Some(l) = node_lock {
+                break l;
+            }
             match state.lock_daemon().context("locking the state")? {
                 Some(l) => break l,
                 // An admin command holds it for a moment; another daemon
@@ -143,11 +161,6 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
                     tries += 1;
                     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                 }
-                None if state.cluster().is_some() => anyhow::bail!(
-                    "another tollgate daemon runs on this machine as node {:?} (its lock file is {}.lock); give each node its own name (serve --node, or server.cluster.node)",
-                    cfg.server.cluster.node,
-                    state.path().display()
-                ),
                 None => anyhow::bail!(
                     "another tollgate daemon is serving the state database {}, or an admin command has held its lock file {}.lock for 10 s",
                     state.path().display(),

@@ -281,9 +281,12 @@ pub fn default_node_name() -> String {
         .unwrap_or_else(|| "tollgate".to_string())
 }
 
-/// A node name: 1 to 64 of ASCII letters, digits, `-`, `_` and `.`.
+/// A node name: 1 to 64 of ASCII letters, digits, `-`, `_` and `.`, not
+/// starting with `.` (it names a directory: `.` and `..` must not be
+/// names).
 pub fn valid_node_name(s: &str) -> bool {
     (1..=64).contains(&s.len())
+        && !s.starts_with('.')
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
@@ -291,6 +294,16 @@ pub fn valid_node_name(s: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn node_names_are_safe_directory_names() {
+        for ok in ["a", "node-1", "db_2", "n.example"] {
+            assert!(valid_node_name(ok), "{ok}");
+        }
+        for bad in ["", ".", "..", ".hidden", "a/b", "a b", "é", &"x".repeat(65)] {
+            assert!(!valid_node_name(bad), "{bad:?}");
+        }
+    }
 
     #[test]
     fn log_text_is_escaped_and_cut() {

@@ -110,7 +110,19 @@ async fn share_caps(ctx: Arc<Context>, c: crate::state::postgres::Cluster) {
             let name = cap_name(&cfg, node);
             // A node under a cap wants all of it: the cap is split evenly
             // among the nodes with sessions under it.
-            match c.refresh_share(&name, rate, rate, SHARE_LEASE).await {
+            // An answer later than half a grant would be used past its
+            // expiry: fall back instead.
+            let asked = tokio::time::timeout(
+                SHARE_LEASE / 2,
+                c.refresh_share(&name, rate, rate, SHARE_LEASE),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(StateError::Inconsistent(
+                    "no answer within half a grant".into(),
+                ))
+            });
+            match asked {
                 Ok(share) => ctx.throttles.set_share(node, Some(share.granted)),
                 Err(e) => {
                     warn!(cap = %name, error = %e, "asking for this node's share of an aggregate cap failed; it falls back to cap ÷ server.cluster.nodes");

@@ -79,7 +79,8 @@ async fn prune_daily(ctx: Arc<Context>) {
                 }
             }
         };
-        match ctx.state.prune(&retention, now).await {
+        let pruned = ctx.state.prune(&retention, now).await;
+        match &pruned {
             Ok(p) => {
                 metrics::counter!(crate::metrics::PRUNED_ROWS).increment(p.total());
                 if p.total() > 0 {
@@ -95,7 +96,9 @@ async fn prune_daily(ctx: Arc<Context>) {
             }
             Err(e) => warn!(error = %e, "pruning old history failed; trying again tomorrow"),
         }
-        if let Some((c, claim)) = claim
+        // A failed pass is not done: another node may take the day over
+        // once the claim runs out.
+        if let Some((c, claim)) = claim.filter(|_| pruned.is_ok())
             && let Err(e) = c.finish_run_now(&claim).await
         {
             warn!(error = %e, "recording today's pruning as done failed");

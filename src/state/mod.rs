@@ -58,6 +58,21 @@ pub(crate) mod lite {
     pub(crate) async fn lock_client_row(_tx: &mut Conn, _id: &str) -> Result<(), StateError> {
         Ok(())
     }
+
+    /// Nothing to lock (as [`lock_client_row`]).
+    pub(crate) async fn lock_space(
+        _tx: &mut Conn,
+        _cfg: &Config,
+        _customer: CustomerId,
+        _client: &str,
+    ) -> Result<(), StateError> {
+        Ok(())
+    }
+
+    /// Nothing to lock (as [`lock_client_row`]).
+    pub(crate) async fn lock_keys(_tx: &mut Conn, _keys: &[i64]) -> Result<(), StateError> {
+        Ok(())
+    }
 }
 
 /// The shared statements over PostgreSQL (`sql.rs`).
@@ -106,6 +121,29 @@ pub(crate) mod pg {
             .bind(id)
             .execute(&mut *tx)
             .await?;
+        Ok(())
+    }
+
+    /// The space locks a reservation for `client` of `customer` takes, in
+    /// the same order (`postgres::lock_keys`).
+    pub(crate) async fn lock_space(
+        tx: &mut Conn,
+        cfg: &Config,
+        customer: CustomerId,
+        client: &str,
+    ) -> Result<(), StateError> {
+        let keys = super::postgres::lock_keys(cfg, customer, client, cfg.declared_client(client));
+        lock_keys(tx, &keys).await
+    }
+
+    /// Transaction-scoped advisory locks on `keys`, in that order.
+    pub(crate) async fn lock_keys(tx: &mut Conn, keys: &[i64]) -> Result<(), StateError> {
+        for k in keys {
+            sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                .bind(k)
+                .execute(&mut *tx)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -307,16 +345,27 @@ impl State {
         }
     }
 
+    /// On PostgreSQL, this node's lock file (`state_dir/node-NAME.lock`),
+    /// taken before [`State::open`] takes the node's lease: a second daemon
+    /// started under a serving node's name must stop before it touches the
+    /// lease. `None` while another process holds it.
+    pub fn lock_node(cfg: &Config) -> Result<Option<requests::DaemonLock>, StateError> {
+        make_private_dir(&cfg.server.state_dir)?;
+        let mut p = Self::node_path(cfg).into_os_string();
+        p.push(".lock");
+        requests::lock_daemon_at(PathBuf::from(p))
+    }
+
+    /// `state_dir/node-NAME`: what the node's lock file is named after.
+    fn node_path(cfg: &Config) -> PathBuf {
+        cfg.server
+            .state_dir
+            .join(format!("node-{}", cfg.server.cluster.node))
+    }
+
     fn on_postgres(cfg: &Config, c: postgres::Cluster) -> State {
-        // A name for the lock file that keeps two daemons of one node off
-        // one machine (`requests::lock_daemon_at`).
-        let node = if c.node().is_empty() {
-            &cfg.server.cluster.node
-        } else {
-            c.node()
-        };
         State {
-            path: cfg.server.state_dir.join(format!("node-{node}")),
+            path: Self::node_path(cfg),
             db: Db::Postgres(c),
             refusals: Default::default(),
             starts: Default::default(),

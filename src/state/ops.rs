@@ -676,10 +676,14 @@ impl State {
             super::in_tx!(self, sql, tx => {
                 match &verdict {
                     Verdict::RollBack => {
-                        sqlx::query("DELETE FROM pending_commits WHERE id = $1")
-                            .bind(id)
-                            .execute(&mut *tx)
-                            .await?;
+                        let r: Option<Option<i64>> = sqlx::query_scalar(
+                            "DELETE FROM pending_commits WHERE id = $1 RETURNING reservation",
+                        )
+                        .bind(id)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                        // On PostgreSQL the hold outlived the crash with it.
+                        sql::end_hold(&mut tx, r.flatten()).await?;
                     }
                     Verdict::Forward(found) => {
                         // A reservation of the process that crashed: not held
@@ -799,8 +803,13 @@ impl State {
             let Some(row) = sql::client_db(&mut tx, id).await? else {
                 return Ok(None);
             };
+            sql::lock_client_row(&mut tx, &row.id).await?;
+            // Read again under the row's lock: a commit on another node
+            // may have changed its usage meanwhile.
+            let Some(row) = sql::client_db(&mut tx, &row.id).await? else {
+                return Ok(None);
+            };
             let id = row.id.as_str();
-            sql::lock_client_row(&mut tx, id).await?;
             let month = Month::of(at, &cfg.server.timezone).to_string();
             let freed_mcal: Option<i64> = sqlx::query_scalar(
                 "DELETE FROM mcal_debits WHERE client = $1 AND month = $2 RETURNING cost",
@@ -881,6 +890,20 @@ impl State {
         let r = super::in_tx!(once self, sql, tx => {
             // Every node syncs at its start and reload: one at a time.
             sql::lock_admission(&mut tx, "(declared clients)", None, false).await?;
+            // The locks of every move below first, in admission's order
+            // (ids, then customers, then MCAL): the moves then take none
+            // out of that order.
+            let mut moving: Vec<(String, CustomerId)> = Vec::new();
+            for c in &cfg.clients {
+                if let Some(row) = sql::client_db(&mut tx, &c.id).await?
+                    && !row.customer.eq_ignore_ascii_case(customer_key(cfg, c.customer))
+                {
+                    moving.push((row.id, c.customer));
+                }
+            }
+            let moves: Vec<(&str, Option<CustomerId>)> =
+                moving.iter().map(|(id, c)| (id.as_str(), Some(*c))).collect();
+            sql::lock_keys(&mut tx, &sql::admission_keys(cfg, &moves, true)).await?;
             let mut moved = Vec::new();
             for c in &cfg.clients {
                 let name = customer_key(cfg, c.customer);

@@ -31,29 +31,49 @@ pub(crate) async fn lock_admission(
     customer: Option<(&Config, CustomerId)>,
     mcal: bool,
 ) -> Result<(), StateError> {
-    if !CLUSTER {
-        return Ok(());
+    let moves: Vec<(&str, Option<CustomerId>)> = vec![(client, customer.map(|(_, c)| c))];
+    match customer {
+        Some((cfg, _)) => lock_keys(tx, &admission_keys(cfg, &moves, mcal)).await,
+        None => lock_keys(tx, &[admission_key("admit client", client)]).await,
     }
-    let mut keys = vec![crate::state::postgres::lock_key("admit client", client)];
-    if let Some((cfg, c)) = customer {
-        let cust = cfg.customer(c);
-        keys.push(crate::state::postgres::lock_key("admit customer", &cust.name));
-        if mcal && cfg.server.mcal.is_some() {
-            keys.push(crate::state::postgres::lock_key("mcal server", ""));
-            if let Some(r) = cust.reseller
+}
+
+fn admission_key(level: &str, name: &str) -> i64 {
+    crate::state::postgres::lock_key(level, name)
+}
+
+/// The admission locks of several clients moving to customers, in the
+/// fixed order: every client id, then every customer, then the MCAL locks
+/// (each once). One transaction that moves several clients takes them
+/// all first, so it never waits for a lock out of that order.
+pub(crate) fn admission_keys(
+    cfg: &Config,
+    moves: &[(&str, Option<CustomerId>)],
+    mcal: bool,
+) -> Vec<i64> {
+    let mut keys: Vec<i64> = Vec::new();
+    let mut add = |k: i64| {
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    };
+    for (client, _) in moves {
+        add(admission_key("admit client", client));
+    }
+    for c in moves.iter().filter_map(|(_, c)| *c) {
+        add(admission_key("admit customer", &cfg.customer(c).name));
+    }
+    if mcal && cfg.server.mcal.is_some() && moves.iter().any(|(_, c)| c.is_some()) {
+        add(admission_key("mcal server", ""));
+        for c in moves.iter().filter_map(|(_, c)| *c) {
+            if let Some(r) = cfg.customer(c).reseller
                 && matches!(cfg.reseller(r).mcal_limit, crate::config::McalLimit::Fixed(_))
             {
-                keys.push(crate::state::postgres::lock_key("mcal reseller", &cfg.reseller(r).name));
+                add(admission_key("mcal reseller", &cfg.reseller(r).name));
             }
         }
     }
-    for k in keys {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(k)
-            .execute(&mut *tx)
-            .await?;
-    }
-    Ok(())
+    keys
 }
 
 /// The client whose id equals `id` without regard to case (ids are
@@ -112,10 +132,18 @@ pub(crate) async fn end_hold(tx: &mut Conn, id: Option<i64>) -> Result<(), State
 /// must not commit on it. Locks the row until the caller commits.
 pub(crate) async fn check_hold(tx: &mut Conn, id: Option<i64>) -> Result<(), StateError> {
     if CLUSTER && let Some(id) = id {
-        let found: Option<i64> = sqlx::query_scalar("SELECT id FROM held WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
+        // Its node's lease must still run: the other nodes stop counting a
+        // hold when it runs out. Once the pending commit is recorded, the
+        // hold counts whatever the lease (`postgres::LIVE_HOLD`).
+        let found: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT h.id FROM held h JOIN nodes n ON n.name = h.node
+              WHERE h.id = $1 AND n.expires_ms > {}
+              FOR UPDATE OF h",
+            crate::state::postgres::NOW_MS
+        )))
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
         if found.is_none() {
             return Err(StateError::Inconsistent(
                 "this upload's reservation was given back (this node's lease ran out while it was in flight); it is not stored".into(),
@@ -434,10 +462,17 @@ pub(crate) async fn move_in(
     // caller holds the ledger's reserving lock until it commits, on
     // PostgreSQL the client's row is locked.
     lock_client_row(tx, id).await?;
+    // The target's space locks (after the client's row, in the order a
+    // reservation takes them), so no reservation there is decided
+    // beside this move on another node.
+    lock_space(tx, cfg, target, id).await?;
     if in_flight(tx, ledger, id).await? > 0 {
         return Ok(Err(MoveRefused::Busy(id.into())));
     }
-    let needed = row.used.max(0) as u64;
+    // Read again under the row's lock: a commit on another node may have
+    // changed its usage since the caller read it.
+    let used = client_db(tx, id).await?.map_or(row.used, |r| r.used);
+    let needed = used.max(0) as u64;
     let mut usage = level_usage(tx, ledger, cfg, "", target).await?;
     // The server level is unchanged by a move; so is a shared reseller.
     usage.server = Usage::default();

@@ -291,5 +291,15 @@ async fn a_clustered_cap_runs_at_its_share() {
     reg.set_share(Node::Server, Some(40 * MIB));
     assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 30 * MIB);
     reg.set_share(Node::Server, None);
-    assert_eq!(reg.bucket(Node::Server, 30 * MIB).rate(), 10 * MIB);
+    let fallback = reg.bucket(Node::Server, 30 * MIB);
+    assert_eq!(fallback.rate(), 10 * MIB);
+    // A grant equal to the fallback keeps the bucket; one that is retired
+    // is never handed out again.
+    reg.set_share(Node::Server, Some(10 * MIB));
+    assert!(!fallback.retired.load(Ordering::SeqCst));
+    assert!(Arc::ptr_eq(&fallback, &reg.bucket(Node::Server, 30 * MIB)));
+    fallback.retired.store(true, Ordering::SeqCst);
+    let fresh = reg.bucket(Node::Server, 30 * MIB);
+    assert!(!Arc::ptr_eq(&fallback, &fresh));
+    assert!(!fresh.retired.load(Ordering::SeqCst));
 }

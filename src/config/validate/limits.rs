@@ -203,7 +203,7 @@ pub(super) fn cluster(v: &mut V<'_>, raw: &Sp<RawCluster>) -> Cluster {
                 n.span(),
                 "server.cluster.node",
                 format!(
-                    "{:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.'",
+                    "{:?} is not a node name; use 1 to 64 ASCII letters, digits, '-', '_' or '.', not starting with '.'",
                     n.get_ref()
                 ),
             );

@@ -11,7 +11,7 @@
 //! this month takes neither, so the pool's lock is held only by first
 //! backups of the month.
 
-use super::{Cluster, NOW_MS, lock_key, retryable};
+use super::{Cluster, LIVE_HOLD, lock_key, retryable};
 use crate::config::{Config, CustomerId, McalLimit};
 use crate::policy::admission::{
     self, EnrollVerdict, Hello, McalState, REGISTRATION_WINDOW_SECS, Registration, RejectCode,
@@ -66,7 +66,7 @@ pub(crate) async fn level_usage(
            COALESCE(SUM(h.size) FILTER (WHERE h.customer = $2), 0)::bigint,
            COALESCE(SUM(h.size) FILTER (WHERE h.customer = ANY($3)), 0)::bigint,
            COALESCE(SUM(h.size), 0)::bigint
-         FROM held h JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}"
+         FROM held h JOIN nodes n ON n.name = h.node AND {LIVE_HOLD}"
     )))
     .bind(client)
     .bind(cust)

@@ -51,7 +51,7 @@ impl Cluster {
     ) -> Result<Share, StateError> {
         let clamp = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
         let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 4);
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.beat.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(lock_key("cap", cap))
             .execute(&mut *tx)

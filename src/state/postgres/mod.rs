@@ -1,8 +1,8 @@
-//! The PostgreSQL backend (issue 14), as far as it goes: what several
-//! nodes on one database must agree on. So far, the cluster's nodes with
-//! their leases, and the reservations of uploads in flight as rows
-//! ([`Cluster`]), exact across nodes. The daemon does not run on it yet
-//! (docs/scale-out.md).
+//! The PostgreSQL backend's cluster (issue 14, docs/scale-out.md): what
+//! several nodes on one database must agree on beyond the statements both
+//! backends share (`state::sql`): the nodes with their leases, the
+//! reservations of uploads in flight as rows ([`Cluster`]), admission,
+//! work claimed once, path locks and aggregate cap shares.
 //!
 //! Exactness. A reservation takes, in one READ COMMITTED transaction,
 //! a transaction-scoped advisory lock for each level above the client
@@ -57,8 +57,13 @@ pub const DEFAULT_LEASE: Duration = Duration::from_secs(10);
 pub const POOL_SIZE: u32 = 8;
 /// Connections per node for path locks (each holds one while it holds or
 /// waits for a lock). A node thus uses at most POOL_SIZE + LOCK_POOL_SIZE
-/// of the server's `max_connections`.
+/// + BEAT_POOL_SIZE (26) of the server's `max_connections`.
 pub const LOCK_POOL_SIZE: u32 = 16;
+
+/// Connections per node for the heartbeat, reclaim and cap shares.
+pub const BEAT_POOL_SIZE: u32 = 2;
+/// The longest wait for a lock (PostgreSQL's `lock_timeout`).
+const LOCK_TIMEOUT: &str = "30s";
 
 /// Attempts of an operation that meets 40001 or 40P01.
 pub(crate) const ATTEMPTS: usize = 5;
@@ -66,6 +71,19 @@ pub(crate) const ATTEMPTS: usize = 5;
 /// The database's clock in milliseconds: one clock for every node, read
 /// once per statement.
 pub(crate) const NOW_MS: &str = "(extract(epoch from statement_timestamp()) * 1000)::bigint";
+
+/// Which holds count, for `held h JOIN nodes n ON n.name = h.node AND …`:
+/// those of a live node, and those a pending commit rests on whatever its
+/// node's lease (its file may already be in place; that node's reconcile
+/// ends it).
+pub(crate) const LIVE_HOLD: &str =
+    "(n.expires_ms > (extract(epoch from statement_timestamp()) * 1000)::bigint
+     OR EXISTS (SELECT 1 FROM pending_commits p WHERE p.reservation = h.id))";
+
+/// Holds that may be deleted when their node's lease is gone: those no
+/// pending commit rests on.
+pub(crate) const UNCOMMITTED: &str =
+    "NOT EXISTS (SELECT 1 FROM pending_commits p WHERE p.reservation = held.id)";
 
 /// Runs `$body` (an expression yielding `Result<_, StateError>`) again
 /// when it meets 40001 or 40P01, up to [`ATTEMPTS`] times.
@@ -101,6 +119,9 @@ pub struct Cluster {
     /// Connections that hold or wait for path locks ([`PathLock`]): apart,
     /// so waiters cannot take every connection the holder needs.
     locks: PgPool,
+    /// The heartbeat's, reclaim's and cap shares' own connections: state
+    /// operations queued on locks must not starve the lease.
+    beat: PgPool,
     node: String,
     /// Drawn at [`Cluster::open`]: tells this process from another that
     /// took over its node name.
@@ -154,7 +175,9 @@ impl Cluster {
         lease: Duration,
         migrate: bool,
     ) -> Result<Cluster, StateError> {
-        let opts = PgConnectOptions::from_str(url)?;
+        // No wait for a lock (admission, space, a path) longer than this:
+        // the operation fails (`internal`) instead of queueing for ever.
+        let opts = PgConnectOptions::from_str(url)?.options([("lock_timeout", LOCK_TIMEOUT)]);
         // One connection first: a pool retries a refused connection until
         // its acquire timeout.
         PgConnection::connect_with(&opts).await?.close().await?;
@@ -165,6 +188,11 @@ impl Cluster {
             .await?;
         let locks = PgPoolOptions::new()
             .max_connections(LOCK_POOL_SIZE)
+            .min_connections(0)
+            .acquire_timeout(super::BUSY_TIMEOUT)
+            .connect_lazy_with(opts.clone());
+        let beat = PgPoolOptions::new()
+            .max_connections(BEAT_POOL_SIZE)
             .min_connections(0)
             .acquire_timeout(super::BUSY_TIMEOUT)
             .connect_lazy_with(opts);
@@ -179,6 +207,7 @@ impl Cluster {
         let c = Cluster {
             pool,
             locks,
+            beat,
             node: node.to_string(),
             incarnation: i64::from_le_bytes(rnd),
             lease,
@@ -191,10 +220,12 @@ impl Cluster {
         let c = self;
         let node = self.node.as_str();
         let mut tx = c.pool.begin().await?;
-        sqlx::query("DELETE FROM held WHERE node = $1")
-            .bind(node)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "DELETE FROM held WHERE node = $1 AND {UNCOMMITTED}"
+        )))
+        .bind(node)
+        .execute(&mut *tx)
+        .await?;
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO nodes (name, started_ms, expires_ms, incarnation) VALUES ($1, {NOW_MS}, {NOW_MS} + $2, $3)
              ON CONFLICT (name) DO UPDATE SET started_ms = excluded.started_ms,
@@ -243,7 +274,7 @@ impl Cluster {
     /// have given their space away, and its uploads in flight must
     /// reserve again or stop.
     pub async fn heartbeat(&self) -> Result<bool, StateError> {
-        let mut tx = self.pool.begin().await?;
+        let mut tx = self.beat.begin().await?;
         let row: Option<(bool, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT expires_ms > {NOW_MS} + $2, incarnation FROM nodes WHERE name = $1 FOR UPDATE"
         )))
@@ -258,10 +289,12 @@ impl Cluster {
         }
         let alive = row.is_some_and(|(a, _)| a);
         if !alive {
-            sqlx::query("DELETE FROM held WHERE node = $1")
-                .bind(&self.node)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM held WHERE node = $1 AND {UNCOMMITTED}"
+            )))
+            .bind(&self.node)
+            .execute(&mut *tx)
+            .await?;
         }
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO nodes (name, started_ms, expires_ms, incarnation) VALUES ($1, {NOW_MS}, {NOW_MS} + $2, $3)
@@ -283,9 +316,9 @@ impl Cluster {
     pub async fn reclaim(&self) -> Result<u64, StateError> {
         Ok(sqlx::query(sqlx::AssertSqlSafe(format!(
             "WITH dead AS (SELECT name FROM nodes WHERE expires_ms <= {NOW_MS} FOR UPDATE)
-             DELETE FROM held h USING dead WHERE h.node = dead.name"
+             DELETE FROM held USING dead WHERE held.node = dead.name AND {UNCOMMITTED}"
         )))
-        .execute(&self.pool)
+        .execute(&self.beat)
         .await?
         .rows_affected())
     }
@@ -316,7 +349,6 @@ impl Cluster {
         at: jiff::Timestamp,
     ) -> Result<Result<i64, QuotaExceeded>, StateError> {
         let mut tx = self.pool.begin().await?;
-        self.check_lease(&mut tx).await?;
         let row: Option<(String, String)> =
             // FOR SHARE: a move or removal of this client (which locks its
             // row FOR UPDATE) waits for this hold, or this for it.
@@ -337,6 +369,8 @@ impl Cluster {
                 .execute(&mut *tx)
                 .await?;
         }
+        // After the waits: the lease must still run when the hold is made.
+        self.check_lease(&mut tx).await?;
         let cust = &cfg.customer(customer).name;
         let usage = admission::level_usage(&mut tx, cfg, &id, customer).await?;
         if let Err(q) = QuotaExceeded::check(cfg, customer, &id, &usage, size) {
@@ -405,7 +439,7 @@ impl Cluster {
     pub async fn holds(&self) -> Result<(HashMap<String, u64>, HashMap<String, u64>), StateError> {
         let rows: Vec<(String, String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
             "SELECT h.client, h.customer, SUM(h.size)::bigint FROM held h
-               JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}
+               JOIN nodes n ON n.name = h.node AND {LIVE_HOLD}
              GROUP BY h.client, h.customer"
         )))
         .fetch_all(&self.pool)
@@ -424,7 +458,7 @@ impl Cluster {
     pub async fn reserved_total(&self) -> Result<u64, StateError> {
         let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
             "SELECT COALESCE(SUM(h.size), 0)::bigint FROM held h
-               JOIN nodes n ON n.name = h.node AND n.expires_ms > {NOW_MS}"
+               JOIN nodes n ON n.name = h.node AND {LIVE_HOLD}"
         )))
         .fetch_one(&self.pool)
         .await?;
@@ -434,6 +468,7 @@ impl Cluster {
     /// Closes the pools (the lease runs out by itself).
     pub async fn close(&self) {
         self.locks.close().await;
+        self.beat.close().await;
         self.pool.close().await;
     }
 }
@@ -455,7 +490,7 @@ fn members(cfg: &Config, customer: CustomerId) -> Vec<String> {
 /// allotment, in the one order every node takes them: server, reseller,
 /// customer, client. A level without an allotment decides nothing, so
 /// reservations there need not wait for each other.
-fn lock_keys(
+pub(crate) fn lock_keys(
     cfg: &Config,
     customer: CustomerId,
     client: &str,
