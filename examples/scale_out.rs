@@ -18,14 +18,14 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Conn, Target, connect, cpu, expect, j};
+use support::{Target, cpu, expect, hello, j};
 
 use futures_util::SinkExt;
 use serde_json::json;
 use std::path::Path;
 use std::process::Child;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 use tokio::sync::Semaphore;
 use tollgate::wire::{Frame, Kind};
 
@@ -176,20 +176,6 @@ fn pct(sorted: &[f64], p: f64) -> f64 {
         .get(((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1)))
         .copied()
         .unwrap_or(0.0)
-}
-
-async fn hello(t: &Target, id: &str, customer: &str) -> Result<Conn, String> {
-    let mut c = tokio::time::timeout(Duration::from_secs(120), connect(t))
-        .await
-        .map_err(|_| "connect timed out".to_string())?;
-    c.send(j(
-        Kind::Hello,
-        json!({"protocol": 1, "client_id": id, "customer": customer, "schedule": "bench"}),
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    expect(&mut c, Kind::Welcome).await?;
-    Ok(c)
 }
 
 async fn run(s: &Setup, admissions: usize, sessions: usize, files: usize) -> Row {

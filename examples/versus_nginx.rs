@@ -20,7 +20,7 @@
 #[path = "support/mod.rs"]
 mod support;
 
-use support::{Conn, Target, connect, cpu, expect, j, rss_kib, upload};
+use support::{Target, cpu, hello, j, rss_kib, upload};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
@@ -377,21 +377,6 @@ async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
         cpu,
         rss_per_conn: per_conn,
     }
-}
-
-/// Connects and says HELLO; the connection once WELCOMEd.
-async fn hello(t: &Target, id: &str, customer: &str) -> Result<Conn, String> {
-    let mut c = tokio::time::timeout(Duration::from_secs(120), connect(t))
-        .await
-        .map_err(|_| "connect timed out".to_string())?;
-    c.send(j(
-        Kind::Hello,
-        json!({"protocol": 1, "client_id": id, "customer": customer, "schedule": "bench"}),
-    ))
-    .await
-    .map_err(|e| e.to_string())?;
-    expect(&mut c, Kind::Welcome).await?;
-    Ok(c)
 }
 
 fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) {

@@ -87,6 +87,29 @@ fn config(dir: &Path, pg: &PgDb, server_extra: &str, body: &str) -> String {
     )
 }
 
+/// A raw session of `client` under `customer` on `d`, WELCOMEd.
+async fn welcomed(
+    d: &Daemon,
+    client: &str,
+    customer: &str,
+) -> tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tollgate::wire::FrameCodec,
+> {
+    let mut s = d.raw().await;
+    s.send(frame(
+        Kind::Hello,
+        json!({"protocol": 1, "client_id": client, "customer": customer, "schedule": "s", "intent": "backup"}),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_frame(&mut s, Duration::from_secs(10)).await.kind,
+        Kind::Welcome
+    );
+    s
+}
+
 fn code(e: &ClientError) -> &str {
     e.code().unwrap_or("(none)")
 }
@@ -258,18 +281,7 @@ async fn a_deactivation_ends_sessions_on_every_node_within_a_second() {
     };
     let mut idle = Vec::new();
     for (i, d) in c.nodes.iter().enumerate() {
-        let mut s = d.raw().await;
-        s.send(frame(
-            Kind::Hello,
-            json!({"protocol": 1, "client_id": format!("PC{i}"), "customer": "Acme", "schedule": "s", "intent": "backup"}),
-        ))
-        .await
-        .unwrap();
-        assert_eq!(
-            next_frame(&mut s, Duration::from_secs(10)).await.kind,
-            Kind::Welcome
-        );
-        idle.push(s);
+        idle.push(welcomed(d, &format!("PC{i}"), "Acme").await);
     }
     let t0 = Instant::now();
     replace_config(c.path(), &config(c.path(), &c.pg, "", &customer(false)));
@@ -307,15 +319,7 @@ async fn a_node_killed_mid_upload_gives_its_reservation_back() {
         return;
     };
     // On node a: a 700 KiB upload, throttled, so it is in flight a while.
-    let up = c.nodes[0].raw().await;
-    let (mut tx, mut rx) = up.split();
-    tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": "VICTIM", "customer": "C", "schedule": "s", "intent": "backup"})))
-        .await
-        .unwrap();
-    assert_eq!(
-        next_frame(&mut rx, Duration::from_secs(10)).await.kind,
-        Kind::Welcome
-    );
+    let (mut tx, _rx) = welcomed(&c.nodes[0], "VICTIM", "C").await.split();
     tx.send(frame(Kind::Put, json!({"path": "big", "size": 700 * 1024})))
         .await
         .unwrap();
@@ -441,15 +445,9 @@ async fn an_aggregate_cap_holds_across_three_nodes() {
     // Two sessions per node, each sending as fast as it is read.
     let mut writers = Vec::new();
     for i in 0..6 {
-        let s = c.nodes[i % 3].raw().await;
-        let (mut tx, mut rx) = s.split();
-        tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": format!("PC{i}"), "customer": "C", "schedule": "s", "intent": "backup"})))
+        let (mut tx, rx) = welcomed(&c.nodes[i % 3], &format!("PC{i}"), "C")
             .await
-            .unwrap();
-        assert_eq!(
-            next_frame(&mut rx, Duration::from_secs(10)).await.kind,
-            Kind::Welcome
-        );
+            .split();
         tx.send(frame(Kind::Put, json!({"path": "big", "size": 4u64 << 30})))
             .await
             .unwrap();
@@ -590,15 +588,7 @@ async fn a_second_daemon_under_a_serving_name_stops_first() {
         return;
     };
     // An upload in flight on node a holds a reservation.
-    let up = c.nodes[0].raw().await;
-    let (mut tx, mut rx) = up.split();
-    tx.send(frame(Kind::Hello, json!({"protocol": 1, "client_id": "PC", "customer": "C", "schedule": "s", "intent": "backup"})))
-        .await
-        .unwrap();
-    assert_eq!(
-        next_frame(&mut rx, Duration::from_secs(10)).await.kind,
-        Kind::Welcome
-    );
+    let (mut tx, _rx) = welcomed(&c.nodes[0], "PC", "C").await.split();
     tx.send(frame(Kind::Put, json!({"path": "big", "size": 4 << 20})))
         .await
         .unwrap();
@@ -649,4 +639,68 @@ async fn a_second_daemon_under_a_serving_name_stops_first() {
         "{}",
         c.nodes[0].log()
     );
+}
+
+/// Session mails from sessions on three nodes, through one real SMTP
+/// server: every node delivers from the one outbox as soon as a message is
+/// due, and each message goes out once (the outbox claims; without them
+/// 13 and 15 mails went out for 12 sessions).
+#[tokio::test(flavor = "multi_thread")]
+async fn session_mails_from_three_nodes_go_out_once_each() {
+    let mail = TempDir::new().unwrap();
+    let smtp = Smtp::start(&mail.path().join("maildir"), free_port());
+    let Some(c) = Nodes::start(
+        "session_mails_from_three_nodes",
+        &format!(
+            "[server.email]\nfrom = \"tollgate@backup.example\"\nsmtp = \"smtp://127.0.0.1:{}\"\nreport_interval = \"0s\"\n",
+            smtp.port
+        ),
+        "[[customer]]\nname = \"C\"\nemail = \"it@c.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\nemail_reports = true\n",
+    )
+    .await
+    else {
+        return;
+    };
+    let src = c.path().join("f");
+    make_file(&src, 4096, 1);
+    for i in 0..12 {
+        let mut s = Session::connect(&c.opts(i, &format!("MAIL-{i:02}"), "C"))
+            .await
+            .unwrap();
+        let r = s
+            .upload(
+                &[Upload {
+                    local: src.clone(),
+                    remote: "f".into(),
+                    ..Default::default()
+                }],
+                &|_| {},
+            )
+            .await
+            .unwrap();
+        assert!(r[0].is_ok(), "{:?}", r[0]);
+        s.bye().await.unwrap();
+    }
+    let got = smtp.wait_for(12, Duration::from_secs(30));
+    assert_eq!(got.len(), 12, "{}", c.logs());
+    // And no more: every node had its chance to send one again.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = smtp.messages();
+    let mut per_client = std::collections::HashMap::new();
+    for m in &got {
+        let text = String::from_utf8_lossy(m);
+        let id = (0..12)
+            .map(|i| format!("MAIL-{i:02}"))
+            .find(|id| text.contains(id.as_str()))
+            .unwrap_or_else(|| panic!("a mail about none of the clients:\n{text}"));
+        *per_client.entry(id).or_insert(0) += 1;
+    }
+    assert_eq!(got.len(), 12, "{per_client:?}");
+    assert!(per_client.values().all(|&n| n == 1), "{per_client:?}");
+    assert_eq!(
+        c.scalar("SELECT COUNT(*) FROM outbox WHERE sent_at IS NULL")
+            .await,
+        0
+    );
+    assert_eq!(c.scalar("SELECT COUNT(*) FROM outbox").await, 12);
 }

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_util::codec::Framed;
@@ -169,4 +169,19 @@ pub fn rss_kib(pids: &[u32]) -> u64 {
                 .and_then(|n| n.parse::<u64>().ok())
         })
         .sum()
+}
+
+/// Connects and says HELLO; the connection once WELCOMEd.
+pub async fn hello(t: &Target, id: &str, customer: &str) -> Result<Conn, String> {
+    let mut c = tokio::time::timeout(Duration::from_secs(120), connect(t))
+        .await
+        .map_err(|_| "connect timed out".to_string())?;
+    c.send(j(
+        Kind::Hello,
+        json!({"protocol": 1, "client_id": id, "customer": customer, "schedule": "bench"}),
+    ))
+    .await
+    .map_err(|e| e.to_string())?;
+    expect(&mut c, Kind::Welcome).await?;
+    Ok(c)
 }

@@ -1,14 +1,17 @@
 //! What tollgate remembers beyond the config file: registered clients and
 //! their secrets, the file index and usage, in-flight reservations, MCAL
-//! debits, sessions and refusals. SQLite through sqlx is the embedded
-//! backend; every SQL statement lives in this module (and `ops`, `views`),
-//! so a PostgreSQL backend can be added behind the same methods.
+//! debits, sessions and refusals, behind one interface ([`State`]) over
+//! two backends: SQLite through sqlx, embedded, for one node; PostgreSQL
+//! for several nodes on one database (`postgres`, docs/scale-out.md).
+//! Every SQL statement lives in this module.
 //!
 //! Each operation that checks and writes reads a snapshot, asks `policy`
-//! for the decision and applies it on the one write connection (`writer`):
-//! operations run one at a time, in batches that share one durable commit
-//! (group commit), so "100 first backups for 10 MCALs" admits exactly 10.
-//! Reads use their own pool.
+//! for the decision and applies it. On SQLite it runs on the one write
+//! connection (`writer`): operations run one at a time, in batches that
+//! share one durable commit (group commit), so "100 first backups for 10
+//! MCALs" admits exactly 10. On PostgreSQL it runs in its own transaction
+//! under advisory locks taken in one order, exact across nodes. Reads use
+//! their own pool.
 
 mod admission;
 pub mod ledger;

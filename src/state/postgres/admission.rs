@@ -20,13 +20,11 @@ use crate::policy::admission::{
 use crate::policy::space::{LevelUsage, Month};
 use crate::state::Decision;
 use crate::state::ledger::Held;
-use crate::state::ops::{ClientDb, record};
+use crate::state::ops::record;
+use crate::state::pg;
 use crate::state::{StateError, new_secret};
 use jiff::Timestamp;
 use sqlx::{PgConnection, Row};
-
-/// `ClientDb`'s columns, `declared` as a boolean.
-const CLIENT_COLUMNS: &str = "id, customer, kind, secret_sha256, declared <> 0 AS declared, used, removed_at, readmit_sha256, readmit_expires";
 
 async fn lock(tx: &mut PgConnection, level: &str, name: &str) -> Result<(), sqlx::Error> {
     sqlx::query("SELECT pg_advisory_xact_lock($1)")
@@ -34,16 +32,6 @@ async fn lock(tx: &mut PgConnection, level: &str, name: &str) -> Result<(), sqlx
         .execute(&mut *tx)
         .await?;
     Ok(())
-}
-
-/// The client whose id equals `id` without regard to case.
-async fn client_db(tx: &mut PgConnection, id: &str) -> Result<Option<ClientDb>, sqlx::Error> {
-    sqlx::query_as::<_, ClientDb>(sqlx::AssertSqlSafe(format!(
-        "SELECT {CLIENT_COLUMNS} FROM clients WHERE id = $1 COLLATE nocase"
-    )))
-    .bind(id)
-    .fetch_optional(&mut *tx)
-    .await
 }
 
 /// Committed usage beside the live holds, at every level above `client`
@@ -123,7 +111,7 @@ impl Cluster {
         let secret = new_secret()?;
         let mut tx = self.pool.begin().await?;
         lock(&mut tx, "admit client", &hello.client_id).await?;
-        let row = client_db(&mut tx, &hello.client_id).await?;
+        let row = pg::client_db(&mut tx, &hello.client_id).await?;
         let rec = match &row {
             Some(r) => match record(cfg, r) {
                 Some(rec) => Some(rec),
@@ -204,54 +192,26 @@ impl Cluster {
                 Some(secret)
             }
             Registration::Declared | Registration::AutoAdded => {
-                let name = &cfg.customer(adm.customer).name;
-                sqlx::query(
-                    "INSERT INTO clients (id, customer, kind, secret_sha256, declared, hostname, registered_at, last_seen)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7, $7)
-                     ON CONFLICT (id) DO UPDATE SET customer = excluded.customer, kind = excluded.kind,
-                       secret_sha256 = excluded.secret_sha256, declared = excluded.declared,
-                       hostname = COALESCE(excluded.hostname, clients.hostname),
-                       registered_at = excluded.registered_at, last_seen = excluded.last_seen,
-                       removed_at = NULL, readmit_sha256 = NULL, readmit_expires = NULL",
+                pg::upsert_registration(
+                    &mut tx,
+                    cfg,
+                    &hello.client_id,
+                    adm.customer,
+                    adm.kind,
+                    &secret,
+                    adm.registration == Registration::Declared,
+                    hello.hostname.as_deref(),
+                    at,
                 )
-                .bind(&hello.client_id)
-                .bind(name)
-                .bind(adm.kind.as_str())
-                .bind(admission::secret_digest(&secret).to_vec())
-                .bind(i64::from(adm.registration == Registration::Declared))
-                .bind(hello.hostname.as_deref())
-                .bind(secs)
-                .execute(&mut *tx)
-                .await?;
-                sqlx::query(
-                    "INSERT INTO customer_usage (customer, used) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                )
-                .bind(name)
-                .execute(&mut *tx)
                 .await?;
                 Some(secret)
             }
         };
         if let Some((month, cost)) = adm.mcal_debit {
-            let reseller = cfg
-                .customer(adm.customer)
-                .reseller
-                .map(|r| cfg.reseller(r).name.clone());
-            sqlx::query(
-                "INSERT INTO mcal_debits (client, month, cost, customer, reseller, debited_at)
-                 VALUES ($1, $2, $3, $4, $5, $6)",
-            )
-            .bind(
-                rec.as_ref()
-                    .map_or(hello.client_id.as_str(), |r| r.id.as_str()),
-            )
-            .bind(month.to_string())
-            .bind(i64::from(cost))
-            .bind(&cfg.customer(adm.customer).name)
-            .bind(reseller)
-            .bind(secs)
-            .execute(&mut *tx)
-            .await?;
+            let client = rec
+                .as_ref()
+                .map_or(hello.client_id.as_str(), |r| r.id.as_str());
+            pg::insert_debit(&mut tx, cfg, client, adm.customer, month, cost, at).await?;
         }
         tx.commit().await?;
         Ok(Decision::Admitted {
