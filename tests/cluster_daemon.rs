@@ -17,17 +17,41 @@ use tollgate::wire::{Frame, Kind};
 
 const MIB: u64 = 1 << 20;
 
+/// The measured test runs alone (it takes this for writing); the others
+/// share it, so their daemons do not take the CPU it measures with.
+static MEASURING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 /// Three nodes, `a`, `b` and `c`, serving the config `body` (after
 /// `[server]`'s keys) from one file in one directory.
 struct Nodes {
-    dir: TempDir,
-    pg: PgDb,
+    // Dropped in this order: the daemons (which archive their logs from
+    // `dir`), the turn, the database, the directory.
     nodes: Vec<Daemon>,
+    _turn: Turn,
+    pg: PgDb,
+    dir: TempDir,
+}
+
+/// A test's turn at running nodes, held until they stop.
+#[allow(dead_code)] // held, never read
+enum Turn {
+    Shared(tokio::sync::RwLockReadGuard<'static, ()>),
+    Alone(tokio::sync::RwLockWriteGuard<'static, ()>),
 }
 
 impl Nodes {
     /// `None` where there is no PostgreSQL (said loudly; CI requires it).
     async fn start(test: &str, server_extra: &str, body: &str) -> Option<Nodes> {
+        Nodes::start_turn(test, server_extra, body, false).await
+    }
+
+    /// With `alone`, no other test's nodes run meanwhile.
+    async fn start_turn(test: &str, server_extra: &str, body: &str, alone: bool) -> Option<Nodes> {
+        let turn = if alone {
+            Turn::Alone(MEASURING.write().await)
+        } else {
+            Turn::Shared(MEASURING.read().await)
+        };
         let pg = PgDb::create(test).await?;
         let dir = TempDir::new().unwrap();
         std::fs::write(
@@ -39,7 +63,12 @@ impl Nodes {
             .iter()
             .map(|n| Daemon::start_node(dir.path(), n, &[]))
             .collect();
-        Some(Nodes { dir, pg, nodes })
+        Some(Nodes {
+            dir,
+            pg,
+            nodes,
+            _turn: turn,
+        })
     }
 
     fn path(&self) -> &Path {
@@ -433,10 +462,11 @@ fn metric(text: &str, series: &str) -> f64 {
 /// sum to the cap within 3%.
 #[tokio::test(flavor = "multi_thread")]
 async fn an_aggregate_cap_holds_across_three_nodes() {
-    let Some(c) = Nodes::start(
+    let Some(c) = Nodes::start_turn(
         "an_aggregate_cap_holds_across_three_nodes",
         "metrics_listen = \"127.0.0.1:0\"\naggregate = { rate = \"30 MiB/s\" }",
         "[[customer]]\nname = \"C\"\nemail = \"it@x.example\"\nbackup_location = \"{DIR}/c\"\nauto_add_clients = true\n",
+        true,
     )
     .await
     else {
