@@ -139,6 +139,21 @@ async fn welcomed(
     s
 }
 
+/// Stores `local` as `remote` in session `s`; the file's result.
+async fn store(
+    s: &mut Session,
+    local: &Path,
+    remote: &str,
+) -> Result<tollgate::wire::FileInfo, ClientError> {
+    let upload = Upload {
+        local: local.to_path_buf(),
+        remote: remote.into(),
+        ..Default::default()
+    };
+    let mut r = s.upload(&[upload], &|_| {}).await.unwrap();
+    r.remove(0)
+}
+
 fn code(e: &ClientError) -> &str {
     e.code().unwrap_or("(none)")
 }
@@ -234,18 +249,8 @@ async fn fifty_uploads_on_three_nodes_never_overrun_the_last_mib() {
     let fill = c.path().join("fill");
     make_file(&fill, 10 * MIB as usize, 1);
     let mut s = Session::connect(&c.opts(0, "FILL", "C")).await.unwrap();
-    let r = s
-        .upload(
-            &[Upload {
-                local: fill,
-                remote: "fill".into(),
-                ..Default::default()
-            }],
-            &|_| {},
-        )
-        .await
-        .unwrap();
-    assert!(r[0].is_ok(), "{:?}", r[0]);
+    let r = store(&mut s, &fill, "fill").await;
+    assert!(r.is_ok(), "{r:?}");
     s.bye().await.unwrap();
 
     // 50 racers of 89 KiB each: 11 fit in 1 MiB (979 KiB), 12 do not.
@@ -257,19 +262,9 @@ async fn fifty_uploads_on_three_nodes_never_overrun_the_last_mib() {
         let src = src.clone();
         tasks.push(tokio::spawn(async move {
             let mut s = Session::connect(&o).await.unwrap();
-            let r = s
-                .upload(
-                    &[Upload {
-                        local: src,
-                        remote: "racer".into(),
-                        ..Default::default()
-                    }],
-                    &|_| {},
-                )
-                .await
-                .unwrap();
+            let r = store(&mut s, &src, "racer").await;
             let _ = s.bye().await;
-            r.into_iter().next().unwrap()
+            r
         }));
     }
     let (mut stored, mut refused) = (0u64, 0);
@@ -380,33 +375,13 @@ async fn a_node_killed_mid_upload_gives_its_reservation_back() {
     let mut other = Session::connect(&c.opts(2, "OTHER", "C")).await.unwrap();
     let small = c.path().join("small");
     make_file(&small, 100 * 1024, 3);
-    let put = |name: &str| Upload {
-        local: small.clone(),
-        remote: name.into(),
-        ..Default::default()
-    };
     // 700 KiB held + 100 KiB: a 400 KiB upload does not fit beside it.
-    let r = other.upload(&[put("before")], &|_| {}).await.unwrap();
-    assert!(r[0].is_ok(), "{:?}", r[0]);
+    let r = store(&mut other, &small, "before").await;
+    assert!(r.is_ok(), "{r:?}");
     let mid = c.path().join("mid");
     make_file(&mid, 400 * 1024, 4);
-    let r = other
-        .upload(
-            &[Upload {
-                local: mid.clone(),
-                remote: "mid".into(),
-                ..Default::default()
-            }],
-            &|_| {},
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        r[0].as_ref().err().map(code),
-        Some("quota_exceeded"),
-        "{:?}",
-        r[0]
-    );
+    let r = store(&mut other, &mid, "mid").await;
+    assert_eq!(r.as_ref().err().map(code), Some("quota_exceeded"), "{r:?}");
 
     let t0 = Instant::now();
     c.nodes[0].kill9();
@@ -429,18 +404,8 @@ async fn a_node_killed_mid_upload_gives_its_reservation_back() {
         "reclaimed only after {reclaimed:?}"
     );
     // The space is free again, on the session that never stopped.
-    let r = other
-        .upload(
-            &[Upload {
-                local: mid,
-                remote: "mid".into(),
-                ..Default::default()
-            }],
-            &|_| {},
-        )
-        .await
-        .unwrap();
-    assert!(r[0].is_ok(), "{:?}", r[0]);
+    let r = store(&mut other, &mid, "mid").await;
+    assert!(r.is_ok(), "{r:?}");
     other.bye().await.unwrap();
     assert_eq!(
         c.scalar("SELECT used FROM customer_usage WHERE customer = 'C'")
@@ -565,18 +530,8 @@ async fn one_path_stored_from_two_nodes_at_once_stays_exact() {
         tasks.push(tokio::spawn(async move {
             let mut s = Session::connect(&o).await.unwrap();
             for _ in 0..25 {
-                let r = s
-                    .upload(
-                        &[Upload {
-                            local: src.clone(),
-                            remote: "same.bin".into(),
-                            ..Default::default()
-                        }],
-                        &|_| {},
-                    )
-                    .await
-                    .unwrap();
-                assert!(r[0].is_ok(), "{:?}", r[0]);
+                let r = store(&mut s, &src, "same.bin").await;
+                assert!(r.is_ok(), "{r:?}");
             }
             s.bye().await.unwrap();
         }));
@@ -697,18 +652,8 @@ async fn session_mails_from_three_nodes_go_out_once_each() {
         let mut s = Session::connect(&c.opts(i, &format!("MAIL-{i:02}"), "C"))
             .await
             .unwrap();
-        let r = s
-            .upload(
-                &[Upload {
-                    local: src.clone(),
-                    remote: "f".into(),
-                    ..Default::default()
-                }],
-                &|_| {},
-            )
-            .await
-            .unwrap();
-        assert!(r[0].is_ok(), "{:?}", r[0]);
+        let r = store(&mut s, &src, "f").await;
+        assert!(r.is_ok(), "{r:?}");
         s.bye().await.unwrap();
     }
     let got = smtp.wait_for(12, Duration::from_secs(30));
