@@ -38,4 +38,5 @@ pub mod state;
 pub mod storage;
 pub mod throttle;
 pub mod tls;
+pub mod web;
 pub mod wire;

@@ -124,15 +124,47 @@ pub fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
     crate::storage::write_durably(path, data, 0o600)
 }
 
-/// Builds the server's TLS configuration from the config.
-pub fn server_tls(cfg: &Config) -> Result<ServerTls, TlsError> {
-    let (cert_path, key_path, self_signed) = match (&cfg.server.tls.cert, &cfg.server.tls.key) {
+/// The daemon's certificate and key files, and whether they are the
+/// self-signed pair (made on first use).
+fn pair_paths(cfg: &Config) -> Result<(PathBuf, PathBuf, bool), TlsError> {
+    Ok(match (&cfg.server.tls.cert, &cfg.server.tls.key) {
         (Some(c), Some(k)) => (c.clone(), k.clone(), false),
         _ => {
             let (c, k) = self_signed(&cfg.server.state_dir)?;
             (c, k, true)
         }
+    })
+}
+
+/// The fingerprint clients pin (`sha256:<hex>`), read from the daemon's
+/// certificate file.
+pub fn server_fingerprint(cfg: &Config) -> Result<String, TlsError> {
+    let (cert, _, _) = pair_paths(cfg)?;
+    Ok(fingerprint(&read_certs(&cert)?[0]))
+}
+
+/// TLS for the web console (`[server.web]`): its own pair when given, else
+/// the daemon's; HTTP/1.1, no client certificates.
+pub fn web_tls(cfg: &Config) -> Result<Arc<ServerConfig>, TlsError> {
+    let web = cfg.server.web.as_ref();
+    let (cert, key) = match web.and_then(|w| w.cert.clone().zip(w.key.clone())) {
+        Some(pair) => pair,
+        None => {
+            let (c, k, _) = pair_paths(cfg)?;
+            (c, k)
+        }
     };
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(read_certs(&cert)?, read_key(&key)?)?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Builds the server's TLS configuration from the config.
+pub fn server_tls(cfg: &Config) -> Result<ServerTls, TlsError> {
+    let (cert_path, key_path, self_signed) = pair_paths(cfg)?;
     let certs = read_certs(&cert_path)?;
     let key = read_key(&key_path)?;
     let fingerprint = fingerprint(&certs[0]);

@@ -4,15 +4,13 @@
 //! SQLite's locking makes that safe, and the daemon sees a move or removal
 //! at that client's next admission.
 
+use crate::config::Config;
 use crate::config::units::{format_rate, format_size};
-use crate::config::{Config, CustomerId, McalLimit, ResellerId};
-use crate::policy::space::{self, Debits, McalSnapshot, Node, SpaceSnapshot, Usage};
-use crate::policy::throttle;
+use crate::policy::space::McalSnapshot;
 use crate::state::requests::{Change, Outcome};
-use crate::state::{ClientRow, Readmit, State, StatusData};
+use crate::state::status::{CustomerStatus, NodeStatus, Status, status_doc, when, with_declared};
+use crate::state::{Readmit, State};
 use anyhow::Context;
-use jiff::Timestamp;
-use serde::Serialize;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -31,264 +29,12 @@ async fn open_read(cfg: &Config) -> anyhow::Result<State> {
         .context("opening the state database for reading")
 }
 
-/// Adds the clients declared in the config that the daemon has not yet
-/// recorded (it records them at start and reload), as never connected.
-fn with_declared(cfg: &Config, mut rows: Vec<ClientRow>) -> Vec<ClientRow> {
-    let known: std::collections::HashSet<String> =
-        rows.iter().map(|r| r.id.to_ascii_lowercase()).collect();
-    for c in &cfg.clients {
-        if !known.contains(&c.id.to_ascii_lowercase()) {
-            rows.push(ClientRow {
-                id: c.id.clone(),
-                customer: cfg.customer(c.customer).name.clone(),
-                kind: c.kind.as_str().into(),
-                declared: true,
-                ..ClientRow::default()
-            });
-        }
-    }
-    rows
-}
-
 /// Opens the state for a command that changes it. Declared clients are the
 /// daemon's to record and move (at start and reload), never a command's.
 async fn open(cfg: &Config) -> anyhow::Result<State> {
     State::open_tool(cfg)
         .await
         .context("opening the state database")
-}
-
-fn when(cfg: &Config, secs: Option<i64>) -> String {
-    match secs.and_then(|s| Timestamp::from_second(s).ok()) {
-        None => "never".into(),
-        Some(t) => cfg
-            .server
-            .timezone
-            .to_datetime(t)
-            .strftime("%Y-%m-%d %H:%M")
-            .to_string(),
-    }
-}
-
-/// The status document (`--json`) and the source of the text view.
-#[derive(Serialize)]
-struct Status {
-    at: String,
-    timezone: String,
-    server: NodeStatus,
-    default_customer: CustomerStatus,
-    resellers: Vec<ResellerStatus>,
-    /// Clients whose customer the config no longer has.
-    orphans: Vec<ClientStatus>,
-    /// The e-mail outbox; absent without `server.email`.
-    mail: Option<MailStatus>,
-}
-
-#[derive(Serialize)]
-struct MailStatus {
-    /// Messages not yet delivered.
-    pending: u64,
-    /// When the oldest of them was queued, local time.
-    oldest_pending: Option<String>,
-    /// The newest delivery error among them.
-    last_error: Option<String>,
-}
-
-#[derive(Serialize)]
-struct NodeStatus {
-    space: SpaceSnapshot,
-    mcal: Option<McalSnapshot>,
-    refusals_24h: u64,
-}
-
-#[derive(Serialize)]
-struct ResellerStatus {
-    name: String,
-    activated: bool,
-    #[serde(flatten)]
-    node: NodeStatus,
-    customers: Vec<CustomerStatus>,
-}
-
-#[derive(Serialize)]
-struct CustomerStatus {
-    name: String,
-    activated: bool,
-    clients_registered: u64,
-    max_clients: Option<u32>,
-    #[serde(flatten)]
-    node: NodeStatus,
-    clients: Vec<ClientStatus>,
-}
-
-#[derive(Serialize)]
-struct ClientStatus {
-    #[serde(flatten)]
-    row: ClientRow,
-    space: Option<u64>,
-    last_backup_local: String,
-    last_seen_local: String,
-    /// Upload rate in force now per schedule ("*" = any other schedule).
-    throttle_now: Vec<ScheduleRate>,
-    /// A declared client the config puts under another customer than the
-    /// state does: the customer it moves to when the daemon applies the
-    /// config (its files move then, not before).
-    moves_to: Option<String>,
-}
-
-#[derive(Serialize)]
-struct ScheduleRate {
-    schedule: String,
-    rate: Option<u64>,
-    until: Option<String>,
-}
-
-fn status_doc(cfg: &Config, d: &StatusData, at: Timestamp) -> Status {
-    let key = |c: CustomerId| cfg.customer(c).name.to_lowercase();
-    let cust_usage = |c: CustomerId| d.customers.get(&key(c)).copied().unwrap_or_default();
-    let sum = |cs: &mut dyn Iterator<Item = CustomerId>| {
-        cs.fold(Usage::default(), |a, c| {
-            let u = cust_usage(c);
-            Usage {
-                used: a.used + u.used,
-                reserved: a.reserved + u.reserved,
-            }
-        })
-    };
-    let all = sum(&mut (0..cfg.customers.len()).map(|i| CustomerId(i as u32)));
-    let pool = cfg
-        .server
-        .mcal
-        .map(|m| space::pool_snapshot(&m, d.global_debits));
-    let pool_left = pool.map_or(0, |p| p.available);
-    let mcal = |limit: McalLimit, debits: Debits, ceiling: u64| {
-        pool.map(|_| space::allotment_snapshot(limit, debits, ceiling))
-    };
-    let client_status = |row: &ClientRow| {
-        let customer = cfg.customer_by_name(&row.customer);
-        let declared = cfg.declared_client(&row.id);
-        let mut schedules: Vec<String> = declared
-            .map(|dc| cfg.client(dc).schedules.keys().cloned().collect())
-            .unwrap_or_default();
-        schedules.push("*".into());
-        let throttle_now = match customer {
-            None => Vec::new(),
-            Some(c) => schedules
-                .into_iter()
-                .map(|s| {
-                    let r = throttle::resolve(cfg, c, declared, &s, at);
-                    ScheduleRate {
-                        schedule: s,
-                        rate: r.rate,
-                        until: r.next_change.map(|t| {
-                            cfg.server
-                                .timezone
-                                .to_datetime(t)
-                                .strftime("%Y-%m-%d %H:%M")
-                                .to_string()
-                        }),
-                    }
-                })
-                .collect(),
-        };
-        let moves_to = declared
-            .map(|dc| &cfg.customer(cfg.client(dc).customer).name)
-            .filter(|to| !to.eq_ignore_ascii_case(&row.customer))
-            .cloned();
-        ClientStatus {
-            row: row.clone(),
-            moves_to,
-            space: declared.and_then(|dc| cfg.client(dc).space),
-            last_backup_local: when(cfg, row.last_backup),
-            last_seen_local: when(cfg, row.last_seen),
-            throttle_now,
-        }
-    };
-    let customer_status = |c: CustomerId, ceiling: u64| {
-        let cust = cfg.customer(c);
-        let rows: Vec<&ClientRow> = d
-            .clients
-            .iter()
-            .filter(|r| r.customer.to_lowercase() == key(c))
-            .collect();
-        let debits = d.customer_debits.get(&key(c)).copied().unwrap_or_default();
-        CustomerStatus {
-            name: cust.name.clone(),
-            activated: cust.activated,
-            clients_registered: rows.iter().filter(|r| r.registered || r.declared).count() as u64,
-            max_clients: cust.max_clients,
-            node: NodeStatus {
-                space: space::space_snapshot(cfg, Node::Customer(c), cust_usage(c)),
-                mcal: mcal(cust.mcal_limit, debits, ceiling),
-                refusals_24h: d.customer_refusals.get(&key(c)).copied().unwrap_or(0),
-            },
-            clients: rows.into_iter().map(client_status).collect(),
-        }
-    };
-    let resellers = cfg
-        .resellers
-        .iter()
-        .enumerate()
-        .map(|(i, r)| {
-            let debits = d.reseller_debits.get(&r.name).copied().unwrap_or_default();
-            let rm = mcal(r.mcal_limit, debits, pool_left);
-            let ceiling = rm.map_or(0, |m| m.available);
-            ResellerStatus {
-                name: r.name.clone(),
-                activated: r.activated,
-                node: NodeStatus {
-                    space: space::space_snapshot(
-                        cfg,
-                        Node::Reseller(ResellerId(i as u32)),
-                        sum(&mut r.customers.iter().copied()),
-                    ),
-                    mcal: rm,
-                    refusals_24h: r
-                        .customers
-                        .iter()
-                        .map(|&c| d.customer_refusals.get(&key(c)).copied().unwrap_or(0))
-                        .sum(),
-                },
-                customers: r
-                    .customers
-                    .iter()
-                    .map(|&c| customer_status(c, ceiling))
-                    .collect(),
-            }
-        })
-        .collect();
-    Status {
-        at: cfg
-            .server
-            .timezone
-            .to_datetime(at)
-            .strftime("%Y-%m-%d %H:%M")
-            .to_string(),
-        timezone: cfg
-            .server
-            .timezone
-            .iana_name()
-            .unwrap_or("system")
-            .to_string(),
-        server: NodeStatus {
-            space: space::space_snapshot(cfg, Node::Server, all),
-            mcal: pool,
-            refusals_24h: d.customer_refusals.values().sum(),
-        },
-        default_customer: customer_status(CustomerId::DEFAULT, pool_left),
-        resellers,
-        orphans: d
-            .clients
-            .iter()
-            .filter(|r| cfg.customer_by_name(&r.customer).is_none())
-            .map(client_status)
-            .collect(),
-        mail: cfg.server.email.as_ref().map(|_| MailStatus {
-            pending: d.mail_pending,
-            oldest_pending: d.mail_oldest.map(|t| when(cfg, Some(t))),
-            last_error: d.mail_last_error.clone(),
-        }),
-    }
 }
 
 fn of(used: u64, allotted: Option<u64>) -> String {
@@ -483,6 +229,36 @@ pub fn report_send(
             eprintln!(
                 "tollgate: the {} report of {name} for {} is queued, but delivery failed: {e}; the daemon will retry it",
                 p.name, p.label
+            );
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// `tollgate account send --customer NAME`.
+pub fn account_send(cfg: &Config, customer: &str) -> anyhow::Result<ExitCode> {
+    let Some(c) = cfg.customer_by_name(customer) else {
+        anyhow::bail!("no customer {customer:?} in the configuration");
+    };
+    let name = &cfg.customer(c).name;
+    if cfg.customer(c).email.is_none() {
+        anyhow::bail!("customer {name:?} has no email to send its account details to");
+    }
+    let at = crate::clock::now();
+    let (to, sent) = runtime()?.block_on(async {
+        let st = open(cfg).await?;
+        let r = crate::reports::send_account_details_now(&st, cfg, c, at).await;
+        st.close().await;
+        r.context("making the account-details mail")
+    })?;
+    match sent {
+        Ok(()) => {
+            println!("sent the account details of {name} to {}", to.join(", "));
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!(
+                "tollgate: the account details of {name} are queued, but delivery failed: {e}; the daemon will retry them"
             );
             Ok(ExitCode::from(1))
         }
@@ -754,7 +530,7 @@ pub fn state_migrate(cfg: &Config, to: &str) -> anyhow::Result<ExitCode> {
             .await
             .with_context(|| format!("opening the target {to_shown}"))?;
         let r = migrate::migrate(&source.db, &target, |t| {
-            println!("  {:<16} {:>10} rows", t.table, t.rows);
+            println!("  {:<20} {:>10} rows", t.table, t.rows);
         })
         .await;
         target.close().await;

@@ -74,6 +74,12 @@ pub enum Command {
         #[command(subcommand)]
         action: ReportAction,
     },
+    /// Customers' account details.
+    Account {
+        /// What to do.
+        #[command(subcommand)]
+        action: AccountAction,
+    },
     /// List, move, remove or readmit clients.
     Clients {
         /// What to do.
@@ -99,6 +105,20 @@ pub enum StateAction {
         /// The target: sqlite:///path/to/state.db or postgres://user@host/db.
         #[arg(long = "to", value_name = "URL")]
         to: String,
+    },
+}
+
+/// `tollgate account …`.
+#[derive(Debug, Subcommand)]
+pub enum AccountAction {
+    /// Queue and send the customer's account-details mail now, to its
+    /// email: the web console's address and user name (never a password),
+    /// the backup server's address and certificate fingerprint, and how to
+    /// register a client.
+    Send {
+        /// The customer.
+        #[arg(long)]
+        customer: String,
     },
 }
 
@@ -205,6 +225,9 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             admin::report_send(&load(&cli.config)?, &customer, ask)
         }
+        Command::Account {
+            action: AccountAction::Send { customer },
+        } => admin::account_send(&load(&cli.config)?, &customer),
         Command::Clients { action } => {
             let cfg = || load(&cli.config);
             match action {

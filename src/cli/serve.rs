@@ -217,6 +217,18 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
+    let web = match crate::web::bind(&cfg).await.with_context(|| {
+        format!(
+            "binding server.web.listen {:?}",
+            cfg.server.web.as_ref().map(|w| w.listen)
+        )
+    })? {
+        Some(l) => Some((
+            l,
+            tls::web_tls(&cfg).context("setting up TLS for the web console")?,
+        )),
+        None => None,
+    };
     size_open_files(cfg.server.max_connections, cfg.server.limits.handshakes);
     crate::storage::start_pool().context("starting the writer pool")?;
     let handle = crate::metrics::install();
@@ -227,6 +239,9 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         let a = m.local_addr()?;
         info!(addr = %a, "metrics on http://{a}/metrics");
         writeln!(out, "tollgate: metrics on {a}")?;
+    }
+    if let Some((l, _)) = &web {
+        writeln!(out, "tollgate: console on {}", l.local_addr()?)?;
     }
     for (_, l) in &listeners {
         let a = l.local_addr()?;
@@ -248,6 +263,9 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     let mut server = tokio::spawn(server::run(ctx.clone()));
     if let Some(m) = metrics_listener {
         tokio::spawn(crate::metrics::serve(m, ctx.clone(), handle));
+    }
+    if let Some((l, web_tls)) = web {
+        tokio::spawn(crate::web::serve(l, ctx.clone(), web_tls));
     }
     // E-mail: queues due reports and alerts, and delivers the outbox.
     match crate::reports::Transport::from_config(&cfg) {
@@ -336,7 +354,25 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
                     states.push(m);
                 }
                 notify(&states);
-                let line = match reload::reload(&ctx, &path).await {
+                let result = reload::reload(&ctx, &path).await;
+                *ctx.last_reload.lock().unwrap_or_else(|p| p.into_inner()) =
+                    crate::server::ReloadRecord {
+                        at: Some(crate::clock::now()),
+                        ok: result.is_ok(),
+                        summary: match &result {
+                            Ok(s) => s.clone(),
+                            Err(e) => e.to_string(),
+                        },
+                        errors: match &result {
+                            Err(reload::ReloadError::Load(crate::config::LoadError::Invalid(
+                                errors,
+                            ))) => errors.iter().map(|e| e.to_string()).collect(),
+                            _ => Vec::new(),
+                        },
+                    };
+                // New customers may be owed their account details.
+                ctx.mail_wake.notify_one();
+                let line = match result {
                     Ok(summary) => {
                         info!("{summary}");
                         metrics::counter!(crate::metrics::RELOADS, "result" => "ok").increment(1);

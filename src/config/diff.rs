@@ -68,7 +68,12 @@ macro_rules! differing {
 fn server_keys(a: &Server, b: &Server) -> Vec<&'static str> {
     let mut keys = differing!(a, b; listen, state_dir, state, total_space,
         max_connections, hello_timeout, idle_timeout, shutdown_grace, max_frame,
-        metrics_listen, tls, mcal, throttle, aggregate, email, limits, retention, cluster);
+        metrics_listen, tls, mcal, throttle, aggregate, email, limits, retention, cluster, web);
+    // The admin's hash hides in `Debug`.
+    let admin = |s: &Server| s.web.as_ref().and_then(|w| w.admin.clone());
+    if admin(a) != admin(b) && !keys.contains(&"web") {
+        keys.push("web");
+    }
     // Zones compare by name: jiff's Debug shows how the zone was loaded.
     if a.timezone.iana_name() != b.timezone.iana_name() {
         keys.insert(0, "timezone");
@@ -77,13 +82,18 @@ fn server_keys(a: &Server, b: &Server) -> Vec<&'static str> {
 }
 
 fn reseller_keys(a: &Reseller, b: &Reseller) -> Vec<&'static str> {
-    differing!(a, b; email, space, activated, email_reports, mcal_limit, throttle, aggregate)
+    let mut keys =
+        differing!(a, b; email, space, activated, email_reports, mcal_limit, throttle, aggregate);
+    if a.web_access != b.web_access {
+        keys.push("web_access");
+    }
+    keys
 }
 
 fn customer_keys(old: &Config, a: &Customer, new: &Config, b: &Customer) -> Vec<&'static str> {
     let mut keys = differing!(a, b; email, records, backup_location, space, auto_add_clients,
         email_reports, mcal_limit, activated, max_clients, throttle, aggregate,
-        consolidated_report);
+        consolidated_report, send_account_details);
     let ra = a.reseller.map(|r| old.reseller(r).name.as_str());
     let rb = b.reseller.map(|r| new.reseller(r).name.as_str());
     if ra != rb {
@@ -92,9 +102,7 @@ fn customer_keys(old: &Config, a: &Customer, new: &Config, b: &Customer) -> Vec<
     if a.enroll_key != b.enroll_key {
         keys.push("enroll_key");
     }
-    let login =
-        |w: &Option<super::WebAccess>| w.as_ref().map(|w| (w.username.clone(), w.password.clone()));
-    if login(&a.web_access) != login(&b.web_access) {
+    if a.web_access != b.web_access {
         keys.push("web_access");
     }
     keys

@@ -44,6 +44,9 @@ pub const DEFAULT_RETAIN_SESSIONS: Duration = Duration::from_secs(400 * 86_400);
 pub const DEFAULT_RETAIN_CLIENT_EVENTS: Duration = Duration::from_secs(30 * 86_400);
 /// `retention.sent_mail` when omitted: 90 days.
 pub const DEFAULT_RETAIN_SENT_MAIL: Duration = Duration::from_secs(90 * 86_400);
+/// `server.retention.usage` when omitted: a year of daily snapshots and a
+/// month more, so a year-on-year comparison has its start.
+pub const DEFAULT_RETAIN_USAGE: Duration = Duration::from_secs(400 * 86_400);
 
 /// `[server.limits]`: bounds on what a peer may hold or cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -215,6 +218,8 @@ pub struct Retention {
     pub client_events: Duration,
     /// Delivered outbox messages and the alert log.
     pub sent_mail: Duration,
+    /// Daily usage snapshots (the console's charts).
+    pub usage: Duration,
 }
 
 impl Default for Retention {
@@ -224,6 +229,7 @@ impl Default for Retention {
             sessions: DEFAULT_RETAIN_SESSIONS,
             client_events: DEFAULT_RETAIN_CLIENT_EVENTS,
             sent_mail: DEFAULT_RETAIN_SENT_MAIL,
+            usage: DEFAULT_RETAIN_USAGE,
         }
     }
 }

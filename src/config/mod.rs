@@ -142,7 +142,29 @@ pub struct Server {
     pub retention: Retention,
     /// `[server.cluster]`.
     pub cluster: Cluster,
+    /// `[server.web]`: the web console, when configured.
+    pub web: Option<Web>,
 }
+
+/// `[server.web]` (CONFIG.md Additions of 2026-11-30, docs/console.md).
+#[derive(Debug, Clone)]
+pub struct Web {
+    /// Where the console listens.
+    pub listen: SocketAddr,
+    /// The console's address as users reach it, for account-details mail.
+    pub public_url: Option<String>,
+    /// Its own certificate and key; `None` = the daemon's.
+    pub cert: Option<PathBuf>,
+    /// See `cert`.
+    pub key: Option<PathBuf>,
+    /// The admin's login.
+    pub admin: Option<WebAccess>,
+    /// A console session ends after this long without a request.
+    pub session_idle: Duration,
+}
+
+/// `server.web.session_idle` when omitted.
+pub const DEFAULT_SESSION_IDLE: Duration = Duration::from_secs(30 * 60);
 
 /// The state database location (CONFIG.md `server.state`).
 #[derive(Clone, PartialEq, Eq)]
@@ -428,6 +450,8 @@ pub struct Reseller {
     pub throttle: ThrottleSetting,
     /// Cap on the sum of its customers' backups.
     pub aggregate: Option<Aggregate>,
+    /// Web console login.
+    pub web_access: Option<WebAccess>,
     /// Its customers, in file order.
     pub customers: Vec<CustomerId>,
 }
@@ -469,6 +493,9 @@ pub struct Customer {
     pub consolidated_report: Option<ConsolidatedReport>,
     /// Its declared clients, in file order.
     pub clients: Vec<DeclaredClientId>,
+    /// Mail its account details when it first appears (CONFIG.md
+    /// Semantics: account details).
+    pub send_account_details: bool,
 }
 
 /// Free-form customer records.
@@ -487,7 +514,7 @@ pub struct Records {
 }
 
 /// `web_access = { username, password }`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WebAccess {
     /// Login name.
     pub username: String,

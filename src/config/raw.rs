@@ -296,6 +296,12 @@ pub const KNOWN_KEYS: &[&str] = &[
     "enroll_key",
     "web_access",
     "username",
+    "user",
+    "web",
+    "public_url",
+    "session_idle",
+    "send_account_details",
+    "usage",
     "password",
     "max_clients",
     "cluster",
@@ -382,6 +388,18 @@ pub struct RawServer {
     pub limits: Option<Spanned<RawLimits>>,
     pub retention: Option<Spanned<RawRetention>>,
     pub cluster: Option<Spanned<RawCluster>>,
+    pub web: Option<Spanned<RawWeb>>,
+}
+
+/// `[server.web]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawWeb {
+    pub listen: Option<Spanned<String>>,
+    pub public_url: Option<Spanned<String>>,
+    pub cert: Option<Spanned<String>>,
+    pub key: Option<Spanned<String>>,
+    pub admin: Option<Spanned<RawWebAccess>>,
+    pub session_idle: Option<Spanned<String>>,
 }
 
 /// `[server.cluster]`.
@@ -424,6 +442,7 @@ pub struct RawRetention {
     pub sessions: Option<Spanned<String>>,
     pub client_events: Option<Spanned<String>>,
     pub sent_mail: Option<Spanned<String>>,
+    pub usage: Option<Spanned<String>>,
 }
 
 /// `[server.tls]`.
@@ -519,6 +538,7 @@ pub struct RawReseller {
     pub mcal_limit: Option<Spanned<LimitValue>>,
     pub throttle: Option<Spanned<RawThrottle>>,
     pub aggregate: Option<Spanned<RawAggregate>>,
+    pub web_access: Option<Spanned<RawWebAccess>>,
 }
 
 /// `[[customer]]` and `[default_customer]`.
@@ -544,11 +564,14 @@ pub struct RawCustomer {
     pub throttle: Option<Spanned<RawThrottle>>,
     pub aggregate: Option<Spanned<RawAggregate>>,
     pub consolidated_report: Option<Spanned<RawReport>>,
+    pub send_account_details: Option<Spanned<bool>>,
 }
 
-/// `web_access = { username, password }`.
+/// `web_access = { username, password }`. CONFIG.md's Additions write
+/// `user`; its first example writes `username`. Both are accepted.
 #[derive(Debug, Default, Deserialize)]
 pub struct RawWebAccess {
+    #[serde(alias = "user")]
     pub username: Option<Spanned<String>>,
     pub password: Option<Spanned<String>>,
 }

@@ -200,6 +200,23 @@ impl Limits {
         metrics::gauge!(crate::metrics::PENALIZED_SOURCES).set(table.blocked(now) as f64);
     }
 
+    /// Whether `ip`'s source is blocked now (for requests on a connection
+    /// opened before its penalty began).
+    pub fn is_blocked(&self, cfg: &config::Limits, ip: IpAddr, now: Instant) -> bool {
+        let verdict = self
+            .penalties
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .check(&cfg.penalties, ip, now);
+        matches!(verdict, Verdict::Blocked(_))
+    }
+
+    /// Up to `max` sources blocked now, with the time each has left.
+    pub fn blocked_list(&self, now: Instant, max: usize) -> Vec<(Source, std::time::Duration)> {
+        let table = self.penalties.lock().unwrap_or_else(|p| p.into_inner());
+        table.blocked_list(now, max)
+    }
+
     /// Sources blocked now.
     pub fn penalized(&self, now: Instant) -> usize {
         let table = self.penalties.lock().unwrap_or_else(|p| p.into_inner());

@@ -113,6 +113,20 @@ impl Table {
         }
     }
 
+    /// Up to `max` sources blocked now, with the time each has left, the
+    /// longest first (the console's admin page).
+    pub fn blocked_list(&self, now: Instant, max: usize) -> Vec<(Source, Duration)> {
+        let mut v: Vec<(Source, Duration)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.active && e.expiry > now)
+            .map(|(s, e)| (*s, e.expiry - now))
+            .collect();
+        v.sort_by_key(|e| std::cmp::Reverse(e.1));
+        v.truncate(max);
+        v
+    }
+
     /// Adds the penalty for `reason` to `ip`'s source.
     pub fn penalize(&mut self, p: &Penalties, ip: IpAddr, reason: Reason, now: Instant) -> Outcome {
         let cost = reason.cost(p);

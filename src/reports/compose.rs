@@ -34,6 +34,8 @@ fn env() -> &'static Environment<'static> {
             ("alert.html", include_str!("templates/alert.html")),
             ("refusals.txt", include_str!("templates/refusals.txt")),
             ("refusals.html", include_str!("templates/refusals.html")),
+            ("account.txt", include_str!("templates/account.txt")),
+            ("account.html", include_str!("templates/account.html")),
         ] {
             // The templates are part of the binary and tested: a broken one
             // is a build defect, caught by the unit tests below.
@@ -464,6 +466,72 @@ pub fn alert(
         format!("[tollgate] ALERT: {headline}"),
         render("alert.txt", &ctx)?,
         render("alert.html", &ctx)?,
+        at,
+    )
+}
+
+/// The backup server's address as clients dial it: the host of
+/// `server.web.public_url` (the name users know the server by) with the
+/// first `listen` port, else the first `listen` address itself.
+pub fn server_address(cfg: &Config) -> String {
+    let first = cfg.server.listen.first().copied();
+    let host = cfg
+        .server
+        .web
+        .as_ref()
+        .and_then(|w| w.public_url.as_deref())
+        .and_then(|u| url::Url::parse(u).ok())
+        .and_then(|u| u.host_str().map(str::to_string));
+    match (host, first) {
+        (Some(h), Some(a)) => format!("{h}:{}", a.port()),
+        (None, Some(a)) => a.to_string(),
+        (Some(h), None) => h,
+        (None, None) => "(no listen address)".into(),
+    }
+}
+
+/// The account-details mail (CONFIG.md Semantics: account details): the
+/// console's address and user name, the server's address and certificate
+/// fingerprint, and how to register a client. It has no password: the
+/// config holds only hashes, and a password does not belong in mail.
+pub fn account_details(
+    cfg: &Config,
+    customer: CustomerId,
+    fingerprint: &str,
+    at: Timestamp,
+) -> Result<Outgoing, MailError> {
+    let c = cfg.customer(customer);
+    let to: Vec<String> = c.email.iter().cloned().collect();
+    if to.is_empty() {
+        return Err(MailError::Address(format!(
+            "customer {:?} has no email",
+            c.name
+        )));
+    }
+    let console = cfg.server.web.as_ref().and_then(|w| {
+        w.public_url
+            .clone()
+            .or_else(|| Some(format!("https://{}", w.listen)))
+    });
+    let user = c.web_access.as_ref().map(|w| w.username.clone());
+    let ctx = context! {
+        customer => c.name,
+        console => console.filter(|_| user.is_some()),
+        user => user,
+        server_address => server_address(cfg),
+        fingerprint => fingerprint,
+        enroll => c.enroll_key.is_some(),
+        auto_add => c.auto_add_clients,
+        server => server_name(),
+        at => local(cfg, at),
+    };
+    build(
+        cfg,
+        "account_details",
+        &to,
+        format!("[tollgate] Your backup account: {}", c.name),
+        render("account.txt", &ctx)?,
+        render("account.html", &ctx)?,
         at,
     )
 }

@@ -358,11 +358,24 @@ pub async fn send_report_now(
     };
     let rows = state.client_periods(&c.name, p.start, p.end).await?;
     let m = compose::consolidated_report(cfg, customer, p.clone(), &rows, &to, now)?;
+    let sent = deliver_now(state, cfg, &m, now).await?;
+    Ok((p, to, sent))
+}
+
+/// Queues `m` and delivers it from this process at once (for a command):
+/// the outer error is the outbox's, the inner one the delivery's (the
+/// message then stays queued, and the daemon retries it).
+async fn deliver_now(
+    state: &State,
+    cfg: &Config,
+    m: &crate::state::Outgoing,
+    now: Timestamp,
+) -> Result<Result<(), MailError>, MailError> {
     let t = Transport::from_config(cfg)?.ok_or(MailError::NotConfigured)?;
     // Leased, so a running daemon does not deliver it at the same time.
     let lease = now + jiff::SignedDuration::from_secs(120);
-    let q = state.enqueue_leased(&m, now, lease).await?;
-    let sent = match t.send(&q).await {
+    let q = state.enqueue_leased(m, now, lease).await?;
+    Ok(match t.send(&q).await {
         Ok(()) => {
             state.mail_sent(q.id, crate::clock::now()).await?;
             Ok(())
@@ -373,8 +386,121 @@ pub async fn send_report_now(
                 .await?;
             Err(e)
         }
+    })
+}
+
+/// Queues the account-details mail of every customer that has
+/// `send_account_details = true` and an `email` and has not had it yet
+/// (CONFIG.md Semantics: account details). The record and the message are
+/// one transaction, so it goes out once, from one node, even across
+/// restarts. Returns how many were queued.
+pub async fn queue_account_details(
+    state: &State,
+    cfg: &Config,
+    now: Timestamp,
+) -> Result<usize, MailError> {
+    if cfg.server.email.is_none() {
+        return Ok(0);
+    }
+    let wanted: Vec<CustomerId> = (0..cfg.customers.len())
+        .map(|i| CustomerId(i as u32))
+        .filter(|&c| cfg.customer(c).send_account_details && cfg.customer(c).email.is_some())
+        .collect();
+    if wanted.is_empty() {
+        return Ok(0);
+    }
+    let sent: std::collections::HashSet<String> = state
+        .account_details_sent()
+        .await?
+        .into_iter()
+        .map(|n| n.to_lowercase())
+        .collect();
+    let mut queued = 0;
+    let mut fingerprint = None;
+    for c in wanted {
+        let name = &cfg.customer(c).name;
+        if sent.contains(&name.to_lowercase()) {
+            continue;
+        }
+        let fp = match &fingerprint {
+            Some(fp) => fp,
+            None => fingerprint.insert(
+                crate::tls::server_fingerprint(cfg)
+                    .map_err(|e| MailError::Template(format!("certificate: {e}")))?,
+            ),
+        };
+        let m = compose::account_details(cfg, c, fp, now)?;
+        if state.enqueue_account_details(name, &m, now).await? {
+            info!(customer = %name, to = ?m.to, "queued the account-details mail");
+            queued += 1;
+        }
+    }
+    Ok(queued)
+}
+
+/// `customer`'s account-details mail, made now (for `tollgate account
+/// send` and the console's button, which may send it again).
+pub fn account_details_mail(
+    cfg: &Config,
+    customer: CustomerId,
+    now: Timestamp,
+) -> Result<crate::state::Outgoing, MailError> {
+    if cfg.server.email.is_none() {
+        return Err(MailError::NotConfigured);
+    }
+    let fp = crate::tls::server_fingerprint(cfg)
+        .map_err(|e| MailError::Template(format!("certificate: {e}")))?;
+    compose::account_details(cfg, customer, &fp, now)
+}
+
+/// `tollgate account send`: makes the mail, queues it and delivers it now.
+pub async fn send_account_details_now(
+    state: &State,
+    cfg: &Config,
+    customer: CustomerId,
+    now: Timestamp,
+) -> Result<(Vec<String>, Result<(), MailError>), MailError> {
+    let m = account_details_mail(cfg, customer, now)?;
+    let sent = deliver_now(state, cfg, &m, now).await?;
+    Ok((m.to, sent))
+}
+
+/// Queues `customer`'s consolidated report of the period in progress, so
+/// far (the console's "send report now"); the daemon delivers it.
+pub async fn queue_report_now(
+    state: &State,
+    cfg: &Config,
+    customer: CustomerId,
+    now: Timestamp,
+) -> Result<ReportSpan, MailError> {
+    let c = cfg.customer(customer);
+    let frequency = c
+        .consolidated_report
+        .as_ref()
+        .map_or(Frequency::Monthly, |r| r.frequency);
+    let mut p = span_for(&ReportAsk::Current(frequency), &cfg.server.timezone, now)
+        .map_err(MailError::Span)?;
+    state.note_customers(&[c.name.as_str()], now).await?;
+    // A customer newer than the period reports from its first sight on.
+    if let Some(first) = state.customer_first_seen(&c.name).await?
+        && first > p.start
+    {
+        p.start = first;
+    }
+    let to = match &c.consolidated_report {
+        Some(r) => r.recipients.clone(),
+        None => c.email.iter().cloned().collect(),
     };
-    Ok((p, to, sent))
+    if to.is_empty() {
+        return Err(MailError::Address(format!(
+            "customer {:?} has no email or report recipients",
+            c.name
+        )));
+    }
+    let rows = state.client_periods(&c.name, p.start, p.end).await?;
+    let m = compose::consolidated_report(cfg, customer, p.clone(), &rows, &to, now)?;
+    state.enqueue(&m, now).await?;
+    Ok(p)
 }
 
 /// One alert to queue: (subject key, recipient, headline, detail, advice).
@@ -746,6 +872,10 @@ async fn schedule_loop(
         let c = cfg();
         let now = crate::clock::now();
         let mut queued = 0;
+        match queue_account_details(&state, &c, now).await {
+            Ok(n) => queued += n,
+            Err(e) => warn!(error = %e, "queuing account-details mail failed"),
+        }
         match queue_digests(&state, &c, now).await {
             Ok(n) => queued += n,
             Err(e) => warn!(error = %e, "queuing session reports failed"),
@@ -787,7 +917,12 @@ async fn schedule_loop(
         }
         tokio::select! {
             _ = tokio::time::sleep(sleep) => {}
-            _ = wake.notified() => woken = true,
+            _ = wake.notified() => {
+                woken = true;
+                // Whoever woke us may have queued a message itself (the
+                // console's buttons): the deliverer looks at once.
+                outbox.notify_one();
+            }
         }
     }
 }

@@ -20,11 +20,16 @@ pub const PRUNE_EVERY: Duration = Duration::from_secs(86_400);
 pub const PRUNE_CLAIM: Duration = Duration::from_secs(3 * 3600);
 /// The first pruning pass runs this long after start, off the start-up path.
 pub const FIRST_PRUNE: Duration = Duration::from_secs(60);
+/// How often today's usage snapshot (the console's charts) is refreshed;
+/// the last one of a day stands for it.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(600);
 
 /// Runs until aborted.
 pub(super) async fn run(ctx: Arc<Context>) {
     let prune = tokio::spawn(prune_daily(ctx.clone()));
     let _abort = AbortOnDrop(prune);
+    let snapshots = tokio::spawn(snapshot_usage(ctx.clone()));
+    let _abort_snapshots = AbortOnDrop(snapshots);
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut starts = tokio::time::interval(STARTS_TICK);
@@ -52,6 +57,22 @@ pub(super) struct AbortOnDrop(pub(super) tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// Keeps today's row of each customer's daily usage current. On several
+/// nodes each writes the same figures (the committed usage is shared).
+async fn snapshot_usage(ctx: Arc<Context>) {
+    let mut tick = tokio::time::interval(SNAPSHOT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = crate::clock::now();
+        let tz = ctx.cfg.load().server.timezone.clone();
+        let day = tz.to_datetime(now).date().to_string();
+        if let Err(e) = ctx.state.snapshot_usage(&day, now).await {
+            warn!(error = %e, "recording today's usage snapshot failed; trying again later");
+        }
     }
 }
 
@@ -90,6 +111,7 @@ async fn prune_daily(ctx: Arc<Context>) {
                         client_events = p.client_events,
                         sent_mail = p.sent_mail,
                         alerts = p.alerts,
+                        usage_snapshots = p.usage,
                         "pruned old history"
                     );
                 }

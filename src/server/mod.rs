@@ -132,6 +132,21 @@ pub struct Context {
     pub listeners: Listeners,
     /// Wakes the mail task (a report was queued, a session ended).
     pub mail_wake: Arc<tokio::sync::Notify>,
+    /// The last reload's outcome (the console's admin page).
+    pub last_reload: std::sync::Mutex<ReloadRecord>,
+}
+
+/// What the last reload did.
+#[derive(Debug, Clone, Default)]
+pub struct ReloadRecord {
+    /// When; None = no reload since start.
+    pub at: Option<jiff::Timestamp>,
+    /// Whether it was applied.
+    pub ok: bool,
+    /// Its one-line summary, or why it was refused.
+    pub summary: String,
+    /// Each problem in the file, located.
+    pub errors: Vec<String>,
 }
 
 impl Context {
@@ -156,6 +171,7 @@ impl Context {
             live: Default::default(),
             listeners: Listeners::default(),
             mail_wake: Arc::default(),
+            last_reload: Default::default(),
         }
     }
 }

@@ -145,6 +145,21 @@ fn keep_fixed(old: &Config, new: &mut Config) {
         n.cluster.node = o.cluster.node.clone();
         n.cluster.lease = o.cluster.lease;
     }
+    let bound = |w: &Option<crate::config::Web>| {
+        w.as_ref()
+            .map(|w| (w.listen, w.cert.clone(), w.key.clone()))
+    };
+    if bound(&o.web) != bound(&n.web) {
+        warn!("server.web.listen, .cert and .key cannot change live; restart to apply them");
+        match (&mut n.web, &o.web) {
+            (Some(nw), Some(ow)) => {
+                nw.listen = ow.listen;
+                nw.cert = ow.cert.clone();
+                nw.key = ow.key.clone();
+            }
+            (nw, ow) => *nw = ow.clone(),
+        }
+    }
     if o.metrics_listen != n.metrics_listen {
         warn!("server.metrics_listen cannot change live; restart to apply it");
         n.metrics_listen = o.metrics_listen;

@@ -323,7 +323,7 @@ impl State {
     /// record and the message are one transaction, so a crash can neither
     /// lose the message nor let it be sent twice. Returns whether it was
     /// queued.
-    async fn enqueue_once(
+    pub(super) async fn enqueue_once(
         &self,
         table: &'static str,
         keys: &[(&'static str, &str)],

@@ -235,6 +235,21 @@ const TABLES: &[Table] = &[
         columns: &[("name", Text), ("first_seen", Int)],
     },
     Table {
+        name: "account_details_sent",
+        counter: None,
+        columns: &[("customer", Text), ("outbox_id", Int), ("queued_at", Int)],
+    },
+    Table {
+        name: "usage_daily",
+        counter: None,
+        columns: &[
+            ("day", Text),
+            ("customer", Text),
+            ("used", Int),
+            ("at", Int),
+        ],
+    },
+    Table {
         name: "admin_requests",
         counter: Some("id"),
         columns: &[

@@ -14,6 +14,7 @@
 //! their own pool.
 
 mod admission;
+pub mod console;
 pub mod ledger;
 mod mail;
 pub mod migrate;
@@ -22,6 +23,7 @@ pub mod postgres;
 mod refusals;
 pub mod requests;
 mod retention;
+pub mod status;
 mod views;
 pub mod writer;
 
@@ -34,6 +36,11 @@ pub(crate) mod lite {
     /// A row's address, for tables without a key of their own.
     pub(crate) const ROWID: &str = "rowid";
     include!("sql.rs");
+
+    /// The rows (`value`) of a JSON array of strings bound as `$n`.
+    pub(crate) fn json_texts(n: u8) -> String {
+        format!("json_each(${n})")
+    }
 
     /// Usage at every level above `client` of `customer`: committed,
     /// beside this process's ledger.
@@ -87,6 +94,11 @@ pub(crate) mod pg {
     /// A row's address, for tables without a key of their own.
     pub(crate) const ROWID: &str = "ctid";
     include!("sql.rs");
+
+    /// The rows (`value`) of a JSON array of strings bound as `$n`.
+    pub(crate) fn json_texts(n: u8) -> String {
+        format!("json_array_elements_text(CAST(${n} AS json))")
+    }
 
     /// Usage at every level above `client` of `customer`: committed,
     /// beside every live node's holds.

@@ -23,12 +23,19 @@ pub struct Pruned {
     pub sent_mail: u64,
     /// `alerts_sent` rows.
     pub alerts: u64,
+    /// `usage_daily` rows.
+    pub usage: u64,
 }
 
 impl Pruned {
     /// Rows deleted in all.
     pub fn total(&self) -> u64 {
-        self.refusals + self.sessions + self.client_events + self.sent_mail + self.alerts
+        self.refusals
+            + self.sessions
+            + self.client_events
+            + self.sent_mail
+            + self.alerts
+            + self.usage
     }
 }
 
@@ -42,7 +49,7 @@ impl State {
         // (table, its row key, which rows are old, the retention that
         // applies). A table without a key of its own is deleted from by
         // the backend's row address (`sql::ROWID`).
-        let plan: [(&str, Option<&str>, &str, std::time::Duration); 5] = [
+        let plan: [(&str, Option<&str>, &str, std::time::Duration); 6] = [
             ("refusals", None, "at < $1", r.refusals),
             ("sessions", None, "started_at < $1", r.sessions),
             ("client_events", Some("seq"), "at < $1", r.client_events),
@@ -53,8 +60,9 @@ impl State {
                 r.sent_mail,
             ),
             ("alerts_sent", None, "queued_at < $1", r.sent_mail),
+            ("usage_daily", None, "at < $1", r.usage),
         ];
-        let mut counts = [0u64; 5];
+        let mut counts = [0u64; 6];
         for (i, (table, key, old, keep)) in plan.iter().enumerate() {
             let before = cutoff(now, *keep);
             loop {
@@ -85,6 +93,7 @@ impl State {
             client_events: counts[2],
             sent_mail: counts[3],
             alerts: counts[4],
+            usage: counts[5],
         })
     }
 }

@@ -25,6 +25,8 @@ pub struct Daemon {
     pub metrics: Option<String>,
     /// Its log file's name in `dir`.
     pub log_name: String,
+    /// The web console's address, when `[server.web]` is set.
+    pub console: Option<String>,
 }
 
 /// The instant every test daemon and admin command starts its clock at
@@ -99,6 +101,7 @@ impl Daemon {
         let mut pin = None;
         let mut addr = None;
         let mut metrics = None;
+        let mut console = None;
         while addr.is_none() {
             let Some(Ok(line)) = lines.next() else {
                 let log = std::fs::read_to_string(dir.join(log_name)).unwrap_or_default();
@@ -109,6 +112,9 @@ impl Daemon {
             }
             if let Some(a) = line.strip_prefix("tollgate: metrics on ") {
                 metrics = Some(a.to_string());
+            }
+            if let Some(a) = line.strip_prefix("tollgate: console on ") {
+                console = Some(a.to_string());
             }
             if let Some(a) = line.strip_prefix("tollgate: listening on ") {
                 addr = Some(a.to_string());
@@ -124,6 +130,7 @@ impl Daemon {
             config,
             metrics,
             log_name: log_name.to_string(),
+            console,
         }
     }
 

@@ -183,6 +183,7 @@ pub(super) fn retention(v: &mut V<'_>, raw: &Sp<RawRetention>) -> Retention {
             d.client_events,
         ),
         sent_mail: v.duration(&r.sent_mail, "server.retention.sent_mail", d.sent_mail),
+        usage: v.duration(&r.usage, "server.retention.usage", d.usage),
     }
 }
 

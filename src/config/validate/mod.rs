@@ -14,6 +14,7 @@ use toml::Spanned;
 
 mod limits;
 mod locations;
+mod web;
 
 /// The rule a [`ConfigError`] breaks; each has a fixture in
 /// `tests/fixtures/config/invalid/`.
@@ -735,6 +736,10 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             mcal_limit: v.mcal_limit(&raw.mcal_limit, K(&key, "mcal_limit")),
             throttle: v.throttle(&raw.throttle, K(&key, "throttle")),
             aggregate: v.aggregate(&raw.aggregate, K(&key, "aggregate")),
+            web_access: raw
+                .web_access
+                .as_ref()
+                .and_then(|w| web::web_access(v, w, &*key)),
             customers: Vec::new(),
         });
     }
@@ -936,6 +941,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
     };
     check_nesting(v, doc, &config);
     locations::check_locations(v, doc, &config);
+    web::check_logins(v, doc);
     Some(config)
 }
 
@@ -1172,6 +1178,7 @@ fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
         limits: limits::limits(v, &s.limits, max_frame),
         retention: limits::retention(v, &s.retention),
         cluster: limits::cluster(v, &s.cluster),
+        web: web::web(v, &s.web),
     })
 }
 
@@ -1223,29 +1230,10 @@ fn customer(
             PathBuf::new()
         }
     };
-    let web_access = raw.web_access.as_ref().and_then(|w| {
-        let r = w.get_ref();
-        let username = v
-            .required(
-                &r.username,
-                w.span(),
-                K(&key, "web_access.username"),
-                "web_access.username",
-            )
-            .map(|u| u.get_ref().clone());
-        let password = v
-            .required(
-                &r.password,
-                w.span(),
-                K(&key, "web_access.password"),
-                "web_access.password (a hash from `tollgate hash-secret`)",
-            )
-            .and_then(|p| v.phc(p, K(&key, "web_access.password")));
-        Some(WebAccess {
-            username: username?,
-            password: password?,
-        })
-    });
+    let web_access = raw
+        .web_access
+        .as_ref()
+        .and_then(|w| web::web_access(v, w, &*key));
     let consolidated_report = raw.consolidated_report.as_ref().and_then(|c| {
         let r = c.get_ref();
         let rkey = K(&key, "consolidated_report");
@@ -1330,6 +1318,7 @@ fn customer(
         aggregate: v.aggregate(&raw.aggregate, K(&key, "aggregate")),
         consolidated_report,
         clients: Vec::new(),
+        send_account_details: v.bool(&raw.send_account_details, false),
     }
 }
 

@@ -1,0 +1,725 @@
+//! The console's pages, rendered on the server from the templates in
+//! `web/templates/` (minijinja, auto-escaped HTML; no script at all).
+//!
+//! Isolation (issue 15): every handler resolves the names in its URL
+//! against what the login may see ([`customer_for`], [`reseller_for`],
+//! [`client_for`]) before it reads anything, and answers 404 both for a
+//! name that does not exist and for one that is not the login's, so the
+//! answer never tells which.
+
+use super::auth::{Authed, Login};
+use super::{Console, WebError, charts};
+use crate::config::units::format_size;
+use crate::config::{Config, CustomerId, ResellerId};
+use crate::state::console::{RefusalFilter, SessionRow};
+use crate::state::status::{ClientStatus, CustomerStatus, ResellerStatus, Status, status_doc};
+use axum::Form;
+use axum::body::Body;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{Html, IntoResponse, Redirect, Response};
+use jiff::Timestamp;
+use minijinja::{Environment, Value, context};
+use percent_encoding::{NON_ALPHANUMERIC, utf8_percent_encode};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tracing::info;
+
+/// Files listed per page of a client's files.
+pub const FILES_PAGE: u32 = 200;
+/// Sessions listed on a client's page.
+pub const SESSIONS_SHOWN: u32 = 100;
+/// Refusals listed on a page.
+pub const REFUSALS_SHOWN: u32 = 100;
+/// Outbox messages listed on the admin's page.
+pub const MAIL_SHOWN: u32 = 50;
+/// Days a usage chart covers.
+pub const CHART_DAYS: i64 = 90;
+
+/// `name` as one URL path segment.
+pub fn seg(name: &str) -> String {
+    utf8_percent_encode(name, NON_ALPHANUMERIC).to_string()
+}
+
+/// The page templates, with the filters they use.
+pub fn templates() -> Environment<'static> {
+    let mut e = Environment::new();
+    for (name, src) in [
+        ("base.html", include_str!("templates/base.html")),
+        ("macros.html", include_str!("templates/macros.html")),
+        ("login.html", include_str!("templates/login.html")),
+        ("message.html", include_str!("templates/message.html")),
+        ("admin.html", include_str!("templates/admin.html")),
+        ("reseller.html", include_str!("templates/reseller.html")),
+        ("customer.html", include_str!("templates/customer.html")),
+        ("client.html", include_str!("templates/client.html")),
+        ("connect.html", include_str!("templates/connect.html")),
+    ] {
+        // Part of the binary and covered by the tests: a broken one is a
+        // build defect.
+        e.add_template(name, src).expect("bundled template parses");
+    }
+    e.add_filter("size", |v: Option<u64>| {
+        v.map(format_size).unwrap_or_default()
+    });
+    e.add_filter("rate", |v: Option<u64>| match v {
+        Some(r) => format!("{}/s", format_size(r)),
+        None => "unthrottled".into(),
+    });
+    e.add_filter("pct", |used: u64, of: u64| {
+        if of == 0 {
+            "—".to_string()
+        } else {
+            format!("{:.1}%", used as f64 * 100.0 / of as f64)
+        }
+    });
+    e.add_filter("seg", |s: String| seg(&s));
+    e
+}
+
+/// Renders `name`; the caller's context is merged over the common one.
+pub fn render(console: &Console, name: &str, ctx: Value) -> Result<Html<String>, WebError> {
+    let cfg = console.ctx.cfg.load();
+    let when = {
+        let tz = cfg.server.timezone.clone();
+        move |secs: Option<i64>| -> String {
+            secs.and_then(|s| Timestamp::from_second(s).ok())
+                .map(|t| tz.to_datetime(t).strftime("%Y-%m-%d %H:%M").to_string())
+                .unwrap_or_else(|| "never".into())
+        }
+    };
+    let mut env = console.templates.clone();
+    env.add_filter("when", when);
+    let common = context! {
+        version => env!("CARGO_PKG_VERSION"),
+        now => crate::state::status::when(&cfg, Some(crate::clock::now().as_second())),
+    };
+    let t = env.get_template(name)?;
+    Ok(Html(t.render(context! { ..ctx, ..common })?))
+}
+
+/// A bare page for errors (no login needed, no template that can fail).
+pub fn plain_page(status: StatusCode, text: &str) -> Html<String> {
+    let esc = |s: &str| {
+        s.replace('&', "&amp;")
+            .replace('<', "&lt;")
+            .replace('>', "&gt;")
+    };
+    Html(format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{} · tollgate</title><link rel=\"stylesheet\" href=\"/static/console.css\"></head><body><main><h1>{}</h1><p>{}</p><p><a href=\"/\">Home</a></p></main><footer>tollgate</footer></body></html>\n",
+        status.as_u16(),
+        esc(status.canonical_reason().unwrap_or("Error")),
+        esc(text)
+    ))
+}
+
+/// `/static/console.css`.
+pub async fn stylesheet() -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/css; charset=utf-8"),
+            (header::CACHE_CONTROL, "max-age=3600"),
+        ],
+        include_str!("static/console.css"),
+    )
+        .into_response()
+}
+
+/// `/`: the login's home, or the login page.
+pub async fn home(authed: Option<Authed>) -> Redirect {
+    match authed {
+        Some(a) => Redirect::to(&a.login.home()),
+        None => Redirect::to("/login"),
+    }
+}
+
+/// What the header shows of the login.
+fn who(a: &Authed) -> Value {
+    let kind = match &a.login {
+        Login::Admin => "admin",
+        Login::Reseller(_) => "reseller",
+        Login::Customer(_) => "customer",
+    };
+    context! { user => a.user, kind => kind, csrf => a.csrf }
+}
+
+/// The customer `name` names, if `login` may see it.
+pub fn customer_for(cfg: &Config, login: &Login, name: &str) -> Result<CustomerId, WebError> {
+    let id = cfg.customer_by_name(name).ok_or(WebError::NotFound)?;
+    let c = cfg.customer(id);
+    let mine = match login {
+        Login::Admin => true,
+        Login::Reseller(r) => c.reseller.is_some() && c.reseller == cfg.reseller_by_name(r),
+        Login::Customer(n) => c.name.to_lowercase() == n.to_lowercase(),
+    };
+    if mine {
+        Ok(id)
+    } else {
+        Err(WebError::NotFound)
+    }
+}
+
+/// The reseller `name` names, if `login` may see it.
+pub fn reseller_for(cfg: &Config, login: &Login, name: &str) -> Result<ResellerId, WebError> {
+    let id = cfg.reseller_by_name(name).ok_or(WebError::NotFound)?;
+    match login {
+        Login::Admin => Ok(id),
+        Login::Reseller(r) if r == name => Ok(id),
+        _ => Err(WebError::NotFound),
+    }
+}
+
+/// The status tree now.
+async fn status(console: &Console, cfg: &Config, at: Timestamp) -> Result<Status, WebError> {
+    let mut data = console.ctx.state.status_data(cfg, at).await?;
+    data.clients = crate::state::status::with_declared(cfg, std::mem::take(&mut data.clients));
+    Ok(status_doc(cfg, &data, at))
+}
+
+fn customer_in(s: Status, name: &str) -> Option<CustomerStatus> {
+    let lower = name.to_lowercase();
+    std::iter::once(s.default_customer)
+        .chain(s.resellers.into_iter().flat_map(|r| r.customers))
+        .find(|c| c.name.to_lowercase() == lower)
+}
+
+/// `client` of `customer` as the status tree has it, if the state puts it
+/// under that customer.
+pub fn client_for(c: CustomerStatus, client: &str) -> Result<ClientStatus, WebError> {
+    c.clients
+        .into_iter()
+        .find(|cl| cl.row.id.eq_ignore_ascii_case(client))
+        .ok_or(WebError::NotFound)
+}
+
+/// Whether a customer and its reseller are both activated.
+fn active(cfg: &Config, c: CustomerId) -> bool {
+    let cust = cfg.customer(c);
+    cust.activated && cust.reseller.is_none_or(|r| cfg.reseller(r).activated)
+}
+
+fn crumbs(cfg: &Config, login: &Login, c: Option<CustomerId>) -> Vec<Value> {
+    let mut v = Vec::new();
+    if *login == Login::Admin {
+        v.push(context! { href => "/admin", name => "Server" });
+    }
+    if let Some(c) = c {
+        let cust = cfg.customer(c);
+        if let (Some(r), false) = (cust.reseller, matches!(login, Login::Customer(_))) {
+            let name = &cfg.reseller(r).name;
+            v.push(context! { href => format!("/resellers/{}", seg(name)), name => name });
+        }
+    }
+    v
+}
+
+/// `GET /customers/{customer}`.
+pub async fn customer(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path(name): Path<String>,
+    Query(q): Query<Notice>,
+) -> Result<Html<String>, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &name)?;
+    let cust_name = cfg.customer(id).name.clone();
+    let at = crate::clock::now();
+    let s = status(&console, &cfg, at).await?;
+    let c = customer_in(s, &cust_name).ok_or(WebError::NotFound)?;
+    let results = console.ctx.state.last_results(&cust_name).await?;
+    render(
+        &console,
+        "customer.html",
+        context! {
+            who => who(&authed),
+            crumbs => crumbs(&cfg, &authed.login, Some(id)),
+            notice => q.text(),
+            base => format!("/customers/{}", seg(&cust_name)),
+            active => active(&cfg, id),
+            can_send => authed.login != Login::Customer(cust_name.clone()) && cfg.customer(id).email.is_some(),
+            results => results,
+            c => c,
+        },
+    )
+}
+
+/// A client's session with its rates.
+#[derive(Serialize)]
+struct SessionView {
+    #[serde(flatten)]
+    row: SessionRow,
+    /// Bytes per second over the session.
+    avg: Option<u64>,
+    /// The rate configured for its schedule when it started.
+    configured: Option<u64>,
+}
+
+/// `?after=` on a client's page.
+#[derive(Deserialize, Default)]
+pub struct FilesPage {
+    after: Option<String>,
+}
+
+/// `GET /customers/{customer}/clients/{client}`.
+pub async fn client(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path((name, client)): Path<(String, String)>,
+    Query(page): Query<FilesPage>,
+) -> Result<Html<String>, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &name)?;
+    let cust_name = cfg.customer(id).name.clone();
+    let at = crate::clock::now();
+    let c = customer_in(status(&console, &cfg, at).await?, &cust_name).ok_or(WebError::NotFound)?;
+    let cl = client_for(c, &client)?;
+    let st = &console.ctx.state;
+    let declared = cfg.declared_client(&cl.row.id);
+    let sessions: Vec<SessionView> = st
+        .client_sessions(&cl.row.id, SESSIONS_SHOWN)
+        .await?
+        .into_iter()
+        .map(|row| {
+            let secs = row.ended_at.map(|e| (e - row.started_at).max(1) as u64);
+            let bytes = (row.bytes_in + row.bytes_out).max(0) as u64;
+            let avg = secs.map(|s| bytes / s);
+            let configured = Timestamp::from_second(row.started_at).ok().and_then(|t| {
+                crate::policy::throttle::resolve(&cfg, id, declared, &row.schedule, t).rate
+            });
+            SessionView {
+                row,
+                avg,
+                configured,
+            }
+        })
+        .collect();
+    let refusals = st
+        .refusals(
+            &RefusalFilter {
+                client: Some(cl.row.id.clone()),
+                ..Default::default()
+            },
+            REFUSALS_SHOWN,
+        )
+        .await?;
+    let after = page
+        .after
+        .filter(|a| !a.is_empty() && a.len() <= crate::storage::MAX_PATH);
+    let files = st
+        .list_files(&cl.row.id, "", after.as_deref(), FILES_PAGE)
+        .await?;
+    let next_after = (files.len() as u32 == FILES_PAGE)
+        .then(|| files.last().map(|f| f.path.clone()))
+        .flatten();
+    let mut crumbs = crumbs(&cfg, &authed.login, Some(id));
+    crumbs.push(context! { href => format!("/customers/{}", seg(&cust_name)), name => cust_name });
+    render(
+        &console,
+        "client.html",
+        context! {
+            who => who(&authed),
+            crumbs => crumbs,
+            base => format!("/customers/{}/clients/{}", seg(&cust_name), seg(&cl.row.id)),
+            sessions => sessions,
+            refusals => refusals,
+            files => files,
+            next_after => next_after,
+            page => FILES_PAGE,
+            cl => cl,
+        },
+    )
+}
+
+/// `?path=` of a download.
+#[derive(Deserialize)]
+pub struct DownloadQuery {
+    path: String,
+}
+
+/// `GET /customers/{customer}/clients/{client}/download?path=`: one
+/// stored file, streamed.
+pub async fn download(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path((name, client)): Path<(String, String)>,
+    Query(q): Query<DownloadQuery>,
+) -> Result<Response, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &name)?;
+    crate::storage::validate_path(&q.path).map_err(|_| WebError::NotFound)?;
+    let st = &console.ctx.state;
+    // The state says where the client is; it must be this customer.
+    let at = crate::clock::now();
+    let c = customer_in(status(&console, &cfg, at).await?, &cfg.customer(id).name)
+        .ok_or(WebError::NotFound)?;
+    let cl = client_for(c, &client)?;
+    let entry = st
+        .file(&cl.row.id, &q.path)
+        .await?
+        .ok_or(WebError::NotFound)?;
+    let path = crate::storage::client_dir(&cfg, id, &cl.row.id).join(&q.path);
+    let file = match tokio::fs::File::open(&path).await {
+        Ok(f) => f,
+        Err(e) => {
+            tracing::warn!(error = %e, client = %cl.row.id, "web console: a stored file cannot be opened");
+            return Err(WebError::NotFound);
+        }
+    };
+    let len = file.metadata().await.map(|m| m.len()).unwrap_or(u64::MAX);
+    if len != entry.size as u64 {
+        tracing::warn!(client = %cl.row.id, "web console: a stored file's size differs from the index");
+        return Err(WebError::NotFound);
+    }
+    info!(
+        user = %crate::config::escape_log(&authed.user, 64),
+        client = %cl.row.id,
+        bytes = len,
+        "web console: file downloaded"
+    );
+    let base = q.path.rsplit('/').next().unwrap_or("file");
+    let ascii: String = base
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let disposition = format!(
+        "attachment; filename=\"{ascii}\"; filename*=UTF-8''{}",
+        seg(base)
+    );
+    let body = Body::from_stream(tokio_util::io::ReaderStream::new(file));
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/octet-stream".to_string()),
+            (header::CONTENT_LENGTH, len.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+            (
+                header::HeaderName::from_static("x-content-sha256"),
+                entry.sha256,
+            ),
+        ],
+        body,
+    )
+        .into_response())
+}
+
+/// `GET /customers/{customer}/connect`.
+pub async fn connect(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path(name): Path<String>,
+) -> Result<Html<String>, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &name)?;
+    let c = cfg.customer(id);
+    let fingerprint =
+        crate::tls::server_fingerprint(&cfg).unwrap_or_else(|_| "(see the daemon's log)".into());
+    let mut crumbs = crumbs(&cfg, &authed.login, Some(id));
+    crumbs.push(context! { href => format!("/customers/{}", seg(&c.name)), name => c.name });
+    render(
+        &console,
+        "connect.html",
+        context! {
+            who => who(&authed),
+            crumbs => crumbs,
+            customer => c.name,
+            address => crate::reports::compose::server_address(&cfg),
+            fingerprint => fingerprint,
+            auto_add => c.auto_add_clients,
+            enroll => c.enroll_key.is_some(),
+        },
+    )
+}
+
+fn reseller_in(s: Status, name: &str) -> Option<ResellerStatus> {
+    s.resellers.into_iter().find(|r| r.name == name)
+}
+
+/// `GET /resellers/{reseller}`.
+pub async fn reseller(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path(name): Path<String>,
+    Query(q): Query<Notice>,
+) -> Result<Html<String>, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    reseller_for(&cfg, &authed.login, &name)?;
+    let at = crate::clock::now();
+    let r = reseller_in(status(&console, &cfg, at).await?, &name).ok_or(WebError::NotFound)?;
+    let activity: HashMap<String, String> = r
+        .customers
+        .iter()
+        .map(|c| {
+            let last = c.clients.iter().filter_map(|cl| cl.row.last_seen).max();
+            (c.name.clone(), crate::state::status::when(&cfg, last))
+        })
+        .collect();
+    render(
+        &console,
+        "reseller.html",
+        context! {
+            who => who(&authed),
+            crumbs => crumbs(&cfg, &authed.login, None),
+            notice => q.text(),
+            activity => activity,
+            r => r,
+        },
+    )
+}
+
+/// `?code=&customer=` on the admin's page, and the notice after an action.
+#[derive(Deserialize, Default)]
+pub struct AdminQuery {
+    code: Option<String>,
+    customer: Option<String>,
+    #[serde(flatten)]
+    notice: Notice,
+}
+
+/// `GET /admin`.
+pub async fn admin(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Query(q): Query<AdminQuery>,
+) -> Result<Html<String>, WebError> {
+    if authed.login != Login::Admin {
+        return Err(WebError::NotFound);
+    }
+    let cfg = console.ctx.cfg.load_full();
+    let at = crate::clock::now();
+    let s = status(&console, &cfg, at).await?;
+    let code = q.code.filter(|c| {
+        crate::policy::admission::RejectCode::ALL
+            .iter()
+            .any(|k| k.as_str() == c)
+    });
+    let customer = q.customer.filter(|c| !c.is_empty() && c.len() <= 200);
+    let st = &console.ctx.state;
+    let refusals = st
+        .refusals(
+            &RefusalFilter {
+                code: code.clone(),
+                customers: customer.clone().map(|c| vec![c]),
+                client: None,
+            },
+            REFUSALS_SHOWN,
+        )
+        .await?;
+    let mail: Vec<Value> = st
+        .outbox(MAIL_SHOWN)
+        .await?
+        .into_iter()
+        .map(|m| {
+            let to: Vec<String> = serde_json::from_str(&m.recipients).unwrap_or_default();
+            context! { to => to.join(", "), ..Value::from_serialize(&m) }
+        })
+        .collect();
+    let penalties: Vec<Value> = console
+        .ctx
+        .limits
+        .blocked_list(tokio::time::Instant::now(), 100)
+        .into_iter()
+        .map(|(src, left)| context! { source => src.to_string(), left => left.as_secs() })
+        .collect();
+    let reload = console
+        .ctx
+        .last_reload
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let codes: Vec<&str> = crate::policy::admission::RejectCode::ALL
+        .iter()
+        .map(|c| c.as_str())
+        .collect();
+    render(
+        &console,
+        "admin.html",
+        context! {
+            who => who(&authed),
+            notice => q.notice.text(),
+            s => s,
+            refusals => refusals,
+            filter => context! { code => code, customer => customer },
+            codes => codes,
+            mail => mail,
+            penalties => penalties,
+            reload => context! {
+                at => reload.at.map(|t| crate::state::status::when(&cfg, Some(t.as_second()))),
+                ok => reload.ok,
+                summary => reload.summary,
+                errors => reload.errors,
+            },
+        },
+    )
+}
+
+/// The note shown after an action (a fixed text per kind; the customer
+/// name is escaped like any other value).
+#[derive(Deserialize, Default)]
+pub struct Notice {
+    done: Option<String>,
+    to: Option<String>,
+}
+
+impl Notice {
+    fn text(&self) -> Option<String> {
+        let to = self.to.as_deref().unwrap_or("the customer");
+        match self.done.as_deref()? {
+            "account-details" => Some(format!("Account details queued for {to}.")),
+            "report" => Some(format!("Report queued for {to}.")),
+            _ => None,
+        }
+    }
+}
+
+/// A form naming a customer.
+#[derive(Deserialize)]
+pub struct CustomerAction {
+    #[serde(default)]
+    csrf: String,
+    customer: String,
+}
+
+/// Where to go back to after an action on `c`.
+fn back(login: &Login, cfg: &Config, c: CustomerId, done: &str) -> String {
+    let name = &cfg.customer(c).name;
+    let page = match login {
+        Login::Admin => "/admin".to_string(),
+        Login::Reseller(r) => format!("/resellers/{}", seg(r)),
+        Login::Customer(_) => format!("/customers/{}", seg(name)),
+    };
+    format!("{page}?done={done}&to={}", seg(name))
+}
+
+/// `POST /admin/account-details`: the admin's or a reseller's button.
+pub async fn send_account_details(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Form(form): Form<CustomerAction>,
+) -> Result<Redirect, WebError> {
+    authed.check_csrf(&form.csrf)?;
+    if matches!(authed.login, Login::Customer(_)) {
+        return Err(WebError::NotFound);
+    }
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &form.customer)?;
+    let now = crate::clock::now();
+    let m = crate::reports::account_details_mail(&cfg, id, now)?;
+    console.ctx.state.enqueue(&m, now).await?;
+    console.ctx.mail_wake.notify_one();
+    info!(
+        user = %crate::config::escape_log(&authed.user, 64),
+        customer = %cfg.customer(id).name,
+        "web console: account details queued"
+    );
+    Ok(Redirect::to(&back(
+        &authed.login,
+        &cfg,
+        id,
+        "account-details",
+    )))
+}
+
+/// `POST /admin/report-now`: the admin's button; the consolidated report
+/// of the period in progress, so far.
+pub async fn report_now(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Form(form): Form<CustomerAction>,
+) -> Result<Redirect, WebError> {
+    authed.check_csrf(&form.csrf)?;
+    if authed.login != Login::Admin {
+        return Err(WebError::NotFound);
+    }
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &form.customer)?;
+    let now = crate::clock::now();
+    crate::reports::queue_report_now(&console.ctx.state, &cfg, id, now).await?;
+    console.ctx.mail_wake.notify_one();
+    info!(customer = %cfg.customer(id).name, "web console: consolidated report queued");
+    Ok(Redirect::to(&back(&authed.login, &cfg, id, "report")))
+}
+
+/// The first day a chart covers, `YYYY-MM-DD`.
+fn chart_start(cfg: &Config, now: Timestamp) -> String {
+    let today = cfg.server.timezone.to_datetime(now).date();
+    today
+        .checked_sub(jiff::Span::new().days(CHART_DAYS - 1))
+        .unwrap_or(today)
+        .to_string()
+}
+
+/// The chart's days: the snapshots, with today's point live.
+async fn usage_series(
+    console: &Console,
+    cfg: &Config,
+    names: &[String],
+    now: Timestamp,
+) -> Result<Vec<(String, Option<u64>)>, WebError> {
+    let st = &console.ctx.state;
+    let start = chart_start(cfg, now);
+    let points = st.usage_history(names, &start).await?;
+    let mut series = charts::daily(&points, start, CHART_DAYS);
+    if let Some(today) = series.last_mut() {
+        today.1 = Some(st.usage_now(names).await?.max(0) as u64);
+    }
+    Ok(series)
+}
+
+fn svg(body: String) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "image/svg+xml"),
+            (header::CACHE_CONTROL, "private, max-age=60"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// `GET /customers/{customer}/usage.svg`.
+pub async fn customer_chart(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path(name): Path<String>,
+) -> Result<Response, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let id = customer_for(&cfg, &authed.login, &name)?;
+    let c = cfg.customer(id);
+    let now = crate::clock::now();
+    let names = std::slice::from_ref(&c.name);
+    let series = usage_series(&console, &cfg, names, now).await?;
+    Ok(svg(charts::usage_svg(
+        &format!("Storage used by {}", c.name),
+        &series,
+        c.space,
+    )))
+}
+
+/// `GET /resellers/{reseller}/usage.svg`: the sum of its customers.
+pub async fn reseller_chart(
+    State(console): State<Arc<Console>>,
+    authed: Authed,
+    Path(name): Path<String>,
+) -> Result<Response, WebError> {
+    let cfg = console.ctx.cfg.load_full();
+    let rid = reseller_for(&cfg, &authed.login, &name)?;
+    let r = cfg.reseller(rid);
+    let names: Vec<String> = r
+        .customers
+        .iter()
+        .map(|&c| cfg.customer(c).name.clone())
+        .collect();
+    let now = crate::clock::now();
+    let series = usage_series(&console, &cfg, &names, now).await?;
+    Ok(svg(charts::usage_svg(
+        &format!("Storage used by the customers of {}", r.name),
+        &series,
+        r.space,
+    )))
+}
