@@ -739,7 +739,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             web_access: raw
                 .web_access
                 .as_ref()
-                .and_then(|w| web::web_access(v, w, &*key)),
+                .and_then(|w| web::web_access(v, w, &format!("{key}.web_access"))),
             customers: Vec::new(),
         });
     }
@@ -1233,7 +1233,7 @@ fn customer(
     let web_access = raw
         .web_access
         .as_ref()
-        .and_then(|w| web::web_access(v, w, &*key));
+        .and_then(|w| web::web_access(v, w, &format!("{key}.web_access")));
     let consolidated_report = raw.consolidated_report.as_ref().and_then(|c| {
         let r = c.get_ref();
         let rkey = K(&key, "consolidated_report");

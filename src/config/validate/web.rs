@@ -6,18 +6,15 @@ use super::*;
 use crate::config::raw::{RawWeb, RawWebAccess};
 use crate::config::{DEFAULT_SESSION_IDLE, Web};
 
-/// `web_access = { username, password }` (or `user`) under `key`.
-pub(super) fn web_access(
-    v: &mut V<'_>,
-    w: &Spanned<RawWebAccess>,
-    key: impl fmt::Display + Copy,
-) -> Option<WebAccess> {
+/// `web_access = { username, password }` (or `user`); `key` names the
+/// table (`customer[x].web_access`, `server.web.admin`).
+pub(super) fn web_access(v: &mut V<'_>, w: &Spanned<RawWebAccess>, key: &str) -> Option<WebAccess> {
     let r = w.get_ref();
     let username = v
         .required(
             &r.username,
             w.span(),
-            K(&key, "web_access.username"),
+            K(key, "username"),
             "web_access.username",
         )
         .and_then(|u| {
@@ -29,7 +26,7 @@ pub(super) fn web_access(
                 v.err(
                     Rule::Identifier,
                     u.span(),
-                    K(&key, "web_access.username"),
+                    K(key, "username"),
                     "a user name is 1 to 64 characters, without spaces or control characters",
                 );
             }
@@ -39,10 +36,10 @@ pub(super) fn web_access(
         .required(
             &r.password,
             w.span(),
-            K(&key, "web_access.password"),
+            K(key, "password"),
             "web_access.password (a hash from `tollgate hash-secret`)",
         )
-        .and_then(|p| v.phc(p, K(&key, "web_access.password")));
+        .and_then(|p| v.phc(p, K(key, "password")));
     Some(WebAccess {
         username: username?,
         password: password?,
@@ -136,7 +133,7 @@ pub(super) fn check_logins(v: &mut V<'_>, doc: &RawConfig) {
             Entry::Occupied(first) => v.err(
                 Rule::Duplicate,
                 u.span(),
-                format!("{owner}.web_access.username"),
+                format!("{owner}.username"),
                 format!(
                     "web user name {:?} is already the login of {}; web user names must be unique",
                     u.get_ref(),
@@ -158,7 +155,8 @@ pub(super) fn check_logins(v: &mut V<'_>, doc: &RawConfig) {
     }
     for (i, r) in doc.reseller.iter().enumerate() {
         if let Some(w) = &r.get_ref().web_access {
-            one(v, w, label("reseller", r.get_ref().name.as_ref(), i));
+            let owner = label("reseller", r.get_ref().name.as_ref(), i);
+            one(v, w, format!("{owner}.web_access"));
         }
     }
     if let Some(w) = doc
@@ -166,11 +164,12 @@ pub(super) fn check_logins(v: &mut V<'_>, doc: &RawConfig) {
         .as_ref()
         .and_then(|d| d.get_ref().web_access.as_ref())
     {
-        one(v, w, "default_customer".into());
+        one(v, w, "default_customer.web_access".into());
     }
     for (i, c) in doc.customer.iter().enumerate() {
         if let Some(w) = &c.get_ref().web_access {
-            one(v, w, label("customer", c.get_ref().name.as_ref(), i));
+            let owner = label("customer", c.get_ref().name.as_ref(), i);
+            one(v, w, format!("{owner}.web_access"));
         }
     }
 }
