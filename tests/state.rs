@@ -1440,3 +1440,118 @@ async fn an_old_admin_request_expires_instead_of_being_applied() {
     );
 }
 }
+
+on_both! {
+/// The web console's reads and records (issue 15) on both backends:
+/// refusals filtered by code, customers and client; the outbox; the last
+/// session result per client; daily usage snapshots (a later one of a day
+/// replaces the earlier) and live usage; the account-details record, once
+/// per customer whatever the case of its name.
+#[tokio::test]
+async fn console_reads_and_records_agree_on_both_backends() {
+    use tollgate::state::Outgoing;
+    use tollgate::state::console::RefusalFilter;
+    let dir = fixture!();
+    let cfg = config(
+        &dir,
+        &format!(
+            "[default_customer]\nauto_add_clients = true\n[[reseller]]\nname = \"acme\"\n[[customer]]\nname = \"Contoso Ltd\"\nreseller = \"acme\"\nemail = \"a@contoso.example\"\nbackup_location = \"{}\"\nauto_add_clients = true\n",
+            dir.path().join("contoso").display()
+        ),
+    );
+    let st = open(dir.path(), &cfg).await;
+    let t = at("2026-11-25T12:00:00Z");
+    for (id, customer) in [("PC", None), ("LAPTOP", Some("Contoso Ltd"))] {
+        let AdmitOutcome::Admitted { .. } = st
+            .admit(&cfg, &hello(id, customer), None, t, false, false)
+            .await
+            .unwrap()
+        else {
+            panic!("{id} admitted")
+        };
+    }
+    commit(&st, &cfg, "PC", "a", 3 * MIB).await;
+    commit(&st, &cfg, "LAPTOP", "b", 5 * MIB).await;
+
+    // Refusals: two codes, two customers, one client.
+    for (code, customer, client) in [
+        (RejectCode::AuthFailed, Some("Contoso Ltd"), "LAPTOP"),
+        (RejectCode::Timeout, None, ""),
+        (RejectCode::McalExhausted, Some("Default Customer"), "PC"),
+    ] {
+        st.record_refusal(t, client, customer, code, Some("192.0.2.9".parse().unwrap()))
+            .await
+            .unwrap();
+    }
+    let codes = |rows: Vec<tollgate::state::console::RefusalRow>| {
+        let mut v: Vec<String> = rows.into_iter().map(|r| r.code).collect();
+        v.sort();
+        v
+    };
+    let all = st.refusals(&RefusalFilter::default(), 100).await.unwrap();
+    assert_eq!(codes(all), ["auth_failed", "mcal_exhausted", "timeout"]);
+    let by_code = RefusalFilter { code: Some("timeout".into()), ..Default::default() };
+    assert_eq!(codes(st.refusals(&by_code, 100).await.unwrap()), ["timeout"]);
+    let by_customers = RefusalFilter {
+        customers: Some(vec!["contoso ltd".into(), "Default Customer".into()]),
+        ..Default::default()
+    };
+    assert_eq!(
+        codes(st.refusals(&by_customers, 100).await.unwrap()),
+        ["auth_failed", "mcal_exhausted"],
+        "customer names compare case-insensitively"
+    );
+    let by_client = RefusalFilter { client: Some("PC".into()), ..Default::default() };
+    assert_eq!(codes(st.refusals(&by_client, 100).await.unwrap()), ["mcal_exhausted"]);
+    assert_eq!(st.refusals(&RefusalFilter::default(), 1).await.unwrap().len(), 1, "bounded");
+
+    // The last finished session's result per client.
+    for (id, client, customer, started, result) in [
+        ("s1", "LAPTOP", "Contoso Ltd", 100, "'ok'"),
+        ("s2", "LAPTOP", "Contoso Ltd", 200, "'storage_error'"),
+        ("s3", "LAPTOP", "Contoso Ltd", 300, "NULL"),
+    ] {
+        let ended = if result == "NULL" { "NULL".to_string() } else { (started + 10).to_string() };
+        exec(&st, &format!("INSERT INTO sessions (id, client, customer, schedule, intent, started_at, ended_at, result) VALUES ('{id}', '{client}', '{customer}', 'nightly', 'backup', {started}, {ended}, {result})"))
+            .await
+            .unwrap();
+    }
+    let results = st.last_results("contoso ltd").await.unwrap();
+    assert_eq!(results.get("laptop").map(String::as_str), Some("storage_error"), "the newest finished one");
+    let sessions = st.client_sessions("LAPTOP", 2).await.unwrap();
+    assert_eq!(sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s3", "s2"]);
+
+    // Usage snapshots: the day's last one stands; live usage sums.
+    assert_eq!(st.snapshot_usage("2026-11-24", t).await.unwrap(), 2);
+    commit(&st, &cfg, "LAPTOP", "c", MIB).await;
+    st.snapshot_usage("2026-11-25", t).await.unwrap();
+    commit(&st, &cfg, "LAPTOP", "d", MIB).await;
+    st.snapshot_usage("2026-11-25", t).await.unwrap();
+    let names = vec!["Contoso Ltd".to_string()];
+    let hist = st.usage_history(&names, "2026-11-01").await.unwrap();
+    let got: Vec<(String, i64)> = hist.into_iter().map(|p| (p.day, p.used)).collect();
+    assert_eq!(
+        got,
+        [("2026-11-24".to_string(), 5 * MIB as i64), ("2026-11-25".to_string(), 7 * MIB as i64)]
+    );
+    assert!(st.usage_history(&names, "2026-11-25").await.unwrap().len() == 1);
+    let both = vec!["contoso ltd".to_string(), "Default Customer".to_string()];
+    assert_eq!(st.usage_now(&both).await.unwrap(), 10 * MIB as i64);
+    assert_eq!(st.usage_now(&[]).await.unwrap(), 0);
+
+    // The account-details record: once per customer.
+    let m = Outgoing {
+        kind: "account_details",
+        subject: "s".into(),
+        from: "f@x.example".into(),
+        to: vec!["a@contoso.example".into()],
+        message: b"m".to_vec(),
+    };
+    assert!(st.enqueue_account_details("Contoso Ltd", &m, t).await.unwrap());
+    assert!(!st.enqueue_account_details("CONTOSO LTD", &m, t).await.unwrap());
+    assert_eq!(st.account_details_sent().await.unwrap(), ["Contoso Ltd"]);
+    let outbox = st.outbox(10).await.unwrap();
+    assert_eq!(outbox.len(), 1, "one message queued");
+    assert_eq!(outbox[0].kind, "account_details");
+}
+}

@@ -281,11 +281,11 @@ pub async fn login_form(
     if let Some(a) = authed {
         return Ok(Redirect::to(&a.login.home()).into_response());
     }
-    login_page(&console, None, StatusCode::OK)
+    login_page(&console, None, StatusCode::OK).await
 }
 
-fn login_page(
-    console: &Console,
+async fn login_page(
+    console: &Arc<Console>,
     error: Option<&str>,
     status: StatusCode,
 ) -> Result<Response, WebError> {
@@ -294,7 +294,8 @@ fn login_page(
         console,
         "login.html",
         minijinja::context! { csrf => token, error => error },
-    )?;
+    )
+    .await?;
     Ok((
         status,
         [(
@@ -403,6 +404,7 @@ pub async fn login(
                 Some("Wrong user name or password."),
                 StatusCode::UNAUTHORIZED,
             )
+            .await
         }
     }
 }
@@ -435,4 +437,105 @@ pub async fn logout(
         ],
     )
         .into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PHC: &str = "$argon2id$v=19$m=19456,t=2,p=1$dZZ3ob0YSGTwo6umRpK5sA$SQCrzyZK5ExW4JIEsSNKKTiL8p2MX+QKZixCvXOsetA";
+
+    fn cfg(contoso_user: &str, idle: &str) -> Config {
+        Config::from_str(
+            &format!(
+                r#"
+[server]
+state_dir = "/tmp/tollgate-web-test"
+[server.web]
+listen = "127.0.0.1:8443"
+session_idle = "{idle}"
+admin = {{ user = "admin", password = "{PHC}" }}
+[default_customer]
+backup_location = "/srv/b/default"
+[[reseller]]
+name = "acme"
+web_access = {{ user = "acme", password = "{PHC}" }}
+[[customer]]
+name = "Contoso Ltd"
+reseller = "acme"
+email = "a@contoso.example"
+backup_location = "/srv/b/contoso"
+web_access = {{ user = "{contoso_user}", password = "{PHC}" }}
+"#
+            ),
+            std::path::Path::new("/etc/tollgate/tollgate.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn user_names_find_their_login_case_insensitively() {
+        let c = cfg("contoso", "30m");
+        let cases = [
+            ("admin", Some(Login::Admin)),
+            ("ACME", Some(Login::Reseller("acme".into()))),
+            ("Contoso", Some(Login::Customer("Contoso Ltd".into()))),
+            ("nobody", None),
+            ("", None),
+        ];
+        for (user, want) in cases {
+            assert_eq!(find(&c, user).map(|(l, _)| l), want, "{user}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_session_ends_when_idle_or_when_its_login_changes() {
+        let c = cfg("contoso", "30m");
+        let s = Sessions::default();
+        let (login, account) = find(&c, "contoso").unwrap();
+        let (id, csrf) = s.create(login.clone(), account).unwrap();
+        let a = s.get(&c, &id).expect("live");
+        assert_eq!(a.login, login);
+        assert!(a.check_csrf(&csrf).is_ok());
+        assert!(a.check_csrf("").is_err() && a.check_csrf("x").is_err());
+        assert!(s.get(&c, "not-a-session").is_none());
+
+        // Each request restarts the idle clock.
+        tokio::time::advance(Duration::from_secs(29 * 60)).await;
+        assert!(s.get(&c, &id).is_some());
+        tokio::time::advance(Duration::from_secs(29 * 60)).await;
+        assert!(s.get(&c, &id).is_some());
+        tokio::time::advance(Duration::from_secs(31 * 60)).await;
+        assert!(s.get(&c, &id).is_none(), "idle past session_idle");
+        assert!(s.is_empty());
+
+        // A reload that changes the login ends its sessions.
+        let (login, account) = find(&c, "contoso").unwrap();
+        let (id, _) = s.create(login, account).unwrap();
+        let renamed = cfg("contoso-it", "30m");
+        assert!(
+            s.get(&renamed, &id).is_none(),
+            "a changed web_access ends it"
+        );
+        assert!(s.get(&c, &id).is_none(), "and it stays ended");
+
+        // Logout forgets it on the server.
+        let (login, account) = find(&c, "acme").unwrap();
+        let (id, _) = s.create(login, account).unwrap();
+        s.remove(&id);
+        assert!(s.get(&c, &id).is_none());
+    }
+
+    #[test]
+    fn cookies_are_read_by_exact_name() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            "x_tollgate_session=evil; tollgate_session=abc; other=1"
+                .parse()
+                .unwrap(),
+        );
+        assert_eq!(cookie(&h, SESSION_COOKIE), Some("abc"));
+        assert_eq!(cookie(&h, LOGIN_COOKIE), None);
+    }
 }

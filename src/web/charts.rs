@@ -51,13 +51,22 @@ fn draw<'o>(
 ) -> Result<(), Box<dyn std::error::Error + 'o>> {
     let root = SVGBackend::with_string(out, SIZE).into_drawing_area();
     root.fill(&WHITE)?;
-    let top = series
-        .iter()
-        .filter_map(|(_, v)| *v)
-        .chain(allotted)
-        .max()
-        .unwrap_or(0)
+    let data_top = series.iter().filter_map(|(_, v)| *v).max().unwrap_or(0);
+    // The allotment sets the scale only when the data would still show
+    // (a few MiB against a TiB allotment would be a flat line); otherwise
+    // the caption names it.
+    let allotted_shown = allotted.filter(|&a| a <= data_top.saturating_mul(4));
+    let top = data_top
+        .saturating_add(data_top / 4)
+        .max(allotted_shown.unwrap_or(0))
         .max(1024);
+    let title = match allotted {
+        Some(a) if allotted_shown.is_none() => {
+            format!("{title} (allotted {}, off the scale)", format_size(a))
+        }
+        _ => title.to_string(),
+    };
+    let title = title.as_str();
     let n = series.len().max(2) as i32;
     let mut chart = ChartBuilder::on(&root)
         .caption(title, ("sans-serif", 16))
@@ -93,11 +102,13 @@ fn draw<'o>(
         runs.push(run);
     }
     for r in runs {
+        // A dot per day, so a single day shows too.
+        chart.draw_series(r.iter().map(|&p| Circle::new(p, 2, color.filled())))?;
         chart.draw_series(
             AreaSeries::new(r, 0.0, color.mix(0.25)).border_style(color.stroke_width(2)),
         )?;
     }
-    if let Some(a) = allotted {
+    if let Some(a) = allotted_shown {
         chart
             .draw_series(LineSeries::new(
                 [(0, a as f64), (n - 1, a as f64)],
@@ -167,5 +178,10 @@ mod tests {
         assert!(doc.descendants().any(|n| n.has_tag_name("polyline")));
         let empty = usage_svg("nothing yet", &daily(&[], "2026-11-01".into(), 90), None);
         roxmltree::Document::parse(&empty).expect("an empty chart is well-formed too");
+        // An allotment far above the data is named, not drawn.
+        let far = usage_svg("far", &s, Some(1 << 40));
+        assert!(far.contains("(allotted 1 TiB, off the scale)"), "{far}");
+        assert!(svg.contains("#B3261E"), "the allotment line");
+        assert!(!far.contains("#B3261E"), "no allotment line");
     }
 }

@@ -36,6 +36,8 @@ pub struct Console {
     pub sessions: auth::Sessions,
     /// The page templates.
     pub templates: Environment<'static>,
+    /// One page build at a time (see `pages::status`).
+    pub pages: tokio::sync::Semaphore,
 }
 
 /// The console's error: what the peer sees is a status and a fixed text;
@@ -63,6 +65,9 @@ pub enum WebError {
     /// Mail could not be made or queued.
     #[error(transparent)]
     Mail(#[from] crate::reports::MailError),
+    /// A page's blocking work panicked or was cancelled.
+    #[error("a page's work failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
 impl IntoResponse for WebError {
@@ -81,7 +86,7 @@ impl IntoResponse for WebError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The server is busy checking other logins. Try again in a moment.",
             ),
-            WebError::State(_) | WebError::Template(_) | WebError::Mail(_) => {
+            WebError::State(_) | WebError::Template(_) | WebError::Mail(_) | WebError::Task(_) => {
                 error!(error = %self, "web console: a page failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -174,6 +179,7 @@ pub async fn serve(
         ctx: ctx.clone(),
         sessions: auth::Sessions::default(),
         templates: pages::templates(),
+        pages: tokio::sync::Semaphore::new(1),
     });
     let incoming = listen::TlsIncoming::start(listener, ctx.clone(), tls);
     let app = router(console.clone()).into_make_service_with_connect_info::<listen::Peer>();

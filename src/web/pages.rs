@@ -78,8 +78,19 @@ pub fn templates() -> Environment<'static> {
     e
 }
 
-/// Renders `name`; the caller's context is merged over the common one.
-pub fn render(console: &Console, name: &str, ctx: Value) -> Result<Html<String>, WebError> {
+/// Renders `name` off the async workers (a page over 10,000 clients is
+/// milliseconds of CPU); the caller's context is merged over the common one.
+pub async fn render(
+    console: &Arc<Console>,
+    name: &'static str,
+    ctx: Value,
+) -> Result<Html<String>, WebError> {
+    let _turn = console.pages.acquire().await;
+    let console = console.clone();
+    tokio::task::spawn_blocking(move || render_now(&console, name, ctx)).await?
+}
+
+fn render_now(console: &Console, name: &str, ctx: Value) -> Result<Html<String>, WebError> {
     let cfg = console.ctx.cfg.load();
     let when = {
         let tz = cfg.server.timezone.clone();
@@ -170,11 +181,21 @@ pub fn reseller_for(cfg: &Config, login: &Login, name: &str) -> Result<ResellerI
     }
 }
 
-/// The status tree now.
-async fn status(console: &Console, cfg: &Config, at: Timestamp) -> Result<Status, WebError> {
-    let mut data = console.ctx.state.status_data(cfg, at).await?;
-    data.clients = crate::state::status::with_declared(cfg, std::mem::take(&mut data.clients));
-    Ok(status_doc(cfg, &data, at))
+/// The status tree now. The tree is built off the async workers, one page
+/// at a time ([`Console::pages`]): however many people load pages over
+/// 10,000 clients, the console takes at most one core's worth of CPU, and
+/// admissions never queue behind it.
+async fn status(console: &Console, cfg: &Arc<Config>, at: Timestamp) -> Result<Status, WebError> {
+    let _turn = console.pages.acquire().await;
+    let data = console.ctx.state.status_data(cfg, at).await?;
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut data = data;
+        data.clients = crate::state::status::with_declared(&cfg, std::mem::take(&mut data.clients));
+        status_doc(&cfg, &data, at)
+    })
+    .await
+    .map_err(WebError::from)
 }
 
 fn customer_in(s: Status, name: &str) -> Option<CustomerStatus> {
@@ -191,6 +212,15 @@ pub fn client_for(c: CustomerStatus, client: &str) -> Result<ClientStatus, WebEr
         .into_iter()
         .find(|cl| cl.row.id.eq_ignore_ascii_case(client))
         .ok_or(WebError::NotFound)
+}
+
+/// The customers that have an `email` (their account details can be sent).
+fn mailable(cfg: &Config) -> Vec<String> {
+    cfg.customers
+        .iter()
+        .filter(|c| c.email.is_some())
+        .map(|c| c.name.clone())
+        .collect()
 }
 
 /// Whether a customer and its reseller are both activated.
@@ -242,6 +272,7 @@ pub async fn customer(
             c => c,
         },
     )
+    .await
 }
 
 /// A client's session with its rates.
@@ -329,6 +360,7 @@ pub async fn client(
             cl => cl,
         },
     )
+    .await
 }
 
 /// `?path=` of a download.
@@ -434,6 +466,7 @@ pub async fn connect(
             enroll => c.enroll_key.is_some(),
         },
     )
+    .await
 }
 
 fn reseller_in(s: Status, name: &str) -> Option<ResellerStatus> {
@@ -467,9 +500,11 @@ pub async fn reseller(
             crumbs => crumbs(&cfg, &authed.login, None),
             notice => q.text(),
             activity => activity,
+            mailable => mailable(&cfg),
             r => r,
         },
     )
+    .await
 }
 
 /// `?code=&customer=` on the admin's page, and the notice after an action.
@@ -546,6 +581,7 @@ pub async fn admin(
             refusals => refusals,
             filter => context! { code => code, customer => customer },
             codes => codes,
+            mailable => mailable(&cfg),
             mail => mail,
             penalties => penalties,
             reload => context! {
@@ -556,6 +592,7 @@ pub async fn admin(
             },
         },
     )
+    .await
 }
 
 /// The note shown after an action (a fixed text per kind; the customer
@@ -722,4 +759,99 @@ pub async fn reseller_chart(
         &series,
         r.space,
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        let phc = "$argon2id$v=19$m=19456,t=2,p=1$dZZ3ob0YSGTwo6umRpK5sA$SQCrzyZK5ExW4JIEsSNKKTiL8p2MX+QKZixCvXOsetA";
+        Config::from_str(
+            &format!(
+                r#"
+[server]
+state_dir = "/tmp/tollgate-web-test"
+[default_customer]
+backup_location = "/srv/b/default"
+[[reseller]]
+name = "acme"
+web_access = {{ user = "acme", password = "{phc}" }}
+[[reseller]]
+name = "globex"
+[[customer]]
+name = "Contoso Ltd"
+reseller = "acme"
+email = "a@contoso.example"
+backup_location = "/srv/b/contoso"
+[[customer]]
+name = "Fabrikam"
+reseller = "acme"
+email = "a@fabrikam.example"
+backup_location = "/srv/b/fabrikam"
+[[customer]]
+name = "Initech"
+reseller = "globex"
+email = "a@initech.example"
+backup_location = "/srv/b/initech"
+"#
+            ),
+            std::path::Path::new("/etc/tollgate/tollgate.toml"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn each_login_reaches_only_its_own_subtree() {
+        let cfg = cfg();
+        let admin = Login::Admin;
+        let acme = Login::Reseller("acme".into());
+        let contoso = Login::Customer("Contoso Ltd".into());
+        // (login, customer in the URL, allowed)
+        let cases: &[(&Login, &str, bool)] = &[
+            (&admin, "Contoso Ltd", true),
+            (&admin, "Initech", true),
+            (&admin, "Default Customer", true),
+            (&admin, "No Such", false),
+            (&acme, "Contoso Ltd", true),
+            (&acme, "fabrikam", true),
+            (&acme, "Initech", false),
+            (&acme, "Default Customer", false),
+            (&contoso, "Contoso Ltd", true),
+            (&contoso, "CONTOSO LTD", true),
+            (&contoso, "Fabrikam", false),
+            (&contoso, "Default Customer", false),
+            (&contoso, "No Such", false),
+        ];
+        for (login, name, allowed) in cases {
+            let got = customer_for(&cfg, login, name);
+            assert_eq!(got.is_ok(), *allowed, "{login:?} → {name}");
+            if !allowed {
+                // Not the login's and not there look the same.
+                assert!(matches!(got, Err(WebError::NotFound)), "{login:?} → {name}");
+            }
+        }
+        let resellers: &[(&Login, &str, bool)] = &[
+            (&admin, "acme", true),
+            (&admin, "globex", true),
+            (&acme, "acme", true),
+            (&acme, "globex", false),
+            (&acme, "ACME", false),
+            (&contoso, "acme", false),
+        ];
+        for (login, name, allowed) in resellers {
+            assert_eq!(
+                reseller_for(&cfg, login, name).is_ok(),
+                *allowed,
+                "{login:?} → {name}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_become_one_path_segment() {
+        assert_eq!(seg("Contoso Ltd"), "Contoso%20Ltd");
+        assert_eq!(seg("a/../b"), "a%2F%2E%2E%2Fb");
+        assert_eq!(seg("x?y#z"), "x%3Fy%23z");
+    }
 }
