@@ -57,6 +57,21 @@ pub fn start_release_daemon(config: &Path) -> (Child, String, String) {
 
 /// [`start_release_daemon`] with more `serve` arguments (`--node NAME`).
 pub fn start_release_daemon_with(config: &Path, args: &[&str]) -> (Child, String, String) {
+    let s = start_daemon(config, args);
+    (s.child, s.addr, s.pin)
+}
+
+/// A daemon started by [`start_daemon`].
+pub struct Started {
+    pub child: Child,
+    pub addr: String,
+    pub pin: String,
+    /// The web console's address, when `[server.web]` is set.
+    pub console: Option<String>,
+}
+
+/// Starts the daemon and reads every address it prints.
+pub fn start_daemon(config: &Path, args: &[&str]) -> Started {
     let bin = std::env::var("TOLLGATE_BIN").unwrap_or_else(|_| {
         concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/tollgate").to_string()
     });
@@ -70,11 +85,14 @@ pub fn start_release_daemon_with(config: &Path, args: &[&str]) -> (Child, String
         .spawn()
         .unwrap_or_else(|e| panic!("{bin}: {e} (run `cargo build --release` first)"));
     let mut lines = BufReader::new(daemon.stdout.take().unwrap()).lines();
-    let (mut pin, mut addr) = (String::new(), String::new());
+    let (mut pin, mut addr, mut console) = (String::new(), String::new(), None);
     while addr.is_empty() {
         let line = lines.next().expect("the daemon exited").unwrap();
         if let Some(p) = line.strip_prefix("tollgate: certificate ") {
             pin = p.into();
+        }
+        if let Some(a) = line.strip_prefix("tollgate: console on ") {
+            console = Some(a.to_string());
         }
         if let Some(a) = line.strip_prefix("tollgate: listening on ") {
             addr = a.into();
@@ -82,7 +100,12 @@ pub fn start_release_daemon_with(config: &Path, args: &[&str]) -> (Child, String
     }
     // Keep draining stdout so the daemon never blocks on it.
     std::thread::spawn(move || for _ in lines {});
-    (daemon, addr, pin)
+    Started {
+        child: daemon,
+        addr,
+        pin,
+        console,
+    }
 }
 
 /// Uploads `size` bytes in 64 KiB frames; bytes per second, PUT to STORED.

@@ -82,6 +82,17 @@ pub struct UsagePoint {
     pub used: i64,
 }
 
+/// A customer's clients, counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClientCounts {
+    /// Rows in state.
+    pub total: i64,
+    /// Registered or declared.
+    pub registered: i64,
+    /// The newest admission among them (Unix seconds).
+    pub last_seen: Option<i64>,
+}
+
 /// What refusals to list.
 #[derive(Debug, Clone, Default)]
 pub struct RefusalFilter {
@@ -94,6 +105,32 @@ pub struct RefusalFilter {
 }
 
 impl State {
+    /// Each customer's clients counted (lowercased names), so the pages
+    /// over the whole tree never read every client row.
+    pub async fn client_counts(
+        &self,
+    ) -> Result<std::collections::HashMap<String, ClientCounts>, StateError> {
+        let rows: Vec<(String, i64, i64, Option<i64>)> = super::on_pool!(self, pool => {
+            sqlx::query_as(
+                "SELECT customer, CAST(COUNT(*) AS BIGINT),
+                        CAST(SUM(CASE WHEN declared <> 0 OR secret_sha256 IS NOT NULL THEN 1 ELSE 0 END) AS BIGINT),
+                        MAX(last_seen)
+                 FROM clients GROUP BY customer",
+            )
+            .fetch_all(pool)
+            .await?
+        });
+        let mut out: std::collections::HashMap<String, ClientCounts> = Default::default();
+        for (customer, total, registered, last_seen) in rows {
+            // Names differing in case are one customer.
+            let e = out.entry(customer.to_lowercase()).or_default();
+            e.total += total;
+            e.registered += registered;
+            e.last_seen = e.last_seen.max(last_seen);
+        }
+        Ok(out)
+    }
+
     /// A client's newest `limit` sessions.
     pub async fn client_sessions(
         &self,

@@ -127,6 +127,21 @@ impl State {
 
     /// Every client with its figures.
     pub async fn clients(&self, cfg: &Config, at: Timestamp) -> Result<Vec<ClientRow>, StateError> {
+        self.clients_of(cfg, at, None, None, 0, i64::MAX).await
+    }
+
+    /// [`State::clients`] of one customer only (by name), or of all, and
+    /// only client `id` when given; the `limit` rows after the first
+    /// `offset`, in id order.
+    pub async fn clients_of(
+        &self,
+        cfg: &Config,
+        at: Timestamp,
+        customer: Option<&str>,
+        id: Option<&str>,
+        offset: i64,
+        limit: i64,
+    ) -> Result<Vec<ClientRow>, StateError> {
         let month = Month::of(at, &cfg.server.timezone).to_string();
         let rows: Vec<ClientRow> = super::on_pool!(self, pool => {
             sqlx::query_as::<_, ClientRow>(
@@ -136,10 +151,15 @@ impl State {
                         CAST(COALESCE((SELECT SUM(cost) FROM mcal_debits d WHERE d.client = c.id AND d.month = $1), 0) AS BIGINT) AS mcal_this_month,
                         (SELECT MAX(ended_at) FROM sessions s WHERE s.client = c.id AND s.intent = 'backup' AND s.result = 'ok') AS last_backup,
                         CAST((SELECT COALESCE(SUM(f.count), 0) FROM refusals f WHERE f.client = c.id AND f.at >= $2) AS BIGINT) AS refusals_24h
-                 FROM clients c ORDER BY c.customer COLLATE NOCASE, c.id",
+                 FROM clients c WHERE ($3 IS NULL OR c.customer = $3) AND ($6 IS NULL OR c.id = $6)
+                 ORDER BY c.customer COLLATE NOCASE, c.id LIMIT $4 OFFSET $5",
             )
             .bind(month)
             .bind(secs(at) - 86_400)
+            .bind(customer)
+            .bind(limit)
+            .bind(offset)
+            .bind(id)
             .fetch_all(pool)
             .await?
         });

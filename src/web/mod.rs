@@ -7,13 +7,15 @@
 //! listener uses, and finishes TLS in a task per connection under a
 //! handshake bound, so a slow handshake never holds up another. [`auth`]
 //! owns logins, sessions and CSRF tokens; [`pages`] renders every page on
-//! the server from embedded templates; [`charts`] draws the SVG charts.
+//! the server from embedded templates, on the low-priority thread of
+//! [`worker`]; [`charts`] draws the SVG charts.
 //! Every response carries the security headers in [`secure_headers`].
 
 pub mod auth;
 pub mod charts;
 pub mod listen;
 pub mod pages;
+pub mod worker;
 
 use crate::server::{Context, Phase};
 use axum::Router;
@@ -36,8 +38,6 @@ pub struct Console {
     pub sessions: auth::Sessions,
     /// The page templates.
     pub templates: Environment<'static>,
-    /// One page build at a time (see `pages::status`).
-    pub pages: tokio::sync::Semaphore,
 }
 
 /// The console's error: what the peer sees is a status and a fixed text;
@@ -65,9 +65,6 @@ pub enum WebError {
     /// Mail could not be made or queued.
     #[error(transparent)]
     Mail(#[from] crate::reports::MailError),
-    /// A page's blocking work panicked or was cancelled.
-    #[error("a page's work failed: {0}")]
-    Task(#[from] tokio::task::JoinError),
 }
 
 impl IntoResponse for WebError {
@@ -86,7 +83,7 @@ impl IntoResponse for WebError {
                 StatusCode::SERVICE_UNAVAILABLE,
                 "The server is busy checking other logins. Try again in a moment.",
             ),
-            WebError::State(_) | WebError::Template(_) | WebError::Mail(_) | WebError::Task(_) => {
+            WebError::State(_) | WebError::Template(_) | WebError::Mail(_) => {
                 error!(error = %self, "web console: a page failed");
                 (
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -179,7 +176,6 @@ pub async fn serve(
         ctx: ctx.clone(),
         sessions: auth::Sessions::default(),
         templates: pages::templates(),
-        pages: tokio::sync::Semaphore::new(1),
     });
     let incoming = listen::TlsIncoming::start(listener, ctx.clone(), tls);
     let app = router(console.clone()).into_make_service_with_connect_info::<listen::Peer>();

@@ -11,7 +11,7 @@ use super::auth::{Authed, Login};
 use super::{Console, WebError, charts};
 use crate::config::units::format_size;
 use crate::config::{Config, CustomerId, ResellerId};
-use crate::state::console::{RefusalFilter, SessionRow};
+use crate::state::console::{ClientCounts, RefusalFilter, SessionRow};
 use crate::state::status::{ClientStatus, CustomerStatus, ResellerStatus, Status, status_doc};
 use axum::Form;
 use axum::body::Body;
@@ -26,6 +26,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use tracing::info;
 
+/// Clients listed per page of a customer's clients.
+pub const CLIENTS_PAGE: usize = 500;
 /// Files listed per page of a client's files.
 pub const FILES_PAGE: u32 = 200;
 /// Sessions listed on a client's page.
@@ -78,20 +80,29 @@ pub fn templates() -> Environment<'static> {
     e
 }
 
-/// Renders `name` off the async workers (a page over 10,000 clients is
-/// milliseconds of CPU); the caller's context is merged over the common one.
+/// Renders `name` on the console's own low-priority thread
+/// ([`super::worker`]); the caller's context is merged over the common one.
 pub async fn render(
     console: &Arc<Console>,
     name: &'static str,
     ctx: Value,
 ) -> Result<Html<String>, WebError> {
-    let _turn = console.pages.acquire().await;
     let console = console.clone();
-    tokio::task::spawn_blocking(move || render_now(&console, name, ctx)).await?
+    super::worker::run(move || render_now(&console, name, ctx)).await?
 }
 
 fn render_now(console: &Console, name: &str, ctx: Value) -> Result<Html<String>, WebError> {
     let cfg = console.ctx.cfg.load();
+    Ok(Html(render_page(&console.templates, &cfg, name, ctx)?))
+}
+
+/// Renders page `name` of `templates` with `ctx` (public for the bench).
+pub fn render_page(
+    templates: &Environment<'static>,
+    cfg: &Config,
+    name: &str,
+    ctx: Value,
+) -> Result<String, minijinja::Error> {
     let when = {
         let tz = cfg.server.timezone.clone();
         move |secs: Option<i64>| -> String {
@@ -100,14 +111,13 @@ fn render_now(console: &Console, name: &str, ctx: Value) -> Result<Html<String>,
                 .unwrap_or_else(|| "never".into())
         }
     };
-    let mut env = console.templates.clone();
+    let mut env = templates.clone();
     env.add_filter("when", when);
     let common = context! {
         version => env!("CARGO_PKG_VERSION"),
-        now => crate::state::status::when(&cfg, Some(crate::clock::now().as_second())),
+        now => crate::state::status::when(cfg, Some(crate::clock::now().as_second())),
     };
-    let t = env.get_template(name)?;
-    Ok(Html(t.render(context! { ..ctx, ..common })?))
+    env.get_template(name)?.render(context! { ..ctx, ..common })
 }
 
 /// A bare page for errors (no login needed, no template that can fail).
@@ -181,21 +191,70 @@ pub fn reseller_for(cfg: &Config, login: &Login, name: &str) -> Result<ResellerI
     }
 }
 
-/// The status tree now. The tree is built off the async workers, one page
-/// at a time ([`Console::pages`]): however many people load pages over
-/// 10,000 clients, the console takes at most one core's worth of CPU, and
-/// admissions never queue behind it.
-async fn status(console: &Console, cfg: &Arc<Config>, at: Timestamp) -> Result<Status, WebError> {
-    let _turn = console.pages.acquire().await;
-    let data = console.ctx.state.status_data(cfg, at).await?;
+/// Which client rows a page reads: never all of them (at 10,000 clients
+/// the rows alone cost tens of milliseconds), so the tree's per-customer
+/// client counts come from [`State::client_counts`].
+///
+/// [`State::client_counts`]: crate::state::State::client_counts
+enum Rows<'a> {
+    /// None: the whole tree's pages list customers, not clients.
+    None,
+    /// One page of a customer's clients.
+    Page {
+        customer: &'a str,
+        offset: usize,
+        limit: usize,
+    },
+    /// One client of a customer.
+    One { customer: &'a str, client: &'a str },
+}
+
+/// The status tree now with the client rows `rows` asks for, built on the
+/// console's own low-priority thread ([`super::worker`]), with `counts`
+/// (from [`State::client_counts`]) as each customer's client count.
+///
+/// [`State::client_counts`]: crate::state::State::client_counts
+async fn status(
+    console: &Console,
+    cfg: &Arc<Config>,
+    at: Timestamp,
+    rows: Rows<'_>,
+    counts: HashMap<String, ClientCounts>,
+) -> Result<(Status, HashMap<String, ClientCounts>), WebError> {
+    let st = &console.ctx.state;
+    let mut data = st.totals(cfg, at).await?;
+    data.clients = match rows {
+        Rows::None => Vec::new(),
+        Rows::Page {
+            customer,
+            offset,
+            limit,
+        } => {
+            st.clients_of(cfg, at, Some(customer), None, offset as i64, limit as i64)
+                .await?
+        }
+        Rows::One { customer, client } => {
+            st.clients_of(cfg, at, Some(customer), Some(client), 0, 1)
+                .await?
+        }
+    };
     let cfg = cfg.clone();
-    tokio::task::spawn_blocking(move || {
-        let mut data = data;
-        data.clients = crate::state::status::with_declared(&cfg, std::mem::take(&mut data.clients));
-        status_doc(&cfg, &data, at)
+    super::worker::run(move || {
+        let mut doc = status_doc(&cfg, &data, at);
+        // The counts of all clients, not of the rows read.
+        let fix = |c: &mut CustomerStatus| {
+            if let Some(n) = counts.get(&c.name.to_lowercase()) {
+                c.clients_registered = n.registered.max(0) as u64;
+            }
+        };
+        fix(&mut doc.default_customer);
+        doc.resellers
+            .iter_mut()
+            .flat_map(|r| r.customers.iter_mut())
+            .for_each(fix);
+        (doc, counts)
     })
     .await
-    .map_err(WebError::from)
 }
 
 fn customer_in(s: Status, name: &str) -> Option<CustomerStatus> {
@@ -255,7 +314,19 @@ pub async fn customer(
     let id = customer_for(&cfg, &authed.login, &name)?;
     let cust_name = cfg.customer(id).name.clone();
     let at = crate::clock::now();
-    let s = status(&console, &cfg, at).await?;
+    // The clients table is paged, in id order.
+    let counts = console.ctx.state.client_counts().await?;
+    let total = counts
+        .get(&cust_name.to_lowercase())
+        .map_or(0, |n| n.total.max(0) as usize);
+    let pages = total.div_ceil(CLIENTS_PAGE).max(1);
+    let page = q.page.unwrap_or(1).clamp(1, pages);
+    let rows = Rows::Page {
+        customer: &cust_name,
+        offset: (page - 1) * CLIENTS_PAGE,
+        limit: CLIENTS_PAGE,
+    };
+    let (s, _) = status(&console, &cfg, at, rows, counts).await?;
     let c = customer_in(s, &cust_name).ok_or(WebError::NotFound)?;
     let results = console.ctx.state.last_results(&cust_name).await?;
     render(
@@ -269,6 +340,13 @@ pub async fn customer(
             active => active(&cfg, id),
             can_send => authed.login != Login::Customer(cust_name.clone()) && cfg.customer(id).email.is_some(),
             results => results,
+            paging => context! {
+                page => page,
+                pages => pages,
+                first => ((page - 1) * CLIENTS_PAGE + 1).min(total),
+                last => (page * CLIENTS_PAGE).min(total),
+                total => total,
+            },
             c => c,
         },
     )
@@ -303,7 +381,15 @@ pub async fn client(
     let id = customer_for(&cfg, &authed.login, &name)?;
     let cust_name = cfg.customer(id).name.clone();
     let at = crate::clock::now();
-    let c = customer_in(status(&console, &cfg, at).await?, &cust_name).ok_or(WebError::NotFound)?;
+    let rows = Rows::One {
+        customer: &cust_name,
+        client: &client,
+    };
+    let c = customer_in(
+        status(&console, &cfg, at, rows, HashMap::new()).await?.0,
+        &cust_name,
+    )
+    .ok_or(WebError::NotFound)?;
     let cl = client_for(c, &client)?;
     let st = &console.ctx.state;
     let declared = cfg.declared_client(&cl.row.id);
@@ -383,8 +469,16 @@ pub async fn download(
     let st = &console.ctx.state;
     // The state says where the client is; it must be this customer.
     let at = crate::clock::now();
-    let c = customer_in(status(&console, &cfg, at).await?, &cfg.customer(id).name)
-        .ok_or(WebError::NotFound)?;
+    let name = cfg.customer(id).name.clone();
+    let rows = Rows::One {
+        customer: &name,
+        client: &client,
+    };
+    let c = customer_in(
+        status(&console, &cfg, at, rows, HashMap::new()).await?.0,
+        &name,
+    )
+    .ok_or(WebError::NotFound)?;
     let cl = client_for(c, &client)?;
     let entry = st
         .file(&cl.row.id, &q.path)
@@ -483,12 +577,14 @@ pub async fn reseller(
     let cfg = console.ctx.cfg.load_full();
     reseller_for(&cfg, &authed.login, &name)?;
     let at = crate::clock::now();
-    let r = reseller_in(status(&console, &cfg, at).await?, &name).ok_or(WebError::NotFound)?;
+    let counts = console.ctx.state.client_counts().await?;
+    let (s, counts) = status(&console, &cfg, at, Rows::None, counts).await?;
+    let r = reseller_in(s, &name).ok_or(WebError::NotFound)?;
     let activity: HashMap<String, String> = r
         .customers
         .iter()
         .map(|c| {
-            let last = c.clients.iter().filter_map(|cl| cl.row.last_seen).max();
+            let last = counts.get(&c.name.to_lowercase()).and_then(|n| n.last_seen);
             (c.name.clone(), crate::state::status::when(&cfg, last))
         })
         .collect();
@@ -527,7 +623,8 @@ pub async fn admin(
     }
     let cfg = console.ctx.cfg.load_full();
     let at = crate::clock::now();
-    let s = status(&console, &cfg, at).await?;
+    let counts = console.ctx.state.client_counts().await?;
+    let (s, _) = status(&console, &cfg, at, Rows::None, counts).await?;
     let code = q.code.filter(|c| {
         crate::policy::admission::RejectCode::ALL
             .iter()
@@ -601,6 +698,8 @@ pub async fn admin(
 pub struct Notice {
     done: Option<String>,
     to: Option<String>,
+    /// The page of a list.
+    page: Option<usize>,
 }
 
 impl Notice {
