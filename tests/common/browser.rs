@@ -49,7 +49,13 @@ impl Browser {
     /// self-signed certificate (the tests pin nothing else in the browser).
     pub async fn start(console: &str) -> Browser {
         let port = crate::common::free_port();
+        // Chromium runs on the real clock: under scripts/hostile-clock the
+        // tests and the daemon see a faked one (libfaketime), which hangs
+        // Chromium; the browser has no clock logic of ours to test.
         let driver = Command::new(driver_path().expect("chromedriver"))
+            .env_remove("LD_PRELOAD")
+            .env_remove("FAKETIME")
+            .env_remove("FAKETIME_DONT_FAKE_MONOTONIC")
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
