@@ -585,3 +585,96 @@ fn account_details_go_once_per_new_customer_and_again_on_demand() {
     assert!(!text(&got[3]).contains(CONTOSO_PW));
     d.kill9();
 }
+
+/// The console's connections are bounded like the backup port's: a TLS
+/// handshake that fails costs the source the `no_hello` penalty (past the
+/// threshold its connections are closed before TLS), and a request whose
+/// head does not arrive in time is cut off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_is_penalized_and_a_slow_request_head_is_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tmp = tempfile::tempdir().unwrap();
+    let web = |dir: &Path| {
+        format!(
+            "[server.web]\nlisten = \"127.0.0.1:0\"\nadmin = {{ user = \"admin\", password = \"{}\" }}\n[default_customer]\nbackup_location = \"{}\"\n",
+            phc(ADMIN_PW),
+            dir.join("backup").display()
+        )
+    };
+    // Loopback is exempt from penalties by default: the slow head first.
+    write_config(tmp.path(), "", &web(tmp.path()));
+    let d = Daemon::start(tmp.path());
+    let console = d.console.clone().unwrap();
+
+    // A request head dripped and never finished: closed within the header
+    // timeout (10 s), with generous slack for a loaded machine.
+    let tls = {
+        let cfg = tollgate::tls::client_config(Some(&d.pin), None).unwrap();
+        let mut cfg = (*cfg).clone();
+        cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+    };
+    let tcp = tokio::net::TcpStream::connect(&console).await.unwrap();
+    let mut s = tls
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .unwrap();
+    s.write_all(b"GET /login HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    let mut buf = [0u8; 512];
+    let closed = tokio::time::timeout(Duration::from_secs(40), async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {} // a 408 may come first
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "a request head that never ends is cut off");
+    assert!(
+        t0.elapsed() >= Duration::from_secs(5),
+        "not before the timeout: {:?}",
+        t0.elapsed()
+    );
+    drop(d);
+
+    // Garbage instead of TLS, three times at 5 s each past a 12 s
+    // threshold: the fourth connection is closed before TLS.
+    let tmp = tempfile::tempdir().unwrap();
+    write_config(
+        tmp.path(),
+        "[server.limits.penalties]\nexempt = []\nno_hello = \"5s\"\nmin = \"12s\"\nmax = \"1m\"\n",
+        &web(tmp.path()),
+    );
+    let d = Daemon::start(tmp.path());
+    let console = d.console.clone().unwrap();
+    for _ in 0..3 {
+        let mut t = tokio::net::TcpStream::connect(&console).await.unwrap();
+        t.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        let _ = tokio::time::timeout(Duration::from_secs(10), t.read(&mut buf)).await;
+    }
+    assert!(
+        common::wait_until(Duration::from_secs(10), || d
+            .log()
+            .contains("penalizing source 127.0.0.1")),
+        "the penalty starts: {}",
+        d.log()
+    );
+    let tcp = tokio::net::TcpStream::connect(&console).await.unwrap();
+    let refused = tls
+        .connect(
+            rustls::pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "a penalized source's connection is closed before TLS"
+    );
+}

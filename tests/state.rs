@@ -1518,7 +1518,8 @@ async fn console_reads_and_records_agree_on_both_backends() {
     }
     let results = st.last_results("contoso ltd").await.unwrap();
     assert_eq!(results.get("laptop").map(String::as_str), Some("storage_error"), "the newest finished one");
-    let sessions = st.client_sessions("LAPTOP", 2).await.unwrap();
+    let sessions = st.client_sessions("LAPTOP", "contoso ltd", 2).await.unwrap();
+    assert!(st.client_sessions("LAPTOP", "Default Customer", 2).await.unwrap().is_empty(), "another customer's history stays its own");
     assert_eq!(sessions.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s3", "s2"]);
 
     // Usage snapshots: the day's last one stands; live usage sums.

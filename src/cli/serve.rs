@@ -113,7 +113,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
     // Watch from the start, so a change made while starting is not missed.
     let (file_tx, mut file_rx) = mpsc::unbounded_channel::<()>();
-    let _watcher = match reload::watch(path, file_tx) {
+    let _watcher = match reload::watch(path, &cfg.includes, file_tx) {
         Ok(w) => Some(w),
         Err(e) => {
             warn!(error = %e, "cannot watch the config file; reload with SIGHUP");

@@ -8,6 +8,7 @@
 //! This module does no I/O beyond reading the file it is given.
 
 pub mod diff;
+pub mod include;
 pub mod limits;
 mod raw;
 pub mod units;
@@ -69,6 +70,9 @@ pub struct Config {
     reseller_by_name: HashMap<String, ResellerId>,
     customer_by_name: HashMap<String, CustomerId>,
     client_by_id: HashMap<String, DeclaredClientId>,
+    /// The `[[include]]` directories the set was read from (the daemon
+    /// watches them for changes).
+    pub includes: Vec<include::Include>,
 }
 
 /// The text of a config file; its `Debug` shows only its length.
@@ -560,13 +564,22 @@ pub struct ClientDecl {
 }
 
 impl Config {
-    /// Reads and validates the file at `path`.
+    /// Reads and validates the file at `path` with the files its
+    /// `[[include]]` entries name, as one config.
     pub fn load(path: &Path) -> Result<Config, LoadError> {
         let src = std::fs::read_to_string(path).map_err(|e| LoadError::Read {
             path: path.to_path_buf(),
             source: e,
         })?;
-        Config::from_str(&src, path).map_err(LoadError::Invalid)
+        Config::from_file_text(&src, path).map_err(LoadError::Invalid)
+    }
+
+    /// Validates `src`, read from `path`, with its included files. The
+    /// config's `source` is the whole set as one text (what the daemon
+    /// saves as the applied copy, which reads back without the includes).
+    pub fn from_file_text(src: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
+        let (text, segments, includes, errors) = include::assemble(src, path);
+        validate::validate_assembled(&text, path, segments, includes, errors)
     }
 
     /// Loads `path` for a command that only reads the state. When the file
@@ -578,7 +591,7 @@ impl Config {
             path: path.to_path_buf(),
             source: e,
         })?;
-        match Config::from_str(&src, path) {
+        match Config::from_file_text(&src, path) {
             Ok(c) => Ok((c, Vec::new())),
             Err(errors) => {
                 let copy = state_dir_hint(&src, path).join(APPLIED_COPY);

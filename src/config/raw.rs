@@ -301,6 +301,8 @@ pub const KNOWN_KEYS: &[&str] = &[
     "public_url",
     "session_idle",
     "send_account_details",
+    "include",
+    "path",
     "usage",
     "password",
     "max_clients",
@@ -364,6 +366,15 @@ pub struct RawConfig {
     pub customer: Vec<Spanned<RawCustomer>>,
     #[serde(default)]
     pub client: Vec<Spanned<RawClient>>,
+    #[serde(default)]
+    pub include: Vec<Spanned<RawInclude>>,
+}
+
+/// `[[include]]`.
+#[derive(Debug, Default, Deserialize)]
+pub struct RawInclude {
+    pub path: Option<Spanned<String>>,
+    pub reseller: Option<Spanned<String>>,
 }
 
 /// `[server]`.

@@ -311,9 +311,13 @@ pub fn save_applied(cfg: &Config) {
 }
 
 /// Watches the config file's directory (so saves by rename are seen) and
-/// sends one message per burst of changes to the file.
+/// the directories of its `[[include]]` entries, and sends one message per
+/// burst of changes to the file or to a file an include's pattern matches.
+/// (An include added by a reload is watched from the next start; SIGHUP
+/// reloads it meanwhile.)
 pub fn watch(
     path: &Path,
+    includes: &[crate::config::include::Include],
     tx: mpsc::UnboundedSender<()>,
 ) -> notify::Result<notify::RecommendedWatcher> {
     use notify::{EventKind, RecursiveMode, Watcher};
@@ -322,6 +326,20 @@ pub fn watch(
         _ => PathBuf::from("."),
     };
     let name = path.file_name().map(|n| n.to_os_string());
+    let patterns: Vec<(PathBuf, String)> = includes
+        .iter()
+        .map(|i| (i.dir.clone(), i.pattern.clone()))
+        .collect();
+    let included = move |p: &Path| {
+        let (Some(parent), Some(file)) = (p.parent(), p.file_name().and_then(|f| f.to_str()))
+        else {
+            return false;
+        };
+        !file.starts_with('.')
+            && patterns
+                .iter()
+                .any(|(d, pat)| d == parent && crate::config::include::matches(pat, file))
+    };
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(ev) = res else { return };
         if matches!(ev.kind, EventKind::Access(_)) {
@@ -330,12 +348,17 @@ pub fn watch(
         if ev
             .paths
             .iter()
-            .any(|p| p.file_name().map(|n| n.to_os_string()) == name)
+            .any(|p| p.file_name().map(|n| n.to_os_string()) == name || included(p))
         {
             let _ = tx.send(());
         }
     })?;
     w.watch(&dir, RecursiveMode::NonRecursive)?;
+    for inc in includes {
+        if let Err(e) = w.watch(&inc.dir, RecursiveMode::NonRecursive) {
+            warn!(dir = %inc.dir.display(), error = %e, "cannot watch an include directory; reload with SIGHUP after changing its files");
+        }
+    }
     Ok(w)
 }
 

@@ -131,20 +131,25 @@ impl State {
         Ok(out)
     }
 
-    /// A client's newest `limit` sessions.
+    /// A client's newest `limit` sessions under `customer` (an id freed
+    /// by a purge and registered again elsewhere does not inherit the old
+    /// owner's history).
     pub async fn client_sessions(
         &self,
         client: &str,
+        customer: &str,
         limit: u32,
     ) -> Result<Vec<SessionRow>, StateError> {
         Ok(super::on_pool!(self, pool => {
             sqlx::query_as::<_, SessionRow>(
                 "SELECT id, schedule, intent, started_at, ended_at, bytes_in, bytes_out,
                         files_ok, files_failed, result
-                 FROM sessions WHERE client = $1 ORDER BY started_at DESC, id LIMIT $2",
+                 FROM sessions WHERE client = $1 AND customer = $3
+                 ORDER BY started_at DESC, id LIMIT $2",
             )
             .bind(client)
             .bind(limit as i64)
+            .bind(customer)
             .fetch_all(pool)
             .await?
         }))

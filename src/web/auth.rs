@@ -31,12 +31,17 @@ use subtle::ConstantTimeEq;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
-/// The session cookie.
+/// The session cookie. (Not `__Host-` prefixed: with them, the login in
+/// the browser tests failed: Chromium did not return a prefixed cookie to
+/// the console on its self-signed pair, the default.)
 pub const SESSION_COOKIE: &str = "tollgate_session";
 /// The login form's cookie (its CSRF pair).
 pub const LOGIN_COOKIE: &str = "tollgate_login";
 /// Sessions held at most; past it, the longest idle goes first.
 pub const MAX_SESSIONS: usize = 10_000;
+/// Sessions of one login at most; past it, that login's longest idle goes
+/// (logging in again and again cannot push other people out).
+pub const MAX_SESSIONS_PER_LOGIN: usize = 20;
 /// Longest user name or password looked at.
 pub const MAX_CREDENTIAL: usize = 1024;
 /// How long a login form stays valid.
@@ -142,13 +147,21 @@ impl Sessions {
         let id = random_token()?;
         let csrf = random_token()?;
         let mut map = self.map.lock().unwrap_or_else(|p| p.into_inner());
-        if map.len() >= MAX_SESSIONS
-            && let Some(oldest) = map
-                .iter()
+        let oldest = |map: &HashMap<String, Session>, same: bool| {
+            map.iter()
+                .filter(|(_, s)| !same || s.login == login)
                 .min_by_key(|(_, s)| s.last)
                 .map(|(k, _)| k.clone())
+        };
+        if map.values().filter(|s| s.login == login).count() >= MAX_SESSIONS_PER_LOGIN
+            && let Some(k) = oldest(&map, true)
         {
-            map.remove(&oldest);
+            map.remove(&k);
+        }
+        if map.len() >= MAX_SESSIONS
+            && let Some(k) = oldest(&map, false)
+        {
+            map.remove(&k);
         }
         map.insert(
             id.clone(),
@@ -290,12 +303,13 @@ async fn login_page(
     status: StatusCode,
 ) -> Result<Response, WebError> {
     let token = random_token()?;
-    let body = super::pages::render(
+    // Rendered here, not on the page thread: a flood of login pages must
+    // not fill the queue that logged-in pages wait in.
+    let body = super::pages::render_now(
         console,
         "login.html",
         minijinja::context! { csrf => token, error => error },
-    )
-    .await?;
+    )?;
     Ok((
         status,
         [(
@@ -524,6 +538,27 @@ web_access = {{ user = "{contoso_user}", password = "{PHC}" }}
         let (id, _) = s.create(login, account).unwrap();
         s.remove(&id);
         assert!(s.get(&c, &id).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn logging_in_again_and_again_replaces_only_ones_own_sessions() {
+        let c = cfg("contoso", "30m");
+        let s = Sessions::default();
+        let (admin, admin_account) = find(&c, "admin").unwrap();
+        let (admin_id, _) = s.create(admin, admin_account).unwrap();
+        let (login, account) = find(&c, "contoso").unwrap();
+        let mut ids = Vec::new();
+        for _ in 0..MAX_SESSIONS_PER_LOGIN + 5 {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            ids.push(s.create(login.clone(), account.clone()).unwrap().0);
+        }
+        assert_eq!(s.len(), MAX_SESSIONS_PER_LOGIN + 1);
+        assert!(
+            s.get(&c, &admin_id).is_some(),
+            "another login's session stays"
+        );
+        assert!(s.get(&c, &ids[0]).is_none(), "the oldest of its own went");
+        assert!(s.get(&c, ids.last().unwrap()).is_some());
     }
 
     #[test]

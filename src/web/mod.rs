@@ -2,10 +2,10 @@
 //! docs/console.md): an HTTPS site inside the daemon where the admin,
 //! resellers and customers each see their own subtree.
 //!
-//! This module owns the listener and the router. [`listen`] accepts TCP,
-//! applies the per-source penalties and connection caps the backup
-//! listener uses, and finishes TLS in a task per connection under a
-//! handshake bound, so a slow handshake never holds up another. [`auth`]
+//! This module owns the router. [`listen`] accepts TCP, applies the
+//! per-source penalties and connection caps the backup listener uses,
+//! finishes TLS in a task per connection and serves HTTP/1.1 with header
+//! and idle timeouts, every stage bounded. [`auth`]
 //! owns logins, sessions and CSRF tokens; [`pages`] renders every page on
 //! the server from embedded templates, on the low-priority thread of
 //! [`worker`]; [`charts`] draws the SVG charts.
@@ -17,7 +17,7 @@ pub mod listen;
 pub mod pages;
 pub mod worker;
 
-use crate::server::{Context, Phase};
+use crate::server::Context;
 use axum::Router;
 use axum::extract::Request;
 use axum::http::{HeaderValue, StatusCode, header};
@@ -28,7 +28,7 @@ use minijinja::Environment;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tracing::{error, warn};
+use tracing::error;
 
 /// What every handler shares.
 pub struct Console {
@@ -38,7 +38,21 @@ pub struct Console {
     pub sessions: auth::Sessions,
     /// The page templates.
     pub templates: Environment<'static>,
+    /// Pages reading the state at once (see [`PAGE_TURNS`]).
+    pub turns: tokio::sync::Semaphore,
+    /// When each customer's account details were last sent from here
+    /// (see [`ACCOUNT_DETAILS_COOLDOWN`]).
+    pub account_sent: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
+
+/// Console pages reading the state at once: the backup protocol shares the
+/// read pool (`state::POOL_SIZE`), so the console never holds more than
+/// this many of its connections, however many pages are asked for.
+pub const PAGE_TURNS: usize = 2;
+
+/// The console's "Send account details" sends a customer's mail at most
+/// once in this long (a loop of POSTs must not flood an inbox).
+pub const ACCOUNT_DETAILS_COOLDOWN: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The console's error: what the peer sees is a status and a fixed text;
 /// the detail goes to the log only (never a path or a database message).
@@ -176,17 +190,9 @@ pub async fn serve(
         ctx: ctx.clone(),
         sessions: auth::Sessions::default(),
         templates: pages::templates(),
+        turns: tokio::sync::Semaphore::new(PAGE_TURNS),
+        account_sent: Default::default(),
     });
-    let incoming = listen::TlsIncoming::start(listener, ctx.clone(), tls);
-    let app = router(console.clone()).into_make_service_with_connect_info::<listen::Peer>();
-    let mut phase = ctx.phase.clone();
-    let stop = async move {
-        while *phase.borrow() == Phase::Running {
-            if phase.changed().await.is_err() {
-                break;
-            }
-        }
-    };
     {
         let console = console.clone();
         tokio::spawn(async move {
@@ -198,11 +204,6 @@ pub async fn serve(
         });
     }
     tracing::info!(addr = %local, "web console on https://{local}/");
-    if let Err(e) = axum::serve(incoming, app)
-        .with_graceful_shutdown(stop)
-        .await
-    {
-        warn!(error = %e, "the web console stopped");
-    }
+    listen::serve(listener, ctx, tls, router(console)).await;
     Ok(())
 }

@@ -3,7 +3,7 @@
 //!
 //! Isolation (issue 15): every handler resolves the names in its URL
 //! against what the login may see ([`customer_for`], [`reseller_for`],
-//! [`client_for`]) before it reads anything, and answers 404 both for a
+//! [`client_of`]) before it reads anything, and answers 404 both for a
 //! name that does not exist and for one that is not the login's, so the
 //! answer never tells which.
 
@@ -91,7 +91,11 @@ pub async fn render(
     super::worker::run(move || render_now(&console, name, ctx)).await?
 }
 
-fn render_now(console: &Console, name: &str, ctx: Value) -> Result<Html<String>, WebError> {
+pub(super) fn render_now(
+    console: &Console,
+    name: &str,
+    ctx: Value,
+) -> Result<Html<String>, WebError> {
     let cfg = console.ctx.cfg.load();
     Ok(Html(render_page(&console.templates, &cfg, name, ctx)?))
 }
@@ -118,6 +122,11 @@ pub fn render_page(
         now => crate::state::status::when(cfg, Some(crate::clock::now().as_second())),
     };
     env.get_template(name)?.render(context! { ..ctx, ..common })
+}
+
+/// Waits for one of the console's turns at the state ([`super::PAGE_TURNS`]).
+async fn turn(console: &Console) -> Result<tokio::sync::SemaphorePermit<'_>, WebError> {
+    console.turns.acquire().await.map_err(|_| WebError::Busy)
 }
 
 /// A bare page for errors (no login needed, no template that can fail).
@@ -264,13 +273,31 @@ fn customer_in(s: Status, name: &str) -> Option<CustomerStatus> {
         .find(|c| c.name.to_lowercase() == lower)
 }
 
-/// `client` of `customer` as the status tree has it, if the state puts it
-/// under that customer.
-pub fn client_for(c: CustomerStatus, client: &str) -> Result<ClientStatus, WebError> {
-    c.clients
-        .into_iter()
-        .find(|cl| cl.row.id.eq_ignore_ascii_case(client))
-        .ok_or(WebError::NotFound)
+/// Client `client` of customer `customer` (names from a URL), if `login`
+/// may see that customer and the state puts the client under it (the
+/// state, not the config, says where a client and its files are).
+async fn client_of(
+    console: &Console,
+    cfg: &Arc<Config>,
+    login: &Login,
+    customer: &str,
+    client: &str,
+) -> Result<(CustomerId, ClientStatus), WebError> {
+    let id = customer_for(cfg, login, customer)?;
+    let name = cfg.customer(id).name.clone();
+    let rows = Rows::One {
+        customer: &name,
+        client,
+    };
+    let (s, _) = status(console, cfg, crate::clock::now(), rows, HashMap::new()).await?;
+    let cl = customer_in(s, &name)
+        .and_then(|c| {
+            c.clients
+                .into_iter()
+                .find(|cl| cl.row.id.eq_ignore_ascii_case(client))
+        })
+        .ok_or(WebError::NotFound)?;
+    Ok((id, cl))
 }
 
 /// The customers that have an `email` (their account details can be sent).
@@ -310,6 +337,7 @@ pub async fn customer(
     Path(name): Path<String>,
     Query(q): Query<Notice>,
 ) -> Result<Html<String>, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let id = customer_for(&cfg, &authed.login, &name)?;
     let cust_name = cfg.customer(id).name.clone();
@@ -335,7 +363,7 @@ pub async fn customer(
         context! {
             who => who(&authed),
             crumbs => crumbs(&cfg, &authed.login, Some(id)),
-            notice => q.text(),
+            notice => q.text(&cfg, &authed.login),
             base => format!("/customers/{}", seg(&cust_name)),
             active => active(&cfg, id),
             can_send => authed.login != Login::Customer(cust_name.clone()) && cfg.customer(id).email.is_some(),
@@ -377,24 +405,14 @@ pub async fn client(
     Path((name, client)): Path<(String, String)>,
     Query(page): Query<FilesPage>,
 ) -> Result<Html<String>, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
-    let id = customer_for(&cfg, &authed.login, &name)?;
+    let (id, cl) = client_of(&console, &cfg, &authed.login, &name, &client).await?;
     let cust_name = cfg.customer(id).name.clone();
-    let at = crate::clock::now();
-    let rows = Rows::One {
-        customer: &cust_name,
-        client: &client,
-    };
-    let c = customer_in(
-        status(&console, &cfg, at, rows, HashMap::new()).await?.0,
-        &cust_name,
-    )
-    .ok_or(WebError::NotFound)?;
-    let cl = client_for(c, &client)?;
     let st = &console.ctx.state;
     let declared = cfg.declared_client(&cl.row.id);
     let sessions: Vec<SessionView> = st
-        .client_sessions(&cl.row.id, SESSIONS_SHOWN)
+        .client_sessions(&cl.row.id, &cust_name, SESSIONS_SHOWN)
         .await?
         .into_iter()
         .map(|row| {
@@ -415,6 +433,7 @@ pub async fn client(
         .refusals(
             &RefusalFilter {
                 client: Some(cl.row.id.clone()),
+                customers: Some(vec![cust_name.clone()]),
                 ..Default::default()
             },
             REFUSALS_SHOWN,
@@ -463,23 +482,11 @@ pub async fn download(
     Path((name, client)): Path<(String, String)>,
     Query(q): Query<DownloadQuery>,
 ) -> Result<Response, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
-    let id = customer_for(&cfg, &authed.login, &name)?;
     crate::storage::validate_path(&q.path).map_err(|_| WebError::NotFound)?;
+    let (id, cl) = client_of(&console, &cfg, &authed.login, &name, &client).await?;
     let st = &console.ctx.state;
-    // The state says where the client is; it must be this customer.
-    let at = crate::clock::now();
-    let name = cfg.customer(id).name.clone();
-    let rows = Rows::One {
-        customer: &name,
-        client: &client,
-    };
-    let c = customer_in(
-        status(&console, &cfg, at, rows, HashMap::new()).await?.0,
-        &name,
-    )
-    .ok_or(WebError::NotFound)?;
-    let cl = client_for(c, &client)?;
     let entry = st
         .file(&cl.row.id, &q.path)
         .await?
@@ -574,6 +581,7 @@ pub async fn reseller(
     Path(name): Path<String>,
     Query(q): Query<Notice>,
 ) -> Result<Html<String>, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     reseller_for(&cfg, &authed.login, &name)?;
     let at = crate::clock::now();
@@ -594,7 +602,7 @@ pub async fn reseller(
         context! {
             who => who(&authed),
             crumbs => crumbs(&cfg, &authed.login, None),
-            notice => q.text(),
+            notice => q.text(&cfg, &authed.login),
             activity => activity,
             mailable => mailable(&cfg),
             r => r,
@@ -621,6 +629,7 @@ pub async fn admin(
     if authed.login != Login::Admin {
         return Err(WebError::NotFound);
     }
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let at = crate::clock::now();
     let counts = console.ctx.state.client_counts().await?;
@@ -673,7 +682,7 @@ pub async fn admin(
         "admin.html",
         context! {
             who => who(&authed),
-            notice => q.notice.text(),
+            notice => q.notice.text(&cfg, &authed.login),
             s => s,
             refusals => refusals,
             filter => context! { code => code, customer => customer },
@@ -703,10 +712,20 @@ pub struct Notice {
 }
 
 impl Notice {
-    fn text(&self) -> Option<String> {
-        let to = self.to.as_deref().unwrap_or("the customer");
+    /// The note, naming the customer only when `login` may see it (a link
+    /// cannot put other words on the page).
+    fn text(&self, cfg: &Config, login: &Login) -> Option<String> {
+        let to = self
+            .to
+            .as_deref()
+            .and_then(|n| customer_for(cfg, login, n).ok())
+            .map_or("the customer", |c| cfg.customer(c).name.as_str());
         match self.done.as_deref()? {
             "account-details" => Some(format!("Account details queued for {to}.")),
+            "account-details-recent" => Some(format!(
+                "Account details were sent to {to} less than {} minutes ago; not sent again.",
+                super::ACCOUNT_DETAILS_COOLDOWN.as_secs() / 60
+            )),
             "report" => Some(format!("Report queued for {to}.")),
             _ => None,
         }
@@ -742,8 +761,27 @@ pub async fn send_account_details(
     if matches!(authed.login, Login::Customer(_)) {
         return Err(WebError::NotFound);
     }
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let id = customer_for(&cfg, &authed.login, &form.customer)?;
+    let key = cfg.customer(id).name.to_lowercase();
+    {
+        let mut sent = console
+            .account_sent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let t = tokio::time::Instant::now();
+        sent.retain(|_, at| t.duration_since(*at) < super::ACCOUNT_DETAILS_COOLDOWN);
+        if sent.contains_key(&key) {
+            return Ok(Redirect::to(&back(
+                &authed.login,
+                &cfg,
+                id,
+                "account-details-recent",
+            )));
+        }
+        sent.insert(key, t);
+    }
     let now = crate::clock::now();
     let m = crate::reports::account_details_mail(&cfg, id, now)?;
     console.ctx.state.enqueue(&m, now).await?;
@@ -772,6 +810,7 @@ pub async fn report_now(
     if authed.login != Login::Admin {
         return Err(WebError::NotFound);
     }
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let id = customer_for(&cfg, &authed.login, &form.customer)?;
     let now = crate::clock::now();
@@ -824,17 +863,18 @@ pub async fn customer_chart(
     authed: Authed,
     Path(name): Path<String>,
 ) -> Result<Response, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let id = customer_for(&cfg, &authed.login, &name)?;
     let c = cfg.customer(id);
     let now = crate::clock::now();
     let names = std::slice::from_ref(&c.name);
     let series = usage_series(&console, &cfg, names, now).await?;
-    Ok(svg(charts::usage_svg(
-        &format!("Storage used by {}", c.name),
-        &series,
-        c.space,
-    )))
+    let (title, space) = (format!("Storage used by {}", c.name), c.space);
+    Ok(svg(super::worker::run(move || {
+        charts::usage_svg(&title, &series, space)
+    })
+    .await?))
 }
 
 /// `GET /resellers/{reseller}/usage.svg`: the sum of its customers.
@@ -843,6 +883,7 @@ pub async fn reseller_chart(
     authed: Authed,
     Path(name): Path<String>,
 ) -> Result<Response, WebError> {
+    let _turn = turn(&console).await?;
     let cfg = console.ctx.cfg.load_full();
     let rid = reseller_for(&cfg, &authed.login, &name)?;
     let r = cfg.reseller(rid);
@@ -853,11 +894,14 @@ pub async fn reseller_chart(
         .collect();
     let now = crate::clock::now();
     let series = usage_series(&console, &cfg, &names, now).await?;
-    Ok(svg(charts::usage_svg(
-        &format!("Storage used by the customers of {}", r.name),
-        &series,
+    let (title, space) = (
+        format!("Storage used by the customers of {}", r.name),
         r.space,
-    )))
+    );
+    Ok(svg(super::worker::run(move || {
+        charts::usage_svg(&title, &series, space)
+    })
+    .await?))
 }
 
 #[cfg(test)]

@@ -12,6 +12,7 @@ use std::collections::hash_map::Entry;
 use std::ops::Range;
 use toml::Spanned;
 
+mod includes;
 mod limits;
 mod locations;
 mod web;
@@ -80,13 +81,17 @@ pub enum Rule {
     Limits,
     /// Backup locations that are equal, nested, or inside `state_dir`.
     Overlap,
+    /// An `[[include]]` whose files cannot be read, or an included file
+    /// holding what only the main file may, or another reseller's
+    /// customer or client.
+    Include,
     /// A network in `penalties.exempt` that does not parse.
     Cidr,
 }
 
 impl Rule {
     /// Every rule, for tests that prove each has a fixture.
-    pub const ALL: [Rule; 31] = [
+    pub const ALL: [Rule; 32] = [
         Rule::Syntax,
         Rule::UnknownKey,
         Rule::Required,
@@ -118,6 +123,7 @@ impl Rule {
         Rule::Limits,
         Rule::Cidr,
         Rule::Overlap,
+        Rule::Include,
     ];
 
     /// A stable kebab-case name, used in `--json` output and fixtures.
@@ -154,6 +160,7 @@ impl Rule {
             Rule::Limits => "limits",
             Rule::Cidr => "cidr",
             Rule::Overlap => "overlap",
+            Rule::Include => "include",
         }
     }
 }
@@ -194,6 +201,11 @@ struct V<'a> {
     file: &'a Path,
     dir: PathBuf,
     errors: Vec<ConfigError>,
+    /// Where each part of `src` came from (the main file, then included
+    /// files); a single segment for a file without includes.
+    segments: Vec<super::include::Segment>,
+    /// The main file's includes, by index.
+    includes: Vec<super::include::Include>,
 }
 
 type Sp<T> = Option<Spanned<T>>;
@@ -216,10 +228,21 @@ impl V<'_> {
         if key != "(document)" && self.errors.iter().any(secondary) {
             return;
         }
-        let (line, column) = line_col(self.src, span.start);
+        let at = span.start.min(self.src.len());
+        let (file, line, column) = match self.segments.len() {
+            0 | 1 => {
+                let (line, column) = line_col(self.src, at);
+                (self.file.to_path_buf(), line, column)
+            }
+            _ => {
+                let seg = super::include::segment_of(&self.segments, at);
+                let (line, column) = line_col(&self.src[seg.start..], at - seg.start);
+                (seg.file.clone(), line, column)
+            }
+        };
         self.errors.push(ConfigError {
             rule,
-            file: self.file.to_path_buf(),
+            file,
             line,
             column,
             key,
@@ -374,6 +397,25 @@ impl V<'_> {
         }
     }
 
+    /// An `IP:PORT` address; `example` shows the form in the message.
+    fn address(&mut self, v: &Spanned<String>, key: &str, example: &str) -> Option<SocketAddr> {
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(addr) => Some(addr),
+            Err(_) => {
+                self.err(
+                    Rule::Address,
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is not an address; write IP:PORT, e.g. \"{example}\"",
+                        v.get_ref()
+                    ),
+                );
+                None
+            }
+        }
+    }
+
     fn phc(&mut self, v: &Spanned<String>, key: impl fmt::Display + Copy) -> Option<PhcHash> {
         let s = v.get_ref();
         match argon2::PasswordHash::new(s) {
@@ -502,7 +544,7 @@ impl<D: fmt::Display> fmt::Display for K<D> {
 }
 
 /// 1-based line and column (in characters) of byte offset `at`.
-fn line_col(src: &str, at: usize) -> (usize, usize) {
+pub(crate) fn line_col(src: &str, at: usize) -> (usize, usize) {
     let at = at.min(src.len());
     let before = &src[..at];
     let line = before.matches('\n').count() + 1;
@@ -570,13 +612,28 @@ fn label(kind: &str, name: Option<&Spanned<String>>, index: usize) -> String {
 }
 
 pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError>> {
+    validate_assembled(src, file, Vec::new(), Vec::new(), Vec::new())
+}
+
+/// Validates `src`, the main file with its included files appended
+/// (`include::assemble`): `segments` say where each part came from,
+/// `errors` are those already found in the included files on their own.
+pub(super) fn validate_assembled(
+    src: &str,
+    file: &Path,
+    segments: Vec<super::include::Segment>,
+    includes: Vec<super::include::Include>,
+    errors: Vec<ConfigError>,
+) -> Result<Config, Vec<ConfigError>> {
     let abs = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
     let mut v = V {
         src,
         file,
         dir,
-        errors: Vec::new(),
+        errors,
+        segments,
+        includes,
     };
     let parsed = raw::parse(src);
     let type_errors = match &parsed {
@@ -618,7 +675,10 @@ pub(super) fn validate(src: &str, file: &Path) -> Result<Config, Vec<ConfigError
             format!("unknown key `{last}` ({hint}); a misspelt key must not silently do nothing"),
         );
     }
-    let config = build(&mut v, &doc);
+    let config = build(&mut v, &doc).map(|mut c| {
+        c.includes = v.includes.clone();
+        c
+    });
     if v.errors.is_empty() {
         Ok(config.expect("a config is built whenever no error was recorded"))
     } else {
@@ -938,10 +998,12 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
         reseller_by_name,
         customer_by_name,
         client_by_id,
+        includes: Vec::new(),
     };
     check_nesting(v, doc, &config);
     locations::check_locations(v, doc, &config);
     web::check_logins(v, doc);
+    includes::check(v, doc, &config);
     Some(config)
 }
 
@@ -975,24 +1037,10 @@ fn server(v: &mut V<'_>, doc: &RawConfig) -> Option<Server> {
             }
         }
     }
-    let metrics_listen =
-        s.metrics_listen
-            .as_ref()
-            .and_then(|a| match a.get_ref().parse::<SocketAddr>() {
-                Ok(addr) => Some(addr),
-                Err(_) => {
-                    v.err(
-                        Rule::Address,
-                        a.span(),
-                        "server.metrics_listen",
-                        format!(
-                            "{:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:9464\"",
-                            a.get_ref()
-                        ),
-                    );
-                    None
-                }
-            });
+    let metrics_listen = s
+        .metrics_listen
+        .as_ref()
+        .and_then(|a| v.address(a, "server.metrics_listen", "127.0.0.1:9464"));
     let state = match &s.state {
         None => Some(StateUrl::Sqlite(PathBuf::from(
             DEFAULT_STATE.trim_start_matches("sqlite://"),

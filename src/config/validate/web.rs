@@ -57,21 +57,7 @@ pub(super) fn web(v: &mut V<'_>, raw: &Sp<RawWeb>) -> Option<Web> {
             "server.web.listen",
             "the console's address",
         )
-        .and_then(|a| match a.get_ref().parse::<SocketAddr>() {
-            Ok(addr) => Some(addr),
-            Err(_) => {
-                v.err(
-                    Rule::Address,
-                    a.span(),
-                    "server.web.listen",
-                    format!(
-                        "{:?} is not an address; write IP:PORT, e.g. \"127.0.0.1:8443\"",
-                        a.get_ref()
-                    ),
-                );
-                None
-            }
-        });
+        .and_then(|a| v.address(a, "server.web.listen", "127.0.0.1:8443"));
     let public_url = r
         .public_url
         .as_ref()
