@@ -254,3 +254,75 @@ fn check_config_and_status_treat_the_set_as_one() {
     assert!(text.contains("Contoso"), "{text}");
     drop(dir);
 }
+
+mod common;
+
+/// The daemon follows the include directories: a customer file dropped into
+/// a reseller's directory reloads the set, and the new customer's first
+/// client is admitted over the protocol; a file that breaks the rules is
+/// refused with its location, and the running set stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_reloads_when_an_included_file_appears() {
+    let dir = tempfile::tempdir().unwrap();
+    let acme = dir.path().join("resellers.d/acme");
+    std::fs::create_dir_all(&acme).unwrap();
+    common::write_config(
+        dir.path(),
+        "",
+        &format!(
+            "[default_customer]\nbackup_location = \"{}\"\n[[reseller]]\nname = \"acme\"\n[[include]]\npath = \"resellers.d/acme/*.toml\"\nreseller = \"acme\"\n",
+            dir.path().join("backup/default").display()
+        ),
+    );
+    let d = common::Daemon::start(dir.path());
+    let mut o = d.opts("PC-1");
+    o.customer = Some("Contoso".into());
+    let refused = tollgate::client::Session::connect(&o)
+        .await
+        .err()
+        .expect("no such customer yet");
+    assert_eq!(refused.code(), Some("unknown_customer"), "{refused}");
+
+    // Written the way an editor or the console does: temp file, rename.
+    let write = |name: &str, text: String| {
+        let tmp = acme.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, acme.join(name)).unwrap();
+    };
+    write(
+        "contoso.toml",
+        format!(
+            "{}auto_add_clients = true\n",
+            customer("Contoso", "acme", "1 GiB").replace(
+                "backup_location = \"./backup/contoso\"",
+                &format!(
+                    "backup_location = \"{}\"",
+                    dir.path().join("backup/contoso").display()
+                )
+            )
+        ),
+    );
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(20), || d
+            .log()
+            .contains("reloaded")),
+        "the new file reloads the set: {}",
+        d.log()
+    );
+    let s = tollgate::client::Session::connect(&o).await.unwrap();
+    assert_eq!(s.welcome.customer, "Contoso");
+    s.bye().await.unwrap();
+
+    // Another reseller's customer in acme's directory: refused, located.
+    write("stolen.toml", customer("Stolen", "globex", "1 GiB"));
+    assert!(
+        common::wait_until(std::time::Duration::from_secs(20), || d
+            .log()
+            .contains("stolen.toml:3:")),
+        "the refused reload names the file and line: {}",
+        d.log()
+    );
+    let s = tollgate::client::Session::connect(&o).await.unwrap();
+    assert_eq!(s.welcome.customer, "Contoso", "the running set stays");
+    s.bye().await.unwrap();
+}
