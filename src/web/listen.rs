@@ -210,19 +210,11 @@ pub async fn serve(
             drop((permit, mine));
             let tls = match tls {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(peer = %peer, error = %e, "web console: TLS failed");
-                    let cfg = ctx.cfg.load();
-                    ctx.limits.penalize(
-                        &cfg.server.limits,
-                        peer.ip(),
-                        Reason::NoHello,
-                        Instant::now(),
-                    );
-                    return;
-                }
-                Err(_) => {
-                    debug!(peer = %peer, "web console: TLS handshake timed out");
+                failed => {
+                    match failed {
+                        Ok(Err(e)) => debug!(peer = %peer, error = %e, "web console: TLS failed"),
+                        _ => debug!(peer = %peer, "web console: TLS handshake timed out"),
+                    }
                     let cfg = ctx.cfg.load();
                     ctx.limits.penalize(
                         &cfg.server.limits,
