@@ -252,7 +252,11 @@ async fn each_login_sees_its_own_subtree_in_a_real_browser() {
     b.goto("/customers/Contoso%20Ltd/connect").await;
     let t = b.text().await;
     assert!(t.contains(&d.pin), "the fingerprint is shown: {t}");
-    assert!(t.contains("backup.example.com:"), "the server address: {t}");
+    let port = d.addr.rsplit(':').next().unwrap();
+    assert!(
+        t.contains(&format!("backup.example.com:{port}")),
+        "the server address, with the port the daemon bound: {t}"
+    );
     b.screenshot("connect").await;
 
     // Isolation: another customer's pages, clients, files and the admin's

@@ -474,7 +474,16 @@ pub fn alert(
 /// `server.web.public_url` (the name users know the server by) with the
 /// first `listen` port, else the first `listen` address itself.
 pub fn server_address(cfg: &Config) -> String {
-    let first = cfg.server.listen.first().copied();
+    server_address_bound(cfg, None)
+}
+
+/// [`server_address`], with the port the first listener really bound when
+/// the config asks for any (`:0`) and the caller knows it.
+pub fn server_address_bound(cfg: &Config, bound: Option<std::net::SocketAddr>) -> String {
+    let first = match (cfg.server.listen.first().copied(), bound) {
+        (Some(a), Some(b)) if a.port() == 0 => Some(std::net::SocketAddr::new(a.ip(), b.port())),
+        (a, _) => a,
+    };
     let host = cfg
         .server
         .web

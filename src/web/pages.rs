@@ -561,7 +561,10 @@ pub async fn connect(
             who => who(&authed),
             crumbs => crumbs,
             customer => c.name,
-            address => crate::reports::compose::server_address(&cfg),
+            address => crate::reports::compose::server_address_bound(
+                &cfg,
+                console.ctx.listeners.local().first().copied(),
+            ),
             fingerprint => fingerprint,
             auto_add => c.auto_add_clients,
             enroll => c.enroll_key.is_some(),
