@@ -30,14 +30,14 @@ pub fn with_declared(cfg: &Config, mut rows: Vec<ClientRow>) -> Vec<ClientRow> {
 
 /// A Unix time in the server's zone, minutes precision, or "never".
 pub fn when(cfg: &Config, secs: Option<i64>) -> String {
+    when_in(&cfg.server.timezone, secs)
+}
+
+/// [`when`] in zone `tz`.
+pub fn when_in(tz: &jiff::tz::TimeZone, secs: Option<i64>) -> String {
     match secs.and_then(|s| Timestamp::from_second(s).ok()) {
         None => "never".into(),
-        Some(t) => cfg
-            .server
-            .timezone
-            .to_datetime(t)
-            .strftime("%Y-%m-%d %H:%M")
-            .to_string(),
+        Some(t) => tz.to_datetime(t).strftime("%Y-%m-%d %H:%M").to_string(),
     }
 }
 

@@ -107,14 +107,8 @@ pub fn render_page(
     name: &str,
     ctx: Value,
 ) -> Result<String, minijinja::Error> {
-    let when = {
-        let tz = cfg.server.timezone.clone();
-        move |secs: Option<i64>| -> String {
-            secs.and_then(|s| Timestamp::from_second(s).ok())
-                .map(|t| tz.to_datetime(t).strftime("%Y-%m-%d %H:%M").to_string())
-                .unwrap_or_else(|| "never".into())
-        }
-    };
+    let tz = cfg.server.timezone.clone();
+    let when = move |secs: Option<i64>| crate::state::status::when_in(&tz, secs);
     let mut env = templates.clone();
     env.add_filter("when", when);
     let common = context! {
@@ -849,15 +843,24 @@ async fn usage_series(
     Ok(series)
 }
 
-fn svg(body: String) -> Response {
-    (
+/// The usage chart of `names` together, drawn on the page thread.
+async fn chart(
+    console: &Console,
+    cfg: &Config,
+    names: &[String],
+    title: String,
+    space: Option<u64>,
+) -> Result<Response, WebError> {
+    let series = usage_series(console, cfg, names, crate::clock::now()).await?;
+    let body = super::worker::run(move || charts::usage_svg(&title, &series, space)).await?;
+    Ok((
         [
             (header::CONTENT_TYPE, "image/svg+xml"),
             (header::CACHE_CONTROL, "private, max-age=60"),
         ],
         body,
     )
-        .into_response()
+        .into_response())
 }
 
 /// `GET /customers/{customer}/usage.svg`.
@@ -870,14 +873,15 @@ pub async fn customer_chart(
     let cfg = console.ctx.cfg.load_full();
     let id = customer_for(&cfg, &authed.login, &name)?;
     let c = cfg.customer(id);
-    let now = crate::clock::now();
-    let names = std::slice::from_ref(&c.name);
-    let series = usage_series(&console, &cfg, names, now).await?;
-    let (title, space) = (format!("Storage used by {}", c.name), c.space);
-    Ok(svg(super::worker::run(move || {
-        charts::usage_svg(&title, &series, space)
-    })
-    .await?))
+    let title = format!("Storage used by {}", c.name);
+    chart(
+        &console,
+        &cfg,
+        std::slice::from_ref(&c.name),
+        title,
+        c.space,
+    )
+    .await
 }
 
 /// `GET /resellers/{reseller}/usage.svg`: the sum of its customers.
@@ -895,16 +899,8 @@ pub async fn reseller_chart(
         .iter()
         .map(|&c| cfg.customer(c).name.clone())
         .collect();
-    let now = crate::clock::now();
-    let series = usage_series(&console, &cfg, &names, now).await?;
-    let (title, space) = (
-        format!("Storage used by the customers of {}", r.name),
-        r.space,
-    );
-    Ok(svg(super::worker::run(move || {
-        charts::usage_svg(&title, &series, space)
-    })
-    .await?))
+    let title = format!("Storage used by the customers of {}", r.name);
+    chart(&console, &cfg, &names, title, r.space).await
 }
 
 #[cfg(test)]
