@@ -562,12 +562,9 @@ fn hash_secret() -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// The argon2id PHC string of `secret`, with argon2's default parameters
-/// and a fresh random salt.
+/// The argon2id PHC string of `secret` ([`crate::config::PhcHash::hash`]).
 pub fn hash(secret: &str) -> anyhow::Result<String> {
-    use argon2::{Argon2, PasswordHasher};
-    Argon2::default()
-        .hash_password(secret.as_bytes())
-        .map(|h| h.to_string())
+    crate::config::PhcHash::hash(secret)
+        .map(|h| h.as_str().to_string())
         .map_err(|e| anyhow::anyhow!("hashing failed: {e}"))
 }

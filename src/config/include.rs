@@ -127,6 +127,17 @@ pub fn files_of(inc: &Include) -> std::io::Result<Vec<PathBuf>> {
 /// The main text with every included file appended, the segments, the
 /// includes, and the problems found in the included files on their own.
 pub fn assemble(main: &str, path: &Path) -> (String, Vec<Segment>, Vec<Include>, Vec<ConfigError>) {
+    assemble_with(main, path, None)
+}
+
+/// [`assemble`], with `overlay` (an included file's path and text) read in
+/// place of what is on disk there, or added when it is not there yet: the
+/// console's form checks a customer file this way before writing it.
+pub fn assemble_with(
+    main: &str,
+    path: &Path,
+    overlay: Option<(&Path, &str)>,
+) -> (String, Vec<Segment>, Vec<Include>, Vec<ConfigError>) {
     let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
     let dir = abs.parent().map(Path::to_path_buf).unwrap_or_default();
     let includes = includes_of(main, &dir);
@@ -148,7 +159,19 @@ pub fn assemble(main: &str, path: &Path) -> (String, Vec<Segment>, Vec<Include>,
             message,
         };
         let files = match files_of(inc) {
-            Ok(f) => f,
+            Ok(mut f) => {
+                if let Some((o, _)) = overlay
+                    && o.parent() == Some(inc.dir.as_path())
+                    && o.file_name()
+                        .and_then(|n| n.to_str())
+                        .is_some_and(|n| !n.starts_with('.') && matches(&inc.pattern, n))
+                    && !f.iter().any(|x| x == o)
+                {
+                    f.push(o.to_path_buf());
+                    f.sort();
+                }
+                f
+            }
             Err(e) => {
                 errors.push(at_path(format!(
                     "cannot read the directory {}: {e}",
@@ -165,7 +188,11 @@ pub fn assemble(main: &str, path: &Path) -> (String, Vec<Segment>, Vec<Include>,
             continue;
         }
         for f in files {
-            let src = match std::fs::read_to_string(&f) {
+            let read = match overlay {
+                Some((o, text)) if o == f => Ok(text.to_string()),
+                _ => std::fs::read_to_string(&f),
+            };
+            let src = match read {
                 Ok(s) => s,
                 Err(e) => {
                     errors.push(ConfigError {

@@ -7,6 +7,7 @@
 //! [`Config`]. A `Config` is therefore always valid: callers never re-check.
 //! This module does no I/O beyond reading the file it is given.
 
+pub mod customer_file;
 pub mod diff;
 pub mod include;
 pub mod limits;
@@ -410,6 +411,21 @@ impl PhcHash {
         PhcHash(s)
     }
 
+    /// The argon2id PHC string of `secret`, with argon2's default
+    /// parameters and a fresh random salt (`tollgate hash-secret`, the
+    /// console's form). CPU-heavy: keep it off the async workers.
+    pub fn hash(secret: &str) -> Result<PhcHash, argon2::password_hash::Error> {
+        use argon2::{Argon2, PasswordHasher};
+        Argon2::default()
+            .hash_password(secret.as_bytes())
+            .map(|h| PhcHash(h.to_string()))
+    }
+
+    /// The PHC string, for writing into a config file.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
     /// Whether `candidate` hashes to this PHC string.
     pub fn verify(&self, candidate: &str) -> bool {
         use argon2::{Argon2, PasswordVerifier};
@@ -580,6 +596,20 @@ impl Config {
     pub fn from_file_text(src: &str, path: &Path) -> Result<Config, Vec<ConfigError>> {
         let (text, segments, includes, errors) = include::assemble(src, path);
         validate::validate_assembled(&text, path, segments, includes, errors)
+    }
+
+    /// Validates the config at `path` as it would be with the included
+    /// file `file` holding `text` (whether or not it exists yet): the
+    /// console's form checks a customer file this way before writing it.
+    pub fn check_with(path: &Path, file: &Path, text: &str) -> Result<Config, LoadError> {
+        let src = std::fs::read_to_string(path).map_err(|e| LoadError::Read {
+            path: path.to_path_buf(),
+            source: e,
+        })?;
+        let (all, segments, includes, errors) =
+            include::assemble_with(&src, path, Some((file, text)));
+        validate::validate_assembled(&all, path, segments, includes, errors)
+            .map_err(LoadError::Invalid)
     }
 
     /// Loads `path` for a command that only reads the state. When the file

@@ -1452,15 +1452,29 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
         }
         let sum = allotted_to_children(cfg, crate::policy::space::Node::Reseller(rid));
         if sum > space {
-            let span = doc.reseller[i]
-                .get_ref()
-                .space
-                .as_ref()
-                .map_or(doc.reseller[i].span(), |s| s.span());
+            // With included files, the error points at the space of the
+            // last customer an included file adds (the newest file is the
+            // likely cause, and the console's form shows it beside its
+            // field); otherwise at the reseller's own space.
+            let included = r.customers.iter().rev().find_map(|&cid| {
+                let raw = doc.customer[cid.0 as usize - 1].get_ref();
+                let s = raw.space.as_ref()?.span();
+                super::include::segment_of(&v.segments, s.start)
+                    .include
+                    .map(|_| (s, format!("customer[{}].space", cfg.customer(cid).name)))
+            });
+            let (span, key) = included.unwrap_or_else(|| {
+                let span = doc.reseller[i]
+                    .get_ref()
+                    .space
+                    .as_ref()
+                    .map_or(doc.reseller[i].span(), |s| s.span());
+                (span, format!("reseller[{}].space", r.name))
+            });
             v.err(
                 Rule::SpaceOverAllocated,
                 span,
-                format!("reseller[{}].space", r.name),
+                key,
                 format!(
                     "its customers are allotted {} together ({}), more than reseller {:?}'s space of {}",
                     fs(sum),
