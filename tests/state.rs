@@ -1554,5 +1554,30 @@ async fn console_reads_and_records_agree_on_both_backends() {
     let outbox = st.outbox(10).await.unwrap();
     assert_eq!(outbox.len(), 1, "one message queued");
     assert_eq!(outbox[0].kind, "account_details");
+
+    // The console's audit log: newest first, bounded, pruned by age.
+    use tollgate::state::console::AuditEntry;
+    for (at, action) in [(t.as_second() - 10 * 86_400, "add"), (t.as_second(), "deactivate")] {
+        let e = AuditEntry {
+            at,
+            login: "reseller acme".into(),
+            username: "acme-admin".into(),
+            action: action.into(),
+            customer: "Contoso Ltd".into(),
+            file: "/etc/tollgate/resellers.d/acme/contoso%20ltd.toml".into(),
+            detail: "activated = false".into(),
+        };
+        st.record_audit(&e).await.unwrap();
+    }
+    let log = st.audit_log(10).await.unwrap();
+    assert_eq!(log.iter().map(|e| e.action.as_str()).collect::<Vec<_>>(), ["deactivate", "add"]);
+    assert_eq!(log[0].username, "acme-admin");
+    assert_eq!(st.audit_log(1).await.unwrap().len(), 1, "bounded");
+    let r = tollgate::config::Retention {
+        audit: std::time::Duration::from_secs(5 * 86_400),
+        ..Default::default()
+    };
+    assert_eq!(st.prune(&r, t).await.unwrap().audit, 1);
+    assert_eq!(st.audit_log(10).await.unwrap().len(), 1);
 }
 }

@@ -47,6 +47,8 @@ pub const DEFAULT_RETAIN_SENT_MAIL: Duration = Duration::from_secs(90 * 86_400);
 /// `server.retention.usage` when omitted: a year of daily snapshots and a
 /// month more, so a year-on-year comparison has its start.
 pub const DEFAULT_RETAIN_USAGE: Duration = Duration::from_secs(400 * 86_400);
+/// `server.retention.audit` when omitted: two years of console changes.
+pub const DEFAULT_RETAIN_AUDIT: Duration = Duration::from_secs(730 * 86_400);
 
 /// `[server.limits]`: bounds on what a peer may hold or cost.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -220,6 +222,8 @@ pub struct Retention {
     pub sent_mail: Duration,
     /// Daily usage snapshots (the console's charts).
     pub usage: Duration,
+    /// Changes made through the console (its audit log).
+    pub audit: Duration,
 }
 
 impl Default for Retention {
@@ -230,6 +234,7 @@ impl Default for Retention {
             client_events: DEFAULT_RETAIN_CLIENT_EVENTS,
             sent_mail: DEFAULT_RETAIN_SENT_MAIL,
             usage: DEFAULT_RETAIN_USAGE,
+            audit: DEFAULT_RETAIN_AUDIT,
         }
     }
 }

@@ -304,6 +304,7 @@ pub const KNOWN_KEYS: &[&str] = &[
     "include",
     "path",
     "usage",
+    "audit",
     "password",
     "max_clients",
     "cluster",
@@ -454,6 +455,7 @@ pub struct RawRetention {
     pub client_events: Option<Spanned<String>>,
     pub sent_mail: Option<Spanned<String>>,
     pub usage: Option<Spanned<String>>,
+    pub audit: Option<Spanned<String>>,
 }
 
 /// `[server.tls]`.

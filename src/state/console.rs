@@ -300,4 +300,57 @@ impl State {
         self.enqueue_once("account_details_sent", &[("customer", customer)], m, at)
             .await
     }
+
+    /// Records a change made through the console (issue 16).
+    pub async fn record_audit(&self, e: &AuditEntry) -> Result<(), StateError> {
+        super::in_tx!(self, sql, tx => {
+            sqlx::query(
+                "INSERT INTO console_audit (at, login, username, action, customer, file, detail)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7)",
+            )
+            .bind(e.at)
+            .bind(&e.login)
+            .bind(&e.username)
+            .bind(&e.action)
+            .bind(&e.customer)
+            .bind(&e.file)
+            .bind(&e.detail)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// The newest `limit` changes made through the console.
+    pub async fn audit_log(&self, limit: u32) -> Result<Vec<AuditEntry>, StateError> {
+        Ok(super::on_pool!(self, pool => {
+            sqlx::query_as::<_, AuditEntry>(
+                "SELECT at, login, username, action, customer, file, detail
+                 FROM console_audit ORDER BY id DESC LIMIT $1",
+            )
+            .bind(limit as i64)
+            .fetch_all(pool)
+            .await?
+        }))
+    }
+}
+
+/// One change made through the console: who, what and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, sqlx::FromRow)]
+pub struct AuditEntry {
+    /// Unix seconds.
+    pub at: i64,
+    /// The kind of login: `admin`, or `reseller NAME`.
+    pub login: String,
+    /// The web user name.
+    pub username: String,
+    /// `add`, `edit`, `deactivate` or `activate`.
+    pub action: String,
+    /// The customer changed.
+    pub customer: String,
+    /// The file written.
+    pub file: String,
+    /// What changed, in a line.
+    pub detail: String,
 }

@@ -240,6 +240,20 @@ const TABLES: &[Table] = &[
         columns: &[("customer", Text), ("outbox_id", Int), ("queued_at", Int)],
     },
     Table {
+        name: "console_audit",
+        counter: Some("id"),
+        columns: &[
+            ("id", Int),
+            ("at", Int),
+            ("login", Text),
+            ("username", Text),
+            ("action", Text),
+            ("customer", Text),
+            ("file", Text),
+            ("detail", Text),
+        ],
+    },
+    Table {
         name: "usage_daily",
         counter: None,
         columns: &[

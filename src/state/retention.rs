@@ -25,6 +25,8 @@ pub struct Pruned {
     pub alerts: u64,
     /// `usage_daily` rows.
     pub usage: u64,
+    /// `console_audit` rows.
+    pub audit: u64,
 }
 
 impl Pruned {
@@ -36,6 +38,7 @@ impl Pruned {
             + self.sent_mail
             + self.alerts
             + self.usage
+            + self.audit
     }
 }
 
@@ -49,7 +52,7 @@ impl State {
         // (table, its row key, which rows are old, the retention that
         // applies). A table without a key of its own is deleted from by
         // the backend's row address (`sql::ROWID`).
-        let plan: [(&str, Option<&str>, &str, std::time::Duration); 6] = [
+        let plan: [(&str, Option<&str>, &str, std::time::Duration); 7] = [
             ("refusals", None, "at < $1", r.refusals),
             ("sessions", None, "started_at < $1", r.sessions),
             ("client_events", Some("seq"), "at < $1", r.client_events),
@@ -61,8 +64,9 @@ impl State {
             ),
             ("alerts_sent", None, "queued_at < $1", r.sent_mail),
             ("usage_daily", None, "at < $1", r.usage),
+            ("console_audit", Some("id"), "at < $1", r.audit),
         ];
-        let mut counts = [0u64; 6];
+        let mut counts = [0u64; 7];
         for (i, (table, key, old, keep)) in plan.iter().enumerate() {
             let before = cutoff(now, *keep);
             loop {
@@ -94,6 +98,7 @@ impl State {
             sent_mail: counts[3],
             alerts: counts[4],
             usage: counts[5],
+            audit: counts[6],
         })
     }
 }

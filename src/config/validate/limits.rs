@@ -184,6 +184,7 @@ pub(super) fn retention(v: &mut V<'_>, raw: &Sp<RawRetention>) -> Retention {
         ),
         sent_mail: v.duration(&r.sent_mail, "server.retention.sent_mail", d.sent_mail),
         usage: v.duration(&r.usage, "server.retention.usage", d.usage),
+        audit: v.duration(&r.audit, "server.retention.audit", d.audit),
     }
 }
 
