@@ -332,7 +332,8 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
     }
 
     // Reloads: on SIGHUP at once, on changes to the file after they settle.
-    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<()>();
+    let (reload_tx, mut reload_rx) = mpsc::unbounded_channel::<crate::server::ReloadAsk>();
+    let _ = ctx.reload_now.set(reload_tx.clone());
     {
         let reload_tx = reload_tx.clone();
         tokio::spawn(async move {
@@ -341,35 +342,38 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
                     return;
                 }
                 info!("the config file changed; reloading");
-                let _ = reload_tx.send(());
+                let _ = reload_tx.send(None);
             }
         });
     }
     {
         let (ctx, path, last_reload) = (ctx.clone(), path.to_path_buf(), last_reload.clone());
         tokio::spawn(async move {
-            while reload_rx.recv().await.is_some() {
+            while let Some(reply) = reload_rx.recv().await {
                 let mut states = vec![NotifyState::Reloading];
                 if let Ok(m) = NotifyState::monotonic_usec_now() {
                     states.push(m);
                 }
                 notify(&states);
                 let result = reload::reload(&ctx, &path).await;
-                *ctx.last_reload.lock().unwrap_or_else(|p| p.into_inner()) =
-                    crate::server::ReloadRecord {
-                        at: Some(crate::clock::now()),
-                        ok: result.is_ok(),
-                        summary: match &result {
-                            Ok(s) => s.clone(),
-                            Err(e) => e.to_string(),
-                        },
-                        errors: match &result {
-                            Err(reload::ReloadError::Load(crate::config::LoadError::Invalid(
-                                errors,
-                            ))) => errors.iter().map(|e| e.to_string()).collect(),
-                            _ => Vec::new(),
-                        },
-                    };
+                let record = crate::server::ReloadRecord {
+                    at: Some(crate::clock::now()),
+                    ok: result.is_ok(),
+                    summary: match &result {
+                        Ok(s) => s.clone(),
+                        Err(e) => e.to_string(),
+                    },
+                    errors: match &result {
+                        Err(reload::ReloadError::Load(crate::config::LoadError::Invalid(
+                            errors,
+                        ))) => errors.iter().map(|e| e.to_string()).collect(),
+                        _ => Vec::new(),
+                    },
+                };
+                *ctx.last_reload.lock().unwrap_or_else(|p| p.into_inner()) = record.clone();
+                if let Some(reply) = reply {
+                    let _ = reply.send(record);
+                }
                 // New customers may be owed their account details.
                 ctx.mail_wake.notify_one();
                 let line = match result {
@@ -397,7 +401,7 @@ async fn run(cfg: Arc<Config>, path: &Path) -> anyhow::Result<ExitCode> {
         tokio::select! {
             _ = term.recv() => break "SIGTERM",
             _ = int.recv() => break "SIGINT",
-            _ = hup.recv() => { info!("SIGHUP: reloading the configuration"); let _ = reload_tx.send(()); }
+            _ = hup.recv() => { info!("SIGHUP: reloading the configuration"); let _ = reload_tx.send(None); }
             r = &mut server => {
                 warn!("the listener ended on its own: {r:?}");
                 return Ok(ExitCode::FAILURE);

@@ -27,6 +27,27 @@ pub fn file_name(name: &str) -> Option<String> {
     (!name.is_empty() && out.len() <= MAX_FILE_NAME).then_some(out)
 }
 
+/// A directory name for `name` (a customer's or a reseller's backup
+/// directory the console derives): lowercase ASCII letters and digits,
+/// every other run of characters one `-`. Two names may share one; the
+/// validator's `overlap` rule then refuses the second.
+pub fn dir_name(name: &str) -> String {
+    let mut out = String::new();
+    for c in name.chars() {
+        if c.is_ascii_alphanumeric() {
+            out.push(c.to_ascii_lowercase());
+        } else if !out.ends_with('-') {
+            out.push('-');
+        }
+    }
+    let out = out.trim_matches('-');
+    if out.is_empty() {
+        "customer".into()
+    } else {
+        out.into()
+    }
+}
+
 /// The include the console writes a customer of `reseller` through: the
 /// reseller's own directory; for the admin, that one or else an admin's
 /// (one with no reseller). Only includes whose pattern takes `file` count.
@@ -274,6 +295,13 @@ mod tests {
             assert_eq!(file_name(name).as_deref(), file, "{name:?}");
         }
         assert_eq!(file_name(&"é".repeat(40)), None, "too long for a file");
+        for (name, dir) in [
+            ("Contoso Ltd.", "contoso-ltd"),
+            ("..", "customer"),
+            ("A/B  C", "a-b-c"),
+        ] {
+            assert_eq!(dir_name(name), dir);
+        }
     }
 
     fn inc(dir: &str, reseller: Option<&str>) -> Include {

@@ -265,6 +265,25 @@ impl Limits {
     }
 }
 
+impl Limits {
+    /// Hashes `secret` for a config file (the console's form) on the same
+    /// bounded argon2 pool the checks use, so a burst of saves cannot take
+    /// the CPU from logins and HELLOs. None when the pool stays busy past
+    /// `deadline` or hashing fails.
+    pub async fn hash(&self, secret: &str, deadline: Instant) -> Option<PhcHash> {
+        let _queued = self.argon2_queue.try_acquire().ok()?;
+        let _permit = tokio::time::timeout_at(deadline, self.argon2.acquire())
+            .await
+            .ok()?
+            .ok()?;
+        let secret = secret.to_string();
+        tokio::task::spawn_blocking(move || PhcHash::hash(&secret).ok())
+            .await
+            .ok()
+            .flatten()
+    }
+}
+
 /// Checks waiting for or running on the argon2 pool, at most.
 pub const ARGON2_QUEUE: usize = 32;
 /// Of them, from one source at most.

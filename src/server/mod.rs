@@ -134,7 +134,14 @@ pub struct Context {
     pub mail_wake: Arc<tokio::sync::Notify>,
     /// The last reload's outcome (the console's admin page).
     pub last_reload: std::sync::Mutex<ReloadRecord>,
+    /// Asks the daemon's reload task for a reload now; it answers with
+    /// the outcome (the console, after writing a customer file). Set by
+    /// `serve`; unset where no reload task runs.
+    pub reload_now: std::sync::OnceLock<mpsc::UnboundedSender<ReloadAsk>>,
 }
+
+/// A reload request: where to send its outcome, if anyone waits.
+pub type ReloadAsk = Option<tokio::sync::oneshot::Sender<ReloadRecord>>;
 
 /// What the last reload did.
 #[derive(Debug, Clone, Default)]
@@ -172,6 +179,7 @@ impl Context {
             listeners: Listeners::default(),
             mail_wake: Arc::default(),
             last_reload: Default::default(),
+            reload_now: Default::default(),
         }
     }
 }

@@ -13,6 +13,7 @@
 
 pub mod auth;
 pub mod charts;
+pub mod customers;
 pub mod listen;
 pub mod pages;
 pub mod worker;
@@ -43,6 +44,10 @@ pub struct Console {
     /// When each customer's account details were last sent from here
     /// (see [`ACCOUNT_DETAILS_COOLDOWN`]).
     pub account_sent: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// One customer-file save at a time ([`customers`]).
+    pub edits: tokio::sync::Mutex<()>,
+    /// Recent saves per web user ([`customers::SAVES_PER_MINUTE`]).
+    pub saves: std::sync::Mutex<std::collections::HashMap<String, Vec<tokio::time::Instant>>>,
 }
 
 /// Console pages reading the state at once: the backup protocol shares the
@@ -155,7 +160,19 @@ pub fn router(console: Arc<Console>) -> Router {
             "/resellers/{reseller}/usage.svg",
             get(pages::reseller_chart),
         )
+        .route(
+            "/resellers/{reseller}/customers/new",
+            get(customers::new_form).post(customers::create),
+        )
         .route("/customers/{customer}", get(pages::customer))
+        .route(
+            "/customers/{customer}/edit",
+            get(customers::edit_form).post(customers::update),
+        )
+        .route(
+            "/customers/{customer}/activation",
+            post(customers::activation),
+        )
         .route(
             "/customers/{customer}/usage.svg",
             get(pages::customer_chart),
@@ -192,6 +209,8 @@ pub async fn serve(
         templates: pages::templates(),
         turns: tokio::sync::Semaphore::new(PAGE_TURNS),
         account_sent: Default::default(),
+        edits: Default::default(),
+        saves: Default::default(),
     });
     {
         let console = console.clone();

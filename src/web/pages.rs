@@ -34,6 +34,8 @@ pub const FILES_PAGE: u32 = 200;
 pub const SESSIONS_SHOWN: u32 = 100;
 /// Refusals listed on a page.
 pub const REFUSALS_SHOWN: u32 = 100;
+/// Console changes listed on the admin's page.
+pub const AUDIT_SHOWN: u32 = 100;
 /// Outbox messages listed on the admin's page.
 pub const MAIL_SHOWN: u32 = 50;
 /// Days a usage chart covers.
@@ -57,6 +59,10 @@ pub fn templates() -> Environment<'static> {
         ("customer.html", include_str!("templates/customer.html")),
         ("client.html", include_str!("templates/client.html")),
         ("connect.html", include_str!("templates/connect.html")),
+        (
+            "customer_form.html",
+            include_str!("templates/customer_form.html"),
+        ),
     ] {
         // Part of the binary and covered by the tests: a broken one is a
         // build defect.
@@ -119,7 +125,7 @@ pub fn render_page(
 }
 
 /// Waits for one of the console's turns at the state ([`super::PAGE_TURNS`]).
-async fn turn(console: &Console) -> Result<tokio::sync::SemaphorePermit<'_>, WebError> {
+pub(super) async fn turn(console: &Console) -> Result<tokio::sync::SemaphorePermit<'_>, WebError> {
     console.turns.acquire().await.map_err(|_| WebError::Busy)
 }
 
@@ -136,6 +142,21 @@ pub fn plain_page(status: StatusCode, text: &str) -> Html<String> {
         esc(status.canonical_reason().unwrap_or("Error")),
         esc(text)
     ))
+}
+
+/// A page with a title and one paragraph, for a logged-in user.
+pub(super) async fn message(
+    console: &Arc<Console>,
+    authed: &Authed,
+    status: &str,
+    text: &str,
+) -> Result<Html<String>, WebError> {
+    render(
+        console,
+        "message.html",
+        context! { who => who(authed), status => status, text => text },
+    )
+    .await
 }
 
 /// `/static/console.css`.
@@ -159,7 +180,7 @@ pub async fn home(authed: Option<Authed>) -> Redirect {
 }
 
 /// What the header shows of the login.
-fn who(a: &Authed) -> Value {
+pub(super) fn who(a: &Authed) -> Value {
     let kind = match &a.login {
         Login::Admin => "admin",
         Login::Reseller(_) => "reseller",
@@ -657,6 +678,7 @@ pub async fn admin(
             context! { to => to.join(", "), ..Value::from_serialize(&m) }
         })
         .collect();
+    let audit = st.audit_log(AUDIT_SHOWN).await?;
     let penalties: Vec<Value> = console
         .ctx
         .limits
@@ -687,6 +709,7 @@ pub async fn admin(
             mailable => mailable(&cfg),
             mail => mail,
             penalties => penalties,
+            audit => audit,
             reload => context! {
                 at => reload.at.map(|t| crate::state::status::when(&cfg, Some(t.as_second()))),
                 ok => reload.ok,
@@ -724,6 +747,9 @@ impl Notice {
                 super::ACCOUNT_DETAILS_COOLDOWN.as_secs() / 60
             )),
             "report" => Some(format!("Report queued for {to}.")),
+            "saved" => Some(format!(
+                "Saved {to}: its file is written and the daemon has reloaded."
+            )),
             _ => None,
         }
     }

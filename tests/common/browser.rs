@@ -169,6 +169,50 @@ impl Browser {
         panic!("the page did not load");
     }
 
+    /// Types `text` into the field `css` finds, replacing what it held.
+    pub async fn fill(&self, css: &str, text: &str) {
+        let e = self.client.find(Locator::Css(css)).await.unwrap();
+        e.clear().await.unwrap();
+        if !text.is_empty() {
+            e.send_keys(text).await.unwrap();
+        }
+    }
+
+    /// Ticks (or unticks) the checkbox `css` finds, or picks a radio button.
+    pub async fn tick(&self, css: &str, on: bool) {
+        let e = self.client.find(Locator::Css(css)).await.unwrap();
+        if e.is_selected().await.unwrap() != on {
+            e.click().await.unwrap();
+        }
+    }
+
+    /// The current value of the field `css` finds.
+    pub async fn value(&self, css: &str) -> String {
+        let e = self.client.find(Locator::Css(css)).await.unwrap();
+        e.prop("value").await.unwrap().unwrap_or_default()
+    }
+
+    /// The text of what `css` finds, if the page has it.
+    pub async fn text_of(&self, css: &str) -> Option<String> {
+        let e = self.client.find(Locator::Css(css)).await.ok()?;
+        e.text().await.ok()
+    }
+
+    /// Sizes the window so a long page fits one screenshot.
+    pub async fn fit_page(&self) {
+        let h = self
+            .client
+            .execute("return document.documentElement.scrollHeight", vec![])
+            .await
+            .ok()
+            .and_then(|v| v.as_f64())
+            .unwrap_or(1000.0);
+        let _ = self
+            .client
+            .set_window_size(1280, (h as u32 + 140).min(6000))
+            .await;
+    }
+
     /// Fills in the login form and submits it.
     pub async fn login(&self, user: &str, password: &str) {
         self.goto("/login").await;
