@@ -459,6 +459,27 @@ async fn a_bad_form_or_a_foreign_post_writes_nothing() {
         "{m}"
     );
     assert!(b.text_of("#error-max_clients").await.is_none());
+    // A clash with another reseller's login is named, not who holds it.
+    b.fill("#space", "1 GiB").await;
+    b.fill("#web_user", "globex-admin").await;
+    b.fill("#web_password", "same-0451").await;
+    b.fill("#web_password_confirm", "same-0451").await;
+    b.click(Locator::Css("#save")).await;
+    let m = b
+        .text_of("#error-web_access")
+        .await
+        .expect("beside web access");
+    assert!(m.contains("already in use"), "{m}");
+    assert!(
+        !m.contains("globex"),
+        "another reseller's login is not named: {m}"
+    );
+    b.fill("#web_user", "big").await;
+    b.fill("#space", "9500 MiB").await;
+    b.fill("#web_password", "same-0451").await;
+    b.fill("#web_password_confirm", "same-0451").await;
+    b.click(Locator::Css("#save")).await;
+    assert!(b.text_of("#error-space").await.is_some());
     b.fit_page().await;
     b.screenshot("customer-form-errors").await;
     for dir in ["resellers.d/acme", "resellers.d/globex", "admin.d"] {
@@ -518,5 +539,24 @@ async fn a_bad_form_or_a_foreign_post_writes_nothing() {
         files(&tmp.path().join("resellers.d/globex")),
         ["hooli.toml"]
     );
+
+    // A set that validates but that the daemon refuses to apply (a backup
+    // location it cannot create): the file is taken back, nothing changes.
+    b.goto("/resellers/globex/customers/new").await;
+    b.fill("#name", "Umbrella").await;
+    b.fill("#email", "it@umbrella.example").await;
+    b.fill("#backup_location", "/proc/tollgate-cannot-be-here")
+        .await;
+    b.click(Locator::Css("#save")).await;
+    let t = b.text().await;
+    assert!(
+        t.contains("refused the new configuration; the file was put back"),
+        "{t}"
+    );
+    assert_eq!(
+        files(&tmp.path().join("resellers.d/globex")),
+        ["hooli.toml"]
+    );
+    assert!(d.log().contains("reload refused"), "{}", d.log());
     b.close().await;
 }

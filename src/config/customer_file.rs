@@ -29,9 +29,12 @@ pub fn file_name(name: &str) -> Option<String> {
 
 /// A directory name for `name` (a customer's or a reseller's backup
 /// directory the console derives): lowercase ASCII letters and digits,
-/// every other run of characters one `-`. Two names may share one; the
-/// validator's `overlap` rule then refuses the second.
+/// every other run of characters one `-`. When that loses anything but
+/// case, a short hash of the lowercased name follows, so two names that
+/// differ share a directory only if they differ in case alone (and names
+/// compare case-insensitively).
 pub fn dir_name(name: &str) -> String {
+    use sha2::{Digest, Sha256};
     let mut out = String::new();
     for c in name.chars() {
         if c.is_ascii_alphanumeric() {
@@ -40,11 +43,16 @@ pub fn dir_name(name: &str) -> String {
             out.push('-');
         }
     }
-    let out = out.trim_matches('-');
+    let out = out.trim_matches('-').to_string();
+    if !out.is_empty() && out == name.to_lowercase() {
+        return out;
+    }
+    let h = Sha256::digest(name.to_lowercase().as_bytes());
+    let tag: String = h[..4].iter().map(|b| format!("{b:02x}")).collect();
     if out.is_empty() {
-        "customer".into()
+        tag
     } else {
-        out.into()
+        format!("{out}-{tag}")
     }
 }
 
@@ -240,10 +248,17 @@ impl Draft {
 /// the file is not in that shape (arranged by hand: several customers, or
 /// clients first); the console then leaves it to be edited on disk.
 pub fn split(text: &str) -> Option<(toml::Table, &str)> {
-    let at = text
-        .match_indices('\n')
-        .map(|(i, _)| i + 1)
-        .chain([0])
+    let whole: toml::Table = toml::from_str(text).ok()?;
+    let clients_in = |t: &toml::Table| {
+        t.get("client")
+            .and_then(|c| c.as_array())
+            .map_or(0, Vec::len)
+    };
+    // The first `[[client]]` header line that really is one: a line inside
+    // a multi-line string is not (cutting there leaves the head unparsed,
+    // or its tables differ from the whole file's).
+    let at = std::iter::once(0)
+        .chain(text.match_indices('\n').map(|(i, _)| i + 1))
         .filter(|&i| {
             let line: String = text[i..]
                 .lines()
@@ -254,7 +269,16 @@ pub fn split(text: &str) -> Option<(toml::Table, &str)> {
                 .collect();
             line.starts_with("[[client]]")
         })
-        .min()
+        .find(|&i| {
+            let (head, rest) = text.split_at(i);
+            let (Ok(h), Ok(r)) = (
+                toml::from_str::<toml::Table>(head),
+                toml::from_str::<toml::Table>(rest),
+            ) else {
+                return false;
+            };
+            h.get("customer") == whole.get("customer") && clients_in(&r) == clients_in(&whole)
+        })
         .unwrap_or(text.len());
     let (head, clients) = text.split_at(at);
     let mut doc: toml::Table = toml::from_str(head).ok()?;
@@ -295,13 +319,21 @@ mod tests {
             assert_eq!(file_name(name).as_deref(), file, "{name:?}");
         }
         assert_eq!(file_name(&"é".repeat(40)), None, "too long for a file");
-        for (name, dir) in [
-            ("Contoso Ltd.", "contoso-ltd"),
-            ("..", "customer"),
-            ("A/B  C", "a-b-c"),
-        ] {
-            assert_eq!(dir_name(name), dir);
-        }
+        assert_eq!(dir_name("Contoso"), "contoso");
+        assert_eq!(dir_name("acme-2"), "acme-2");
+        assert!(dir_name("Contoso Ltd.").starts_with("contoso-ltd-"));
+        assert_ne!(
+            dir_name("Contoso Ltd"),
+            dir_name("Contoso-Ltd"),
+            "lossy names get a hash"
+        );
+        assert_eq!(
+            dir_name("Contoso Ltd"),
+            dir_name("CONTOSO LTD"),
+            "case alone does not count"
+        );
+        assert_ne!(dir_name(".."), dir_name("//"));
+        assert!(!dir_name("..").contains('.'));
     }
 
     fn inc(dir: &str, reseller: Option<&str>) -> Include {
@@ -389,6 +421,16 @@ mod tests {
             c["consolidated_report"]["recipients"][0].as_str(),
             Some("cio@contoso.example")
         );
+    }
+
+    #[test]
+    fn a_client_header_inside_the_notes_is_not_a_table() {
+        let mut d = draft();
+        d.records[4].1 = "see below\n[[client]]\nid = \"X\"".into();
+        let text = d.render("");
+        let (c, rest) = split(&text).expect("still the console's shape");
+        assert_eq!(rest, "");
+        assert!(c["notes"].as_str().unwrap().contains("[[client]]"));
     }
 
     #[test]

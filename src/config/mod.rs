@@ -608,6 +608,15 @@ impl Config {
         })?;
         let (all, segments, includes, errors) =
             include::assemble_with(&src, path, Some((file, text)));
+        // A file no include takes would be checked without its text.
+        if !segments.iter().any(|s| s.file == file) {
+            return Err(LoadError::Read {
+                path: file.to_path_buf(),
+                source: std::io::Error::other(
+                    "no [[include]] of the configuration takes this file",
+                ),
+            });
+        }
         validate::validate_assembled(&all, path, segments, includes, errors)
             .map_err(LoadError::Invalid)
     }

@@ -17,7 +17,7 @@
 //! the state's audit log, and the admin's page lists it.
 
 use super::auth::{Authed, Login};
-use super::pages::{customer_for, render, reseller_for, seg, who};
+use super::pages::{customer_for, message, render, reseller_for, seg, who};
 use super::{Console, WebError};
 use crate::config::customer_file::{self, Draft, DraftAggregate, DraftThrottle};
 use crate::config::{Config, ConfigError, CustomerId, LoadError, Rule};
@@ -37,8 +37,13 @@ use tracing::{info, warn};
 
 /// Longest customer name the form takes.
 pub const MAX_NAME: usize = 100;
-/// Longest value of any other field.
-pub const MAX_FIELD: usize = 4096;
+/// Longest value of any other one-line field.
+pub const MAX_FIELD: usize = 500;
+/// Longest notes.
+pub const MAX_NOTES: usize = 4000;
+/// Customers the console adds to one reseller at most (each is a file the
+/// daemon reads at every reload).
+pub const MAX_CUSTOMERS: usize = 1000;
 /// Saves one web user may make in a minute (each one reloads the daemon).
 pub const SAVES_PER_MINUTE: usize = 20;
 /// How long a save waits for the daemon's reload.
@@ -177,7 +182,11 @@ impl CustomerForm {
             fax: s(t.get("fax")),
             notes: s(t.get("notes")),
             backup_location: s(t.get("backup_location")),
-            space: s(t.get("space")),
+            // A plain number of bytes reads back with its unit.
+            space: match t.get("space") {
+                Some(toml::Value::Integer(n)) => format!("{n} B"),
+                v => s(v),
+            },
             auto_add_clients: on(b(t.get("auto_add_clients"), false)),
             has_enroll_key: t.get("enroll_key").is_some(),
             email_reports: on(b(t.get("email_reports"), false)),
@@ -247,9 +256,11 @@ impl CustomerForm {
         f
     }
 
-    /// Every field within its length bound.
-    fn bounded(&self) -> bool {
+    /// Every field within its length bound and free of control
+    /// characters (the notes may have line breaks).
+    fn bounded(&self) -> Result<(), String> {
         let all = [
+            &self.name,
             &self.base,
             &self.email,
             &self.address,
@@ -278,7 +289,24 @@ impl CustomerForm {
             &self.report_recipients,
             &self.report_frequency,
         ];
-        self.name.chars().count() <= MAX_NAME && all.iter().all(|s| s.len() <= MAX_FIELD)
+        let clean = |s: &str| !s.chars().any(char::is_control);
+        if self.name.chars().count() > MAX_NAME
+            || self.notes.len() > MAX_NOTES
+            || all.iter().any(|s| s.len() > MAX_FIELD)
+        {
+            return Err(format!(
+                "A field is too long: a name is at most {MAX_NAME} characters, the notes {MAX_NOTES}, other fields {MAX_FIELD}."
+            ));
+        }
+        if !all.iter().all(|s| clean(s))
+            || self
+                .notes
+                .chars()
+                .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
+        {
+            return Err("A field holds a control character; only the notes may span lines.".into());
+        }
+        Ok(())
     }
 }
 
@@ -361,8 +389,12 @@ fn draft_of(
             return None;
         }
         s.parse::<u64>()
-            .map_err(|_| p.field(key, format!("{what}: a whole number, e.g. 25")))
             .ok()
+            .filter(|&n| i64::try_from(n).is_ok())
+            .or_else(|| {
+                p.field(key, format!("{what}: a whole number, e.g. 25"));
+                None
+            })
     };
     let mcal_limit = if f.mcal_mode == "fixed" {
         let n = whole(&f.mcal_fixed, "mcal_limit", "MCALs", p);
@@ -518,9 +550,15 @@ async fn form_page(
     };
     let pool = {
         let _turn = super::pages::turn(console).await?;
-        let used = console.ctx.state.totals(cfg, crate::clock::now()).await?;
-        let doc = crate::state::status::status_doc(cfg, &used, crate::clock::now());
-        doc.server.mcal
+        let at = crate::clock::now();
+        let used = console.ctx.state.totals(cfg, at).await?;
+        let cfg = cfg.clone();
+        super::worker::run(move || {
+            crate::state::status::status_doc(&cfg, &used, at)
+                .server
+                .mcal
+        })
+        .await?
     };
     let admin = authed.login == Login::Admin;
     let action = match page.editing {
@@ -597,7 +635,7 @@ pub async fn create(
     let cfg = console.ctx.cfg.load_full();
     let rid = reseller_for(&cfg, &authed.login, &reseller)?;
     let reseller = cfg.reseller(rid).name.clone();
-    save(&console, &authed, &cfg, &reseller, None, f).await
+    save(&console, &authed, &reseller, None, f).await
 }
 
 /// The customer `name` and its file, if `login` may edit it there.
@@ -669,11 +707,9 @@ pub async fn edit_form(
         same.then(|| CustomerForm::from_table(&t, hash.clone()))
     });
     let Some(f) = table else {
-        return Ok(
-            super::pages::message(&console, &authed, "Edit", &not_here(&authed.login))
-                .await?
-                .into_response(),
-        );
+        return Ok(message(&console, &authed, "Edit", &not_here(&authed.login))
+            .await?
+            .into_response());
     };
     let page = Page {
         reseller: &reseller,
@@ -695,10 +731,15 @@ pub async fn update(
 ) -> Result<Response, WebError> {
     authed.check_csrf(&f.csrf)?;
     let cfg = console.ctx.cfg.load_full();
-    let (id, reseller, _) = editable(&cfg, &authed.login, &name)?;
+    let (id, reseller, path) = editable(&cfg, &authed.login, &name)?;
+    let Some(path) = path else {
+        return Ok(message(&console, &authed, "Edit", &not_here(&authed.login))
+            .await?
+            .into_response());
+    };
     // An edit never renames: the name (and so the file) stays.
     f.name = cfg.customer(id).name.clone();
-    save(&console, &authed, &cfg, &reseller, Some(id), f).await
+    save(&console, &authed, &reseller, Some(Edit { id, path }), f).await
 }
 
 /// The activation buttons' form.
@@ -720,29 +761,30 @@ pub async fn activation(
     authed.check_csrf(&a.csrf)?;
     let cfg = console.ctx.cfg.load_full();
     let (id, reseller, path) = editable(&cfg, &authed.login, &name)?;
-    let found = match path {
-        Some(p) => tokio::task::spawn_blocking(move || read_file(&p))
-            .await
-            .ok()
-            .and_then(Result::ok)
-            .flatten(),
+    let found = match &path {
+        Some(p) => {
+            let p = p.clone();
+            tokio::task::spawn_blocking(move || read_file(&p))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .flatten()
+        }
         None => None,
     };
-    let Some(mut f) = found.and_then(|(hash, text)| {
+    let form = found.and_then(|(hash, text)| {
         customer_file::split(&text).map(|(t, _)| CustomerForm::from_table(&t, hash))
-    }) else {
-        return Ok(super::pages::message(
-            &console,
-            &authed,
-            "Activation",
-            &not_here(&authed.login),
-        )
-        .await?
-        .into_response());
+    });
+    let (Some(mut f), Some(path)) = (form, path) else {
+        return Ok(
+            message(&console, &authed, "Activation", &not_here(&authed.login))
+                .await?
+                .into_response(),
+        );
     };
     f.activated = if a.activated == "no" { "no" } else { "yes" }.into();
     f.name = cfg.customer(id).name.clone();
-    save(&console, &authed, &cfg, &reseller, Some(id), f).await
+    save(&console, &authed, &reseller, Some(Edit { id, path }), f).await
 }
 
 impl Console {
@@ -763,22 +805,53 @@ impl Console {
     }
 }
 
+/// What is the saving login's own, for sorting errors: the customer's
+/// name and its reseller's customers.
+struct Ours<'a> {
+    reseller: &'a str,
+    name: &'a str,
+    customers: std::collections::HashSet<String>,
+}
+
+impl<'a> Ours<'a> {
+    fn of(cfg: &Config, reseller: &'a str, name: &'a str) -> Ours<'a> {
+        let mut customers: std::collections::HashSet<String> = cfg
+            .reseller_by_name(reseller)
+            .map(|r| {
+                cfg.reseller(r)
+                    .customers
+                    .iter()
+                    .map(|&c| cfg.customer(c).name.to_lowercase())
+                    .collect()
+            })
+            .unwrap_or_default();
+        customers.insert(name.to_lowercase());
+        Ours {
+            reseller,
+            name,
+            customers,
+        }
+    }
+}
+
 /// Which form field a validation error belongs to, if any: errors in the
-/// customer's own table by key, and the reseller's over-allocation (which
+/// customer's own table by key, and its reseller's over-allocation (which
 /// the space field causes) at `space`.
-fn field_of(e: &ConfigError, file: &std::path::Path, name: &str, reseller: &str) -> Option<String> {
-    if e.rule == Rule::SpaceOverAllocated
-        && (e.key == format!("reseller[{reseller}].space")
-            || (e.key.starts_with("customer[") && e.key.ends_with("].space")))
-    {
-        return Some("space".into());
+fn field_of(e: &ConfigError, file: &std::path::Path, ours: &Ours<'_>) -> Option<String> {
+    if e.rule == Rule::SpaceOverAllocated {
+        let mine = e.key == format!("reseller[{}].space", ours.reseller)
+            || e.key
+                .strip_prefix("customer[")
+                .and_then(|k| k.strip_suffix("].space"))
+                .is_some_and(|c| ours.customers.contains(&c.to_lowercase()));
+        return mine.then(|| "space".into());
     }
     if e.file != file {
         return None;
     }
     let rest = e
         .key
-        .strip_prefix(&format!("customer[{name}]."))
+        .strip_prefix(&format!("customer[{}].", ours.name))
         .or_else(|| e.key.strip_prefix("customer[#1]."))?;
     let field = rest.split(['.', '[']).next()?;
     let field = match field {
@@ -788,22 +861,39 @@ fn field_of(e: &ConfigError, file: &std::path::Path, name: &str, reseller: &str)
     Some(field.to_string())
 }
 
+/// What a reseller is told of an error in its own file: a clash names
+/// what it clashes with (another reseller's customer, login or path), so
+/// a reseller learns only that there is one.
+fn for_login(e: &ConfigError, login: &Login) -> String {
+    match (login, e.rule) {
+        (Login::Admin, _) => e.message.clone(),
+        (_, Rule::Duplicate) => {
+            "this is already in use elsewhere on the server; choose another".into()
+        }
+        (_, Rule::Overlap) => {
+            "this backup location overlaps another one on the server; choose another name".into()
+        }
+        _ => e.message.clone(),
+    }
+}
+
 /// Sorts the validator's errors onto the form. Errors elsewhere in the set
 /// are shown whole to the admin; a reseller learns only that there are
 /// some (they may name other resellers' customers and files).
 fn place_errors(
     errors: &[ConfigError],
     file: &std::path::Path,
-    name: &str,
-    reseller: &str,
+    ours: &Ours<'_>,
     login: &Login,
     p: &mut Problems,
 ) {
     let mut elsewhere = 0;
     for e in errors {
-        match field_of(e, file, name, reseller) {
-            Some(field) => p.field(&field, e.message.clone()),
-            None if e.file == file => p.general.push(format!("{}: {}", e.key, e.message)),
+        match field_of(e, file, ours) {
+            Some(field) => p.field(&field, for_login(e, login)),
+            None if e.file == file => p
+                .general
+                .push(format!("{}: {}", e.key, for_login(e, login))),
             None if *login == Login::Admin => p.general.push(e.to_string()),
             None => elsewhere += 1,
         }
@@ -823,36 +913,92 @@ async fn reload(console: &Console) -> Option<ReloadRecord> {
     tokio::time::timeout(RELOAD_WAIT, answer).await.ok()?.ok()
 }
 
+/// A customer being edited: its id and the file it is kept in.
+struct Edit {
+    id: CustomerId,
+    path: PathBuf,
+}
+
+/// The SHA-256 of `path` now, or None when there is no such file.
+async fn disk_hash(path: &std::path::Path) -> std::io::Result<Option<String>> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || read_file(&p))
+        .await
+        .map_err(std::io::Error::other)?
+        .map(|f| f.map(|(h, _)| h))
+}
+
 /// Checks, writes and applies one customer's file, or shows the form again
 /// with each problem beside its field (writing nothing).
 async fn save(
     console: &Arc<Console>,
     authed: &Authed,
-    cfg: &Arc<Config>,
     reseller: &str,
-    editing: Option<CustomerId>,
+    editing: Option<Edit>,
     f: CustomerForm,
 ) -> Result<Response, WebError> {
+    let cfg = console.ctx.cfg.load_full();
     let mut p = Problems::default();
-    let page = Page { reseller, editing };
+    let page = Page {
+        reseller,
+        editing: editing.as_ref().map(|e| e.id),
+    };
     if !console.may_save(&authed.user) {
         p.general.push(format!(
             "More than {SAVES_PER_MINUTE} changes in a minute from this login; wait a minute and save again."
         ));
-        return again(console, authed, cfg, page, f, p).await;
+        return again(console, authed, &cfg, page, f, p).await;
     }
-    if !f.bounded() {
-        p.general.push(format!(
-            "A field is too long: names are at most {MAX_NAME} characters, other fields {MAX_FIELD}."
-        ));
-        return again(console, authed, cfg, page, f, p).await;
+    if let Err(why) = f.bounded() {
+        p.general.push(why);
+        return again(console, authed, &cfg, page, f, p).await;
     }
-    let name = f.name.trim().to_string();
-    let Some(path) = (if name.is_empty() {
-        None
-    } else {
-        place(cfg, &authed.login, reseller, &name)
-    }) else {
+    // An edit keeps the name exactly (its file and history are named after it).
+    let name = match &editing {
+        Some(e) => cfg.customer(e.id).name.clone(),
+        None => f.name.trim().to_string(),
+    };
+    if editing.is_none() {
+        let count = cfg
+            .reseller_by_name(reseller)
+            .map_or(0, |r| cfg.reseller(r).customers.len());
+        if count >= MAX_CUSTOMERS {
+            p.general.push(format!(
+                "Reseller {reseller} has {count} customers; the console adds at most {MAX_CUSTOMERS} to one reseller. The server's admin can add more in the files."
+            ));
+            return again(console, authed, &cfg, page, f, p).await;
+        }
+    }
+    // Typed passwords are hashed first, outside the lock below, on the
+    // daemon's bounded argon2 pool.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let hashed = |secret: &str, confirm: &str| {
+        let go = !secret.is_empty() && secret == confirm;
+        let secret = secret.to_string();
+        let limits = console.ctx.limits.clone();
+        async move {
+            if !go {
+                return Ok(None);
+            }
+            match limits.hash(&secret, deadline).await {
+                Some(h) => Ok(Some(h.as_str().to_string())),
+                None => Err(WebError::Busy),
+            }
+        }
+    };
+    let enroll_hash = hashed(&f.enroll_key, &f.enroll_key_confirm).await?;
+    let web_hash = hashed(&f.web_password, &f.web_password_confirm).await?;
+
+    // One save at a time: the check of the file on disk, the validation
+    // and the write are one step, against the config in force now.
+    let _one = console.edits.lock().await;
+    let cfg = console.ctx.cfg.load_full();
+    let path = match &editing {
+        Some(e) => Some(e.path.clone()),
+        None if name.is_empty() => None,
+        None => place(&cfg, &authed.login, reseller, &name),
+    };
+    let Some(path) = path else {
         if name.is_empty() {
             p.field("name", "a customer needs a name");
         } else if customer_file::file_name(&name).is_none() {
@@ -863,11 +1009,8 @@ async fn save(
         } else {
             p.general.push(no_directory(reseller));
         }
-        return again(console, authed, cfg, page, f, p).await;
+        return again(console, authed, &cfg, page, f, p).await;
     };
-    // One save at a time: the check of the file on disk, the validation
-    // and the write are one step.
-    let _one = console.edits.lock().await;
     let p2 = path.clone();
     let now = match tokio::task::spawn_blocking(move || read_file(&p2)).await {
         Ok(Ok(n)) => n,
@@ -876,74 +1019,72 @@ async fn save(
             p.general.push(
                 "The customer's file cannot be read; the server's log has the details.".into(),
             );
-            return again(console, authed, cfg, page, f, p).await;
+            return again(console, authed, &cfg, page, f, p).await;
         }
     };
-    let (old_text, old_table, clients) = match (&now, editing) {
+    let (old_text, old_table, clients) = match (&now, &editing) {
         (Some(_), None) => {
-            p.field("name", "a customer file with this name already exists; choose another name, or edit that customer");
-            return again(console, authed, cfg, page, f, p).await;
+            p.field(
+                "name",
+                "a customer file with this name already exists; choose another name, or edit that customer",
+            );
+            return again(console, authed, &cfg, page, f, p).await;
         }
         (None, Some(_)) => {
             p.general.push(
                 "The customer's file is gone from disk (removed by hand?); nothing was written."
                     .into(),
             );
-            return again(console, authed, cfg, page, f, p).await;
+            return again(console, authed, &cfg, page, f, p).await;
         }
         (Some((hash, _)), Some(_)) if *hash != f.base => {
-            p.general.push("The customer's file was changed on disk after this form was opened. Nothing was written: open the form again to see the file as it is now.".into());
-            return again(console, authed, cfg, page, f, p).await;
+            p.general.push(CHANGED_ON_DISK.into());
+            return again(console, authed, &cfg, page, f, p).await;
         }
         (Some((_, text)), Some(_)) => match customer_file::split(text) {
             Some((t, clients)) => (Some(text.clone()), Some(t), clients.to_string()),
             None => {
                 p.general.push(not_here(&authed.login));
-                return again(console, authed, cfg, page, f, p).await;
+                return again(console, authed, &cfg, page, f, p).await;
             }
         },
         (None, None) => (None, None, String::new()),
     };
-    let location = match (&authed.login, &old_table) {
+    let base = now.as_ref().map(|(h, _)| h.clone());
+    let admin = authed.login == Login::Admin;
+    let typed = f.backup_location.trim();
+    let location = match &old_table {
         // A reseller never chooses a path; an edit keeps the one it had.
-        (_, Some(t)) if authed.login != Login::Admin || f.backup_location.trim().is_empty() => t
+        Some(t) if !admin || typed.is_empty() => t
             .get("backup_location")
             .and_then(|v| v.as_str())
             .unwrap_or_default()
             .to_string(),
-        (Login::Admin, _) if !f.backup_location.trim().is_empty() => {
-            f.backup_location.trim().to_string()
-        }
-        _ => derived_location(cfg, reseller, &name),
+        _ if admin && !typed.is_empty() => typed.to_string(),
+        _ => derived_location(&cfg, reseller, &name),
     };
-    let mut draft = draft_of(&f, reseller, location, old_table.as_ref(), &mut p);
+    let mut g = f.clone();
+    g.name = name.clone();
+    let mut draft = draft_of(&g, reseller, location, old_table.as_ref(), &mut p);
     if !p.is_empty() {
-        return again(console, authed, cfg, page, f, p).await;
+        return again(console, authed, &cfg, page, f, p).await;
     }
-    // Passwords are hashed before anything is written or checked.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    if !f.enroll_key.is_empty() {
-        match console.ctx.limits.hash(&f.enroll_key, deadline).await {
-            Some(h) => draft.enroll_key = Some(h.as_str().to_string()),
-            None => return Err(WebError::Busy),
-        }
+    if let Some(h) = enroll_hash {
+        draft.enroll_key = Some(h);
     }
-    if let (Some((_, hash)), false) = (&mut draft.web_access, f.web_password.is_empty()) {
-        match console.ctx.limits.hash(&f.web_password, deadline).await {
-            Some(h) => *hash = h.as_str().to_string(),
-            None => return Err(WebError::Busy),
-        }
+    if let (Some((_, hash)), Some(h)) = (&mut draft.web_access, web_hash) {
+        *hash = h;
     }
     let at = crate::clock::now();
-    let kind = match &authed.login {
-        Login::Admin => "the admin".to_string(),
-        Login::Reseller(r) => format!("reseller {r}"),
-        Login::Customer(c) => format!("customer {c}"),
-    };
     let header = format!(
-        "Written by the tollgate web console for {kind} (user {}) at {}.\nEdits made here by hand are kept: the console will not overwrite\nthis file if it changed after its form was opened.",
+        "Written by the tollgate web console for {} (user {}) at {}.\nEdits made here by hand are kept: the console will not overwrite\nthis file if it changed after its form was opened.",
+        match &authed.login {
+            Login::Admin => "the admin".to_string(),
+            Login::Reseller(r) => format!("reseller {r}"),
+            Login::Customer(c) => format!("customer {c}"),
+        },
         authed.user,
-        crate::state::status::when(cfg, Some(at.as_second()))
+        crate::state::status::when(&cfg, Some(at.as_second()))
     );
     let mut text = draft.render(&header);
     if !clients.is_empty() {
@@ -962,8 +1103,9 @@ async fn save(
     match checked {
         Ok(_) => {}
         Err(LoadError::Invalid(errors)) => {
-            place_errors(&errors, &path, &name, reseller, &authed.login, &mut p);
-            return again(console, authed, cfg, page, f, p).await;
+            let ours = Ours::of(&cfg, reseller, &name);
+            place_errors(&errors, &path, &ours, &authed.login, &mut p);
+            return again(console, authed, &cfg, page, f, p).await;
         }
         Err(e) => {
             warn!(error = %e, "web console: cannot check the configuration");
@@ -971,36 +1113,58 @@ async fn save(
                 "The server's configuration cannot be read; the server's log has the details."
                     .into(),
             );
-            return again(console, authed, cfg, page, f, p).await;
+            return again(console, authed, &cfg, page, f, p).await;
         }
     }
-    if let Err(e) = write(&path, Some(text.clone())).await {
-        warn!(file = %path.display(), error = %e, "web console: cannot write a customer file");
-        p.general.push("The customer's file could not be written (the disk may be full); nothing changed. The server's log has the details.".into());
-        return again(console, authed, cfg, page, f, p).await;
+    // Last look before the rename: a hand edit made while the set was
+    // being checked is not overwritten either.
+    if disk_hash(&path).await.ok() != Some(base.clone()) {
+        p.general.push(CHANGED_ON_DISK.into());
+        return again(console, authed, &cfg, page, f, p).await;
     }
-    match reload(console).await {
+    let ours = Some(sha(text.as_bytes()));
+    if let Err(e) = write(&path, Some(text.clone())).await {
+        // The rename may have happened before the directory's fsync failed.
+        if disk_hash(&path).await.ok() != Some(ours.clone()) {
+            warn!(file = %path.display(), error = %e, "web console: cannot write a customer file");
+            p.general.push("The customer's file could not be written (the disk may be full); nothing changed. The server's log has the details.".into());
+            return again(console, authed, &cfg, page, f, p).await;
+        }
+        warn!(file = %path.display(), error = %e, "web console: a customer file was written, but its directory could not be synced");
+    }
+    let done = match reload(console).await {
         Some(r) if !r.ok => {
-            // Put the old file back: a set the daemon refuses must not
-            // wait on disk for the next reload.
-            if let Err(e) = write(&path, old_text).await {
-                warn!(file = %path.display(), error = %e, "web console: cannot restore a customer file");
+            // Put the old file back (unless someone changed it since): a
+            // set the daemon refuses must not wait on disk for the next
+            // reload.
+            let restored = if disk_hash(&path).await.ok() == Some(ours.clone()) {
+                write(&path, old_text).await.is_ok()
+            } else {
+                false
+            };
+            if !restored {
+                warn!(file = %path.display(), "web console: a refused customer file could not be put back");
             }
             let _ = reload(console).await;
-            p.general.push(format!(
-                "The daemon refused the new configuration ({}); the file was put back as it was.",
-                r.summary
-            ));
-            if authed.login == Login::Admin {
+            p.general.push(if restored {
+                "The daemon refused the new configuration; the file was put back as it was, and nothing changed.".into()
+            } else {
+                "The daemon refused the new configuration, and the file could not be put back; the server's admin must look at it.".into()
+            });
+            if admin {
+                p.general.push(r.summary);
                 p.general.extend(r.errors);
             }
-            return again(console, authed, cfg, page, f, p).await;
+            return again(console, authed, &cfg, page, f, p).await;
         }
-        Some(_) => {}
-        None => warn!("web console: no reload answer; the file watcher will apply the change"),
-    }
-    let action = match (editing, old_table.as_ref()) {
-        (None, _) => "add".to_string(),
+        Some(_) => "saved",
+        None => {
+            warn!("web console: no reload answer; the file watcher will apply the change");
+            "saved-pending"
+        }
+    };
+    let action = match (&editing, old_table.as_ref()) {
+        (None, _) => "add",
         (Some(_), Some(t))
             if t.get("activated").and_then(|v| v.as_bool()).unwrap_or(true) != draft.activated =>
         {
@@ -1009,9 +1173,8 @@ async fn save(
             } else {
                 "deactivate"
             }
-            .to_string()
         }
-        _ => "edit".to_string(),
+        _ => "edit",
     };
     let detail = changed_keys(old_table.as_ref(), &text);
     let entry = crate::state::console::AuditEntry {
@@ -1022,12 +1185,11 @@ async fn save(
             Login::Customer(c) => format!("customer {c}"),
         },
         username: authed.user.clone(),
-        action: action.clone(),
+        action: action.into(),
         customer: name.clone(),
         file: path.display().to_string(),
         detail: detail.clone(),
     };
-    console.ctx.state.record_audit(&entry).await?;
     info!(
         user = %crate::config::escape_log(&authed.user, 64),
         customer = %crate::config::escape_log(&name, 100),
@@ -1036,13 +1198,20 @@ async fn save(
         detail = %detail,
         "web console: customer saved"
     );
+    // The change is made: a failed audit row is logged, not shown as a
+    // failed save (a retry would find the file already there).
+    if let Err(e) = console.ctx.state.record_audit(&entry).await {
+        tracing::error!(error = %e, customer = %crate::config::escape_log(&name, 100), "web console: the audit log could not record a change");
+    }
     Ok(Redirect::to(&format!(
-        "/customers/{}?done=saved&to={}",
+        "/customers/{}?done={done}&to={}",
         seg(&name),
         seg(&name)
     ))
     .into_response())
 }
+
+const CHANGED_ON_DISK: &str = "The customer's file was changed on disk after this form was opened. Nothing was written: open the form again to see the file as it is now.";
 
 /// The keys whose values differ between the old table and the new text's
 /// (secrets named, never shown).
@@ -1174,19 +1343,39 @@ mod tests {
                 None,
             ),
         ];
+        let ours = Ours {
+            reseller: "acme",
+            name: "Contoso",
+            customers: ["contoso".to_string(), "zed".to_string()].into(),
+        };
         for (e, want) in cases {
-            assert_eq!(
-                field_of(&e, f, "Contoso", "acme").as_deref(),
-                want,
-                "{}",
-                e.key
-            );
+            assert_eq!(field_of(&e, f, &ours).as_deref(), want, "{}", e.key);
         }
+        // Another reseller's over-allocation is not this form's.
+        let theirs = err(
+            Rule::SpaceOverAllocated,
+            "/inc/globex/x.toml",
+            "customer[Secret Co].space",
+        );
+        assert_eq!(field_of(&theirs, f, &ours), None);
+        let theirs = err(
+            Rule::SpaceOverAllocated,
+            "/etc/tollgate.toml",
+            "reseller[globex].space",
+        );
+        assert_eq!(field_of(&theirs, f, &ours), None);
     }
 
     #[test]
     fn a_reseller_learns_only_the_count_of_others_errors() {
         let f = std::path::Path::new("/inc/acme/contoso.toml");
+        let mut clash = err(
+            Rule::Duplicate,
+            "/inc/acme/contoso.toml",
+            "customer[Contoso].web_access.username",
+        );
+        clash.message =
+            "web user name \"x\" is already the login of reseller[globex].web_access".into();
         let errors = [
             err(
                 Rule::Size,
@@ -1198,25 +1387,33 @@ mod tests {
                 "/inc/acme/contoso.toml",
                 "customer[Contoso].email",
             ),
+            clash,
         ];
+        let ours = Ours {
+            reseller: "acme",
+            name: "Contoso",
+            customers: ["contoso".to_string()].into(),
+        };
         let mut p = Problems::default();
-        place_errors(
-            &errors,
-            f,
-            "Contoso",
-            "acme",
-            &Login::Reseller("acme".into()),
-            &mut p,
-        );
+        place_errors(&errors, f, &ours, &Login::Reseller("acme".into()), &mut p);
         assert_eq!(p.fields["email"], ["m"]);
         assert_eq!(p.general.len(), 1);
         assert!(!p.general[0].contains("Secret"), "{:?}", p.general);
+        assert!(
+            !p.fields["web_access"][0].contains("globex"),
+            "{:?}",
+            p.fields
+        );
         let mut p = Problems::default();
-        place_errors(&errors, f, "Contoso", "acme", &Login::Admin, &mut p);
+        place_errors(&errors, f, &ours, &Login::Admin, &mut p);
         assert!(
             p.general[0].contains("/inc/globex/secret.toml"),
             "{:?}",
             p.general
+        );
+        assert!(
+            p.fields["web_access"][0].contains("globex"),
+            "the admin sees it whole"
         );
     }
 

@@ -750,6 +750,9 @@ impl Notice {
             "saved" => Some(format!(
                 "Saved {to}: its file is written and the daemon has reloaded."
             )),
+            "saved-pending" => Some(format!(
+                "Saved {to}: its file is written; the daemon applies it when its reload finishes (the admin's page shows the last reload)."
+            )),
             _ => None,
         }
     }

@@ -336,6 +336,14 @@ pub const TEST_SECRETS: &[&str] = &[
     "correct horse",
     "tg-enroll-key-0451",
     "tg-smtp-pass-0451",
+    // Typed into the console's forms (tests/console*.rs).
+    "tg-console-admin-0451",
+    "tg-console-acme-0451",
+    "tg-form-admin-0451",
+    "tg-form-acme-0451",
+    "tg-form-contoso-0451",
+    "tg-form-enroll-0451",
+    "same-0451",
 ];
 
 /// `GET path` over plain HTTP/1.1; returns (status, body).
