@@ -497,8 +497,11 @@ fn derived_location(cfg: &Config, reseller: &str, name: &str) -> String {
         .parent()
         .map(|p| p.to_path_buf())
         .unwrap_or_default();
-    root.join(customer_file::dir_name(reseller))
-        .join(customer_file::dir_name(name))
+    let dir = root.join(customer_file::dir_name(reseller));
+    if name.is_empty() {
+        return format!("{}/", dir.display());
+    }
+    dir.join(customer_file::dir_name(name))
         .display()
         .to_string()
 }
@@ -575,7 +578,11 @@ async fn form_page(
             action => action,
             reseller => page.reseller,
             admin => admin,
-            derived => derived_location(cfg, page.reseller, if f.name.trim().is_empty() { "NAME" } else { f.name.trim() }),
+            derived => if f.name.trim().is_empty() {
+                derived_location(cfg, page.reseller, "") + "(from the customer's name)"
+            } else {
+                derived_location(cfg, page.reseller, f.name.trim())
+            },
             snapshot => snapshot,
             pool => pool,
             email_set => cfg.server.email.is_some(),
