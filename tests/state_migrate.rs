@@ -205,7 +205,7 @@ async fn sqlite_to_postgres_and_back_keeps_every_row_and_the_status() {
 
     let (code, out, err) = tollgate(&config, &["state", "migrate", "--to", &pg.url]);
     assert_eq!(code, Some(0), "{out}\n{err}");
-    assert!(out.contains("verified: 19 tables"), "{out}");
+    assert!(out.contains("verified: 20 tables"), "{out}");
     assert!(out.contains("files"), "{out}");
 
     // The two schemas: the same tables and columns, types and NOT NULLs.
