@@ -138,3 +138,32 @@ fn debug_output_never_shows_hashes() {
     );
     assert!(shown.contains("PhcHash(<redacted>)"));
 }
+
+/// A text validated on its own (`Config::from_str`: the applied copy, the
+/// fuzz target) has no include segments: every fixture still gives the
+/// same verdict, and never a panic (the fuzzer found one, issue 16).
+#[test]
+fn each_fixture_validates_on_its_own_text_too() {
+    for dir in ["tests/fixtures/config/invalid", "tests/fixtures/config/valid"] {
+        for path in toml_files(dir) {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let loaded = Config::load(&path).is_ok();
+            let alone = Config::from_str(&text, &path).is_ok();
+            // Include errors need the directories the main file names.
+            if !text.contains("[[include]]") {
+                assert_eq!(alone, loaded, "{}", path.display());
+            }
+        }
+    }
+    let crash = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fuzz/seeds/config/over-allocated-alone.toml"
+    ))
+    .unwrap();
+    let text = String::from_utf8(crash).unwrap();
+    let errs = Config::from_str(&text, std::path::Path::new("fuzz.toml")).unwrap_err();
+    assert!(
+        errs.iter().any(|e| e.rule == Rule::SpaceOverAllocated),
+        "{errs:#?}"
+    );
+}

@@ -272,8 +272,9 @@ fn is_table_array(v: &Spanned<DeValue<'_>>) -> bool {
         .is_some_and(|a| a.iter().all(|e| e.get_ref().as_table().is_some()))
 }
 
-/// The segment the combined text's byte `at` lies in.
-pub fn segment_of(segments: &[Segment], at: usize) -> &Segment {
+/// The segment the combined text's byte `at` lies in; None without
+/// segments (a text validated on its own, `Config::from_str`).
+pub fn segment_of(segments: &[Segment], at: usize) -> Option<&Segment> {
     let i = segments.partition_point(|s| s.start <= at).max(1) - 1;
-    &segments[i]
+    segments.get(i)
 }

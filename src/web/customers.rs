@@ -686,6 +686,27 @@ fn not_here(login: &Login) -> String {
     }
 }
 
+/// The form for customer `id` as its file at `path` holds it now, if that
+/// file is in the console's shape and holds that customer.
+async fn form_of_file(
+    cfg: &Config,
+    id: CustomerId,
+    path: Option<PathBuf>,
+) -> Option<(CustomerForm, PathBuf)> {
+    let path = path?;
+    let p = path.clone();
+    let (hash, text) = tokio::task::spawn_blocking(move || read_file(&p))
+        .await
+        .ok()?
+        .ok()??;
+    let (t, _) = customer_file::split(&text)?;
+    let same = t
+        .get("name")
+        .and_then(|n| n.as_str())
+        .is_some_and(|n| n.to_lowercase() == cfg.customer(id).name.to_lowercase());
+    same.then(|| (CustomerForm::from_table(&t, hash), path))
+}
+
 /// `GET /customers/{customer}/edit`.
 pub async fn edit_form(
     State(console): State<Arc<Console>>,
@@ -694,26 +715,7 @@ pub async fn edit_form(
 ) -> Result<Response, WebError> {
     let cfg = console.ctx.cfg.load_full();
     let (id, reseller, path) = editable(&cfg, &authed.login, &name)?;
-    let found = match &path {
-        Some(p) => {
-            let p = p.clone();
-            tokio::task::spawn_blocking(move || read_file(&p))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten()
-        }
-        None => None,
-    };
-    let table = found.as_ref().and_then(|(hash, text)| {
-        let (t, _) = customer_file::split(text)?;
-        let same = t
-            .get("name")
-            .and_then(|n| n.as_str())
-            .is_some_and(|n| n.to_lowercase() == cfg.customer(id).name.to_lowercase());
-        same.then(|| CustomerForm::from_table(&t, hash.clone()))
-    });
-    let Some(f) = table else {
+    let Some((f, _)) = form_of_file(&cfg, id, path).await else {
         return Ok(message(&console, &authed, "Edit", &not_here(&authed.login))
             .await?
             .into_response());
@@ -768,21 +770,7 @@ pub async fn activation(
     authed.check_csrf(&a.csrf)?;
     let cfg = console.ctx.cfg.load_full();
     let (id, reseller, path) = editable(&cfg, &authed.login, &name)?;
-    let found = match &path {
-        Some(p) => {
-            let p = p.clone();
-            tokio::task::spawn_blocking(move || read_file(&p))
-                .await
-                .ok()
-                .and_then(Result::ok)
-                .flatten()
-        }
-        None => None,
-    };
-    let form = found.and_then(|(hash, text)| {
-        customer_file::split(&text).map(|(t, _)| CustomerForm::from_table(&t, hash))
-    });
-    let (Some(mut f), Some(path)) = (form, path) else {
+    let Some((mut f, path)) = form_of_file(&cfg, id, path).await else {
         return Ok(
             message(&console, &authed, "Activation", &not_here(&authed.login))
                 .await?

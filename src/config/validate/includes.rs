@@ -45,8 +45,8 @@ pub(super) fn check(v: &mut V<'_>, doc: &RawConfig, config: &Config) {
     // The reseller each part of the text is bound to (None: the main file
     // or an admin's include, where any reseller goes).
     let bound = |v: &V<'_>, at: usize| -> Option<String> {
-        let seg = segment_of(&v.segments, at);
-        seg.include
+        segment_of(&v.segments, at)?
+            .include
             .and_then(|i| v.includes.get(i))
             .and_then(|inc| inc.reseller.clone())
     };

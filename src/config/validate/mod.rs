@@ -229,15 +229,14 @@ impl V<'_> {
             return;
         }
         let at = span.start.min(self.src.len());
-        let (file, line, column) = match self.segments.len() {
-            0 | 1 => {
-                let (line, column) = line_col(self.src, at);
-                (self.file.to_path_buf(), line, column)
-            }
-            _ => {
-                let seg = super::include::segment_of(&self.segments, at);
+        let (file, line, column) = match super::include::segment_of(&self.segments, at) {
+            Some(seg) if self.segments.len() > 1 => {
                 let (line, column) = line_col(&self.src[seg.start..], at - seg.start);
                 (seg.file.clone(), line, column)
+            }
+            _ => {
+                let (line, column) = line_col(self.src, at);
+                (self.file.to_path_buf(), line, column)
             }
         };
         self.errors.push(ConfigError {
@@ -1459,7 +1458,7 @@ fn check_nesting(v: &mut V<'_>, doc: &RawConfig, cfg: &Config) {
             let included = r.customers.iter().rev().find_map(|&cid| {
                 let raw = doc.customer[cid.0 as usize - 1].get_ref();
                 let s = raw.space.as_ref()?.span();
-                super::include::segment_of(&v.segments, s.start)
+                super::include::segment_of(&v.segments, s.start)?
                     .include
                     .map(|_| (s, format!("customer[{}].space", cfg.customer(cid).name)))
             });
