@@ -144,7 +144,10 @@ fn debug_output_never_shows_hashes() {
 /// same verdict, and never a panic (the fuzzer found one, issue 16).
 #[test]
 fn each_fixture_validates_on_its_own_text_too() {
-    for dir in ["tests/fixtures/config/invalid", "tests/fixtures/config/valid"] {
+    for dir in [
+        "tests/fixtures/config/invalid",
+        "tests/fixtures/config/valid",
+    ] {
         for path in toml_files(dir) {
             let text = std::fs::read_to_string(&path).unwrap();
             let loaded = Config::load(&path).is_ok();

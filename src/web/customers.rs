@@ -316,6 +316,8 @@ impl CustomerForm {
 struct Problems {
     fields: BTreeMap<String, Vec<String>>,
     general: Vec<String>,
+    /// They come from a save (rather than from opening the form).
+    posted: bool,
 }
 
 impl Problems {
@@ -589,6 +591,7 @@ async fn form_page(
             f => f,
             errors => p.fields,
             general => p.general,
+            posted => p.posted,
         },
     )
     .await
@@ -1258,6 +1261,7 @@ async fn again(
     f: CustomerForm,
     p: Problems,
 ) -> Result<Response, WebError> {
+    let p = Problems { posted: true, ..p };
     let html = form_page(console, authed, cfg, page, &f, &p).await?;
     Ok((StatusCode::UNPROCESSABLE_ENTITY, html).into_response())
 }
