@@ -4,7 +4,7 @@
 //! tables. This module owns the file names, the text the form writes and
 //! reading a file back for "Edit". It does no I/O; the console does.
 
-use super::include::{Include, matches};
+use super::include::Include;
 use std::fmt::Write as _;
 
 /// Longest file name the console writes (most filesystems allow 255 bytes).
@@ -56,25 +56,37 @@ pub fn dir_name(name: &str) -> String {
     }
 }
 
-/// The include the console writes a customer of `reseller` through: the
-/// reseller's own directory; for the admin, that one or else an admin's
-/// (one with no reseller). Only includes whose pattern takes `file` count.
+/// The includes the console may write a customer of `reseller` through,
+/// in order of preference: the reseller's own directories, then, for the
+/// admin, the admin's (those with no reseller). Only includes whose
+/// pattern takes `file` count (any, when `file` is None).
+pub fn includes_for<'a: 'b, 'b>(
+    includes: &'a [Include],
+    reseller: &'b str,
+    admin: bool,
+    file: Option<&'b str>,
+) -> impl Iterator<Item = &'a Include> + 'b {
+    let takes = move |i: &&Include| file.is_none_or(|f| i.takes(f));
+    let own = includes
+        .iter()
+        .filter(takes)
+        .filter(move |i| i.reseller.as_deref() == Some(reseller));
+    let admins = includes
+        .iter()
+        .filter(takes)
+        .filter(move |i| admin && i.reseller.is_none());
+    own.chain(admins)
+}
+
+/// The include a new customer file of `reseller` goes through: the first
+/// of [`includes_for`].
 pub fn include_for<'a>(
     includes: &'a [Include],
     reseller: &str,
     admin: bool,
     file: &str,
 ) -> Option<&'a Include> {
-    let takes = |i: &&Include| matches(&i.pattern, file);
-    includes
-        .iter()
-        .filter(takes)
-        .find(|i| i.reseller.as_deref() == Some(reseller))
-        .or_else(|| {
-            admin
-                .then(|| includes.iter().filter(takes).find(|i| i.reseller.is_none()))
-                .flatten()
-        })
+    includes_for(includes, reseller, admin, Some(file)).next()
 }
 
 /// A customer's throttle as the form sets it (CONFIG.md `throttle`).

@@ -50,6 +50,14 @@ pub struct Include {
     pub span: std::ops::Range<usize>,
 }
 
+impl Include {
+    /// Whether a file named `name` in its directory is one of its files.
+    /// Hidden files (editors' swap and temp files) never are.
+    pub fn takes(&self, name: &str) -> bool {
+        !name.starts_with('.') && matches(&self.pattern, name)
+    }
+}
+
 /// The main file's `[[include]]` entries, read leniently: a broken entry
 /// is the validator's to report, so it is skipped here.
 fn includes_of(main: &str, dir: &Path) -> Vec<Include> {
@@ -110,7 +118,7 @@ pub fn files_of(inc: &Include) -> std::io::Result<Vec<PathBuf>> {
         let e = e?;
         let name = e.file_name();
         let Some(name) = name.to_str() else { continue };
-        if name.starts_with('.') || !matches(&inc.pattern, name) {
+        if !inc.takes(name) {
             continue;
         }
         if e.file_type()?.is_file() || e.path().is_file() {
@@ -164,7 +172,7 @@ pub fn assemble_with(
                     && o.parent() == Some(inc.dir.as_path())
                     && o.file_name()
                         .and_then(|n| n.to_str())
-                        .is_some_and(|n| !n.starts_with('.') && matches(&inc.pattern, n))
+                        .is_some_and(|n| inc.takes(n))
                     && !f.iter().any(|x| x == o)
                 {
                     f.push(o.to_path_buf());

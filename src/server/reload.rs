@@ -326,19 +326,13 @@ pub fn watch(
         _ => PathBuf::from("."),
     };
     let name = path.file_name().map(|n| n.to_os_string());
-    let patterns: Vec<(PathBuf, String)> = includes
-        .iter()
-        .map(|i| (i.dir.clone(), i.pattern.clone()))
-        .collect();
+    let watched = includes.to_vec();
     let included = move |p: &Path| {
         let (Some(parent), Some(file)) = (p.parent(), p.file_name().and_then(|f| f.to_str()))
         else {
             return false;
         };
-        !file.starts_with('.')
-            && patterns
-                .iter()
-                .any(|(d, pat)| d == parent && crate::config::include::matches(pat, file))
+        watched.iter().any(|i| i.dir == parent && i.takes(file))
     };
     let mut w = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let Ok(ev) = res else { return };

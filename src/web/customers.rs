@@ -28,7 +28,6 @@ use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use minijinja::context;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -329,6 +328,18 @@ impl Problems {
     }
 }
 
+/// What is wrong with `name` before the validator sees it: a customer
+/// file must be named after it.
+fn name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("a customer needs a name")
+    } else if customer_file::file_name(name).is_none() {
+        Some("this name is too long to be a file name; shorten it")
+    } else {
+        None
+    }
+}
+
 /// The form's own checks, and the draft it describes when they pass (with
 /// passwords still to hash: `hash_me` holds the plain ones by key).
 fn draft_of(
@@ -339,13 +350,8 @@ fn draft_of(
     p: &mut Problems,
 ) -> Draft {
     let name = f.name.trim().to_string();
-    if name.is_empty() {
-        p.field("name", "a customer needs a name");
-    } else if customer_file::file_name(&name).is_none() {
-        p.field(
-            "name",
-            "this name is too long to be a file name; shorten it",
-        );
+    if let Some(why) = name_problem(&name) {
+        p.field("name", why);
     }
     let old_str = |path: &[&str]| {
         let mut v = old.map(|t| toml::Value::Table(t.clone()))?;
@@ -508,18 +514,14 @@ fn derived_location(cfg: &Config, reseller: &str, name: &str) -> String {
         .to_string()
 }
 
-fn sha(bytes: &[u8]) -> String {
-    Sha256::digest(bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
-}
-
 /// A customer's file as it is now: its hash, its bytes, and its customer
 /// table and client tables. `Ok(None)` when there is no such file.
 fn read_file(path: &std::path::Path) -> std::io::Result<Option<(String, String)>> {
     match std::fs::read(path) {
-        Ok(b) => Ok(Some((sha(&b), String::from_utf8_lossy(&b).into_owned()))),
+        Ok(b) => Ok(Some((
+            crate::storage::sha256_hex(&b),
+            String::from_utf8_lossy(&b).into_owned(),
+        ))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e),
     }
@@ -543,27 +545,20 @@ async fn form_page(
         .reseller_by_name(page.reseller)
         .ok_or(WebError::NotFound)?;
     let r = cfg.reseller(rid);
-    let allotted_to_customers: u64 = r
-        .customers
-        .iter()
-        .filter_map(|&c| cfg.customer(c).space)
-        .sum();
+    let allotted_to_customers =
+        crate::policy::space::allotted_to_children(cfg, crate::policy::space::Node::Reseller(rid));
     let snapshot = context! {
         allotted => r.space,
         allotted_to_customers => allotted_to_customers,
         free => r.space.map(|s| s.saturating_sub(allotted_to_customers)),
     };
-    let pool = {
-        let _turn = super::pages::turn(console).await?;
-        let at = crate::clock::now();
-        let used = console.ctx.state.totals(cfg, at).await?;
-        let cfg = cfg.clone();
-        super::worker::run(move || {
-            crate::state::status::status_doc(&cfg, &used, at)
-                .server
-                .mcal
-        })
-        .await?
+    let pool = match &cfg.server.mcal {
+        Some(m) => {
+            let _turn = super::pages::turn(console).await?;
+            let used = console.ctx.state.totals(cfg, crate::clock::now()).await?;
+            Some(crate::policy::space::pool_snapshot(m, used.global_debits))
+        }
+        None => None,
     };
     let admin = authed.login == Login::Admin;
     let action = match page.editing {
@@ -607,10 +602,11 @@ pub async fn new_form(
     let rid = reseller_for(&cfg, &authed.login, &reseller)?;
     let name = cfg.reseller(rid).name.clone();
     let mut p = Problems::default();
-    if !cfg.includes.iter().any(|i| {
-        i.reseller.as_deref() == Some(&name)
-            || (authed.login == Login::Admin && i.reseller.is_none())
-    }) {
+    let admin = authed.login == Login::Admin;
+    if customer_file::includes_for(&cfg.includes, &name, admin, None)
+        .next()
+        .is_none()
+    {
         p.general.push(no_directory(&name));
     }
     let f = CustomerForm::new_customer(&cfg);
@@ -667,13 +663,7 @@ fn editable(
     // admin's: the one that holds the file, else where a new one would go.
     let file = customer_file::file_name(&c.name);
     let held = file.as_ref().and_then(|file| {
-        cfg.includes
-            .iter()
-            .filter(|i| {
-                crate::config::include::matches(&i.pattern, file)
-                    && (i.reseller.as_deref() == Some(reseller.as_str())
-                        || (*login == Login::Admin && i.reseller.is_none()))
-            })
+        customer_file::includes_for(&cfg.includes, &reseller, *login == Login::Admin, Some(file))
             .map(|i| i.dir.join(file))
             .find(|p| p.is_file())
     });
@@ -993,19 +983,12 @@ async fn save(
     let cfg = console.ctx.cfg.load_full();
     let path = match &editing {
         Some(e) => Some(e.path.clone()),
-        None if name.is_empty() => None,
         None => place(&cfg, &authed.login, reseller, &name),
     };
     let Some(path) = path else {
-        if name.is_empty() {
-            p.field("name", "a customer needs a name");
-        } else if customer_file::file_name(&name).is_none() {
-            p.field(
-                "name",
-                "this name is too long to be a file name; shorten it",
-            );
-        } else {
-            p.general.push(no_directory(reseller));
+        match name_problem(&name) {
+            Some(why) => p.field("name", why),
+            None => p.general.push(no_directory(reseller)),
         }
         return again(console, authed, &cfg, page, f, p).await;
     };
@@ -1074,13 +1057,14 @@ async fn save(
         *hash = h;
     }
     let at = crate::clock::now();
+    // Who, for the file's header and the audit log alike.
+    let login = match &authed.login {
+        Login::Admin => "admin".to_string(),
+        Login::Reseller(r) => format!("reseller {r}"),
+        Login::Customer(c) => format!("customer {c}"),
+    };
     let header = format!(
-        "Written by the tollgate web console for {} (user {}) at {}.\nEdits made here by hand are kept: the console will not overwrite\nthis file if it changed after its form was opened.",
-        match &authed.login {
-            Login::Admin => "the admin".to_string(),
-            Login::Reseller(r) => format!("reseller {r}"),
-            Login::Customer(c) => format!("customer {c}"),
-        },
+        "Written by the tollgate web console for {login} (user {}) at {}.\nEdits made here by hand are kept: the console will not overwrite\nthis file if it changed after its form was opened.",
         authed.user,
         crate::state::status::when(&cfg, Some(at.as_second()))
     );
@@ -1120,7 +1104,7 @@ async fn save(
         p.general.push(CHANGED_ON_DISK.into());
         return again(console, authed, &cfg, page, f, p).await;
     }
-    let ours = Some(sha(text.as_bytes()));
+    let ours = Some(crate::storage::sha256_hex(text.as_bytes()));
     if let Err(e) = write(&path, Some(text.clone())).await {
         // The rename may have happened before the directory's fsync failed.
         if disk_hash(&path).await.ok() != Some(ours.clone()) {
@@ -1177,11 +1161,7 @@ async fn save(
     let detail = changed_keys(old_table.as_ref(), &text);
     let entry = crate::state::console::AuditEntry {
         at: at.as_second(),
-        login: match &authed.login {
-            Login::Admin => "admin".into(),
-            Login::Reseller(r) => format!("reseller {r}"),
-            Login::Customer(c) => format!("customer {c}"),
-        },
+        login,
         username: authed.user.clone(),
         action: action.into(),
         customer: name.clone(),

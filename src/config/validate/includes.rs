@@ -29,17 +29,7 @@ pub(super) fn check(v: &mut V<'_>, doc: &RawConfig, config: &Config) {
         if let Some(name) = &r.reseller
             && config.reseller_by_name(name.get_ref()).is_none()
         {
-            let names: Vec<&str> = config.resellers.iter().map(|r| r.name.as_str()).collect();
-            v.err(
-                Rule::Reference,
-                name.span(),
-                K(&key, "reseller"),
-                format!(
-                    "no [[reseller]] is named {:?}{}",
-                    name.get_ref(),
-                    raw::hint_for(name.get_ref(), &names)
-                ),
-            );
+            v.no_reseller(name, K(&key, "reseller"), &config.resellers);
         }
     }
     // The reseller each part of the text is bound to (None: the main file

@@ -211,6 +211,26 @@ struct V<'a> {
 type Sp<T> = Option<Spanned<T>>;
 
 impl V<'_> {
+    /// A `reseller` naming no `[[reseller]]` (of `resellers`), with a hint.
+    fn no_reseller(
+        &mut self,
+        name: &Spanned<String>,
+        key: impl fmt::Display,
+        resellers: &[Reseller],
+    ) {
+        let names: Vec<&str> = resellers.iter().map(|r| r.name.as_str()).collect();
+        self.err(
+            Rule::Reference,
+            name.span(),
+            key,
+            format!(
+                "no [[reseller]] is named {:?}{}",
+                name.get_ref(),
+                raw::hint_for(name.get_ref(), &names)
+            ),
+        );
+    }
+
     fn err(
         &mut self,
         rule: Rule,
@@ -868,17 +888,7 @@ fn build(v: &mut V<'_>, doc: &RawConfig) -> Option<Config> {
             Some(r) => match reseller_by_name.get(r.get_ref()) {
                 Some(&rid) => Some(rid),
                 None => {
-                    let names: Vec<&str> = resellers.iter().map(|r| r.name.as_str()).collect();
-                    v.err(
-                        Rule::Reference,
-                        r.span(),
-                        K(&key, "reseller"),
-                        format!(
-                            "no [[reseller]] is named {:?}{}",
-                            r.get_ref(),
-                            raw::hint_for(r.get_ref(), &names)
-                        ),
-                    );
+                    v.no_reseller(r, K(&key, "reseller"), &resellers);
                     None
                 }
             },
