@@ -51,7 +51,7 @@ enum Op {
     /// Append and hash; the permit is returned once written.
     Write(Bytes, OwnedSemaphorePermit),
     /// Hand back the file, every byte written (its fsync is the caller's).
-    Finish(oneshot::Sender<io::Result<TempFile>>),
+    Finish(oneshot::Sender<io::Result<InFlight<TempFile>>>),
     /// Remove the file (a failed or abandoned upload).
     Discard(Option<oneshot::Sender<()>>),
 }
@@ -237,14 +237,12 @@ impl Pool {
                                 }
                                 Err(io::Error::new(*k, m.clone()))
                             }
-                            (None, Some(t)) => Ok(t),
+                            (None, Some(t)) => Ok(InFlight(Some(t))),
                             (None, None) => Err(io::Error::other("the upload is gone")),
                         };
                         // Nobody waits any more (the session ended): the
-                        // file is nobody's.
-                        if let Err(Ok(t)) = reply.send(r) {
-                            t.discard();
-                        }
+                        // file is nobody's, and InFlight removes it.
+                        let _ = reply.send(r);
                     }
                     Op::Discard(reply) => {
                         if let Some(t) = temp.take() {
@@ -381,26 +379,25 @@ impl PipedTemp {
     pub async fn sync(mut self) -> io::Result<SyncedTemp> {
         // Taken first, so no await lies between receiving the file and
         // handing it to its thread. Cancelled here, Drop discards the
-        // file; cancelled after the pool or the fsync thread sent its
-        // answer but before it was read, the file stays until the temp
-        // sweep at the next start.
+        // file; cancelled while an answer waits in a channel, the answer's
+        // InFlight removes it.
         let permits = sync_permits(self.slot.dev).await;
         self.done = true;
         let (tx, rx) = oneshot::channel();
         pool().push(&self.slot, Op::Finish(tx));
         let temp = rx
             .await
-            .map_err(|_| io::Error::other("the writer pool dropped the upload"))??;
+            .map_err(|_| io::Error::other("the writer pool dropped the upload"))??
+            .take();
         let (tx, rx) = oneshot::channel();
         tokio::task::spawn_blocking(move || {
             // Held until the fsync returns, even if the session is gone.
             let _permits = permits;
-            if let Err(Ok(synced)) = tx.send(temp.sync()) {
-                let _ = std::fs::remove_file(&synced.path);
-            }
+            let _ = tx.send(temp.sync().map(|s| InFlight(Some(s))));
         });
         rx.await
             .map_err(|_| io::Error::other("the upload's fsync did not finish"))?
+            .map(InFlight::take)
     }
 
     /// Removes the temporary file, once what is queued is done.
@@ -409,6 +406,42 @@ impl PipedTemp {
         let (tx, rx) = oneshot::channel();
         pool().push(&self.slot, Op::Discard(Some(tx)));
         let _ = rx.await;
+    }
+}
+
+/// A temporary file handed from a thread to its session through a channel:
+/// removed if the session is gone before it takes it (a cancelled session
+/// drops the receiver with the answer still in it).
+struct InFlight<T: Temp>(Option<T>);
+
+/// A temporary file's path, for [`InFlight`].
+trait Temp {
+    fn temp_path(&self) -> &std::path::Path;
+}
+
+impl Temp for TempFile {
+    fn temp_path(&self) -> &std::path::Path {
+        self.path()
+    }
+}
+
+impl Temp for SyncedTemp {
+    fn temp_path(&self) -> &std::path::Path {
+        &self.path
+    }
+}
+
+impl<T: Temp> InFlight<T> {
+    fn take(mut self) -> T {
+        self.0.take().expect("an InFlight is taken once")
+    }
+}
+
+impl<T: Temp> Drop for InFlight<T> {
+    fn drop(&mut self) {
+        if let Some(t) = self.0.take() {
+            let _ = std::fs::remove_file(t.temp_path());
+        }
     }
 }
 
@@ -559,6 +592,16 @@ mod tests {
                 _ = c.sync() => {}
                 _ = std::future::ready(()) => {}
             }
+        }
+        // Cancelled while the answer waits in its channel: polled once (the
+        // FINISH is queued), the pool answers, then the session is gone.
+        for _ in 0..5 {
+            let mut c = PipedTemp::create(dir.path()).await.unwrap();
+            c.write(chunk(3, 0)).await.unwrap();
+            let mut s = Box::pin(c.sync());
+            assert!(futures_util::poll!(s.as_mut()).is_pending());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            drop(s);
         }
         let gone = async {
             while count() > 0 {
