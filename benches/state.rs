@@ -1,6 +1,6 @@
 //! State-store throughput on a real SQLite file (WAL, synchronous=FULL):
-//! registrations and reservation cycles per second at 1, 16 and 256
-//! concurrent callers, each caller waiting for its operation to be durable
+//! registrations, reservation cycles and file commits per second at 1, 16
+//! and 256 concurrent callers, each caller waiting for its operation to be durable
 //! as the daemon's sessions do.
 //!
 //! Run: `cargo bench --bench state`. Figures go in docs/benchmarks.md.
@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tollgate::config::{Config, CustomerId, Kind};
-use tollgate::state::State;
+use tollgate::state::{PendingCommit, State};
 
 /// Concurrent callers measured.
 const CALLERS: [u64; 3] = [1, 16, 256];
@@ -123,6 +123,45 @@ fn benches(c: &mut Criterion) {
                                 .unwrap()
                                 .unwrap();
                             st.release_reservation(id).await.unwrap();
+                        }
+                    }))
+                })
+            },
+        );
+        // An upload's END on the state side: reserve, the pending row,
+        // the index and usage (`storage::commit` without its files).
+        g.bench_with_input(
+            BenchmarkId::new("commit_file", callers),
+            &callers,
+            |b, &callers| {
+                b.iter_custom(|n| {
+                    let (st, cfg, next) = (st.clone(), cfg.clone(), next.clone());
+                    rt.block_on(spread(n, callers, move |k| {
+                        let (st, cfg) = (st.clone(), cfg.clone());
+                        let f = next.fetch_add(1, Ordering::Relaxed);
+                        async move {
+                            let client = format!("C{k}");
+                            let now = jiff::Timestamp::now();
+                            let r = st
+                                .reserve_space(&cfg, &client, 4096, now)
+                                .await
+                                .unwrap()
+                                .unwrap();
+                            let id = st
+                                .begin_commit(&PendingCommit {
+                                    client,
+                                    path: format!("f{}", f % 64),
+                                    temp_path: format!("/nonexistent/t{f}").into(),
+                                    final_path: "/nonexistent/f".into(),
+                                    size: 4096,
+                                    sha256: "0".repeat(64),
+                                    modified: now,
+                                    reservation: Some(r),
+                                    ..Default::default()
+                                })
+                                .await
+                                .unwrap();
+                            st.commit_file(id).await.unwrap();
                         }
                     }))
                 })

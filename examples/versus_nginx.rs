@@ -95,7 +95,8 @@ fn main() {
 async fn run(a: Uploads, b: Uploads, regs: usize) {
     let dir = tempfile::TempDir::new().unwrap();
     let mut results = Vec::new();
-    let have_nginx = which("nginx").is_some();
+    // `--tollgate-only` skips nginx (to iterate on tollgate alone).
+    let have_nginx = which("nginx").is_some() && !std::env::args().any(|a| a == "--tollgate-only");
     if !have_nginx {
         println!("nginx is not installed: only tollgate is measured");
     }
@@ -107,6 +108,15 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
         }
         let mut r = Results::default();
         for w in ["C", "A", "B"] {
+            // A workload of 0 sessions is skipped.
+            let count = match w {
+                "C" => regs,
+                "A" => a.sessions,
+                _ => b.sessions,
+            };
+            if count == 0 {
+                continue;
+            }
             let run_dir = dir
                 .path()
                 .join(format!("{}-{w}", if nginx { "nginx" } else { "tollgate" }));

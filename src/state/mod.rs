@@ -15,6 +15,7 @@
 
 mod admission;
 pub mod console;
+mod grouped;
 pub mod ledger;
 mod mail;
 pub mod migrate;
@@ -238,6 +239,8 @@ enum Db {
     Sqlite {
         pool: SqlitePool,
         writer: Option<writer::Writer>,
+        /// The writes run in groups (`grouped`), with the writer.
+        groups: Option<grouped::Groups>,
     },
     /// Shared by several nodes (`postgres`).
     Postgres(postgres::Cluster),
@@ -398,15 +401,17 @@ impl State {
             .await?;
         sqlx::migrate!("./migrations").run(&pool).await?;
         let writer = writer::Writer::start(opts, writer::Limits::default()).await?;
+        let ledger: std::sync::Arc<ledger::Ledger> = Default::default();
         Ok(State {
             db: Db::Sqlite {
                 pool,
+                groups: Some(grouped::Groups::start(&writer, &ledger)),
                 writer: Some(writer),
             },
             path: path.to_path_buf(),
             refusals: Default::default(),
             starts: Default::default(),
-            ledger: Default::default(),
+            ledger,
         })
     }
 
@@ -473,7 +478,11 @@ impl State {
             )));
         }
         Ok(State {
-            db: Db::Sqlite { pool, writer: None },
+            db: Db::Sqlite {
+                pool,
+                writer: None,
+                groups: None,
+            },
             path,
             refusals: Default::default(),
             starts: Default::default(),
@@ -497,7 +506,7 @@ impl State {
     /// Commits what is queued, then closes the writer and the readers.
     pub async fn close(&self) {
         match &self.db {
-            Db::Sqlite { pool, writer } => {
+            Db::Sqlite { pool, writer, .. } => {
                 if let Some(w) = writer {
                     w.close().await;
                 }
@@ -522,6 +531,14 @@ impl State {
         match &self.db {
             Db::Postgres(c) => Some(c),
             Db::Sqlite { .. } => None,
+        }
+    }
+
+    /// The grouped writes, on SQLite with a writer.
+    fn groups(&self) -> Option<&grouped::Groups> {
+        match &self.db {
+            Db::Sqlite { groups, .. } => groups.as_ref(),
+            Db::Postgres(_) => None,
         }
     }
 

@@ -517,25 +517,12 @@ impl State {
 
     /// Durably records a commit before its rename; returns its id.
     pub async fn begin_commit(&self, p: &PendingCommit) -> Result<i64, StateError> {
+        if let Some(g) = self.groups() {
+            return g.begin.call(p.clone()).await;
+        }
         super::in_tx!(self, sql, tx => {
             sql::check_hold(&mut tx, p.reservation).await?;
-            let id = sqlx::query_scalar(
-                "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
-            )
-            .bind(&p.client)
-            .bind(&p.path)
-            .bind(p.temp_path.to_string_lossy().as_ref())
-            .bind(p.final_path.to_string_lossy().as_ref())
-            .bind(p.size as i64)
-            .bind(&p.sha256)
-            .bind(secs(p.modified))
-            .bind(p.reservation)
-            .bind(secs(p.modified))
-            .bind(p.mode.map(i64::from))
-            .bind(p.mtime.as_deref())
-            .fetch_one(&mut *tx)
-            .await?;
+            let id = sql::insert_pending(&mut tx, p).await?;
             tx.commit().await?;
             Ok(id)
         })
@@ -565,6 +552,10 @@ impl State {
     /// usage changes by the size difference), consumes the reservation and
     /// deletes the pending record, atomically. Returns the usage change.
     pub async fn commit_file(&self, pending: i64) -> Result<i64, StateError> {
+        if let Some(g) = self.groups() {
+            // The ledger's side is the group's (`grouped`).
+            return g.commit.call(pending).await;
+        }
         let (delta, reservation) = super::in_tx!(self, sql, tx => {
             let r = sql::apply_pending(&mut tx, pending, None).await?;
             tx.commit().await?;

@@ -165,6 +165,31 @@ pub(crate) async fn drop_holds(tx: &mut Conn, client: &str) -> Result<(), StateE
     Ok(())
 }
 
+/// Records a pending commit (`State::begin_commit`); returns its id.
+pub(crate) async fn insert_pending(
+    tx: &mut Conn,
+    p: &crate::state::PendingCommit,
+) -> Result<i64, StateError> {
+    let modified = secs(p.modified);
+    Ok(sqlx::query_scalar(
+        "INSERT INTO pending_commits (client, path, temp_path, final_path, size, sha256, modified, reservation, created_at, mode, mtime)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) RETURNING id",
+    )
+    .bind(&p.client)
+    .bind(&p.path)
+    .bind(p.temp_path.to_string_lossy().as_ref())
+    .bind(p.final_path.to_string_lossy().as_ref())
+    .bind(p.size as i64)
+    .bind(&p.sha256)
+    .bind(modified)
+    .bind(p.reservation)
+    .bind(modified)
+    .bind(p.mode.map(i64::from))
+    .bind(p.mtime.as_deref())
+    .fetch_one(&mut *tx)
+    .await?)
+}
+
 /// The index half of a commit; `actual` overrides the recorded size and
 /// digest when reconcile found a different file in place. Returns the
 /// usage change and the reservation.
