@@ -574,6 +574,8 @@ impl State {
     /// or `None` when it is not there.
     pub async fn delete_file(&self, client: &str, path: &str) -> Result<Option<u64>, StateError> {
         let size = super::in_tx!(self, sql, tx => {
+            // In the order commits take them (`sql::apply_pending`).
+            sql::lock_client_row(&mut tx, client).await?;
             let size: Option<i64> =
                 sqlx::query_scalar("DELETE FROM files WHERE client = $1 AND path = $2 RETURNING size")
                     .bind(client)

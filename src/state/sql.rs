@@ -227,6 +227,10 @@ pub(crate) async fn apply_pending(
         mtime,
     } = p;
     let (size, sha) = actual.unwrap_or((size, sha));
+    // PostgreSQL: commits of one file in parallel transactions would each
+    // read the same old size and count the difference twice. The client's
+    // row is locked first, as every write of its files does.
+    lock_client_row(tx, &client).await?;
     let old: Option<i64> =
         sqlx::query_scalar("SELECT size FROM files WHERE client = $1 AND path = $2")
             .bind(&client)
