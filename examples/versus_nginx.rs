@@ -96,8 +96,11 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
     let dir = tempfile::TempDir::new().unwrap();
     let mut results = Vec::new();
     // `--tollgate-only` skips nginx (to iterate on tollgate alone).
-    let have_nginx = which("nginx").is_some() && !std::env::args().any(|a| a == "--tollgate-only");
-    if !have_nginx {
+    let only = std::env::args().any(|a| a == "--tollgate-only");
+    let have_nginx = !only && which("nginx").is_some();
+    if only {
+        println!("--tollgate-only: nginx is not measured");
+    } else if !have_nginx {
         println!("nginx is not installed: only tollgate is measured");
     }
     // A fresh server for each workload: memory freed by one workload must
