@@ -164,7 +164,14 @@ where
         Ok(l) => l,
         Err(e) => return errors(&e, reqs.len()),
     };
-    let outs = match in_savepoint(&mut lease, async |l| set(l, reqs).await).await {
+    // A lone request runs as itself: the set-based statements pay off
+    // only when shared.
+    let set_outs = if reqs.len() > 1 {
+        in_savepoint(&mut lease, async |l| set(l, reqs).await).await
+    } else {
+        Ok(None)
+    };
+    let outs = match set_outs {
         Ok(Some(outs)) if outs.len() == reqs.len() => outs.into_iter().map(Ok).collect(),
         // Not for the set-based statements: one at a time.
         _ => {
