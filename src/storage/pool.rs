@@ -200,8 +200,15 @@ impl Pool {
         if !s.scheduled {
             s.scheduled = true;
             drop(s);
-            lock(&self.queue).push(slot.clone());
-            self.wake.notify_one();
+            let mut q = lock(&self.queue);
+            q.push(slot.clone());
+            // A device at its share of threads gets no thread woken: one
+            // of its own takes the upload when done.
+            let room = q.devices[&slot.dev].busy < self.per_device;
+            drop(q);
+            if room {
+                self.wake.notify_one();
+            }
         }
     }
 
@@ -319,9 +326,18 @@ impl Pool {
                     q.devices.remove(&dev);
                 }
             }
+            // This thread takes the next upload itself; a waiter is woken
+            // only for more than that. (Waking them all after every run
+            // was a futex wake, most often for nothing, per 64 KiB.)
+            let runnable: usize = q
+                .devices
+                .values()
+                .map(|l| l.ready.len().min(self.per_device.saturating_sub(l.busy)))
+                .sum();
             drop(q);
-            // A thread of this device is free: any waiter may now run.
-            self.wake.notify_all();
+            if runnable > 1 {
+                self.wake.notify_one();
+            }
         }
     }
 }
