@@ -63,6 +63,20 @@ struct Slot {
     inner: Mutex<SlotInner>,
 }
 
+impl Slot {
+    fn new(dev: u64) -> Arc<Slot> {
+        Arc::new(Slot {
+            dev,
+            inner: Mutex::new(SlotInner {
+                temp: None,
+                ops: VecDeque::new(),
+                scheduled: false,
+                failed: None,
+            }),
+        })
+    }
+}
+
 struct SlotInner {
     /// None while a pool thread works on it, or once synced or discarded.
     temp: Option<TempFile>,
@@ -100,6 +114,13 @@ struct Line {
     ready: VecDeque<(u64, Arc<Slot>)>,
     /// Threads busy on this device.
     busy: usize,
+}
+
+impl Line {
+    /// Threads this device may still take.
+    fn room(&self, per_device: usize) -> usize {
+        per_device.saturating_sub(self.busy)
+    }
 }
 
 impl Queue {
@@ -204,7 +225,7 @@ impl Pool {
             q.push(slot.clone());
             // A device at its share of threads gets no thread woken: one
             // of its own takes the upload when done.
-            let room = q.devices[&slot.dev].busy < self.per_device;
+            let room = q.devices[&slot.dev].room(self.per_device) > 0;
             drop(q);
             if room {
                 self.wake.notify_one();
@@ -219,7 +240,7 @@ impl Pool {
             let first = q
                 .devices
                 .iter()
-                .filter(|(_, l)| l.busy < self.per_device)
+                .filter(|(_, l)| l.room(self.per_device) > 0)
                 .filter_map(|(dev, l)| l.ready.front().map(|(n, _)| (*n, *dev)))
                 .min();
             if let Some((_, dev)) = first {
@@ -332,7 +353,7 @@ impl Pool {
             let runnable: usize = q
                 .devices
                 .values()
-                .map(|l| l.ready.len().min(self.per_device.saturating_sub(l.busy)))
+                .map(|l| l.ready.len().min(l.room(self.per_device)))
                 .sum();
             drop(q);
             if runnable > 1 {
@@ -366,15 +387,7 @@ impl PipedTemp {
     /// As [`PipedTemp::create`], with the device given.
     async fn create_on(dir: &Path, dev: u64) -> io::Result<PipedTemp> {
         let mut t = PipedTemp {
-            slot: Arc::new(Slot {
-                dev,
-                inner: Mutex::new(SlotInner {
-                    temp: None,
-                    ops: VecDeque::new(),
-                    scheduled: false,
-                    failed: None,
-                }),
-            }),
+            slot: Slot::new(dev),
             room: Arc::new(Semaphore::new(PIPE_DEPTH)),
             queued: 0,
             done: false,
@@ -518,18 +531,6 @@ mod tests {
         }
     }
 
-    fn slot(dev: u64) -> Arc<Slot> {
-        Arc::new(Slot {
-            dev,
-            inner: Mutex::new(SlotInner {
-                temp: None,
-                ops: VecDeque::new(),
-                scheduled: true,
-                failed: None,
-            }),
-        })
-    }
-
     /// A thread takes the oldest upload among devices with a thread to
     /// spare, and never one of a device at its share.
     #[test]
@@ -539,7 +540,7 @@ mod tests {
             wake: Condvar::new(),
             per_device: 2,
         };
-        let (a1, a2, a3, b1) = (slot(1), slot(1), slot(1), slot(2));
+        let (a1, a2, a3, b1) = (Slot::new(1), Slot::new(1), Slot::new(1), Slot::new(2));
         for s in [&a1, &a2, &b1, &a3] {
             lock(&pool.queue).push(s.clone());
         }
