@@ -54,6 +54,9 @@ enum Op {
     Finish(oneshot::Sender<io::Result<InFlight<TempFile>>>),
     /// Remove the file (a failed or abandoned upload).
     Discard(Option<oneshot::Sender<()>>),
+    /// Panic on the pool thread (a bug, in tests).
+    #[cfg(test)]
+    Panic,
 }
 
 /// One upload's file and queue.
@@ -256,109 +259,139 @@ impl Pool {
     fn work(&self) {
         loop {
             let slot = self.next();
-            let (mut temp, ops, mut failed) = {
-                let mut s = lock(&slot.inner);
-                let n = s.ops.len().min(RUN);
-                (
-                    s.temp.take(),
-                    s.ops.drain(..n).collect::<Vec<_>>(),
-                    s.failed.clone(),
-                )
-            };
-            // The file I/O runs without the slot's lock: the session may
-            // queue more meanwhile.
-            for op in ops {
-                match op {
-                    Op::Create(dir, reply) => {
-                        let r = TempFile::create(&dir).map(|t| temp = Some(t));
-                        if let Err(e) = &r {
-                            failed = Some((e.kind(), e.to_string()));
-                        }
-                        let _ = reply.send(r);
+            // A panic in one upload's file work must cost that upload, not
+            // the pool: the thread lives on, the device's share is given
+            // back, and the upload's callers get an error instead of
+            // waiting for a run that never comes.
+            let again = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run(&slot)))
+                .unwrap_or_else(|_| {
+                    tracing::error!(
+                        "a writer pool thread panicked; the upload it was writing fails"
+                    );
+                    let mut s = lock(&slot.inner);
+                    s.failed = Some((
+                        io::ErrorKind::Other,
+                        "the writer pool failed on this upload".into(),
+                    ));
+                    // Their reply senders go: each waiter sees an error.
+                    s.ops.clear();
+                    s.scheduled = false;
+                    false
+                });
+            self.done_with(slot, again);
+        }
+    }
+
+    /// Runs up to [`RUN`] of the upload's queued operations; whether more
+    /// are queued (the upload is scheduled again).
+    fn run(&self, slot: &Arc<Slot>) -> bool {
+        let (mut temp, ops, mut failed) = {
+            let mut s = lock(&slot.inner);
+            let n = s.ops.len().min(RUN);
+            (
+                s.temp.take(),
+                s.ops.drain(..n).collect::<Vec<_>>(),
+                s.failed.clone(),
+            )
+        };
+        // The file I/O runs without the slot's lock: the session may
+        // queue more meanwhile.
+        for op in ops {
+            match op {
+                Op::Create(dir, reply) => {
+                    let r = TempFile::create(&dir).map(|t| temp = Some(t));
+                    if let Err(e) = &r {
+                        failed = Some((e.kind(), e.to_string()));
                     }
-                    Op::Write(b, permit) => {
-                        if failed.is_none()
-                            && let Some(t) = temp.as_mut()
-                            && let Err(e) = t.write(&b)
-                        {
-                            failed = Some((e.kind(), e.to_string()));
-                            if let Some(t) = temp.take() {
-                                t.discard();
-                            }
-                        }
-                        drop(permit);
-                    }
-                    Op::Finish(reply) => {
-                        let r = match (&failed, temp.take()) {
-                            (Some((k, m)), t) => {
-                                if let Some(t) = t {
-                                    t.discard();
-                                }
-                                Err(io::Error::new(*k, m.clone()))
-                            }
-                            (None, Some(t)) => Ok(InFlight(Some(t))),
-                            (None, None) => Err(io::Error::other("the upload is gone")),
-                        };
-                        // Nobody waits any more (the session ended): the
-                        // file is nobody's, and InFlight removes it.
-                        let _ = reply.send(r);
-                    }
-                    Op::Discard(reply) => {
+                    let _ = reply.send(r);
+                }
+                Op::Write(b, permit) => {
+                    if failed.is_none()
+                        && let Some(t) = temp.as_mut()
+                        && let Err(e) = t.write(&b)
+                    {
+                        failed = Some((e.kind(), e.to_string()));
                         if let Some(t) = temp.take() {
                             t.discard();
                         }
-                        if let Some(r) = reply {
-                            let _ = r.send(());
+                    }
+                    drop(permit);
+                }
+                Op::Finish(reply) => {
+                    let r = match (&failed, temp.take()) {
+                        (Some((k, m)), t) => {
+                            if let Some(t) = t {
+                                t.discard();
+                            }
+                            Err(io::Error::new(*k, m.clone()))
                         }
+                        (None, Some(t)) => Ok(InFlight(Some(t))),
+                        (None, None) => Err(io::Error::other("the upload is gone")),
+                    };
+                    // Nobody waits any more (the session ended): the
+                    // file is nobody's, and InFlight removes it.
+                    let _ = reply.send(r);
+                }
+                Op::Discard(reply) => {
+                    if let Some(t) = temp.take() {
+                        t.discard();
+                    }
+                    if let Some(r) = reply {
+                        let _ = r.send(());
                     }
                 }
+                #[cfg(test)]
+                Op::Panic => panic!("a test made a writer pool thread panic"),
             }
-            // Past the open-file budget an idle upload's file is closed
-            // (after an fsync: outside the slot's lock, which the session
-            // takes to queue).
-            let idle = lock(&slot.inner).ops.is_empty();
-            if idle
-                && failed.is_none()
-                && let Some(t) = temp.as_mut()
-                && let Err(e) = t.park_if_over_budget()
-            {
-                failed = Some((e.kind(), e.to_string()));
-                if let Some(t) = temp.take() {
-                    t.discard();
-                }
+        }
+        // Past the open-file budget an idle upload's file is closed
+        // (after an fsync: outside the slot's lock, which the session
+        // takes to queue).
+        let idle = lock(&slot.inner).ops.is_empty();
+        if idle
+            && failed.is_none()
+            && let Some(t) = temp.as_mut()
+            && let Err(e) = t.park_if_over_budget()
+        {
+            failed = Some((e.kind(), e.to_string()));
+            if let Some(t) = temp.take() {
+                t.discard();
             }
-            let again = {
-                let mut s = lock(&slot.inner);
-                s.temp = temp;
-                s.failed = failed;
-                // More came meanwhile: back of the line, so one busy
-                // upload cannot keep a thread to itself.
-                s.scheduled = !s.ops.is_empty();
-                s.scheduled
-            };
-            let mut q = lock(&self.queue);
-            let dev = slot.dev;
-            if again {
-                q.push(slot);
+        }
+        let mut s = lock(&slot.inner);
+        s.temp = temp;
+        s.failed = failed;
+        // More came meanwhile: back of the line, so one busy
+        // upload cannot keep a thread to itself.
+        s.scheduled = !s.ops.is_empty();
+        s.scheduled
+    }
+
+    /// Gives back the thread `slot`'s device lent, and queues the upload
+    /// again if it has more to do.
+    fn done_with(&self, slot: Arc<Slot>, again: bool) {
+        let mut q = lock(&self.queue);
+        let dev = slot.dev;
+        if again {
+            q.push(slot);
+        }
+        if let Some(line) = q.devices.get_mut(&dev) {
+            line.busy = line.busy.saturating_sub(1);
+            if line.busy == 0 && line.ready.is_empty() {
+                q.devices.remove(&dev);
             }
-            if let Some(line) = q.devices.get_mut(&dev) {
-                line.busy = line.busy.saturating_sub(1);
-                if line.busy == 0 && line.ready.is_empty() {
-                    q.devices.remove(&dev);
-                }
-            }
-            // This thread takes the next upload itself; a waiter is woken
-            // only for more than that. (Waking them all after every run
-            // was a futex wake, most often for nothing, per 64 KiB.)
-            let runnable: usize = q
-                .devices
-                .values()
-                .map(|l| l.ready.len().min(l.room(self.per_device)))
-                .sum();
-            drop(q);
-            if runnable > 1 {
-                self.wake.notify_one();
-            }
+        }
+        // This thread takes the next upload itself; a waiter is woken
+        // only for more than that. (Waking them all after every run
+        // was a futex wake, most often for nothing, per 64 KiB.)
+        let runnable: usize = q
+            .devices
+            .values()
+            .map(|l| l.ready.len().min(l.room(self.per_device)))
+            .sum();
+        drop(q);
+        if runnable > 1 {
+            self.wake.notify_one();
         }
     }
 }
@@ -557,6 +590,61 @@ mod tests {
                 .values()
                 .all(|l| l.ready.is_empty())
         );
+    }
+
+    /// A panic in one upload's file work fails that upload's callers and
+    /// costs the pool nothing. Twice as many panics as it has threads: had
+    /// a panic killed its thread or kept the device's share of threads,
+    /// the later uploads would never be answered.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_panic_fails_its_upload_and_the_pool_lives_on() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let pool = new_pool();
+        spawn_threads(&pool).unwrap();
+        async fn within<T>(
+            what: &str,
+            rx: oneshot::Receiver<T>,
+        ) -> Result<T, oneshot::error::RecvError> {
+            tokio::time::timeout(Duration::from_secs(60), rx)
+                .await
+                .unwrap_or_else(|_| panic!("{what} was never answered"))
+        }
+        for _ in 0..2 * pool_threads() {
+            let slot = Slot::new(7);
+            let (created, rx_created) = oneshot::channel();
+            pool.push(&slot, Op::Create(dir.path().to_owned(), created));
+            pool.push(&slot, Op::Panic);
+            let (finished, rx_finished) = oneshot::channel();
+            pool.push(&slot, Op::Finish(finished));
+            within("a create", rx_created).await.unwrap().unwrap();
+            match within("the finish", rx_finished).await {
+                Err(_) | Ok(Err(_)) => {}
+                Ok(Ok(_)) => panic!("an upload whose thread panicked finished"),
+            }
+        }
+        // The one after: a whole upload, on every thread's share.
+        let slot = Slot::new(7);
+        let (created, rx_created) = oneshot::channel();
+        pool.push(&slot, Op::Create(dir.path().to_owned(), created));
+        let permit = Arc::new(Semaphore::new(1)).acquire_owned().await.unwrap();
+        pool.push(&slot, Op::Write(chunk(0, 0), permit));
+        let (finished, rx_finished) = oneshot::channel();
+        pool.push(&slot, Op::Finish(finished));
+        within("a create", rx_created).await.unwrap().unwrap();
+        let t = within("the finish", rx_finished)
+            .await
+            .unwrap()
+            .unwrap()
+            .take();
+        assert_eq!(t.size(), chunk(0, 0).len() as u64);
+        t.discard();
+        loop {
+            let busy = lock(&pool.queue).devices.get(&7).map_or(0, |l| l.busy);
+            if busy == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
     }
 
     fn chunk(upload: usize, i: usize) -> Bytes {
