@@ -14,7 +14,7 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::{Arc, OnceLock};
 use tokio::net::TcpListener;
 use tracing::warn;
@@ -70,6 +70,16 @@ pub const SPACE_RESERVED: &str = "tollgate_reserved_bytes";
 /// (PostgreSQL).
 pub const CLUSTER_HEARTBEAT_FAILED: &str = "tollgate_cluster_heartbeat_failed_total";
 
+/// Histogram: seconds from an upload's END to its STORED: the file's
+/// fsync, its pending row, the rename and the index row.
+pub const COMMIT_SECONDS: &str = "tollgate_upload_commit_seconds";
+/// Buckets of [`COMMIT_SECONDS`] (buckets, not a summary: they add up
+/// across the nodes of a cluster). A commit takes milliseconds on an idle
+/// disk and can take seconds behind thousands of uploads ending together.
+const COMMIT_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
 static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 
@@ -77,9 +87,14 @@ static PROCESS: OnceLock<metrics_process::Collector> = OnceLock::new();
 pub fn install() -> PrometheusHandle {
     HANDLE
         .get_or_init(|| {
-            let h = PrometheusBuilder::new()
+            let builder = || {
+                PrometheusBuilder::new()
+                    .set_buckets_for_metric(Matcher::Full(COMMIT_SECONDS.into()), COMMIT_BUCKETS)
+                    .expect("the commit buckets are not empty")
+            };
+            let h = builder()
                 .install_recorder()
-                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder().handle());
+                .unwrap_or_else(|_| builder().build_recorder().handle());
             describe();
             zero();
             PROCESS
@@ -91,7 +106,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 fn describe() {
-    use metrics::{describe_counter, describe_gauge};
+    use metrics::{describe_counter, describe_gauge, describe_histogram};
     describe_counter!(CONNECTIONS, "TCP connections accepted");
     describe_counter!(ADMISSIONS, "Admission decisions by result code");
     describe_gauge!(ACTIVE_SESSIONS, "Sessions admitted and not yet ended");
@@ -116,6 +131,11 @@ fn describe() {
         "Upload temporary files open now (past the open-file budget they are closed between writes)"
     );
     describe_gauge!(SPACE_RESERVED, "Bytes reserved by uploads in flight now");
+    describe_histogram!(
+        COMMIT_SECONDS,
+        metrics::Unit::Seconds,
+        "Seconds from an upload's END to its STORED"
+    );
     describe_counter!(
         CLUSTER_HEARTBEAT_FAILED,
         "Heartbeats of this node that did not reach the PostgreSQL state"

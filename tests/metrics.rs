@@ -201,6 +201,17 @@ async fn metrics_parse_and_count_admissions() {
         Some(2.0)
     );
     assert_eq!(v("tollgate_connections_total", &[]), Some(5.0));
+    // The one upload's END to STORED, in the commit histogram's buckets.
+    assert_eq!(v("tollgate_upload_commit_seconds_count", &[]), Some(1.0));
+    assert_eq!(
+        v("tollgate_upload_commit_seconds_bucket", &[("le", "+Inf")]),
+        Some(1.0),
+        "{text}"
+    );
+    assert!(
+        v("tollgate_upload_commit_seconds_sum", &[]).is_some_and(|s| s > 0.0),
+        "{text}"
+    );
     assert_eq!(v("tollgate_bytes_received_total", &[]), Some(300_000.0));
     assert_eq!(
         v("tollgate_mcal_pool_available", &[]),

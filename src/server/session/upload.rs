@@ -154,6 +154,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
             )));
         }
         let reservation = up.reservation;
+        let ended = std::time::Instant::now();
         let synced = match up.temp.sync().await {
             Ok(s) => s,
             Err(e) => {
@@ -217,6 +218,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Session<S> {
         match r {
             Ok(_) => {
                 self.stats.files_ok += 1;
+                metrics::histogram!(crate::metrics::COMMIT_SECONDS)
+                    .record(ended.elapsed().as_secs_f64());
                 self.send(Frame::json(Kind::Stored, &info)).await
             }
             Err(storage::CommitError::Io(e)) => {
