@@ -289,7 +289,7 @@ impl Pool {
             let mut s = lock(&slot.inner);
             let n = s.ops.len().min(RUN);
             (
-                s.temp.take(),
+                Held(s.temp.take()),
                 s.ops.drain(..n).collect::<Vec<_>>(),
                 s.failed.clone(),
             )
@@ -299,7 +299,7 @@ impl Pool {
         for op in ops {
             match op {
                 Op::Create(dir, reply) => {
-                    let r = TempFile::create(&dir).map(|t| temp = Some(t));
+                    let r = TempFile::create(&dir).map(|t| *temp = Some(t));
                     if let Err(e) = &r {
                         failed = Some((e.kind(), e.to_string()));
                     }
@@ -359,7 +359,7 @@ impl Pool {
             }
         }
         let mut s = lock(&slot.inner);
-        s.temp = temp;
+        s.temp = temp.take();
         s.failed = failed;
         // More came meanwhile: back of the line, so one busy
         // upload cannot keep a thread to itself.
@@ -392,6 +392,34 @@ impl Pool {
         drop(q);
         if runnable > 1 {
             self.wake.notify_one();
+        }
+    }
+}
+
+/// An upload's file while a pool thread works on it: removed if that work
+/// panics, since the upload is failed then and nothing else would remove
+/// it before the next start's sweep.
+struct Held(Option<TempFile>);
+
+impl std::ops::Deref for Held {
+    type Target = Option<TempFile>;
+    fn deref(&self) -> &Option<TempFile> {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Held {
+    fn deref_mut(&mut self) -> &mut Option<TempFile> {
+        &mut self.0
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if std::thread::panicking()
+            && let Some(t) = self.0.take()
+        {
+            t.discard();
         }
     }
 }
@@ -621,6 +649,20 @@ mod tests {
                 Err(_) | Ok(Err(_)) => {}
                 Ok(Ok(_)) => panic!("an upload whose thread panicked finished"),
             }
+        }
+        // A failed upload leaves no file behind (removed as the panic
+        // unwinds, which may be just after its callers were answered).
+        let start = std::time::Instant::now();
+        loop {
+            let left: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().collect();
+            if left.is_empty() {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(30),
+                "files left after the panics: {left:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // The one after: a whole upload, on every thread's share.
         let slot = Slot::new(7);
