@@ -1184,6 +1184,43 @@ async fn registrations_per_minute_hold_under_concurrency() {
 }
 
 on_both! {
+/// The minute slides: with registrations spread over it, the refusal's
+/// `retry_after` is when the `registrations_per_minute`-th newest leaves
+/// it, and one leaving makes room for exactly one.
+#[tokio::test]
+async fn the_registration_window_slides() {
+    let dir = fixture!();
+    let cfg = config(
+        &dir,
+        "[server.limits]\nregistrations_per_minute = 3\n[default_customer]\nauto_add_clients = true\n",
+    );
+    let st = open(dir.path(), &cfg).await;
+    let t0 = at("2026-11-25T12:00:00Z").as_second();
+    let at_s = |s: i64| jiff::Timestamp::from_second(t0 + s).unwrap();
+    let admit = |id: &'static str, s: i64| {
+        let (st, cfg) = (&st, &cfg);
+        async move {
+            match st.admit(cfg, &hello(id, None), None, at_s(s), false, false).await.unwrap() {
+                AdmitOutcome::Admitted { .. } => None,
+                AdmitOutcome::Rejected(r) => {
+                    assert_eq!(r.code, RejectCode::RateLimited, "{id}");
+                    Some(r.retry_after.unwrap())
+                }
+            }
+        }
+    };
+    for (id, s) in [("W0", 0), ("W10", 10), ("W20", 20)] {
+        assert_eq!(admit(id, s).await, None, "{id} fits");
+    }
+    assert_eq!(admit("X50", 50).await, Some(10), "W0 leaves at 60");
+    assert_eq!(admit("W61", 61).await, None, "W0 has left");
+    assert_eq!(admit("X62", 62).await, Some(8), "W10 leaves at 70");
+    assert_eq!(admit("W70", 70).await, None, "W10 has left");
+    assert_eq!(admit("X71", 71).await, Some(9), "W20 leaves at 80");
+}
+}
+
+on_both! {
 /// Client ids are unique without regard to case: registering `pc-1` next
 /// to `PC-1` is refused, and nothing is half-registered.
 #[tokio::test]

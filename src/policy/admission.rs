@@ -238,9 +238,13 @@ pub struct Snapshot {
     /// HELLO's enroll key, checked against the hash of the customer
     /// [`enroll_key_target`] names.
     pub enroll: Option<EnrollVerdict>,
-    /// Registration times (Unix seconds) of the target customer's clients
-    /// within the last [`REGISTRATION_WINDOW_SECS`], oldest first.
-    pub recent_registrations: Vec<i64>,
+    /// The registration time (Unix seconds) of the target customer's
+    /// `registrations_per_minute`-th newest client, if it has that many
+    /// registered within the last [`REGISTRATION_WINDOW_SECS`]. Only that
+    /// one is read: reading them all made each admission cost as many
+    /// rows as the customer took in the last minute (quadratic in a
+    /// mass enrolment under a raised limit).
+    pub nth_recent_registration: Option<i64>,
 }
 
 /// What admission decided about identity.
@@ -435,25 +439,21 @@ fn readmit_matches(record: &ClientRecord, h: &Hello, at: Timestamp) -> bool {
     }
 }
 
-/// The `rate_limited` refusal when `recent` registrations (oldest first)
-/// leave no room for one more within the window at `at`.
+/// The `rate_limited` refusal when the customer already took `per_minute`
+/// new clients within the window at `at`: `nth_newest` is the time of the
+/// `per_minute`-th newest registration, if there are that many
+/// ([`Snapshot::nth_recent_registration`]).
 pub fn registration_rate(
     per_minute: u32,
-    recent: &[i64],
+    nth_newest: Option<i64>,
     at: Timestamp,
     customer: &str,
 ) -> Result<(), Rejection> {
     let now = at.as_second();
-    let in_window: Vec<i64> = recent
-        .iter()
-        .copied()
-        .filter(|t| now - t < REGISTRATION_WINDOW_SECS)
-        .collect();
-    if in_window.len() < per_minute as usize {
+    let Some(oldest) = nth_newest.filter(|t| now - t < REGISTRATION_WINDOW_SECS) else {
         return Ok(());
-    }
+    };
     // The slot frees when the registration `per_minute` back leaves the window.
-    let oldest = in_window[in_window.len() - per_minute as usize];
     let retry = (oldest + REGISTRATION_WINDOW_SECS - now).max(1) as u64;
     Err(Rejection {
         code: RejectCode::RateLimited,
@@ -552,7 +552,7 @@ pub fn admit(
             check_enroll_key(customer, cust, h, snap.enroll)?;
             registration_rate(
                 cfg.server.limits.registrations_per_minute,
-                &snap.recent_registrations,
+                snap.nth_recent_registration,
                 at,
                 &cust.name,
             )?;
@@ -581,7 +581,7 @@ pub fn admit(
             }
             registration_rate(
                 cfg.server.limits.registrations_per_minute,
-                &snap.recent_registrations,
+                snap.nth_recent_registration,
                 at,
                 &cust.name,
             )?;

@@ -125,7 +125,7 @@ impl State {
             Ok(customer) => {
                 let month = Month::of(at, &cfg.server.timezone);
                 let since = secs(at) - REGISTRATION_WINDOW_SECS;
-                let (usage, mcal, customer_clients, recent_registrations) = admission_reads(
+                let (usage, mcal, customer_clients, nth_recent_registration) = admission_reads(
                     &mut tx,
                     &self.ledger,
                     cfg,
@@ -143,7 +143,7 @@ impl State {
                     connections_full,
                     shutting_down,
                     enroll,
-                    recent_registrations,
+                    nth_recent_registration,
                 };
                 admission::admit(cfg, hello, &snap, at)
             }

@@ -349,8 +349,9 @@ fn reseller_members(cfg: &Config, customer: CustomerId) -> Vec<&str> {
 /// (each statement is a round trip to SQLite's thread, and admissions run
 /// one at a time on the writer, issue 13): usage at every level, the MCAL
 /// debits, the client slots taken (counted up to `max_clients`, as
-/// [`slot_count`]) and the customer's registration times since `since`,
-/// oldest first.
+/// [`slot_count`]) and the time of the customer's
+/// `registrations_per_minute`-th newest registration after `since`
+/// ([`crate::policy::admission::Snapshot::nth_recent_registration`]).
 pub(super) async fn admission_reads(
     tx: &mut Conn,
     ledger: &Ledger,
@@ -359,7 +360,7 @@ pub(super) async fn admission_reads(
     customer: CustomerId,
     month: Month,
     since: i64,
-) -> Result<(LevelUsage, McalState, u32, Vec<i64>), StateError> {
+) -> Result<(LevelUsage, McalState, u32, Option<i64>), StateError> {
     let cust = cfg.customer(customer);
     let reseller = cust.reseller.map(|r| cfg.reseller(r));
     let members = reseller_members(cfg, customer);
@@ -373,9 +374,9 @@ pub(super) async fn admission_reads(
            COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0),
            (SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = ?2
               AND (secret_sha256 IS NOT NULL OR declared = 1) LIMIT ?6)),
-           COALESCE((SELECT group_concat(registered_at) FROM (SELECT registered_at FROM clients
-              WHERE customer = ?2 AND registered_at > ?5 ORDER BY registered_at)), '')",
-        committed_columns(members.len(), 7)
+           (SELECT registered_at FROM clients WHERE customer = ?2 AND registered_at > ?5
+              ORDER BY registered_at DESC LIMIT 1 OFFSET ?7)",
+        committed_columns(members.len(), 8)
     );
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(client)
@@ -383,7 +384,8 @@ pub(super) async fn admission_reads(
         .bind(month.to_string())
         .bind(reseller.map(|r| r.name.as_str()))
         .bind(since)
-        .bind(i64::from(cust.max_clients.unwrap_or(0)));
+        .bind(i64::from(cust.max_clients.unwrap_or(0)))
+        .bind(i64::from(cfg.server.limits.registrations_per_minute.max(1)) - 1);
     for m in &members {
         q = q.bind(*m);
     }
@@ -397,12 +399,7 @@ pub(super) async fn admission_reads(
         global_total: n(7),
     };
     let slots = n(8) as u32;
-    let recent = row
-        .get::<String, _>(9)
-        .split(',')
-        .filter_map(|t| t.parse().ok())
-        .collect();
-    Ok((usage, mcal, slots, recent))
+    Ok((usage, mcal, slots, row.get::<Option<i64>, _>(9)))
 }
 
 impl State {

@@ -277,7 +277,7 @@ fn reject_cases() -> Vec<(&'static str, Edit, RejectCode)> {
             "sixty registrations in the last minute",
             |_, h, s| {
                 h.customer = Some("Open".into());
-                s.recent_registrations = vec![at().as_second() - 30; 60]
+                s.nth_recent_registration = Some(at().as_second() - 30)
             },
             RateLimited,
         ),
@@ -647,22 +647,21 @@ fn readmission() {
 fn registration_rate_table() {
     let t: Timestamp = "2026-11-25T12:00:00Z".parse().unwrap();
     let now = t.as_second();
-    let cases: &[(u32, &[i64], Option<u64>)] = &[
-        (2, &[], None),
-        (2, &[now - 10], None),
-        (2, &[now - 50, now - 10], Some(10)),
-        (2, &[now - 70, now - 50, now - 10], Some(10)),
-        (2, &[now - 60, now - 10], None),
-        (1, &[now], Some(60)),
-        (3, &[now - 59, now - 30, now - 1], Some(1)),
+    // (the `per_minute`-th newest registration, if that many, → retry_after)
+    let cases: &[(Option<i64>, Option<u64>)] = &[
+        (None, None),
+        (Some(now - 50), Some(10)),
+        (Some(now - 60), None),
+        (Some(now - 70), None),
+        (Some(now), Some(60)),
+        (Some(now - 59), Some(1)),
+        // Registered "after" now (the clock stepped back): the window still
+        // ends a minute after that registration.
+        (Some(now + 30), Some(90)),
     ];
-    for (per_minute, recent, want) in cases {
-        let got = registration_rate(*per_minute, recent, t, "C").err();
-        assert_eq!(
-            got.as_ref().and_then(|r| r.retry_after),
-            *want,
-            "{per_minute} {recent:?}"
-        );
+    for (nth, want) in cases {
+        let got = registration_rate(2, *nth, t, "C").err();
+        assert_eq!(got.as_ref().and_then(|r| r.retry_after), *want, "{nth:?}");
         if let Some(r) = got {
             assert_eq!(r.code, RejectCode::RateLimited);
         }

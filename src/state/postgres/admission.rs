@@ -263,13 +263,14 @@ impl Cluster {
                COALESCE((SELECT total FROM mcal_totals WHERE scope = 'global' AND name = ''), 0),
                (SELECT COUNT(*) FROM (SELECT 1 FROM clients WHERE customer = $1
                   AND (secret_sha256 IS NOT NULL OR declared <> 0) LIMIT $3) s),
-               ARRAY(SELECT registered_at FROM clients
-                  WHERE customer = $1 AND registered_at > $4 ORDER BY registered_at)",
+               (SELECT registered_at FROM clients WHERE customer = $1 AND registered_at > $4
+                  ORDER BY registered_at DESC LIMIT 1 OFFSET $5)",
         )
         .bind(&cust.name)
         .bind(reseller.map(|r| r.name.as_str()))
         .bind(i64::from(cust.max_clients.unwrap_or(0)))
         .bind(since)
+        .bind(i64::from(cfg.server.limits.registrations_per_minute.max(1)) - 1)
         .fetch_one(&mut *tx)
         .await?;
         let n =
@@ -281,14 +282,14 @@ impl Cluster {
             global_total: n(2)?,
         };
         let customer_clients = n(3)? as u32;
-        let recent_registrations: Vec<Option<i64>> = row.try_get(4)?;
+        let nth_recent_registration: Option<i64> = row.try_get(4)?;
         let usage = level_usage(&mut *tx, cfg, client_id, customer).await?;
         Ok(Snapshot {
             client: rec,
             customer_clients,
             mcal,
             usage,
-            recent_registrations: recent_registrations.into_iter().flatten().collect(),
+            nth_recent_registration,
             ..Snapshot::default()
         })
     }
