@@ -407,35 +407,51 @@ mod tests {
         }
     }
 
-    /// Moves every pending TLS record between the two ends until neither
-    /// has anything to send.
-    fn pump(c: &mut rustls::ClientConnection, s: &mut rustls::ServerConnection) {
-        loop {
-            let mut moved = false;
-            let mut buf = Vec::new();
-            while c.wants_write() {
-                c.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                moved = true;
-                s.read_tls(&mut rd).unwrap();
-                s.process_new_packets().unwrap();
-            }
-            let mut buf = Vec::new();
-            while s.wants_write() {
-                s.write_tls(&mut buf).unwrap();
-            }
-            let mut rd = &buf[..];
-            while !rd.is_empty() {
-                moved = true;
-                c.read_tls(&mut rd).unwrap();
-                c.process_new_packets().unwrap();
-            }
-            if !moved {
-                return;
-            }
+    /// Moves what `from` has to send into `to`; whether anything moved.
+    fn flow<A, B>(
+        from: &mut rustls::ConnectionCommon<A>,
+        to: &mut rustls::ConnectionCommon<B>,
+    ) -> bool {
+        let mut buf = Vec::new();
+        while from.wants_write() {
+            from.write_tls(&mut buf).unwrap();
         }
+        let mut rd = &buf[..];
+        while !rd.is_empty() {
+            to.read_tls(&mut rd).unwrap();
+            to.process_new_packets().unwrap();
+        }
+        !buf.is_empty()
+    }
+
+    /// A client of the backup listener and its server end, handshaken:
+    /// records move both ways until neither has anything to send.
+    fn connect(
+        client: Arc<rustls::ClientConfig>,
+        server: Arc<rustls::ServerConfig>,
+    ) -> (rustls::ClientConnection, rustls::ServerConnection) {
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name).unwrap();
+        let mut s = rustls::ServerConnection::new(server).unwrap();
+        while flow(&mut c, &mut s) | flow(&mut s, &mut c) {}
+        assert!(!c.is_handshaking() && !s.is_handshaking());
+        (c, s)
+    }
+
+    /// A client pinned to the server, with `provider`'s suites.
+    fn pinned(
+        provider: rustls::crypto::CryptoProvider,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+        pin: &str,
+    ) -> rustls::ClientConfig {
+        let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(provider))
+            .with_protocol_versions(versions)
+            .unwrap()
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(PinVerifier::new(pin)))
+            .with_no_client_auth();
+        c.alpn_protocols = vec![ALPN.to_vec()];
+        c
     }
 
     /// The suite a client gets from the backup listener, and the TLS 1.3
@@ -446,18 +462,11 @@ mod tests {
     ) -> (rustls::CipherSuite, usize) {
         let tickets = Arc::new(Tickets::default());
         client.resumption = rustls::client::Resumption::store(tickets.clone());
-        let mut c = rustls::ClientConnection::new(
-            Arc::new(client),
-            ServerName::try_from("localhost").unwrap(),
-        )
-        .unwrap();
-        let mut s = rustls::ServerConnection::new(server).unwrap();
-        pump(&mut c, &mut s);
-        assert!(!c.is_handshaking() && !s.is_handshaking());
+        let (mut c, mut s) = connect(Arc::new(client), server);
         // Tickets follow the handshake: data both ways flushes them out.
         c.writer().write_all(b"ping").unwrap();
         s.writer().write_all(b"pong").unwrap();
-        pump(&mut c, &mut s);
+        while flow(&mut c, &mut s) | flow(&mut s, &mut c) {}
         let mut got = [0u8; 4];
         std::io::Read::read_exact(&mut c.reader(), &mut got).unwrap();
         assert_eq!(&got, b"pong");
@@ -485,14 +494,7 @@ mod tests {
         let stock = |first: Option<rustls::CipherSuite>| {
             let mut p = rustls::crypto::aws_lc_rs::default_provider();
             p.cipher_suites.sort_by_key(|s| Some(s.suite()) != first);
-            let mut c = rustls::ClientConfig::builder_with_provider(Arc::new(p))
-                .with_safe_default_protocol_versions()
-                .unwrap()
-                .dangerous()
-                .with_custom_certificate_verifier(Arc::new(PinVerifier::new(&pin)))
-                .with_no_client_auth();
-            c.alpn_protocols = vec![ALPN.to_vec()];
-            c
+            pinned(p, rustls::DEFAULT_VERSIONS, &pin)
         };
         for (who, client, want) in [
             ("the reference client", reference, TLS13_AES_128_GCM_SHA256),
@@ -510,22 +512,13 @@ mod tests {
             assert_eq!(handshake(server.config.clone(), client), (want, 0), "{who}");
         }
         // Nor does a TLS 1.2 client resume by session id.
-        let mut tls12 = rustls::ClientConfig::builder_with_provider(provider())
-            .with_protocol_versions(&[&rustls::version::TLS12])
-            .unwrap()
-            .dangerous()
-            .with_custom_certificate_verifier(Arc::new(PinVerifier::new(&pin)))
-            .with_no_client_auth();
-        tls12.alpn_protocols = vec![ALPN.to_vec()];
-        let tls12 = Arc::new(tls12);
+        let tls12 = Arc::new(pinned(
+            Arc::unwrap_or_clone(provider()),
+            &[&rustls::version::TLS12],
+            &pin,
+        ));
         for round in ["first", "second"] {
-            let mut c = rustls::ClientConnection::new(
-                tls12.clone(),
-                ServerName::try_from("localhost").unwrap(),
-            )
-            .unwrap();
-            let mut s = rustls::ServerConnection::new(server.config.clone()).unwrap();
-            pump(&mut c, &mut s);
+            let (c, _) = connect(tls12.clone(), server.config.clone());
             assert_eq!(
                 c.handshake_kind(),
                 Some(rustls::HandshakeKind::Full),

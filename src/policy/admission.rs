@@ -126,6 +126,12 @@ fn reject<T>(code: RejectCode, message: impl Into<String>) -> Result<T, Rejectio
 /// How long a new registration window lasts (`registrations_per_minute`).
 pub const REGISTRATION_WINDOW_SECS: i64 = 60;
 
+/// The OFFSET, newest first, of the one registration the state reads for
+/// [`Snapshot::nth_recent_registration`]: the `registrations_per_minute`-th.
+pub fn nth_registration_offset(cfg: &Config) -> i64 {
+    i64::from(cfg.server.limits.registrations_per_minute.max(1)) - 1
+}
+
 /// Session intent (PROTOCOL.md HELLO `intent`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum Intent {

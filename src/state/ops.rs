@@ -385,7 +385,7 @@ pub(super) async fn admission_reads(
         .bind(reseller.map(|r| r.name.as_str()))
         .bind(since)
         .bind(i64::from(cust.max_clients.unwrap_or(0)))
-        .bind(i64::from(cfg.server.limits.registrations_per_minute.max(1)) - 1);
+        .bind(crate::policy::admission::nth_registration_offset(cfg));
     for m in &members {
         q = q.bind(*m);
     }

@@ -270,7 +270,7 @@ impl Cluster {
         .bind(reseller.map(|r| r.name.as_str()))
         .bind(i64::from(cust.max_clients.unwrap_or(0)))
         .bind(since)
-        .bind(i64::from(cfg.server.limits.registrations_per_minute.max(1)) - 1)
+        .bind(crate::policy::admission::nth_registration_offset(cfg))
         .fetch_one(&mut *tx)
         .await?;
         let n =
