@@ -12,6 +12,9 @@
 //! Rates are measured by the client, from PUT sent to STORED received. CPU
 //! is the daemon's (nginx: master and workers) user + system time over the
 //! workload; RSS per connection is the growth with every session of B open.
+//! After each of tollgate's upload workloads, the storage floor is what the
+//! same bytes cost to hash, write and make durable on one thread with
+//! nothing else (see [`storage_floor`]).
 //!
 //! Run (scripts/versus-nginx installs nginx and raises the open-file limit):
 //! `cargo build --release && cargo run --release --example versus_nginx -- [SESSIONS_A] [SESSIONS_B] [REGISTRATIONS]`
@@ -142,6 +145,15 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
                     .push((b.title(), uploads(&server, &server.b, &b, true).await)),
             }
             stop(procs, (server.pids)());
+            if !nginx && w != "C" {
+                let u = if w == "A" { &a } else { &b };
+                let floor = storage_floor(&run_dir.join("floor"), u);
+                println!(
+                    "   {}: storage floor (hash, write, fsync, rename; one thread): CPU {floor:.1} s",
+                    u.name
+                );
+                r.floors.push((u.title(), floor));
+            }
         }
         results.push((if nginx { "nginx" } else { "tollgate" }, r));
     }
@@ -163,6 +175,11 @@ async fn run(a: Uploads, b: Uploads, regs: usize) {
                     .map(|k| format!("{k:.1} KiB"))
                     .unwrap_or_else(|| "".into())
             );
+        }
+    }
+    for (name, rows) in &results {
+        for (w, floor) in rows.floors.iter() {
+            println!("| {w} | storage floor (beside {name}) | | | | {floor:.1} | |");
         }
     }
     println!();
@@ -230,6 +247,8 @@ fn stop(procs: Vec<Child>, also: Vec<u32>) {
 #[derive(Default)]
 struct Results {
     uploads: Vec<(String, Row)>,
+    /// [`storage_floor`] of each upload workload (tollgate's runs only).
+    floors: Vec<(String, f64)>,
     registrations: Regs,
 }
 
@@ -594,6 +613,58 @@ fn children(pid: u32) -> Vec<u32> {
         }
     }
     v
+}
+
+/// The CPU seconds that storing `w`'s bytes costs with nothing else
+/// around it: one thread creates each session's file, writes it in the
+/// client's 64 KiB chunks while hashing them (SHA-256), fsyncs it, renames
+/// it into its client's directory and fsyncs that, which is what tollgate
+/// must do before STORED (PROTOCOL.md Upload). No TLS, throttle, sessions
+/// or database: tollgate's CPU above this floor is what it spends where
+/// nginx spends all of its own.
+fn storage_floor(dir: &Path, w: &Uploads) -> f64 {
+    use sha2::Digest;
+    use std::io::Write;
+    let thread_cpu = || {
+        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
+        let f: Vec<&str> = stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .split_whitespace()
+            .collect();
+        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+        (n(11) + n(12)) as f64 / 100.0
+    };
+    let chunk = vec![0xA5u8; 64 << 10];
+    let temp = dir.join("tmp");
+    std::fs::create_dir_all(&temp).unwrap();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let cpu0 = thread_cpu();
+            for i in 0..w.sessions {
+                let from = temp.join(format!("{i}.tmp"));
+                let mut f = std::fs::File::create(&from).unwrap();
+                let mut h = sha2::Sha256::new();
+                let mut n = 0;
+                while n < w.size {
+                    let k = (chunk.len() as u64).min(w.size - n) as usize;
+                    h.update(&chunk[..k]);
+                    f.write_all(&chunk[..k]).unwrap();
+                    n += k as u64;
+                }
+                std::hint::black_box(h.finalize());
+                f.sync_all().unwrap();
+                let client = dir.join(format!("{}-{i}", w.name));
+                std::fs::create_dir_all(&client).unwrap();
+                std::fs::rename(&from, client.join("bench.bin")).unwrap();
+                std::fs::File::open(&client).unwrap().sync_all().unwrap();
+            }
+            thread_cpu() - cpu0
+        })
+        .join()
+        .unwrap()
+    })
 }
 
 /// CPU seconds of `pids`' threads, summed by thread name.
