@@ -1057,42 +1057,37 @@ impl State {
         e: &SessionEnd<'_>,
         reports: &[super::PendingReport],
     ) -> Result<(), StateError> {
-        // A short session's start may still be only noted.
-        let start = self
-            .starts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(id)
-            .cloned();
-        super::in_tx!(self, sql, tx => {
-            if let Some(row) = &start {
-                sql::insert_starts(&mut tx, std::slice::from_ref(row)).await?;
-            }
-            sqlx::query("UPDATE sessions SET ended_at = $1, bytes_in = $2, bytes_out = $3, files_ok = $4, files_failed = $5, result = $6, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = $7")
-                .bind(secs(e.at))
-                .bind(e.bytes_in as i64)
-                .bind(e.bytes_out as i64)
-                .bind(e.files_ok as i64)
-                .bind(e.files_failed as i64)
-                .bind(e.result)
-                .bind(id)
-                .execute(&mut *tx)
-                .await?;
-            for r in reports {
-                sqlx::query(
-                    "INSERT INTO session_reports (recipient, client, facts, ended_at) VALUES ($1, $2, $3, $4)",
-                )
-                .bind(&r.recipient)
-                .bind(&r.client)
-                .bind(&r.facts)
-                .bind(secs(e.at))
-                .execute(&mut *tx)
-                .await?;
-            }
-            tx.commit().await?;
-            Ok(())
-        })?;
-        if start.is_some() {
+        let ended = SessionEnded {
+            id: id.to_string(),
+            // A short session's start may still be only noted.
+            start: self
+                .starts
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned(),
+            at: secs(e.at),
+            bytes_in: e.bytes_in as i64,
+            bytes_out: e.bytes_out as i64,
+            files_ok: e.files_ok as i64,
+            files_failed: e.files_failed as i64,
+            result: e.result.to_string(),
+            reports: reports.to_vec(),
+        };
+        let noted = ended.start.is_some();
+        if let Some(g) = self.groups() {
+            // Sessions end in crowds (every upload of a run ends at once):
+            // grouped, so they do not queue one by one on the writer
+            // before the commits of uploads still ending (`grouped`).
+            g.end.call(ended).await?;
+        } else {
+            super::in_tx!(self, sql, tx => {
+                sql::end_session(&mut tx, &ended).await?;
+                tx.commit().await?;
+                Ok(())
+            })?;
+        }
+        if noted {
             self.starts
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -1100,6 +1095,21 @@ impl State {
         }
         Ok(())
     }
+}
+
+/// A session's end as the state writes it ([`State::end_session`]).
+#[derive(Debug, Clone)]
+pub(crate) struct SessionEnded {
+    pub(crate) id: String,
+    /// Its start, when it is still only noted.
+    pub(crate) start: Option<StartRow>,
+    pub(crate) at: i64,
+    pub(crate) bytes_in: i64,
+    pub(crate) bytes_out: i64,
+    pub(crate) files_ok: i64,
+    pub(crate) files_failed: i64,
+    pub(crate) result: String,
+    pub(crate) reports: Vec<super::PendingReport>,
 }
 
 /// Session starts written per statement (7 parameters each; SQLite allows

@@ -15,7 +15,7 @@ use crate::policy::admission::{self, McalState};
 use crate::policy::space::Month;
 use crate::policy::admission::ClientRecord;
 use crate::policy::space::{self, Usage};
-use crate::state::ops::{CLIENT_COLUMNS, ClientDb, MoveRefused, StartRow};
+use crate::state::ops::{CLIENT_COLUMNS, ClientDb, MoveRefused, SessionEnded, StartRow};
 use crate::state::{StateError, customer_key, secs};
 use jiff::Timestamp;
 use sqlx::Row;
@@ -286,6 +286,36 @@ pub(crate) async fn record_event(
         .bind(customer)
         .execute(&mut *tx)
         .await?;
+    Ok(())
+}
+
+/// Completes a session's row (and writes its start first, when it was
+/// only noted) and stores its e-mail reports.
+pub(crate) async fn end_session(tx: &mut Conn, e: &SessionEnded) -> Result<(), StateError> {
+    if let Some(row) = &e.start {
+        insert_starts(tx, std::slice::from_ref(row)).await?;
+    }
+    sqlx::query("UPDATE sessions SET ended_at = $1, bytes_in = $2, bytes_out = $3, files_ok = $4, files_failed = $5, result = $6, stored_after = (SELECT used FROM clients c WHERE c.id = sessions.client) WHERE id = $7")
+        .bind(e.at)
+        .bind(e.bytes_in)
+        .bind(e.bytes_out)
+        .bind(e.files_ok)
+        .bind(e.files_failed)
+        .bind(&e.result)
+        .bind(&e.id)
+        .execute(&mut *tx)
+        .await?;
+    for r in &e.reports {
+        sqlx::query(
+            "INSERT INTO session_reports (recipient, client, facts, ended_at) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(&r.recipient)
+        .bind(&r.client)
+        .bind(&r.facts)
+        .bind(e.at)
+        .execute(&mut *tx)
+        .await?;
+    }
     Ok(())
 }
 
