@@ -172,9 +172,15 @@ where
         Err(e) => return errors(&e, reqs.len()),
     };
     // A lone request runs as itself: the set-based statements pay off
-    // only when shared.
+    // only when shared. A savepoint that cannot be ended means SQLite
+    // ended the whole transaction (a full disk, an I/O error): going on
+    // would run the rest outside it, each committing by itself, so the
+    // group fails as a whole and the writer's batch with it.
     let set_outs = if reqs.len() > 1 {
-        in_savepoint(&mut lease, async |l| set(l, reqs).await).await
+        match in_savepoint(&mut lease, async |l| set(l, reqs).await).await {
+            Ok(r) => r,
+            Err(e) => return errors(&e, reqs.len()),
+        }
     } else {
         Ok(None)
     };
@@ -184,11 +190,10 @@ where
         _ => {
             let mut outs = Vec::with_capacity(reqs.len());
             for r in reqs {
-                outs.push(
-                    in_savepoint(&mut lease, async |l| one(l, r).await.map(Some))
-                        .await
-                        .and_then(|o| o.ok_or_else(closed)),
-                );
+                match in_savepoint(&mut lease, async |l| one(l, r).await.map(Some)).await {
+                    Ok(o) => outs.push(o.and_then(|o| o.ok_or_else(closed))),
+                    Err(e) => return errors(&e, reqs.len()),
+                }
             }
             outs
         }
@@ -200,11 +205,12 @@ where
 }
 
 /// Runs `f` in a savepoint of the lease: kept when it returns `Some`,
-/// undone when it returns `None` or fails.
+/// undone when it returns `None` or fails. The outer error is the
+/// savepoint's own: it could not be made or ended.
 async fn in_savepoint<T>(
     lease: &mut Lease,
     f: impl AsyncFnOnce(&mut Lease) -> Result<Option<T>, StateError>,
-) -> Result<Option<T>, StateError> {
+) -> Result<Result<Option<T>, StateError>, StateError> {
     sqlx::raw_sql("SAVEPOINT grouped")
         .execute(&mut **lease)
         .await?;
@@ -214,7 +220,7 @@ async fn in_savepoint<T>(
         _ => "ROLLBACK TO grouped; RELEASE grouped",
     };
     sqlx::raw_sql(end).execute(&mut **lease).await?;
-    r
+    Ok(r)
 }
 
 /// The pending rows of a group, in one statement.
@@ -347,7 +353,17 @@ async fn commit_files(w: &Writer, ledger: &Ledger, ids: &[i64]) -> Vec<Result<i6
 /// after the session) is read when the group runs, as it is when one
 /// session ends alone.
 async fn end_sessions(w: &Writer, reqs: &[SessionEnded]) -> Vec<Result<(), StateError>> {
-    grouped(
+    end_sessions_set(w, reqs).await.0
+}
+
+/// [`end_sessions`], and whether its set-based statements ran to the end
+/// (for tests).
+async fn end_sessions_set(
+    w: &Writer,
+    reqs: &[SessionEnded],
+) -> (Vec<Result<(), StateError>>, bool) {
+    let set_based = std::sync::atomic::AtomicBool::new(false);
+    let outs = grouped(
         w,
         reqs,
         async |l, reqs: &[SessionEnded]| {
@@ -407,11 +423,13 @@ async fn end_sessions(w: &Writer, reqs: &[SessionEnded]) -> Vec<Result<(), State
                 .execute(&mut **l)
                 .await?;
             }
+            set_based.store(true, std::sync::atomic::Ordering::Relaxed);
             Ok(Some(vec![(); reqs.len()]))
         },
         async |l, r: &SessionEnded| lite::end_session(l, r).await,
     )
-    .await
+    .await;
+    (outs, set_based.into_inner())
 }
 
 #[cfg(test)]
@@ -508,6 +526,11 @@ mod tests {
         assert_eq!(used(&st, "SELECT SUM(size) FROM files").await, 49_500);
     }
 
+    /// A report's facts: JSON text, with characters JSON must escape.
+    fn facts(n: usize, k: usize) -> String {
+        format!("{{\"n\": {n}, \"k\": {k}, \"s\": \"é\\\\ \u{1}\"}}")
+    }
+
     fn ended(n: usize, noted: bool) -> SessionEnded {
         SessionEnded {
             id: format!("s{n}"),
@@ -534,7 +557,7 @@ mod tests {
                 .map(|k| crate::state::PendingReport {
                     recipient: format!("r{k}@example.com"),
                     client: ["a", "b"][n % 2].into(),
-                    facts: format!("{{\"n\": {n}, \"k\": {k}}}"),
+                    facts: facts(n, k),
                 })
                 .collect(),
         }
@@ -543,14 +566,14 @@ mod tests {
     /// What the sessions and reports tables hold, in a fixed order.
     async fn sessions_and_reports(st: &State) -> (Vec<String>, Vec<String>) {
         let sessions = sqlx::query_scalar(
-            "SELECT id || ' ' || client || ' ' || started_at || ' ' || ended_at || ' ' || bytes_in || ' ' || bytes_out || ' ' || files_ok || ' ' || files_failed || ' ' || result || ' ' || stored_after
+            "SELECT quote(id) || ' ' || quote(client) || ' ' || quote(started_at) || ' ' || quote(ended_at) || ' ' || quote(bytes_in) || ' ' || quote(bytes_out) || ' ' || quote(files_ok) || ' ' || quote(files_failed) || ' ' || quote(result) || ' ' || quote(stored_after)
                FROM sessions ORDER BY id",
         )
         .fetch_all(st.lite().unwrap())
         .await
         .unwrap();
         let reports = sqlx::query_scalar(
-            "SELECT recipient || ' ' || client || ' ' || facts || ' ' || ended_at FROM session_reports ORDER BY rowid",
+            "SELECT quote(recipient) || ' ' || quote(client) || ' ' || quote(facts) || ' ' || quote(ended_at) FROM session_reports ORDER BY rowid",
         )
         .fetch_all(st.lite().unwrap())
         .await
@@ -560,7 +583,9 @@ mod tests {
 
     #[tokio::test]
     async fn session_ends_are_set_based_and_match_one_by_one() {
-        let ends: Vec<_> = (0..60).map(|n| ended(n, n % 2 == 0)).collect();
+        let mut ends: Vec<_> = (0..60).map(|n| ended(n, n % 2 == 0)).collect();
+        // A session with no row (its start was never noted): nothing to end.
+        ends.push(ended(1_001, false));
         let mut seen = Vec::new();
         for grouped in [true, false] {
             let dir = tempfile::TempDir::new().unwrap();
@@ -585,9 +610,11 @@ mod tests {
                 .committed
                 .load(std::sync::atomic::Ordering::Relaxed);
             if grouped {
-                for r in end_sessions(&w, &ends).await {
+                let (outs, set_based) = end_sessions_set(&w, &ends).await;
+                for r in outs {
                     r.unwrap();
                 }
+                assert!(set_based, "the set-based statements took the group");
                 let after = w
                     .stats()
                     .committed
@@ -604,10 +631,15 @@ mod tests {
         }
         let (sessions, reports) = &seen[0];
         assert_eq!(sessions.len(), 60);
-        assert_eq!(sessions[0], "s0 a 1000 2000 0 0 0 1 ok 0");
-        assert_eq!(sessions[1], "s1 b 1000 2001 3 1 1 1 idle_timeout 777");
-        assert_eq!(reports.len(), 60);
-        assert_eq!(reports[0], r#"r0@example.com b {"n": 1, "k": 0} 2001"#);
+        assert_eq!(sessions[0], "'s0' 'a' 1000 2000 0 0 0 1 'ok' 0");
+        assert_eq!(sessions[1], "'s1' 'b' 1000 2001 3 1 1 1 'idle_timeout' 777");
+        // 1 + 2 + 0 reports for every three sessions, and two for the one
+        // with no row (stored, as one by one).
+        assert_eq!(reports.len(), 60 + 2);
+        assert_eq!(
+            reports[0],
+            format!("'r0@example.com' 'b' '{}' 2001", facts(1, 0))
+        );
         assert_eq!(
             seen[0], seen[1],
             "grouped ends write what single ends write"
@@ -621,21 +653,68 @@ mod tests {
         let mut again = ended(4, false);
         again.result = "shutdown".into();
         let ends = vec![ended(4, true), ended(5, true), again];
-        for r in end_sessions(&w, &ends).await {
+        let (outs, set_based) = end_sessions_set(&w, &ends).await;
+        for r in outs {
             r.unwrap();
         }
+        // SQLite leaves which match of an `UPDATE … FROM` applies
+        // undefined, so such a group does not take the set-based
+        // statements; one by one, the later end wins.
+        assert!(!set_based);
         let (sessions, reports) = sessions_and_reports(&st).await;
-        // The later end wins, as it would have alone. (SQLite leaves
-        // which match of an `UPDATE … FROM` applies undefined, so such a
-        // group does not take the set-based statement.)
         assert_eq!(
             sessions,
             [
-                "s4 a 1000 2004 12 4 4 1 shutdown 0",
-                "s5 b 1000 2005 15 5 0 1 idle_timeout 0"
+                "'s4' 'a' 1000 2004 12 4 4 1 'shutdown' 0",
+                "'s5' 'b' 1000 2005 15 5 0 1 'idle_timeout' 0"
             ]
         );
         assert_eq!(reports.len(), 1 + 2 + 1);
+    }
+
+    #[tokio::test]
+    async fn a_transaction_lost_mid_group_fails_the_whole_group() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let (st, w) = store(dir.path()).await;
+        let outs = grouped(
+            &w,
+            &[1i64, 2, 3],
+            async |l, _: &[i64]| {
+                // What SQLite does itself on a full disk or an I/O error.
+                sqlx::raw_sql("ROLLBACK").execute(&mut **l).await?;
+                Err(StateError::Inconsistent("the transaction is gone".into()))
+            },
+            async |l, n: &i64| {
+                sqlx::query("INSERT INTO customer_usage (customer, used) VALUES ($1, 0)")
+                    .bind(format!("X{n}"))
+                    .execute(&mut **l)
+                    .await?;
+                Ok(*n)
+            },
+        )
+        .await;
+        assert!(outs.iter().all(Result::is_err), "{outs:?}");
+        // Nothing ran outside the transaction, committing by itself.
+        assert_eq!(
+            used(
+                &st,
+                "SELECT COUNT(*) FROM customer_usage WHERE customer LIKE 'X%'"
+            )
+            .await,
+            0
+        );
+        // The writer goes on. (A caller that joined the failed batch
+        // before it ended is told it failed too, `writer`; the next batch
+        // is a new transaction.)
+        let mut ok = false;
+        for n in 0..3 {
+            let ids = begin_commits(&w, &[pending("a", &format!("f{n}"), 1, n)]).await;
+            if ids[0].is_ok() {
+                ok = true;
+                break;
+            }
+        }
+        assert!(ok, "the writer stopped after a lost transaction");
     }
 
     #[tokio::test]
