@@ -626,15 +626,7 @@ fn storage_floor(dir: &Path, w: &Uploads) -> f64 {
     use sha2::Digest;
     use std::io::Write;
     let thread_cpu = || {
-        let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default();
-        let f: Vec<&str> = stat
-            .rsplit(')')
-            .next()
-            .unwrap_or("")
-            .split_whitespace()
-            .collect();
-        let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-        (n(11) + n(12)) as f64 / 100.0
+        support::stat_cpu(&std::fs::read_to_string("/proc/thread-self/stat").unwrap_or_default())
     };
     let chunk = vec![0xA5u8; 64 << 10];
     let temp = dir.join("tmp");
@@ -683,14 +675,7 @@ fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
             let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
                 continue;
             };
-            let f: Vec<&str> = stat
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-            *m.entry(name).or_insert(0.0) += (n(11) + n(12)) as f64 / 100.0;
+            *m.entry(name).or_insert(0.0) += support::stat_cpu(&stat);
         }
     }
     m

@@ -165,20 +165,23 @@ pub async fn expect(c: &mut Conn, kind: Kind) -> Result<Frame, String> {
 
 /// User + system CPU seconds of `pids`.
 pub fn cpu(pids: &[u32]) -> f64 {
-    let tick = 100.0;
     pids.iter()
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/stat")).ok())
-        .map(|s| {
-            let f: Vec<&str> = s
-                .rsplit(')')
-                .next()
-                .unwrap_or("")
-                .split_whitespace()
-                .collect();
-            let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
-            (n(11) + n(12)) as f64 / tick
-        })
+        .map(|s| stat_cpu(&s))
         .sum()
+}
+
+/// User + system CPU seconds in a `/proc/…/stat` line (of a process or a
+/// thread); 0 when it cannot be read.
+pub fn stat_cpu(stat: &str) -> f64 {
+    let f: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let n = |i: usize| f.get(i).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    (n(11) + n(12)) as f64 / 100.0
 }
 
 /// Resident memory of `pids`, in KiB.
