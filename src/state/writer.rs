@@ -14,7 +14,9 @@
 //! [`Lease::rollback`] (an answer resting on what earlier operations of
 //! the batch wrote: admission's refusals, an MCAL debit found already
 //! made). A failed commit fails every one of them: nothing is acknowledged
-//! that is not on disk. An operation that drops its lease instead (an
+//! that is not on disk; when SQLite has ended the transaction itself (a
+//! full disk, an I/O error), the caller that was next in line opens the
+//! next batch instead. An operation that drops its lease instead (an
 //! error, or a refusal that can only err on the safe side) is answered by
 //! itself, at once.
 //!
@@ -229,13 +231,20 @@ async fn run(
 ) {
     let mut conn = Some(conn);
     let mut closing = None;
-    while let Some(first) = rx.recv().await {
-        let first = match first {
-            Msg::Ask(a) => a,
-            Msg::Close(done) => {
-                closing = Some(done);
-                break;
-            }
+    // A caller that was next when SQLite ended a batch's transaction
+    // starts the next batch instead of failing with it.
+    let mut carried: Option<Ask> = None;
+    loop {
+        let first = match carried.take() {
+            Some(a) => a,
+            None => match rx.recv().await {
+                Some(Msg::Ask(a)) => a,
+                Some(Msg::Close(done)) => {
+                    closing = Some(done);
+                    break;
+                }
+                None => break,
+            },
         };
         // A connection lost with a caller (a leaked lease) is replaced; its
         // transaction died with it.
@@ -249,8 +258,13 @@ async fn run(
                 }
             },
         };
-        let (c, stop) = batch(c, first, &mut rx, &limits, &stats).await;
+        let Ended {
+            conn: c,
+            stop,
+            next,
+        } = batch(c, first, &mut rx, &limits, &stats).await;
         conn = c;
+        carried = next;
         if let Some(done) = stop {
             closing = Some(done);
             break;
@@ -264,9 +278,18 @@ async fn run(
     }
 }
 
+/// How a batch ended.
+struct Ended {
+    /// The connection, unless a caller lost it.
+    conn: Option<SqliteConnection>,
+    /// A close request that arrived meanwhile.
+    stop: Option<oneshot::Sender<()>>,
+    /// The caller taken for the batch when SQLite ended its transaction:
+    /// it had done nothing in it, so it goes first in the next batch.
+    next: Option<Ask>,
+}
+
 /// One batch: `BEGIN IMMEDIATE`, a savepoint per caller, one `COMMIT`.
-/// Returns the connection (unless a caller lost it) and a close request
-/// that arrived meanwhile.
 ///
 /// Each step between two callers is one round trip to SQLite (the end of
 /// one savepoint and the start of the next, or the commit): a round trip
@@ -277,7 +300,7 @@ async fn batch(
     rx: &mut mpsc::Receiver<Msg>,
     limits: &Limits,
     stats: &Stats,
-) -> (Option<SqliteConnection>, Option<oneshot::Sender<()>>) {
+) -> Ended {
     if let Err(e) = sqlx::raw_sql("BEGIN IMMEDIATE; SAVEPOINT op")
         .execute(&mut conn)
         .await
@@ -285,13 +308,18 @@ async fn batch(
         // Nothing began, or the savepoint failed inside a fresh transaction.
         let _ = conn.execute("ROLLBACK").await;
         let _ = first.send(Err(Arc::new(e)));
-        return (Some(conn), None);
+        return Ended {
+            conn: Some(conn),
+            stop: None,
+            next: None,
+        };
     }
     let opened = Instant::now();
     let mut waiters: Vec<oneshot::Sender<Outcome>> = Vec::new();
     let (mut ops, mut kept) = (0usize, 0u64);
     let mut ask = first;
     let mut stop = None;
+    let mut carried = None;
     let outcome = loop {
         let (back, returned) = oneshot::channel();
         // A caller that gave up waiting drops the lease unsent, which
@@ -308,7 +336,11 @@ async fn batch(
         else {
             // The caller lost the connection; its transaction goes with it.
             fail(waiters, "the write connection was lost mid-batch");
-            return (None, stop);
+            return Ended {
+                conn: None,
+                stop,
+                next: None,
+            };
         };
         conn = c;
         ops += 1;
@@ -351,11 +383,10 @@ async fn batch(
             .await
         {
             // SQLite ended the transaction itself (an I/O error, a full
-            // disk): the batch is gone, and the next caller is not lent a
-            // connection outside a savepoint.
-            let e = Arc::new(e);
-            let _ = a.send(Err(e.clone()));
-            break Err(e);
+            // disk): the batch is gone. The next caller is not lent a
+            // connection outside a savepoint; it opens the next batch.
+            carried = Some(a);
+            break Err(Arc::new(e));
         }
         ask = a;
     };
@@ -375,7 +406,11 @@ async fn batch(
             }
         }
     }
-    (Some(conn), stop)
+    Ended {
+        conn: Some(conn),
+        stop,
+        next: carried,
+    }
 }
 
 fn fail(waiters: Vec<oneshot::Sender<Outcome>>, why: &str) {
@@ -525,6 +560,43 @@ mod tests {
             t.await.unwrap().unwrap();
         }
         assert_eq!(count(&w, "SELECT COUNT(*) FROM parent").await, 1);
+    }
+
+    #[tokio::test]
+    async fn a_lost_transaction_fails_its_batch_but_not_the_caller_next_in_line() {
+        let dir = tempfile::TempDir::new().unwrap();
+        let w = writer(dir.path(), "CREATE TABLE t (x INTEGER)").await;
+        let mut first = w.lease().await.unwrap();
+        // Queued in this order behind `first`: one that loses the
+        // transaction, as SQLite does itself on a full disk, then one that
+        // only writes.
+        let w2 = w.clone();
+        let loser = tokio::spawn(async move {
+            let mut l = w2.lease().await?;
+            sqlx::query("INSERT INTO t (x) VALUES (2)")
+                .execute(&mut *l)
+                .await?;
+            sqlx::raw_sql("ROLLBACK").execute(&mut *l).await?;
+            l.commit().await
+        });
+        queued(&w, 1).await;
+        let next = inserters(&w, "INSERT INTO t (x) VALUES (?)", vec![3]);
+        queued(&w, 2).await;
+        sqlx::query("INSERT INTO t (x) VALUES (1)")
+            .execute(&mut *first)
+            .await
+            .unwrap();
+        // The batch is gone with its transaction: neither caller in it may
+        // be told its work is kept.
+        assert!(first.commit().await.is_err());
+        assert!(loser.await.unwrap().is_err());
+        // The caller next in line had not run in it, and opens a batch of
+        // its own.
+        for t in next {
+            t.await.unwrap().unwrap();
+        }
+        assert_eq!(count(&w, "SELECT COUNT(*) FROM t").await, 1);
+        assert_eq!(count(&w, "SELECT COUNT(*) FROM t WHERE x = 3").await, 1);
     }
 
     #[tokio::test]
