@@ -250,6 +250,30 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
         secrets.push(w.secret.unwrap());
     }
     let steady_secret = secrets[0].clone();
+    // The steady source connects, is admitted and leaves.
+    let steady = async |n: usize| {
+        let mut took = Vec::new();
+        for _ in 0..n {
+            let t0 = Instant::now();
+            let mut c = d.raw_from("127.0.0.2").await.unwrap();
+            c.send(frame(
+                Kind::Hello,
+                json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "secret": steady_secret}),
+            ))
+            .await
+            .unwrap();
+            let f = answer(&mut c).await;
+            took.push(t0.elapsed());
+            assert_eq!(f.kind, Kind::Welcome, "{}", code_of(&f));
+            c.send(frame(Kind::Bye, json!({}))).await.unwrap();
+            assert_eq!(answer(&mut c).await.kind, Kind::Bye);
+        }
+        took.sort();
+        took
+    };
+    // Its pace without a flood: each admission waits for a durable
+    // commit, whose fsync this machine's disk sometimes stretches.
+    let quiet = steady(200).await;
 
     // Four flooding sources, four connections each: half guess enroll keys
     // for new ids (argon2), half guess the victim's secret.
@@ -320,23 +344,8 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
         })
     };
 
-    // The steady source connects, is admitted and leaves, 200 times.
-    let mut took = Vec::new();
-    for _ in 0..200 {
-        let t0 = Instant::now();
-        let mut c = d.raw_from("127.0.0.2").await.unwrap();
-        c.send(frame(
-            Kind::Hello,
-            json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "secret": steady_secret}),
-        ))
-        .await
-        .unwrap();
-        let f = answer(&mut c).await;
-        took.push(t0.elapsed());
-        assert_eq!(f.kind, Kind::Welcome, "{}", code_of(&f));
-        c.send(frame(Kind::Bye, json!({}))).await.unwrap();
-        assert_eq!(answer(&mut c).await.kind, Kind::Bye);
-    }
+    // The steady source again, 200 times, while the flood runs.
+    let took = steady(200).await;
     assert!(newbie.await.unwrap(), "the new client never got in");
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let (mut refused, mut busy, mut closed) = (0, 0, 0);
@@ -346,14 +355,20 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
         busy += b;
         closed += c;
     }
-    took.sort();
-    let p50 = took[took.len() / 2];
-    let p99 = took[took.len() * 99 / 100 - 1];
+    let p = |t: &[Duration], q: usize| t[t.len() * q / 100 - 1];
+    let (p50, p99, max) = (p(&took, 50), p(&took, 99), took[took.len() - 1]);
     println!(
-        "steady admissions during the flood: p50 {p50:?}, p99 {p99:?}, max {:?}; the flood got {refused} auth_failed, {busy} busy and {closed} closed connections",
-        took[took.len() - 1]
+        "steady admissions without a flood: p50 {:?}, p99 {:?}; during the flood: p50 {p50:?}, p99 {p99:?}, max {max:?}; the flood got {refused} auth_failed, {busy} busy and {closed} closed connections",
+        p(&quiet, 50),
+        p(&quiet, 99)
     );
-    assert!(p99 < Duration::from_millis(50), "p99 {p99:?}");
+    // A steady admission queued behind the flood's argon2 checks would
+    // wait for several (each 20–40 ms here); one that only shares the
+    // cores and the disk with the flood stays near its quiet pace, which
+    // a busy CI machine's disk sometimes stretches past 50 ms.
+    let bound = Duration::from_millis(50).max(p(&quiet, 99) * 3);
+    assert!(p99 < bound, "p99 {p99:?}, bound {bound:?}");
+    assert!(max < Duration::from_secs(1), "max {max:?}");
     // Each source blocked after a handful of failures (a few more were in
     // flight when its penalty started).
     assert!(refused < 4 * 15, "{refused} wrong keys were answered");
