@@ -368,7 +368,7 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
     // a busy CI machine's disk sometimes stretches past 50 ms.
     let bound = Duration::from_millis(50).max(p(&quiet, 99) * 3);
     assert!(p99 < bound, "p99 {p99:?}, bound {bound:?}");
-    assert!(max < Duration::from_secs(1), "max {max:?}");
+    assert!(max < Duration::from_secs(2), "max {max:?}");
     // Each source blocked after a handful of failures (a few more were in
     // flight when its penalty started).
     assert!(refused < 4 * 15, "{refused} wrong keys were answered");
