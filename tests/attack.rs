@@ -18,8 +18,10 @@ use tollgate::wire::{self, Frame, Kind};
 
 const MIB: usize = 1 << 20;
 
-/// The tests of this file run one at a time: the flood test measures
+/// The tests of this file run one at a time: the flood tests measure
 /// latency, and must not share two cores with another test's daemon.
+/// (hostile-clock: alone. scripts/hostile-clock runs this binary with
+/// nothing beside it.)
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn start(server_extra: &str, tables: &str, body: &str) -> (TempDir, Daemon) {
@@ -249,28 +251,7 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
         let w: wire::Welcome = wire::parse(&f.payload).unwrap();
         secrets.push(w.secret.unwrap());
     }
-    let steady_secret = secrets[0].clone();
-    // The steady source connects, is admitted and leaves.
-    let steady = async |n: usize| {
-        let mut took = Vec::new();
-        for _ in 0..n {
-            let t0 = Instant::now();
-            let mut c = d.raw_from("127.0.0.2").await.unwrap();
-            c.send(frame(
-                Kind::Hello,
-                json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "secret": steady_secret}),
-            ))
-            .await
-            .unwrap();
-            let f = answer(&mut c).await;
-            took.push(t0.elapsed());
-            assert_eq!(f.kind, Kind::Welcome, "{}", code_of(&f));
-            c.send(frame(Kind::Bye, json!({}))).await.unwrap();
-            assert_eq!(answer(&mut c).await.kind, Kind::Bye);
-        }
-        took.sort();
-        took
-    };
+    let steady = async |n| steady_admissions(&d, &secrets[0], n).await;
     // Its pace without a flood: each admission waits for a durable
     // commit, whose fsync this machine's disk sometimes stretches.
     let quiet = steady(200).await;
@@ -355,19 +336,23 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
         busy += b;
         closed += c;
     }
-    let p = |t: &[Duration], q: usize| t[t.len() * q / 100 - 1];
+    let p = percentile;
     let (p50, p99, max) = (p(&took, 50), p(&took, 99), took[took.len() - 1]);
     println!(
         "steady admissions without a flood: p50 {:?}, p99 {:?}; during the flood: p50 {p50:?}, p99 {p99:?}, max {max:?}; the flood got {refused} auth_failed, {busy} busy and {closed} closed connections",
         p(&quiet, 50),
         p(&quiet, 99)
     );
-    // A steady admission queued behind the flood's argon2 checks would
-    // wait for several (each 20–40 ms here); one that only shares the
-    // cores and the disk with the flood stays near its quiet pace, which
-    // a busy CI machine's disk sometimes stretches past 50 ms.
-    let bound = Duration::from_millis(50).max(p(&quiet, 99) * 3);
-    assert!(p99 < bound, "p99 {p99:?}, bound {bound:?}");
+    // The flood's connections, refused or closed before TLS, leave the
+    // steady source near its quiet pace. Its median is judged, not a tail:
+    // a tail bound (p99 < 50 ms) failed CI twice on a slow fsync, and
+    // could not tell argon2 run on the tokio workers from argon2 on its
+    // own threads anyway, since this flood makes only about 20 checks
+    // before its sources are blocked.
+    // `argon2_checks_kept_going_never_stall_a_registered_client` keeps the
+    // checks going and is the sharp test of that.
+    let bound = Duration::from_millis(10).max(p(&quiet, 50) * 4);
+    assert!(p50 < bound, "p50 {p50:?}, bound {bound:?}");
     assert!(max < Duration::from_secs(2), "max {max:?}");
     // Each source blocked after a handful of failures (a few more were in
     // flight when its penalty started).
@@ -400,6 +385,123 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
             .ends_with("hello: authentication failure for VICTIM from 127.0.0.4"),
         "{line}"
     );
+}
+
+/// Registered client `id` (secret `secret`) connects from 127.0.0.2, is
+/// admitted and leaves, `n` times; how long each took from connect to
+/// WELCOME, sorted.
+async fn steady_admissions(d: &Daemon, secret: &str, n: usize) -> Vec<Duration> {
+    let mut took = Vec::new();
+    for _ in 0..n {
+        let t0 = Instant::now();
+        let mut c = d.raw_from("127.0.0.2").await.unwrap();
+        c.send(frame(
+            Kind::Hello,
+            json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "secret": secret}),
+        ))
+        .await
+        .unwrap();
+        let f = answer(&mut c).await;
+        took.push(t0.elapsed());
+        assert_eq!(f.kind, Kind::Welcome, "{}", code_of(&f));
+        c.send(frame(Kind::Bye, json!({}))).await.unwrap();
+        assert_eq!(answer(&mut c).await.kind, Kind::Bye);
+    }
+    took.sort();
+    took
+}
+
+/// The `q`th percentile of sorted `t`.
+fn percentile(t: &[Duration], q: usize) -> Duration {
+    t[(t.len() * q / 100).max(1) - 1]
+}
+
+/// Registers STEADY with enroll key `key`; returns its secret.
+async fn register_steady(d: &Daemon, key: &str) -> String {
+    let mut c = d.raw_from("127.0.0.2").await.unwrap();
+    c.send(frame(
+        Kind::Hello,
+        json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "customer": "Acme", "enroll_key": key}),
+    ))
+    .await
+    .unwrap();
+    let f = answer(&mut c).await;
+    let w: wire::Welcome = wire::parse(&f.payload).unwrap();
+    w.secret.unwrap()
+}
+
+/// The argon2 checks of wrong enroll keys, kept going (loopback is exempt
+/// from penalties by default), hold at most their own threads: a
+/// registered client's admissions, which check a SHA-256 digest, keep
+/// their pace. Each check costs tens of ms of CPU, so one made on a tokio
+/// worker would hold up every task queued behind it there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn argon2_checks_kept_going_never_stall_a_registered_client() {
+    let _serial = SERIAL.lock().await;
+    let key = "tg-enroll-key-0451";
+    let (_dir, d) = start("", "", &format!("enroll_key = \"{}\"\n", phc(key)));
+    let d = std::sync::Arc::new(d);
+    let secret = register_steady(&d, key).await;
+    let quiet = steady_admissions(&d, &secret, 100).await;
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checked = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let mut flood = Vec::new();
+    for w in 0..8u32 {
+        let (d, stop, checked) = (d.clone(), stop.clone(), checked.clone());
+        let src = ["127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.8"][w as usize % 4];
+        flood.push(tokio::spawn(async move {
+            let mut n = 0u32;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                n += 1;
+                let mut c = d.raw_from(src).await.unwrap();
+                c.send(frame(
+                    Kind::Hello,
+                    json!({"protocol": 1, "client_id": format!("FLOOD-{w}-{n}"), "schedule": "s",
+                           "customer": "Acme", "enroll_key": format!("guess-{n}")}),
+                ))
+                .await
+                .unwrap();
+                let f = answer(&mut c).await;
+                match code_of(&f).as_str() {
+                    "auth_failed" => {
+                        checked.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    "busy" => tokio::time::sleep(Duration::from_millis(1)).await,
+                    other => panic!("the flood got {other}"),
+                }
+            }
+        }));
+    }
+    // The flood is under way before the measuring starts.
+    while checked.load(std::sync::atomic::Ordering::Relaxed) < 4 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let before = checked.load(std::sync::atomic::Ordering::Relaxed);
+    let t0 = Instant::now();
+    let took = steady_admissions(&d, &secret, 300).await;
+    let during = checked.load(std::sync::atomic::Ordering::Relaxed) - before;
+    let span = t0.elapsed();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for f in flood {
+        f.await.unwrap();
+    }
+    let (q50, q90) = (percentile(&quiet, 50), percentile(&quiet, 90));
+    let (p50, p90) = (percentile(&took, 50), percentile(&took, 90));
+    println!(
+        "steady admissions without a flood: p50 {q50:?}, p90 {q90:?}; beside {during} argon2 checks in {span:?}: p50 {p50:?}, p90 {p90:?}, max {:?}",
+        took[took.len() - 1]
+    );
+    // The checks ran throughout: at least one for every 100 ms measured.
+    assert!(
+        u128::from(during) * 100 >= span.as_millis(),
+        "only {during} argon2 checks in {span:?}"
+    );
+    // Here: p50 about 2 ms, and 12–18 ms with the checks unbounded (one
+    // thread each, all cores busy). The median, not a tail, so that a
+    // slow fsync now and then on a busy CI disk does not decide it.
+    let bound = Duration::from_millis(8).max(q50 * 3);
+    assert!(p50 < bound, "p50 {p50:?}, bound {bound:?}");
 }
 
 /// `per_source_connections` and `handshakes` hold, and an admitted session
