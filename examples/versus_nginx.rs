@@ -19,6 +19,9 @@
 //! Run (scripts/versus-nginx installs nginx and raises the open-file limit):
 //! `cargo build --release && cargo run --release --example versus_nginx -- [SESSIONS_A] [SESSIONS_B] [REGISTRATIONS]`
 //! Without nginx (`nginx` not on PATH), only tollgate is measured.
+//! `--python-client` runs the upload workloads with
+//! `examples/support/pyclient.py` (Python asyncio, as issue 13 measured
+//! before its work) instead of the Rust client.
 
 #[path = "support/mod.rs"]
 mod support;
@@ -311,59 +314,24 @@ async fn registrations(s: &Server, n: usize) -> Regs {
 async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
     let pids = (s.pids)();
     let rss0 = rss_kib(&pids);
-    let gate = Arc::new(Semaphore::new(OPENING));
-    let opening: Vec<_> = (0..w.sessions)
-        .map(|i| {
-            let (t, gate) = (t.clone(), gate.clone());
-            let id = format!("{}-{i}", w.name);
-            let customer = w.customer;
-            tokio::spawn(async move {
-                let _p = gate.acquire_owned().await.unwrap();
-                hello(&t, &id, customer).await
-            })
-        })
-        .collect();
-    let mut conns = Vec::new();
-    let mut failed = 0;
-    for o in opening {
-        match o.await.unwrap() {
-            Ok(c) => conns.push(c),
-            Err(e) => {
-                if failed == 0 {
-                    eprintln!("   {}: a session failed to open: {e}", w.name);
-                }
-                failed += 1;
-            }
-        }
-    }
+    let python = std::env::args().any(|a| a == "--python-client");
+    let (opened, mut failed) = if python {
+        open_python(t, w)
+    } else {
+        open_rust(t, w).await
+    };
     let rss1 = rss_kib(&(s.pids)());
     let cpu0 = cpu(&(s.pids)());
     let threads0 = threads(&(s.pids)());
-    let start = Arc::new(tokio::sync::Barrier::new(conns.len() + 1));
-    let tasks: Vec<_> = conns
-        .into_iter()
-        .map(|c| {
-            let start = start.clone();
-            let size = w.size;
-            tokio::spawn(async move {
-                start.wait().await;
-                upload(c, size).await
-            })
-        })
+    let (rates, more) = match opened {
+        Opened::Rust(conns) => run_rust(conns, w).await,
+        Opened::Python(child) => run_python(child),
+    };
+    failed += more;
+    let mut errs: Vec<f64> = rates
+        .iter()
+        .map(|r| 100.0 * (r - w.rate as f64) / w.rate as f64)
         .collect();
-    start.wait().await;
-    let mut errs = Vec::new();
-    for task in tasks {
-        match task.await.unwrap() {
-            Ok(r) => errs.push(100.0 * (r - w.rate as f64) / w.rate as f64),
-            Err(e) => {
-                if failed == 0 {
-                    eprintln!("   {}: an upload failed: {e}", w.name);
-                }
-                failed += 1;
-            }
-        }
-    }
     let cpu = cpu(&(s.pids)()) - cpu0;
     let mut by_thread: Vec<(String, f64)> = threads(&(s.pids)())
         .into_iter()
@@ -409,6 +377,126 @@ async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
         cpu,
         rss_per_conn: per_conn,
     }
+}
+
+/// A workload's sessions, open (HELLO → WELCOME) and waiting to upload.
+enum Opened {
+    Rust(Vec<support::Conn>),
+    /// `examples/support/pyclient.py`, waiting for a line on its stdin.
+    Python(Child),
+}
+
+async fn open_rust(t: &Arc<Target>, w: &Uploads) -> (Opened, usize) {
+    let gate = Arc::new(Semaphore::new(OPENING));
+    let opening: Vec<_> = (0..w.sessions)
+        .map(|i| {
+            let (t, gate) = (t.clone(), gate.clone());
+            let id = format!("{}-{i}", w.name);
+            let customer = w.customer;
+            tokio::spawn(async move {
+                let _p = gate.acquire_owned().await.unwrap();
+                hello(&t, &id, customer).await
+            })
+        })
+        .collect();
+    let mut conns = Vec::new();
+    let mut failed = 0;
+    for o in opening {
+        match o.await.unwrap() {
+            Ok(c) => conns.push(c),
+            Err(e) => {
+                if failed == 0 {
+                    eprintln!("   {}: a session failed to open: {e}", w.name);
+                }
+                failed += 1;
+            }
+        }
+    }
+    (Opened::Rust(conns), failed)
+}
+
+/// Every session's rate (bytes a second, PUT to STORED), and the failures.
+async fn run_rust(conns: Vec<support::Conn>, w: &Uploads) -> (Vec<f64>, usize) {
+    let start = Arc::new(tokio::sync::Barrier::new(conns.len() + 1));
+    let tasks: Vec<_> = conns
+        .into_iter()
+        .map(|c| {
+            let start = start.clone();
+            let size = w.size;
+            tokio::spawn(async move {
+                start.wait().await;
+                upload(c, size).await
+            })
+        })
+        .collect();
+    start.wait().await;
+    let (mut rates, mut failed) = (Vec::new(), 0);
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(r) => rates.push(r),
+            Err(e) => {
+                if failed == 0 {
+                    eprintln!("   {}: an upload failed: {e}", w.name);
+                }
+                failed += 1;
+            }
+        }
+    }
+    (rates, failed)
+}
+
+/// Starts the Python client on `w`; returns once every session is open.
+fn open_python(t: &Target, w: &Uploads) -> (Opened, usize) {
+    let (host, port) = t.addr.rsplit_once(':').unwrap();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/support/pyclient.py");
+    let mut child = Command::new("python3")
+        .arg(script)
+        .args([host, port])
+        .args([w.sessions.to_string(), w.size.to_string()])
+        .args([w.name, w.customer])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 runs examples/support/pyclient.py");
+    let line = read_line(&mut child);
+    // "opened N failed M"
+    let failed = line
+        .split_whitespace()
+        .nth(3)
+        .and_then(|m| m.parse().ok())
+        .unwrap_or_else(|| panic!("pyclient.py: {line:?}"));
+    (Opened::Python(child), failed)
+}
+
+fn run_python(mut child: Child) -> (Vec<f64>, usize) {
+    use std::io::Write;
+    writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
+    let line = read_line(&mut child);
+    let _ = child.wait();
+    let v: serde_json::Value =
+        serde_json::from_str(&line).unwrap_or_else(|_| panic!("pyclient.py: {line:?}"));
+    if let Some(e) = v["first_error"].get(0) {
+        eprintln!("   an upload failed: {e}");
+    }
+    let rates = v["rates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|r| r.as_f64())
+        .collect();
+    (rates, v["failed"].as_u64().unwrap_or(0) as usize)
+}
+
+/// One line of the Python client's stdout (blocking: the tool waits on it).
+fn read_line(child: &mut Child) -> String {
+    use std::io::Read;
+    let out = child.stdout.as_mut().unwrap();
+    let mut line = Vec::new();
+    let mut b = [0u8];
+    while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
+        line.push(b[0]);
+    }
+    String::from_utf8_lossy(&line).into_owned()
 }
 
 fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) {
