@@ -240,16 +240,7 @@ async fn a_flood_of_wrong_keys_neither_slows_another_source_nor_goes_unpunished(
     // Two registered clients: the steady one measured, and the flood's victim.
     let mut secrets = Vec::new();
     for (id, src) in [("STEADY", "127.0.0.2"), ("VICTIM", "127.0.0.3")] {
-        let mut c = d.raw_from(src).await.unwrap();
-        c.send(frame(
-            Kind::Hello,
-            json!({"protocol": 1, "client_id": id, "schedule": "s", "customer": "Acme", "enroll_key": key}),
-        ))
-        .await
-        .unwrap();
-        let f = answer(&mut c).await;
-        let w: wire::Welcome = wire::parse(&f.payload).unwrap();
-        secrets.push(w.secret.unwrap());
+        secrets.push(register(&d, id, src, key).await);
     }
     let steady = async |n| steady_admissions(&d, &secrets[0], n).await;
     // Its pace without a flood: each admission waits for a durable
@@ -416,12 +407,13 @@ fn percentile(t: &[Duration], q: usize) -> Duration {
     t[(t.len() * q / 100).max(1) - 1]
 }
 
-/// Registers STEADY with enroll key `key`; returns its secret.
-async fn register_steady(d: &Daemon, key: &str) -> String {
-    let mut c = d.raw_from("127.0.0.2").await.unwrap();
+/// Registers client `id` from `src` with enroll key `key`; returns its
+/// secret.
+async fn register(d: &Daemon, id: &str, src: &str, key: &str) -> String {
+    let mut c = d.raw_from(src).await.unwrap();
     c.send(frame(
         Kind::Hello,
-        json!({"protocol": 1, "client_id": "STEADY", "schedule": "s", "customer": "Acme", "enroll_key": key}),
+        json!({"protocol": 1, "client_id": id, "schedule": "s", "customer": "Acme", "enroll_key": key}),
     ))
     .await
     .unwrap();
@@ -441,7 +433,7 @@ async fn argon2_checks_kept_going_never_stall_a_registered_client() {
     let key = "tg-enroll-key-0451";
     let (_dir, d) = start("", "", &format!("enroll_key = \"{}\"\n", phc(key)));
     let d = std::sync::Arc::new(d);
-    let secret = register_steady(&d, key).await;
+    let secret = register(&d, "STEADY", "127.0.0.2", key).await;
     let quiet = steady_admissions(&d, &secret, 100).await;
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
