@@ -339,8 +339,12 @@ async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
             let before = threads0.get(&name).copied().unwrap_or(0.0);
             (name, t - before)
         })
-        .filter(|(_, t)| *t >= 0.05)
         .collect();
+    // Threads that ended during the workload (tokio's blocking pool lets
+    // idle ones go) took their CPU with them from /proc's task list.
+    let ended = cpu - by_thread.iter().map(|t| t.1).sum::<f64>();
+    by_thread.push(("threads since ended".into(), ended));
+    by_thread.retain(|(_, t)| *t >= 0.05);
     by_thread.sort_by(|a, b| b.1.total_cmp(&a.1));
     errs.sort_by(f64::total_cmp);
     let median = errs.get(errs.len() / 2).copied().unwrap_or(f64::NAN);
@@ -748,22 +752,43 @@ fn storage_floor(dir: &Path, w: &Uploads) -> f64 {
 }
 
 /// CPU seconds of `pids`' threads, summed by thread name.
+/// CPU seconds by thread name. tokio names its workers and its blocking
+/// pool's threads alike; the workers are started when the runtime is
+/// built, before any blocking thread, so the lowest thread ids are them
+/// (as many as `TOKIO_WORKER_THREADS`, or the CPUs, the daemon's default).
 fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
+    let workers = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
     let mut m = std::collections::HashMap::new();
     for p in pids {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
             continue;
         };
-        for t in tasks.flatten() {
-            let dir = t.path();
-            let name = std::fs::read_to_string(dir.join("comm"))
-                .unwrap_or_default()
-                .trim()
-                .to_string();
-            let Ok(stat) = std::fs::read_to_string(dir.join("stat")) else {
-                continue;
-            };
-            *m.entry(name).or_insert(0.0) += support::stat_cpu(&stat);
+        let mut tasks: Vec<(u32, String, f64)> = tasks
+            .flatten()
+            .filter_map(|t| {
+                let dir = t.path();
+                let tid = t.file_name().to_str()?.parse().ok()?;
+                let name = std::fs::read_to_string(dir.join("comm")).ok()?;
+                let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+                Some((tid, name.trim().to_string(), support::stat_cpu(&stat)))
+            })
+            .collect();
+        tasks.sort_by_key(|t| t.0);
+        let mut tokio_seen = 0;
+        for (_, mut name, cpu) in tasks {
+            if name == "tokio-rt-worker" {
+                tokio_seen += 1;
+                name = if tokio_seen <= workers {
+                    "tokio workers"
+                } else {
+                    "tokio blocking pool"
+                }
+                .into();
+            }
+            *m.entry(name).or_insert(0.0) += cpu;
         }
     }
     m
