@@ -446,6 +446,57 @@ mod tests {
         );
     }
 
+    /// A check runs off the runtime's threads: on a one-thread runtime,
+    /// a task ticking every millisecond keeps ticking while a check that
+    /// costs tens of milliseconds runs. Made inline, the check would hold
+    /// the only thread and the ticker would not move until it ended.
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_argon2_check_never_holds_a_runtime_thread() {
+        use argon2::PasswordHasher;
+        // 32 MiB and three passes: tens of ms even optimized.
+        let phc = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(32 * 1024, 3, 1, None).unwrap(),
+        )
+        .hash_password(b"right")
+        .unwrap()
+        .to_string();
+        let hash = PhcHash::new(phc);
+        let limits = Arc::new(Limits::default());
+        let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let ticker = tokio::spawn({
+            let ticks = ticks.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                    ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            }
+        });
+        // Let the ticker start before the check.
+        while ticks.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+            tokio::task::yield_now().await;
+        }
+        let ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let later = Instant::now() + std::time::Duration::from_secs(60);
+        let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+        let t0 = std::time::Instant::now();
+        assert_eq!(limits.verify(ip, &hash, "wrong", later).await, Some(false));
+        let took = t0.elapsed();
+        let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+        ticker.abort();
+        assert!(
+            took >= std::time::Duration::from_millis(20),
+            "the check must take long enough to tell: {took:?}"
+        );
+        // A tick takes at least 1 ms; a generous floor for a busy machine.
+        assert!(
+            during >= 5,
+            "the runtime's thread ticked {during} times during a {took:?} check"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_penalized_source_is_dropped_at_accept() {
         let limits = Arc::new(Limits::default());
