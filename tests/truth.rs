@@ -199,6 +199,45 @@ fn digest_tree(p: &Path) -> Vec<(String, String)> {
     out
 }
 
+/// A `state_dir` apart from the SQLite file, not made yet: the daemon's
+/// first start makes it and saves the applied copy there at once, for
+/// `status` to fall back on (before, it warned that saving failed, and the
+/// copy appeared only after a reload).
+#[tokio::test(flavor = "multi_thread")]
+async fn the_first_start_saves_the_applied_copy_in_a_new_state_dir() {
+    let dir = TempDir::new().unwrap();
+    let d0 = dir.path();
+    let state_dir = d0.join("var/lib/tollgate");
+    let cfg = config(d0, "Alpha").replace(
+        "state = \"sqlite://state/state.db\"\n",
+        &format!(
+            "state = \"sqlite://state/state.db\"\nstate_dir = \"{}\"\n",
+            state_dir.display()
+        ),
+    );
+    assert!(cfg.contains("state_dir"));
+    std::fs::write(d0.join("tollgate.toml"), &cfg).unwrap();
+    let mut d = Daemon::start(d0);
+    let copy = state_dir.join("applied-config.toml");
+    assert_eq!(
+        std::fs::read_to_string(&copy).ok().as_deref(),
+        Some(cfg.as_str()),
+        "{}",
+        d.log()
+    );
+    assert!(
+        !d.log().contains("saving the applied configuration failed"),
+        "{}",
+        d.log()
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&state_dir), 0o700);
+    assert_eq!(mode(&copy), 0o600);
+    d.signal("TERM");
+    assert_eq!(d.wait(Duration::from_secs(20)), Some(0));
+}
+
 /// `status` and `clients list` only read: they work for a user who may
 /// only read the database, change no byte of it, and go on while the
 /// config file on disk is broken (showing the state against the config

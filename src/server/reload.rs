@@ -305,7 +305,11 @@ pub fn save_applied(cfg: &Config) {
     let path = cfg.applied_copy();
     // 0600 like every file the daemon makes (CONFIG.md Additions); it
     // holds hashes, like the config file itself, never a plaintext secret.
-    if let Err(e) = storage::write_durably(&path, cfg.source.0.as_bytes(), 0o600) {
+    // `state_dir` need not hold the SQLite file, so on a first start it
+    // may not exist yet.
+    let saved = storage::create_private_dirs(&cfg.server.state_dir)
+        .and_then(|()| storage::write_durably(&path, cfg.source.0.as_bytes(), 0o600));
+    if let Err(e) = saved {
         warn!(error = %e, path = %path.display(), "saving the applied configuration failed");
     }
 }
