@@ -211,7 +211,8 @@ async fn main() {
 listen = ["127.0.0.1:0"]
 state = "sqlite://state/state.db"
 timezone = "UTC"
-max_connections = 20000
+# CONCURRENCY admissions at a time: 1,000 leaves the open-file limit room
+max_connections = 1000
 [server.limits]
 registrations_per_minute = 1000000
 handshakes = 1024
