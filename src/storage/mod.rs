@@ -664,7 +664,10 @@ impl DirSync {
             g.started += 1;
             let round = g.started;
             drop(g);
-            let r = fsync();
+            // A round that unwound would leave `running` set and every later
+            // caller for this directory waiting for good: it fails instead.
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&fsync))
+                .unwrap_or_else(|_| Err(io::Error::other("the directory fsync panicked")));
             g = lock(&self.rounds);
             g.running = false;
             g.finished = round;
@@ -971,6 +974,35 @@ mod tests {
         }
         let n = lock(&rounds).len();
         assert!(n < 40, "{n} fsyncs for 40 callers: none shared");
+    }
+
+    /// A round whose fsync panics fails its callers, including one that
+    /// waited on it from another thread, and the next round runs.
+    #[test]
+    fn a_panicking_directory_fsync_fails_its_round_and_blocks_no_one() {
+        use std::time::Duration;
+        let ds = Arc::new(DirSync::default());
+        let (entered_tx, entered_rx) = std::sync::mpsc::channel();
+        let leader = std::thread::spawn({
+            let ds = ds.clone();
+            move || {
+                ds.sync(|| {
+                    entered_tx.send(()).unwrap();
+                    std::thread::sleep(Duration::from_millis(50));
+                    panic!("injected");
+                })
+            }
+        });
+        entered_rx.recv().unwrap();
+        // This caller arrives mid-round: it waits, then runs a round itself.
+        let waiter = std::thread::spawn({
+            let ds = ds.clone();
+            move || ds.sync(|| Ok(()))
+        });
+        let e = leader.join().expect("the panic stays inside").unwrap_err();
+        assert!(e.to_string().contains("panicked"), "{e}");
+        waiter.join().unwrap().unwrap();
+        ds.sync(|| Ok(())).unwrap();
     }
 
     #[test]
