@@ -30,8 +30,9 @@ use support::{Target, cpu, hello, j, rss_kib, upload};
 
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
+use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::Semaphore;
@@ -325,7 +326,7 @@ async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
     let threads0 = threads(&(s.pids)());
     let (rates, more) = match opened {
         Opened::Rust(conns) => run_rust(conns, w).await,
-        Opened::Python(child) => run_python(child),
+        Opened::Python(child, out) => run_python(child, out),
     };
     failed += more;
     let mut errs: Vec<f64> = rates
@@ -386,8 +387,9 @@ async fn uploads(s: &Server, t: &Arc<Target>, w: &Uploads, rss: bool) -> Row {
 /// A workload's sessions, open (HELLO → WELCOME) and waiting to upload.
 enum Opened {
     Rust(Vec<support::Conn>),
-    /// `examples/support/pyclient.py`, waiting for a line on its stdin.
-    Python(Child),
+    /// `examples/support/pyclient.py`, waiting for a line on its stdin,
+    /// and its stdout.
+    Python(Child, BufReader<ChildStdout>),
 }
 
 async fn open_rust(t: &Arc<Target>, w: &Uploads) -> (Opened, usize) {
@@ -462,20 +464,21 @@ fn open_python(t: &Target, w: &Uploads) -> (Opened, usize) {
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3 runs examples/support/pyclient.py");
-    let line = read_line(&mut child);
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let line = read_line(&mut out);
     // "opened N failed M"
     let failed = line
         .split_whitespace()
         .nth(3)
         .and_then(|m| m.parse().ok())
         .unwrap_or_else(|| panic!("pyclient.py: {line:?}"));
-    (Opened::Python(child), failed)
+    (Opened::Python(child, out), failed)
 }
 
-fn run_python(mut child: Child) -> (Vec<f64>, usize) {
+fn run_python(mut child: Child, mut out: BufReader<ChildStdout>) -> (Vec<f64>, usize) {
     use std::io::Write;
     writeln!(child.stdin.as_mut().unwrap(), "go").unwrap();
-    let line = read_line(&mut child);
+    let line = read_line(&mut out);
     let _ = child.wait();
     let v: serde_json::Value =
         serde_json::from_str(&line).unwrap_or_else(|_| panic!("pyclient.py: {line:?}"));
@@ -491,16 +494,12 @@ fn run_python(mut child: Child) -> (Vec<f64>, usize) {
     (rates, v["failed"].as_u64().unwrap_or(0) as usize)
 }
 
-/// One line of the Python client's stdout (blocking: the tool waits on it).
-fn read_line(child: &mut Child) -> String {
-    use std::io::Read;
-    let out = child.stdout.as_mut().unwrap();
-    let mut line = Vec::new();
-    let mut b = [0u8];
-    while out.read(&mut b).unwrap_or(0) == 1 && b[0] != b'\n' {
-        line.push(b[0]);
-    }
-    String::from_utf8_lossy(&line).into_owned()
+/// One line of the Python client's stdout, without its newline (blocking:
+/// the tool waits on it).
+fn read_line(out: &mut BufReader<ChildStdout>) -> String {
+    let mut line = String::new();
+    let _ = out.read_line(&mut line);
+    line.trim_end().to_string()
 }
 
 fn start_tollgate(dir: &Path, a: &Uploads, b: &Uploads) -> (Vec<Child>, Server) {
@@ -751,11 +750,11 @@ fn storage_floor(dir: &Path, w: &Uploads) -> f64 {
     })
 }
 
-/// CPU seconds of `pids`' threads, summed by thread name.
-/// CPU seconds by thread name. tokio names its workers and its blocking
-/// pool's threads alike; the workers are started when the runtime is
-/// built, before any blocking thread, so the lowest thread ids are them
-/// (as many as `TOKIO_WORKER_THREADS`, or the CPUs, the daemon's default).
+/// CPU seconds of `pids`' threads, summed by thread name. tokio names its
+/// workers and its blocking pool's threads alike; the workers are started
+/// when the runtime is built, before any blocking thread, so the lowest
+/// thread ids are them (as many as `TOKIO_WORKER_THREADS`, or the CPUs,
+/// the daemon's default).
 fn threads(pids: &[u32]) -> std::collections::HashMap<String, f64> {
     let workers = std::env::var("TOKIO_WORKER_THREADS")
         .ok()

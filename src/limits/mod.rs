@@ -390,21 +390,26 @@ mod tests {
         );
     }
 
+    /// An argon2id hash of `password` costing `m_kib` KiB and `passes`.
+    fn argon2_of(password: &str, m_kib: u32, passes: u32) -> PhcHash {
+        use argon2::PasswordHasher;
+        let phc = argon2::Argon2::new(
+            argon2::Algorithm::Argon2id,
+            argon2::Version::V0x13,
+            argon2::Params::new(m_kib, passes, 1, None).unwrap(),
+        )
+        .hash_password(password.as_bytes())
+        .unwrap()
+        .to_string();
+        PhcHash::new(phc)
+    }
+
     /// The argon2 queue is short and shared fairly: a source gets at most
     /// two checks at once, everyone at most 32, and a check that cannot
     /// start before its connection's deadline is not made.
     #[tokio::test]
     async fn argon2_checks_are_bounded_per_source_and_in_all() {
-        use argon2::PasswordHasher;
-        let phc = argon2::Argon2::new(
-            argon2::Algorithm::Argon2id,
-            argon2::Version::V0x13,
-            argon2::Params::new(64, 1, 1, None).unwrap(),
-        )
-        .hash_password(b"right")
-        .unwrap()
-        .to_string();
-        let hash = PhcHash::new(phc);
+        let hash = argon2_of("right", 64, 1);
         let limits = Arc::new(Limits::default());
         let a: IpAddr = "192.0.2.1".parse().unwrap();
         let later = Instant::now() + std::time::Duration::from_secs(5);
@@ -452,17 +457,8 @@ mod tests {
     /// the only thread and the ticker would not move until it ended.
     #[tokio::test(flavor = "current_thread")]
     async fn an_argon2_check_never_holds_a_runtime_thread() {
-        use argon2::PasswordHasher;
         // 32 MiB and three passes: tens of ms even optimized.
-        let phc = argon2::Argon2::new(
-            argon2::Algorithm::Argon2id,
-            argon2::Version::V0x13,
-            argon2::Params::new(32 * 1024, 3, 1, None).unwrap(),
-        )
-        .hash_password(b"right")
-        .unwrap()
-        .to_string();
-        let hash = PhcHash::new(phc);
+        let hash = argon2_of("right", 32 * 1024, 3);
         let limits = Arc::new(Limits::default());
         let ticks = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let ticker = tokio::spawn({
